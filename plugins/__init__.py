@@ -1,0 +1,10 @@
+"""Built-in plugins: one module per method family, each registering itself through hookimpls.
+
+Installed as ``vqcore.plugins`` (pyproject maps this folder); import it by that name only.
+"""
+
+# Registered in this order, before any third-party entry point.
+BUILTIN_PLUGINS = (
+    "vqcore.plugins.blocks",
+    "vqcore.plugins.vq",
+)

@@ -1,0 +1,43 @@
+"""vqcore: vector quantizers for PyTorch as a small core plus pluggy plugins.
+
+``import vqcore`` stays light: plugins load on first registry use and the quantizer classes below
+resolve lazily (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vqcore._version import __version__
+from vqcore.hookspecs import hookimpl
+
+# name -> "module:attribute", resolved on first access
+_LAZY = {
+    "create": "vqcore.api:create",
+    "list_quantizers": "vqcore.api:list_quantizers",
+    "get_entry": "vqcore.api:get_entry",
+    "plugins_info": "vqcore.api:plugins_info",
+    "register_plugin": "vqcore.api:register_plugin",
+    "save": "vqcore.serialization:save",
+    "load": "vqcore.serialization:load",
+    "VectorQuantize": "vqcore.plugins.vq:VectorQuantize",
+    "UnknownNameError": "vqcore.errors:UnknownNameError",
+    "DuplicateNameError": "vqcore.errors:DuplicateNameError",
+    "VQCoreWarning": "vqcore.errors:VQCoreWarning",
+}
+
+__all__ = ["__version__", "hookimpl", *_LAZY]
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'vqcore' has no attribute {name!r}")
+    module_name, attribute = target.split(":")
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

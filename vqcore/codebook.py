@@ -1,0 +1,204 @@
+"""Explicit codebooks trained by exponential moving averages (VQ-VAE-2, SoundStream).
+
+``EMACodebook`` holds ``books`` independent codebooks of ``size`` codes of ``dim`` features:
+x (B, N, d) -> indices (B, N) with B == books. Statistics are float32 buffers:
+
+- ``embed``        (B, K, d)  the codes (an ``nn.Parameter`` when ``learnable``, e.g. for the
+                              orthogonal regulariser)
+- ``cluster_size`` (B, K)     EMA of assignment counts
+- ``embed_avg``    (B, K, d)  EMA of the sums of assigned vectors
+- ``initted``      ()         whether k-means initialisation ran
+
+EMA step (per book, counts ``c_k``, sums ``s_k``, decay ``γ``, Laplace ``ε``)::
+
+    cluster_size <- γ cluster_size + (1 - γ) c
+    embed_avg    <- γ embed_avg    + (1 - γ) s
+    n = Σ_k cluster_size_k ;  smoothed_k = (cluster_size_k + ε) / (n + K ε) · n
+    embed_k = embed_avg_k / smoothed_k            (then l2-normalised for cosine codebooks)
+
+Tokens marked invalid (masked, or non-finite) contribute to nothing: they are excluded by weight,
+so a NaN in a batch never reaches the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from vqcore.distance import DEFAULT_CHUNK_BYTES, gumbel_sample, l2norm, nearest
+from vqcore.distributed import all_reduce_sum_, broadcast_
+from vqcore.kmeans import bincount_per_book, kmeans, sum_per_code
+from vqcore.validation import check_positive_int
+
+
+class EMACodebook(nn.Module):
+    """``books`` codebooks of ``size`` codes: nearest-code search, EMA update, k-means, dead-code expiry."""
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        books: int = 1,
+        cosine: bool = False,
+        decay: float = 0.8,
+        eps: float = 1e-5,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 0.0,
+        learnable: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
+        super().__init__()
+        check_positive_int(size, "codebook_size")
+        check_positive_int(dim, "codebook dim")
+        check_positive_int(books, "books")
+        check_positive_int(kmeans_iters, "kmeans_iters", minimum=0)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if threshold_ema_dead_code < 0:
+            raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
+        self.cosine, self.decay, self.eps = cosine, float(decay), float(eps)
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.threshold_ema_dead_code = float(threshold_ema_dead_code)
+        self.chunk_bytes = chunk_bytes
+
+        embed = torch.empty(books, size, dim)
+        nn.init.kaiming_uniform_(embed.view(books * size, dim), a=math.sqrt(5))
+        if cosine:
+            embed = l2norm(embed)
+        if learnable:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        self.register_buffer("cluster_size", torch.ones(books, size))
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+
+    # -- protocol ----------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.embed.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.embed.shape[2]
+
+    @property
+    def books(self) -> int:
+        return self.embed.shape[0]
+
+    @property
+    def codes(self) -> Tensor:
+        return self.embed
+
+    def nearest(self, x: Tensor) -> Tensor:
+        """x (B, N, d) float32 -> indices (B, N) int64."""
+        return nearest(x, self.embed.detach(), cosine=self.cosine, chunk_bytes=self.chunk_bytes)
+
+    def sample(self, x: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+        """Gumbel-sampled indices (B, N); ``temperature`` 0 means :meth:`nearest`."""
+        if temperature <= 0:
+            return self.nearest(x)
+        return gumbel_sample(
+            x, self.embed.detach(), cosine=self.cosine, temperature=temperature, generator=generator,
+            chunk_bytes=self.chunk_bytes,
+        )
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """indices (B, N) in [0, K) -> codes (B, N, d); one gather into the flat (B*K, d) table."""
+        books, size, dim = self.embed.shape
+        offsets = torch.arange(books, device=indices.device).unsqueeze(1) * size
+        return nn.functional.embedding(indices + offsets, self.embed.reshape(books * size, dim))
+
+    # -- training state ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False) -> bool:
+        """k-means on the batch, if not done yet; returns whether it ran.
+
+        ``valid`` (B, N) marks tokens that count. Empty clusters keep a data point as their code and
+        get a pseudo-count of 1 (like a fresh code), never a zero vector.
+        """
+        if bool(self.initted):
+            return False
+        valid = _finite_tokens(x, valid)
+        if not bool(valid.any()):
+            return False
+        means, counts = kmeans(
+            x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid, sync=sync
+        )
+        counts = torch.where(counts > 0, counts, torch.ones_like(counts))
+        self.cluster_size.copy_(counts)
+        self.embed_avg.copy_(means * counts.unsqueeze(-1))
+        self._recompute_embed()
+        self.initted.fill_(True)
+        return True
+
+    @torch.no_grad()
+    def update(self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False) -> None:
+        """One EMA step from tokens x (B, N, d) assigned to indices (B, N)."""
+        valid = _finite_tokens(x, valid)
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        weight = valid.to(x.dtype)
+        counts = all_reduce_sum_(bincount_per_book(indices, self.size, weight), sync)
+        sums = all_reduce_sum_(sum_per_code(x.float(), indices, self.size), sync)
+        self.cluster_size.lerp_(counts, 1.0 - self.decay)
+        self.embed_avg.lerp_(sums, 1.0 - self.decay)
+        self._recompute_embed()
+
+    def _recompute_embed(self) -> None:
+        n = self.cluster_size.sum(-1, keepdim=True)
+        smoothed = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n
+        embed = self.embed_avg / smoothed.unsqueeze(-1)
+        if self.cosine:
+            embed = l2norm(embed)
+        self.embed.data.copy_(embed)
+
+    @torch.no_grad()
+    def expire_(
+        self, x: Tensor, valid: Tensor | None = None, sync: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Replace codes whose ``cluster_size`` fell below the threshold with batch vectors.
+
+        Replaced codes get ``embed = v``, ``cluster_size = threshold`` and ``embed_avg = v * threshold``
+        (so that the next EMA step starts from the new code). Returns the (B, K) bool mask of replaced
+        codes. Under ``sync`` rank 0 draws the replacements and broadcasts them.
+        """
+        expired = self.cluster_size < self.threshold_ema_dead_code
+        if self.threshold_ema_dead_code <= 0 or not bool(expired.any()):
+            return torch.zeros_like(expired)
+        valid = _finite_tokens(x, valid)
+        replacements = self.embed.detach().clone()
+        for b in range(self.books):
+            dead = expired[b].nonzero().squeeze(1)
+            pool = x[b][valid[b]].float()
+            if dead.numel() == 0 or pool.shape[0] == 0:
+                expired[b] = False
+                continue
+            if pool.shape[0] >= dead.numel():
+                pick = torch.randperm(pool.shape[0], generator=generator, device="cpu")[: dead.numel()]
+            else:
+                pick = torch.randint(pool.shape[0], (dead.numel(),), generator=generator, device="cpu")
+            vectors = pool[pick.to(pool.device)]
+            replacements[b, dead] = l2norm(vectors) if self.cosine else vectors
+        broadcast_(replacements, sync)
+        broadcast_(expired, sync)
+        mask = expired.unsqueeze(-1)
+        self.embed.data.copy_(torch.where(mask, replacements, self.embed.detach()))
+        self.embed_avg.copy_(torch.where(mask, replacements * self.threshold_ema_dead_code, self.embed_avg))
+        self.cluster_size.masked_fill_(expired, self.threshold_ema_dead_code)
+        return expired
+
+    def extra_repr(self) -> str:
+        kind = "cosine" if self.cosine else "euclidean"
+        return f"books={self.books}, size={self.size}, dim={self.dim}, {kind}, decay={self.decay}"
+
+
+def _finite_tokens(x: Tensor, valid: Tensor | None) -> Tensor:
+    """(B, N) bool: tokens that are unmasked and entirely finite."""
+    finite = torch.isfinite(x).all(-1)
+    return finite if valid is None else finite & valid

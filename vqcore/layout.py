@@ -1,0 +1,112 @@
+"""Shape packing: sequences, single tokens, channel-first sequences, image and video feature maps.
+
+Every quantizer works on tokens ``(b, n, d)``; a :class:`TokenLayout` moves inputs there and back,
+and moves indices between ``(b, n, *extra)`` and the input's spatial layout ``(b, *spatial, *extra)``.
+Only reshapes with symbolic sizes and ``movedim`` are used, so the same code exports with dynamic
+batch and spatial axes.
+
+| kind            | input                 | tokens            | indices                 |
+| --------------- | --------------------- | ----------------- | ----------------------- |
+| ``sequence``    | (b, n, d) or (b, d)   | (b, n, d)         | (b, n) or (b,)          |
+| ``channel_first``| (b, d, n)            | (b, n, d)         | (b, n)                  |
+| ``image``       | (b, d, h, w)          | (b, h*w, d)       | (b, h, w)               |
+| ``video``       | (b, d, t, h, w)       | (b, t*h*w, d)     | (b, t, h, w)            |
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vqcore.validation import check_float, check_tensor
+
+_SPATIAL_RANK = {"sequence": 1, "channel_first": 1, "image": 2, "video": 3}
+_DESCRIBE = {
+    "sequence": "(batch, seq, dim) or (batch, dim)",
+    "channel_first": "(batch, dim, seq)",
+    "image": "(batch, dim, height, width)",
+    "video": "(batch, dim, time, height, width)",
+}
+
+
+class TokenLayout:
+    """Maps ``x`` to tokens ``(b, n, d)`` and back for one input layout."""
+
+    def __init__(self, kind: str, dim: int):
+        if kind not in _SPATIAL_RANK:
+            raise ValueError(f"layout must be one of {sorted(_SPATIAL_RANK)}, got {kind!r}")
+        self.kind, self.dim = kind, dim
+        self.spatial_rank = _SPATIAL_RANK[kind]
+
+    @classmethod
+    def from_flags(cls, dim: int, *, accept_image_fmap=False, accept_3d_fmap=False, channel_last=True):
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
+        if (accept_image_fmap or accept_3d_fmap) and not channel_last:
+            raise ValueError("channel_last=False is for (batch, dim, seq) sequences; image/video fmaps are always channel-first")
+        kind = "image" if accept_image_fmap else "video" if accept_3d_fmap else "sequence" if channel_last else "channel_first"
+        return cls(kind, dim)
+
+    @property
+    def channel_first(self) -> bool:
+        return self.kind != "sequence"
+
+    def describe(self) -> str:
+        return _DESCRIBE[self.kind]
+
+    # -- features ----------------------------------------------------------------------------------
+    def to_tokens(self, x: Tensor, name: str = "x") -> tuple[Tensor, tuple]:
+        """``x -> (tokens (b, n, d), spatial)``; ``spatial`` restores the layout later."""
+        check_float(x, name)
+        ranks = (2 + self.spatial_rank,) + ((2,) if self.kind == "sequence" else ())
+        if x.ndim not in ranks:
+            raise ValueError(f"{name} must be {self.describe()} for this module, got shape {tuple(x.shape)}")
+        feature_axis = -1 if self.kind == "sequence" else 1
+        if x.shape[feature_axis] != self.dim:
+            where = "last" if feature_axis == -1 else "second (channel-first)"
+            raise ValueError(
+                f"{name} must have {self.dim} features on its {where} axis ({self.describe()}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.kind == "sequence":
+            if x.ndim == 2:
+                return x.unsqueeze(1), ()
+            return x, (x.shape[1],)
+        spatial = tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), spatial
+
+    def from_tokens(self, tokens: Tensor, spatial: tuple) -> Tensor:
+        """Inverse of :meth:`to_tokens` for ``tokens (b, n, d')``."""
+        if self.kind == "sequence":
+            return tokens.squeeze(1) if len(spatial) == 0 else tokens
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *spatial)
+
+    # -- indices and masks -------------------------------------------------------------------------
+    def indices_from_tokens(self, indices: Tensor, spatial: tuple) -> Tensor:
+        """``(b, n, *extra) -> (b, *spatial, *extra)``."""
+        return indices.reshape(indices.shape[0], *spatial, *indices.shape[2:])
+
+    def indices_to_tokens(self, indices: Tensor, extra_dims: int, name: str = "indices") -> tuple[Tensor, tuple]:
+        """``(b, *spatial, *extra) -> ((b, n, *extra), spatial)`` with ``extra_dims`` trailing axes."""
+        check_tensor(indices, name)
+        ranks = (1 + self.spatial_rank + extra_dims,) + ((1 + extra_dims,) if self.kind == "sequence" else ())
+        if indices.ndim not in ranks:
+            extra = " + (heads,)" if extra_dims else ""
+            spatial_desc = self.describe().replace("dim, ", "").replace(", dim", "")
+            raise ValueError(
+                f"{name} must have {' or '.join(map(str, ranks))} dims ({spatial_desc}{extra}), "
+                f"got shape {tuple(indices.shape)}"
+            )
+        spatial = tuple(indices.shape[1 : indices.ndim - extra_dims])
+        tail = tuple(indices.shape[indices.ndim - extra_dims :])
+        return indices.reshape(indices.shape[0], -1, *tail), spatial
+
+    def mask_to_tokens(self, mask: Tensor, batch: int, spatial: tuple) -> Tensor:
+        """A bool mask shaped like the indices without extra axes ``(b, *spatial)`` -> ``(b, n)``."""
+        check_tensor(mask, "mask")
+        expected = (batch, *spatial)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have shape {expected} (batch, *positions), got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        return mask.reshape(batch, -1)
