@@ -29,7 +29,10 @@ class QuantizerModule(nn.Module):
         @functools.wraps(original)
         def __init__(self, *args, **kw):
             if CONFIG_ATTR not in self.__dict__:  # outermost constructor only
-                bound = signature.bind(self, *args, **kw)
+                try:
+                    bound = signature.bind(self, *args, **kw)
+                except TypeError:
+                    return original(self, *args, **kw)  # raises Python's own message for bad arguments
                 arguments = dict(bound.arguments)
                 arguments.pop(next(iter(signature.parameters)))  # self
                 for name, param in signature.parameters.items():

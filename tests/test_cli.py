@@ -1,0 +1,50 @@
+"""The `vqcore` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vqcore.cli import main
+
+
+def test_list_shows_builtin_quantizers(capsys, fresh_registry):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["name", "plugin", "aliases", "summary"]
+    row = next(line for line in out if line.startswith("vq "))
+    assert "vqcore.plugins.vq" in row and "VectorQuantize" in row
+
+
+def test_list_all_and_patterns(capsys, fresh_registry):
+    assert main(["list", "--all"]) == 0
+    out = capsys.readouterr().out
+    lines = [line.split()[:3] for line in out.splitlines()]
+    assert ["codebook", "cosine", "vqcore.plugins.blocks"] in lines and ["loss", "commitment", "vqcore.plugins.blocks"] in lines
+    assert main(["list", "zzz*"]) == 1
+    assert "no quantizers match 'zzz*'" in capsys.readouterr().out
+
+
+def test_plugins_shows_hooks_and_registrations(capsys, fresh_registry):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "vqcore.plugins.vq" in out and "[builtin]  ok" in out
+    assert "hooks: register_quantizers" in out and "quantizers: vq" in out
+    assert "codebooks: euclidean, cosine" in out
+
+
+def test_python_dash_m_and_console_script():
+    script = Path(sys.executable).with_name("vqcore")
+    for cmd in ([sys.executable, "-m", "vqcore", "list"], [str(script), "list"]):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "vq " in result.stdout
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit) as info:
+        main(["nope"])
+    assert info.value.code == 2

@@ -1,0 +1,132 @@
+"""vqcore.testing.check_quantizer: built-ins pass it, broken quantizers fail it with the rule they break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vqcore import VectorQuantize
+from vqcore.testing import ConformanceError, check_quantizer
+
+VQ_CONFIGS = [
+    ((2, 12, 16), dict(dim=16, codebook_size=32)),
+    ((2, 12, 16), dict(dim=16, codebook_size=32, kmeans_init=True, threshold_ema_dead_code=1.0)),
+    ((2, 12, 16), dict(dim=16, codebook_size=32, codebook_dim=4, use_cosine_sim=True)),
+    ((2, 12, 16), dict(dim=16, codebook_size=32, heads=4, separate_codebook_per_head=True)),
+    ((2, 12, 16), dict(dim=16, codebook_size=32, heads=2, rotation_trick=True, orthogonal_reg_weight=1.0)),
+    ((2, 12, 16), dict(dim=16, codebook_size=32, stochastic_sample_codes=True, sample_codebook_temp=0.1)),
+    ((3, 16), dict(dim=16, codebook_size=32)),
+    ((2, 16, 12), dict(dim=16, codebook_size=32, channel_last=False)),
+    ((2, 16, 3, 4), dict(dim=16, codebook_size=32, accept_image_fmap=True, heads=2)),
+    ((2, 16, 2, 3, 4), dict(dim=16, codebook_size=32, accept_3d_fmap=True, codebook_dim=8)),
+]
+
+
+@pytest.mark.parametrize("shape,kwargs", VQ_CONFIGS, ids=lambda v: str(v))
+def test_vector_quantize_passes(shape, kwargs):
+    dynamic = (0, 2) if kwargs.get("channel_last") is False else None  # (b, d, n): seq is axis 2
+    report = check_quantizer(VectorQuantize, torch.randn(*shape), dynamic_dims=dynamic, **kwargs)
+    assert len(report.checks) == 5 and report.checks[-1].startswith("torch.export")
+
+
+def test_registry_name_as_factory():
+    report = check_quantizer("vq", torch.randn(2, 6, 8), dim=8, codebook_size=4, check_export=False)
+    assert report.name == "vq" and len(report.checks) == 4
+
+
+class SignQuantizer(nn.Module):
+    """A minimal correct quantizer; subclasses below break one rule each."""
+
+    def __init__(self, dim=4):
+        super().__init__()
+        self.dim, self.codebook_size, self.num_codebooks = dim, 2**dim, 1
+        self.register_buffer("weights", 2 ** torch.arange(dim))
+
+    def encode(self, x):
+        return ((x > 0).long() * self.weights).sum(-1)
+
+    def decode(self, indices):
+        return ((indices.unsqueeze(-1) // self.weights) % 2).float() * 2 - 1
+
+    def forward(self, x):
+        indices = self.encode(x)
+        q = self.decode(indices).to(x.dtype)
+        return x + (q - x).detach(), indices
+
+
+class DecodeDiffers(SignQuantizer):
+    def forward(self, x):
+        indices = self.encode(x)
+        q = SignQuantizer.decode(self, indices)
+        return x + (q - x).detach(), indices
+
+    def decode(self, indices):
+        return super().decode(indices) * 0.5
+
+
+class Int32Indices(SignQuantizer):
+    def forward(self, x):
+        q, indices = super().forward(x)
+        return q, indices.int()
+
+
+class EncodeTouchesState(SignQuantizer):
+    def __init__(self, dim=4):
+        super().__init__(dim)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def encode(self, x):
+        self.calls += 1
+        return super().encode(x)
+
+
+class NoGradient(SignQuantizer):
+    def forward(self, x):
+        indices = self.encode(x)
+        return self.decode(indices), indices
+
+
+class BranchOnValues(SignQuantizer):
+    def encode(self, x):
+        if bool((x > 0).any()):  # data-dependent Python branch: not exportable
+            return super().encode(x)
+        return super().encode(-x)
+
+
+class OutOfRange(SignQuantizer):
+    def forward(self, x):
+        q, indices = super().forward(x)
+        return q, indices + self.codebook_size
+
+
+class NotAModule:
+    dim = codebook_size = num_codebooks = 1
+
+
+def test_correct_plugin_passes_through_the_protocol_alone():
+    report = check_quantizer(SignQuantizer, torch.randn(2, 5, 4))
+    assert report.name == "SignQuantizer"
+
+
+@pytest.mark.parametrize(
+    "factory,message",
+    [
+        (DecodeDiffers, "decode(encode(x)) differs from the eval forward"),
+        (Int32Indices, "indices must be torch.int64, got torch.int32"),
+        (EncodeTouchesState, "changed the module's state"),
+        (NoGradient, "no gradient reached the input"),
+        (BranchOnValues, "torch.export of encode/decode with dynamic axes (0, 1) failed"),
+        (OutOfRange, "indices out of range [0, 16)"),
+        (NotAModule, "must build an nn.Module"),
+    ],
+)
+def test_broken_quantizers_fail_with_the_rule_they_break(factory, message):
+    with pytest.raises((ConformanceError, TypeError)) as info:
+        check_quantizer(factory, torch.randn(2, 5, 4))
+    assert message in str(info.value)
+
+
+def test_dynamic_axes_need_examples_larger_than_one():
+    with pytest.raises(ConformanceError, match="axis 1 is declared dynamic; give it a size >= 2"):
+        check_quantizer(SignQuantizer, torch.randn(2, 1, 4))

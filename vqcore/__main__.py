@@ -1,0 +1,5 @@
+import sys
+
+from vqcore.cli import main
+
+sys.exit(main())

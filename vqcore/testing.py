@@ -1,0 +1,227 @@
+"""The conformance kit: ``check_quantizer(factory, example, **factory_kwargs)``.
+
+Built-in methods pass it in vqcore's test suite; plugin authors call it in theirs::
+
+    from vqcore.testing import check_quantizer
+
+    def test_my_quantizer():
+        check_quantizer(MyQuantizer, torch.randn(2, 16, 32), dim=32, codebook_size=64)
+
+It raises :class:`ConformanceError` naming the first broken rule, and returns a
+:class:`ConformanceReport` of what was checked:
+
+1. the factory builds an ``nn.Module`` following :class:`vqcore.protocols.Quantizer`;
+2. training-mode forward: ``quantized`` has the input's shape and dtype, indices are int64 and in
+   ``[0, codebook_size)``, the losses are finite, and a gradient reaches the input;
+3. eval: ``encode(x)`` equals the forward's indices, ``decode(encode(x))`` equals the eval forward's
+   ``quantized`` bit for bit, and encode/decode/eval forward leave the state_dict unchanged;
+4. state_dict round trip into a freshly built module gives identical eval outputs;
+5. ``torch.export.export(strict=False)`` of encode and decode with dynamic batch and sequence axes;
+   the exported programs match eager on a larger shape and at size 1.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from vqcore.protocols import INDEX_DTYPE, check_quantizer_instance
+
+
+class ConformanceError(AssertionError):
+    """A quantizer broke one of the rules of :func:`check_quantizer`."""
+
+
+@dataclass
+class ConformanceReport:
+    name: str
+    checks: list[str] = field(default_factory=list)
+
+    def passed(self, what: str) -> None:
+        self.checks.append(what)
+
+
+def check_quantizer(
+    factory: Callable[..., nn.Module] | str,
+    example: Tensor,
+    *,
+    dynamic_dims: tuple[int, ...] | None = None,
+    check_export: bool = True,
+    train_steps: int = 2,
+    seed: int = 0,
+    **factory_kwargs,
+) -> ConformanceReport:
+    """Check that ``factory(**factory_kwargs)`` is a well-behaved vqcore quantizer on ``example``.
+
+    ``factory`` is a class/callable or a registry name. ``dynamic_dims`` are the axes of ``example``
+    that must be dynamic in the exported encode graph (default: batch plus the sequence / spatial axes:
+    ``(0,)`` for 2-D, ``(0, 1)`` for 3-D channel-last, ``(0, 2, ...)`` for image and video fmaps).
+    """
+    if isinstance(factory, str):
+        from vqcore.api import create
+
+        name = factory
+        build = lambda: create(name, **factory_kwargs)  # noqa: E731
+    else:
+        name = getattr(factory, "__name__", repr(factory))
+        build = lambda: factory(**factory_kwargs)  # noqa: E731
+    if not isinstance(example, Tensor) or not example.is_floating_point():
+        raise TypeError("example must be a floating point tensor")
+    report = ConformanceReport(name)
+
+    torch.manual_seed(seed)
+    quantizer = build()
+    check_quantizer_instance(quantizer, origin=name)
+    _require(isinstance(quantizer.codebook_size, int) and quantizer.codebook_size > 0, "codebook_size must be a positive int")
+    report.passed("protocol")
+
+    # -- training -----------------------------------------------------------------------------------
+    quantizer.train()
+    for step in range(max(1, train_steps)):
+        x = example.detach().clone().requires_grad_(True)
+        out = quantizer(x)
+        quantized, indices = out[0], out[1]
+        _check_outputs(quantizer, example, quantized, indices, f"training forward (step {step})")
+        losses = [t for t in tuple(out)[2:] if isinstance(t, Tensor) and t.is_floating_point()]
+        for loss in losses:
+            _require(bool(torch.isfinite(loss).all()), f"training loss is not finite: {loss}")
+        total = quantized.float().pow(2).sum() + sum(loss.sum() for loss in losses)
+        _require(total.requires_grad, "no gradient reached the input in training mode (outputs are detached)")
+        total.backward()
+        _require(x.grad is not None, "no gradient reached the input in training mode")
+        _require(bool(torch.isfinite(x.grad).all()), "the input's gradient is not finite")
+        _require(bool(x.grad.abs().sum() > 0), "the gradient that reached the input is zero everywhere")
+    report.passed("training forward: shapes, dtypes, index range, finite losses, gradient to the input")
+
+    # -- eval: encode / decode / forward agree, no state touched ----------------------------------------
+    quantizer.eval()
+    x = example.detach().clone()
+    state = _snapshot(quantizer)
+    with torch.no_grad():
+        out = quantizer(x)
+        indices = quantizer.encode(x)
+        decoded = quantizer.decode(indices)
+    _check_outputs(quantizer, example, out[0], out[1], "eval forward")
+    _require(indices.dtype == INDEX_DTYPE, f"encode must return {INDEX_DTYPE}, got {indices.dtype}")
+    _require(torch.equal(indices, out[1]), "encode(x) differs from the eval forward's indices")
+    _require(
+        decoded.shape == out[0].shape and torch.equal(decoded.to(out[0].dtype), out[0]),
+        "decode(encode(x)) differs from the eval forward's quantized output (must be bit for bit equal)",
+    )
+    _require(_same_state(state, _snapshot(quantizer)), "encode/decode/eval forward changed the module's state")
+    report.passed("eval: encode == forward indices, decode(encode(x)) == forward quantized, state untouched")
+
+    # -- state_dict round trip ------------------------------------------------------------------------
+    torch.manual_seed(seed + 1)
+    fresh = build()
+    fresh.load_state_dict(quantizer.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        again = fresh(x)
+    _require(torch.equal(again[0], out[0]) and torch.equal(again[1], out[1]), "state_dict round trip changed the outputs")
+    report.passed("state_dict round trip")
+
+    if check_export:
+        _check_export(quantizer, x, indices, dynamic_dims, report)
+    return report
+
+
+def _check_outputs(quantizer, example, quantized, indices, where: str) -> None:
+    _require(isinstance(quantized, Tensor), f"{where}: the first output must be the quantized tensor")
+    _require(quantized.shape == example.shape, f"{where}: quantized shape {tuple(quantized.shape)} != input shape {tuple(example.shape)}")
+    _require(quantized.dtype == example.dtype, f"{where}: quantized dtype {quantized.dtype} != input dtype {example.dtype}")
+    _require(isinstance(indices, Tensor), f"{where}: the second output must be the indices tensor")
+    _require(indices.dtype == INDEX_DTYPE, f"{where}: indices must be {INDEX_DTYPE}, got {indices.dtype}")
+    _require(indices.shape[0] == example.shape[0], f"{where}: indices must keep the batch axis first")
+    if indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        _require(
+            low >= 0 and high < quantizer.codebook_size,
+            f"{where}: indices out of range [0, {quantizer.codebook_size}): min {low}, max {high}",
+        )
+
+
+class _Encode(nn.Module):
+    def __init__(self, quantizer):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x):
+        return self.quantizer.encode(x)
+
+
+class _Decode(nn.Module):
+    def __init__(self, quantizer):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, indices):
+        return self.quantizer.decode(indices)
+
+
+def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
+    if example.ndim <= 2:
+        return (0,)
+    if example.ndim == 3:
+        return (0, 1)
+    return (0, *range(2, example.ndim))
+
+
+def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: ConformanceReport) -> None:
+    from torch.export import Dim
+
+    dims = tuple(dynamic_dims) if dynamic_dims is not None else default_dynamic_dims(x)
+    for d in dims:
+        _require(x.shape[d] >= 2, f"example axis {d} is declared dynamic; give it a size >= 2 (got {x.shape[d]})")
+    # the indices share the input's positions: batch first, then the spatial/sequence axes in order
+    position_dims = [d for d in dims if d != 0]
+    index_dims = (0, *range(1, 1 + len(position_dims)))
+    names = {d: Dim(f"d{d}") for d in dims}
+    index_names = dict(zip(index_dims, (names[d] for d in dims)))
+
+    quantizer = copy.deepcopy(quantizer).eval()
+    try:
+        encode = torch.export.export(_Encode(quantizer), (x,), dynamic_shapes={"x": names}, strict=False)
+        decode = torch.export.export(_Decode(quantizer), (indices,), dynamic_shapes={"indices": index_names}, strict=False)
+    except Exception as err:  # noqa: BLE001 - report any exporter failure as a conformance failure
+        raise ConformanceError(f"torch.export of encode/decode with dynamic axes {dims} failed: {type(err).__name__}: {err}") from err
+    for program, graph in ((encode, "encode"), (decode, "decode")):
+        user_input = program.graph_signature.user_inputs[0]
+        placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_input)
+        shape = placeholder.meta["val"].shape
+        static = [i for i in (dims if graph == "encode" else index_dims) if isinstance(shape[i], int)]
+        _require(not static, f"exported {graph} specialised axes {static} to constants (shape {tuple(shape)})")
+
+    for shape in (_grown(x.shape, dims, 1), _grown(x.shape, dims, None)):
+        probe = torch.randn(shape, dtype=x.dtype)
+        with torch.no_grad():
+            want_idx = quantizer.encode(probe)
+            got_idx = encode.module()(probe)
+            _require(torch.equal(got_idx, want_idx), f"exported encode differs from eager at shape {tuple(shape)}")
+            _require(
+                torch.equal(decode.module()(want_idx), quantizer.decode(want_idx)),
+                f"exported decode differs from eager at shape {tuple(shape)}",
+            )
+    report.passed(f"torch.export of encode/decode, dynamic axes {dims}, checked at a larger shape and at size 1")
+
+
+def _grown(shape, dims, size):
+    """The example's shape with dynamic axes set to ``size`` (None: example + 3)."""
+    return tuple((s + 3 if size is None else size) if i in dims else s for i, s in enumerate(shape))
+
+
+def _snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConformanceError(message)
