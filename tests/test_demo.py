@@ -2,9 +2,9 @@
 
 import math
 
-from vqcore.demo import code_statistics, load_digits_vectors, run_demo
-
 import torch
+
+from vqcore.demo import code_statistics, load_digits_vectors, run_demo
 
 
 def test_digits_split_is_fixed_and_scaled():

@@ -197,7 +197,7 @@ def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: C
         _require(not static, f"exported {graph} specialised axes {static} to constants (shape {tuple(shape)})")
 
     for shape in (_grown(x.shape, dims, 1), _grown(x.shape, dims, None)):
-        probe = torch.randn(shape, dtype=x.dtype)
+        probe = torch.randn(shape, dtype=x.dtype, device=x.device)
         with torch.no_grad():
             want_idx = quantizer.encode(probe)
             got_idx = encode.module()(probe)
