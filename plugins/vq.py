@@ -10,12 +10,15 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - the straight-through estimator is the default; ``rotation_trick=True`` opts in;
 - ``codebook_dim`` defaults to ``dim // heads`` (no projection to ``heads * dim``), so ``dim`` must be
   divisible by ``heads`` unless ``codebook_dim`` is given;
-- k-means runs only in training-mode forwards; before it runs, the codebook holds random codes (never
-  zeros), and empty k-means clusters keep a data point, never a zero vector;
+- k-means runs only in training-mode forwards and is seeded by k-means++; before it runs, the codebook
+  holds random codes (never zeros), and empty k-means clusters keep a data point, never a zero vector;
 - the orthogonal loss is computed on the codebook that quantized this batch (before the EMA step);
 - masks work with projections, heads and cosine similarity (the commitment loss is taken in
-  codebook space over valid tokens), and image/video masks are shaped like the indices;
-- the eval loss is a fresh zero, and tokens with non-finite values never reach the EMA statistics;
+  codebook space over valid tokens), image/video masks are shaped like the indices, and padding
+  (even NaN) reaches neither the outputs nor any gradient;
+- the eval loss is a fresh zero, and tokens with non-finite values never reach the EMA statistics
+  (a batch without any valid token leaves the codebook as it was);
+- ``.half()`` / ``.to(bfloat16)`` cast the projections only; the codebook state stays float32;
 - ``sync_codebook=None`` is decided at every call, not at construction.
 """
 
@@ -186,12 +189,17 @@ class VectorQuantize(QuantizerModule):
         return flat.transpose(0, 1) if self.separate_codebook_per_head else flat.reshape(1, -1)
 
     def _to_codebook_space(self, tokens: Tensor) -> Tensor:
+        if self.has_projections:  # the projections run in their own dtype (e.g. after .half()), the codebook in float32
+            tokens = tokens.to(self.project_in.weight.dtype)
         z = self.norm_in(self.project_in(tokens)).float()
         z = self._split_heads(z)
         return nn.functional.normalize(z, dim=-1, eps=1e-12) if self.use_cosine_sim else z
 
     def _output(self, q: Tensor, b, n) -> Tensor:
-        return self.project_out(self._merge_heads(q, b, n))
+        q = self._merge_heads(q, b, n)
+        if self.has_projections:
+            q = q.to(self.project_out.weight.dtype)
+        return self.project_out(q)
 
     def _decode_books(self, indices: Tensor, b, n) -> Tensor:
         """Book indices (B, N), -1 allowed -> output tokens (b, n, dim); -1 tokens decode to zero."""
@@ -211,11 +219,20 @@ class VectorQuantize(QuantizerModule):
         indices = self._codebook.nearest(self._to_codebook_space(tokens))
         return self.layout.indices_from_tokens(self._token_indices(indices, b, n), spatial)
 
-    def decode(self, indices: Tensor) -> Tensor:
-        """indices -> quantized vectors (after project_out), in the input layout; -1 decodes to zero."""
+    def _index_tokens(self, indices: Tensor) -> tuple[Tensor, tuple]:
+        """Checked indices (b, *spatial[, heads]) -> tokens (b, n[, heads]) and the spatial shape."""
         extra = 1 if self.heads > 1 else 0
         tokens, spatial = self.layout.indices_to_tokens(indices, extra)
+        if extra and tokens.shape[-1] != self.heads:
+            raise ValueError(
+                f"indices must end with a heads axis of size {self.heads}, got shape {tuple(indices.shape)}"
+            )
         check_indices(tokens, self.codebook_size)
+        return tokens, spatial
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """indices -> quantized vectors (after project_out), in the input layout; -1 decodes to zero."""
+        tokens, spatial = self._index_tokens(indices)
         b, n = tokens.shape[0], tokens.shape[1]
         out = self._decode_books(self._book_indices(tokens.long()), b, n)
         return self.layout.from_tokens(out, spatial)
@@ -224,9 +241,7 @@ class VectorQuantize(QuantizerModule):
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices -> codebook-space vectors (before project_out), heads concatenated: (..., heads * codebook_dim)."""
-        extra = 1 if self.heads > 1 else 0
-        tokens, spatial = self.layout.indices_to_tokens(indices, extra)
-        check_indices(tokens, self.codebook_size)
+        tokens, spatial = self._index_tokens(indices)
         b, n = tokens.shape[0], tokens.shape[1]
         books = self._book_indices(tokens.long())
         q = self._codebook.lookup(books.clamp(min=0)).masked_fill((books < 0).unsqueeze(-1), 0.0)
@@ -246,7 +261,10 @@ class VectorQuantize(QuantizerModule):
         b, n = tokens.shape[0], tokens.shape[1]
         valid = self._token_mask(mask, lens, b, n, spatial)
         book_valid = None if valid is None else self._book_mask(valid)
-        z = self._to_codebook_space(tokens)
+        if valid is not None:  # padding may hold anything (NaN too); it must reach neither values nor gradients
+            z = self._to_codebook_space(torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(())))
+        else:
+            z = self._to_codebook_space(tokens)
 
         zero = torch.zeros((), device=x.device)
         commitment, orthogonal = zero, zero

@@ -22,6 +22,7 @@ so a NaN in a batch never reaches the statistics.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,6 +32,17 @@ from vqcore.distance import DEFAULT_CHUNK_BYTES, gumbel_sample, l2norm, nearest
 from vqcore.distributed import all_reduce_sum_, broadcast_
 from vqcore.kmeans import bincount_per_book, kmeans, sum_per_code
 from vqcore.validation import check_positive_int
+
+
+def float32_region(method):
+    """Run a codebook method with autocast off: distances, sampling and statistics stay float32 (DESIGN §5)."""
+
+    @functools.wraps(method)
+    def run(self, x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return method(self, x.float(), *args, **kwargs)
+
+    return run
 
 
 class EMACodebook(nn.Module):
@@ -79,6 +91,17 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave the state in float32."""
+
+        def keep_float32(t):
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_float32, recurse)
+
     # -- protocol ----------------------------------------------------------------------------------
     @property
     def size(self) -> int:
@@ -96,10 +119,12 @@ class EMACodebook(nn.Module):
     def codes(self) -> Tensor:
         return self.embed
 
+    @float32_region
     def nearest(self, x: Tensor) -> Tensor:
         """x (B, N, d) float32 -> indices (B, N) int64."""
         return nearest(x, self.embed.detach(), cosine=self.cosine, chunk_bytes=self.chunk_bytes)
 
+    @float32_region
     def sample(self, x: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
         """Gumbel-sampled indices (B, N); ``temperature`` 0 means :meth:`nearest`."""
         if temperature <= 0:
@@ -117,6 +142,7 @@ class EMACodebook(nn.Module):
 
     # -- training state ----------------------------------------------------------------------------
     @torch.no_grad()
+    @float32_region
     def init_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False) -> bool:
         """k-means on the batch, if not done yet; returns whether it ran.
 
@@ -126,7 +152,10 @@ class EMACodebook(nn.Module):
         if bool(self.initted):
             return False
         valid = _finite_tokens(x, valid)
-        if not bool(valid.any()):
+        # every book needs a token (on some rank); wait for a batch that has them. The decision is taken
+        # on the all-reduced count so that every rank takes it alike (k-means runs collectives).
+        tokens_per_book = all_reduce_sum_(valid.sum(-1).float(), sync)
+        if not bool((tokens_per_book > 0).all()):
             return False
         means, counts = kmeans(
             x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid, sync=sync
@@ -139,6 +168,7 @@ class EMACodebook(nn.Module):
         return True
 
     @torch.no_grad()
+    @float32_region
     def update(self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False) -> None:
         """One EMA step from tokens x (B, N, d) assigned to indices (B, N)."""
         valid = _finite_tokens(x, valid)
@@ -146,19 +176,27 @@ class EMACodebook(nn.Module):
         weight = valid.to(x.dtype)
         counts = all_reduce_sum_(bincount_per_book(indices, self.size, weight), sync)
         sums = all_reduce_sum_(sum_per_code(x.float(), indices, self.size), sync)
-        self.cluster_size.lerp_(counts, 1.0 - self.decay)
-        self.embed_avg.lerp_(sums, 1.0 - self.decay)
-        self._recompute_embed()
+        # a book that saw no valid token (all masked / non-finite, on every rank) keeps its state: an empty
+        # batch carries no information, and decaying it would drive n to 0 (embed = 0/0 with decay 0)
+        seen = counts.sum(-1, keepdim=True) > 0
+        step = 1.0 - self.decay
+        self.cluster_size.copy_(torch.where(seen, self.cluster_size.lerp(counts, step), self.cluster_size))
+        self.embed_avg.copy_(torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, step), self.embed_avg))
+        self._recompute_embed(seen)
 
-    def _recompute_embed(self) -> None:
+    def _recompute_embed(self, books: Tensor | None = None) -> None:
+        """embed = embed_avg / smoothed cluster sizes, for every book or where ``books`` (B, 1) is True."""
         n = self.cluster_size.sum(-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n
         embed = self.embed_avg / smoothed.unsqueeze(-1)
         if self.cosine:
             embed = l2norm(embed)
+        if books is not None:
+            embed = torch.where(books.unsqueeze(-1), embed, self.embed.detach())
         self.embed.data.copy_(embed)
 
     @torch.no_grad()
+    @float32_region
     def expire_(
         self, x: Tensor, valid: Tensor | None = None, sync: bool = False, generator: torch.Generator | None = None
     ) -> Tensor:

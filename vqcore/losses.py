@@ -21,13 +21,14 @@ class CommitmentLoss:
     name = "commitment"
 
     def __call__(self, x: Tensor, q: Tensor, valid: Tensor | None = None) -> Tensor:
-        err = (x - q.detach()).pow(2)
+        diff = x - q.detach()
         if valid is None:
-            return err.mean()
-        weight = valid.unsqueeze(-1).to(err.dtype)
-        # where() keeps a NaN in a masked token out of the sum (0 * NaN would be NaN)
-        total = torch.where(valid.unsqueeze(-1), err, torch.zeros((), dtype=err.dtype, device=err.device)).sum()
-        return total / (weight.sum() * err.shape[-1]).clamp(min=1)
+            return diff.pow(2).mean()
+        weight = valid.unsqueeze(-1).to(diff.dtype)
+        # where() before the square keeps a NaN in a masked token out of the sum and out of the gradient
+        # (masking after the square would back-propagate 0 * 2 * NaN = NaN into the masked token)
+        diff = torch.where(valid.unsqueeze(-1), diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+        return diff.pow(2).sum() / (weight.sum() * diff.shape[-1]).clamp(min=1)
 
 
 class OrthogonalLoss:
