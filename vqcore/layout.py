@@ -110,3 +110,37 @@ class TokenLayout:
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
         return mask.reshape(batch, -1)
+
+
+def auto_layout(ndim: int, dim: int, channel_first: bool | None = None, name: str = "x") -> TokenLayout:
+    """Layout of an input of rank ``ndim`` for modules that detect it (FSQ, LFQ, latent quantization).
+
+    4-D is an image ``(b, d, h, w)`` and 5-D a video ``(b, d, t, h, w)`` (always channel-first);
+    3-D is a sequence ``(b, n, d)``, or ``(b, d, n)`` when ``channel_first`` is True; 2-D is ``(b, d)``.
+    """
+    if ndim == 4:
+        return TokenLayout("image", dim)
+    if ndim == 5:
+        return TokenLayout("video", dim)
+    if ndim in (2, 3):
+        return TokenLayout("channel_first" if channel_first and ndim == 3 else "sequence", dim)
+    raise ValueError(
+        f"{name} must be (batch, seq, dim), (batch, dim), (batch, dim, height, width) or "
+        f"(batch, dim, time, height, width); got {ndim} dims"
+    )
+
+
+def auto_index_layout(ndim: int, extra_dims: int, dim: int, channel_first: bool | None = None, name: str = "indices") -> TokenLayout:
+    """The :func:`auto_layout` of the input that gave indices of rank ``ndim`` with ``extra_dims`` trailing axes."""
+    spatial = ndim - 1 - extra_dims
+    if spatial == 2:
+        return TokenLayout("image", dim)
+    if spatial == 3:
+        return TokenLayout("video", dim)
+    if spatial in (0, 1):
+        return TokenLayout("channel_first" if channel_first and spatial == 1 else "sequence", dim)
+    extra = f" + {extra_dims} trailing axes" if extra_dims else ""
+    raise ValueError(
+        f"{name} must be (batch,), (batch, seq), (batch, height, width) or (batch, time, height, width){extra}; "
+        f"got shape with {ndim} dims"
+    )

@@ -1,0 +1,232 @@
+"""LatentQuantize: x (b, n, d) -> quantized (b, n, d), indices (b, n), loss ().
+
+Latent quantization (Hsu et al., "Disentanglement via Latent Quantization", arXiv 2305.18378): every
+latent dimension i has its own learnable scalar value table ``v_i`` (``L_i`` values) and is quantized
+to the nearest value, ``zhat_i = v_i[argmin_k |z_i - v_i[k]|]``, against the CURRENT tables. The index
+is the mixed-radix number of the argmin digits, first dimension least significant (as FSQ), so
+``indices_to_codes`` stays consistent after the tables have learned.
+
+Gradients, as the paper intends (the reference's tables never receive one, §7.9):
+- the output is ``zhat + (z - sg(z))``: its value is exactly the chosen table entries, the decoder's
+  gradient reaches the encoder (straight-through) AND the chosen values;
+- ``commitment = mse(z, sg(zhat))`` trains the encoder only, ``quantization = mse(sg(z), zhat)`` the
+  values only; ``loss = commitment_loss_weight commitment + quantization_loss_weight quantization``,
+  both in latent (codebook) space, 0 in eval.
+
+Initial tables: odd L: ``linspace(-0.5, 0.5, L)``; even L: ``arange(L) / L - 0.5``. With
+``optimize_values=False`` they are frozen (still saved in the state_dict).
+
+Differences from vector-quantize-pytorch 1.32.0, on purpose: sequences ``(b, n, dim)`` work (the
+reference rejects them; ``(b, dim, n)`` needs ``channel_first=True``), images/video are detected and
+channel-first; int64 indices from the argmin; the losses are taken in latent space; the tables learn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from vqcore.plugins.fsq import check_levels, mixed_radix_basis
+
+from vqcore.hookspecs import hookimpl
+from vqcore.layout import auto_index_layout, auto_layout
+from vqcore.module import QuantizerModule
+from vqcore.protocols import (
+    INDEX_DTYPE,
+    LatentLossBreakdown,
+    LatentQuantizeOutput,
+    LatentQuantizeOutputWithBreakdown,
+)
+from vqcore.validation import check_float, check_indices, check_positive_int, check_tensor
+
+
+def initial_values(level: int) -> Tensor:
+    if level % 2:
+        return torch.linspace(-0.5, 0.5, level)
+    return torch.arange(level, dtype=torch.float32) / level - 0.5
+
+
+class LatentQuantize(QuantizerModule):
+    """x (b, n, dim) -> quantized (b, n, dim), indices (b, n) int64, loss () — see the module docstring.
+
+    ``levels``: a list (one table per latent dimension), or an int repeated ``codebook_dim`` times.
+    ``dim`` defaults to ``len(levels) * num_codebooks``; otherwise Linear projections in and out.
+    The ``num_codebooks`` groups share the value tables; indices gain a trailing codebook axis.
+    Layouts (detected): ``(b, n, dim)``, ``(b, dim)``, ``(b, dim, n)`` with ``channel_first=True``,
+    images ``(b, dim, h, w)``, video ``(b, dim, t, h, w)``.
+    """
+
+    def __init__(
+        self,
+        levels,
+        dim: int | None = None,
+        commitment_loss_weight: float = 0.1,
+        quantization_loss_weight: float = 0.1,
+        num_codebooks: int = 1,
+        codebook_dim: int | None = None,
+        keep_num_codebooks_dim: bool | None = None,
+        optimize_values: bool = True,
+        channel_first: bool | None = None,
+        projection_has_bias: bool = True,
+    ):
+        super().__init__()
+        if codebook_dim == -1:  # the reference's "not given"
+            codebook_dim = None
+        if isinstance(levels, int) and not isinstance(levels, bool):
+            if codebook_dim is None:
+                raise ValueError(
+                    f"levels is an int ({levels}): give codebook_dim (the number of latent dimensions) too, "
+                    "or pass levels as a list"
+                )
+            levels = [levels] * check_positive_int(codebook_dim, "codebook_dim")
+        levels = check_levels(levels, allow_two=True)
+        if codebook_dim is not None and codebook_dim != len(levels):
+            raise ValueError(f"codebook_dim ({codebook_dim}) must equal len(levels) ({len(levels)})")
+        check_positive_int(num_codebooks, "num_codebooks")
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = num_codebooks > 1
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1")
+        if commitment_loss_weight < 0 or quantization_loss_weight < 0:
+            raise ValueError("commitment_loss_weight and quantization_loss_weight must be >= 0")
+        self.levels = levels
+        self.codebook_dim = len(levels)
+        self._num_codebooks = num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        inner = self.codebook_dim * num_codebooks
+        self.dim = inner if dim is None else check_positive_int(dim, "dim")
+        self.channel_first = channel_first
+        self.commitment_loss_weight = float(commitment_loss_weight)
+        self.quantization_loss_weight = float(quantization_loss_weight)
+        self.optimize_values = optimize_values
+        self._codebook_size = math.prod(levels)
+        self.max_level = max(levels)
+        self.values_per_latent = nn.ParameterList(
+            nn.Parameter(initial_values(level), requires_grad=optimize_values) for level in levels
+        )
+        self.register_buffer("basis", torch.tensor(mixed_radix_basis(levels), dtype=INDEX_DTYPE), persistent=False)
+        self.register_buffer("levels_tensor", torch.tensor(levels, dtype=INDEX_DTYPE), persistent=False)
+        self.register_buffer("row_offset", torch.arange(len(levels), dtype=INDEX_DTYPE) * self.max_level, persistent=False)
+        self.has_projections = self.dim != inner
+        self.project_in = nn.Linear(self.dim, inner, bias=projection_has_bias) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(inner, self.dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
+
+    @property
+    def codebook_size(self) -> int:
+        return self._codebook_size
+
+    @property
+    def num_codebooks(self) -> int:
+        return self._num_codebooks
+
+    def value_table(self) -> Tensor:
+        """(len(levels), max(levels)) float32, rows padded with +inf (never the nearest value)."""
+        return torch.stack(
+            [F.pad(v.float(), (0, self.max_level - v.shape[0]), value=math.inf) for v in self.values_per_latent]
+        )
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """All codes (codebook_size, len(levels)) in index order, from the current tables."""
+        digits = (torch.arange(self._codebook_size, device=self.basis.device).unsqueeze(-1) // self.basis) % self.levels_tensor
+        return self._lookup(self.value_table().detach(), digits)
+
+    # -- pieces ------------------------------------------------------------------------------------
+    def _project_in(self, tokens: Tensor) -> Tensor:
+        if self.has_projections:
+            tokens = self.project_in(tokens.to(self.project_in.weight.dtype))
+        return tokens.float()
+
+    def _project_out(self, codes: Tensor) -> Tensor:
+        if self.has_projections:
+            return self.project_out(codes.to(self.project_out.weight.dtype))
+        return codes
+
+    def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
+        """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
+        return (z.detach().unsqueeze(-1) - table.detach()).abs().argmin(-1)
+
+    def _lookup(self, table: Tensor, digits: Tensor) -> Tensor:
+        """digits (..., D) -> values (..., D), differentiable w.r.t. the table."""
+        return table.flatten()[digits + self.row_offset]
+
+    def _split(self, z: Tensor) -> Tensor:
+        return z.reshape(*z.shape[:-1], self._num_codebooks, self.codebook_dim)
+
+    def _indices_out(self, indices: Tensor) -> Tensor:
+        return indices if self.keep_num_codebooks_dim else indices.squeeze(-1)
+
+    # -- inference paths --------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        layout = auto_layout(x.ndim, self.dim, self.channel_first)
+        tokens, spatial = layout.to_tokens(x)
+        with torch.autocast(x.device.type, enabled=False):
+            digits = self._nearest(self.value_table(), self._split(self._project_in(tokens)))
+            indices = (digits * self.basis).sum(-1)
+        return layout.indices_from_tokens(self._indices_out(indices), spatial)
+
+    def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
+        """indices -> codes from the current tables (after project_out unless ``project_out=False``), input layout."""
+        check_tensor(indices, "indices")
+        extra = 1 if self.keep_num_codebooks_dim else 0
+        layout = auto_index_layout(indices.ndim, extra, self.dim, self.channel_first)
+        tokens, spatial = layout.indices_to_tokens(indices, extra)
+        if extra and tokens.shape[-1] != self._num_codebooks:
+            raise ValueError(f"indices must end with a codebook axis of size {self._num_codebooks}, got shape {tuple(indices.shape)}")
+        check_indices(tokens, self._codebook_size, allow_dropped=False)
+        if not extra:
+            tokens = tokens.unsqueeze(-1)
+        with torch.autocast(tokens.device.type, enabled=False):
+            digits = (tokens.long().unsqueeze(-1) // self.basis) % self.levels_tensor
+            codes = self._lookup(self.value_table(), digits).flatten(-2)
+            out = self._project_out(codes) if project_out else codes
+        return layout.from_tokens(out, spatial)
+
+    indices_to_codes = decode
+
+    def codes_to_indices(self, codes: Tensor) -> Tensor:
+        """Latent codes (..., len(levels)) -> indices (...) of the nearest grid point (current tables)."""
+        check_float(codes, "codes")
+        if codes.shape[-1] != self.codebook_dim:
+            raise ValueError(f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}")
+        return (self._nearest(self.value_table(), codes.float()) * self.basis).sum(-1)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, return_loss_breakdown: bool = False):
+        layout = auto_layout(x.ndim, self.dim, self.channel_first)
+        tokens, spatial = layout.to_tokens(x)
+        with torch.autocast(x.device.type, enabled=False):
+            z = self._split(self._project_in(tokens))
+            table = self.value_table()
+            digits = self._nearest(table, z)
+            zhat = self._lookup(table, digits)
+            commitment = quantization = z.new_zeros(())
+            if self.training:
+                out = zhat + (z - z.detach()) if z.requires_grad else zhat
+                commitment = F.mse_loss(z, zhat.detach())
+                quantization = F.mse_loss(z.detach(), zhat)
+            else:
+                out = zhat
+            out = self._project_out(out.flatten(-2))
+            indices = (digits * self.basis).sum(-1)
+        loss = self.commitment_loss_weight * commitment + self.quantization_loss_weight * quantization
+        quantized = layout.from_tokens(out, spatial).to(x.dtype)
+        indices = layout.indices_from_tokens(self._indices_out(indices), spatial)
+        if return_loss_breakdown:
+            return LatentQuantizeOutputWithBreakdown(quantized, indices, loss, LatentLossBreakdown(commitment, quantization))
+        return LatentQuantizeOutput(quantized, indices, loss)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, optimize_values={self.optimize_values}"
+
+
+@hookimpl
+def register_quantizers(register):
+    register(
+        "latent",
+        LatentQuantize,
+        aliases=("LatentQuantize", "latent_quantize"),
+        summary="latent quantization: learnable per-dimension scalar value tables",
+    )

@@ -1,0 +1,286 @@
+"""FSQ / ResidualFSQ: seed examples, index layout (hand computation, exhaustive, reference parity),
+layouts and the encode/decode contract, float32 quantization, quantize dropout, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vqcore import FSQ, ResidualFSQ
+from vqcore.testing import check_quantizer
+
+# -- seed README examples (only the import changed) ----------------------------------------------
+
+
+def test_seed_fsq():
+    quantizer = FSQ(levels=[8, 5, 5, 5])
+    x = torch.randn(1, 1024, 4)
+    xhat, indices = quantizer(x)
+    assert xhat.shape == (1, 1024, 4) and indices.shape == (1, 1024)
+    assert torch.all(xhat == quantizer.indices_to_codes(indices))
+
+
+def test_seed_fsq_without_indices():
+    quantizer = FSQ(levels=[8, 5, 5, 5], return_indices=False)
+    x = torch.randn(1, 1024, 4)
+    xhat, indices = quantizer(x)
+    assert xhat.shape == (1, 1024, 4)
+    assert indices is None
+    assert quantizer.codebook_size == 1000  # exists without indices too (reference: missing)
+
+
+def test_seed_residual_fsq():
+    residual_fsq = ResidualFSQ(dim=256, levels=[8, 5, 5, 3], num_quantizers=8)
+    x = torch.randn(1, 1024, 256)
+    residual_fsq.eval()
+    quantized, indices = residual_fsq(x)
+    assert quantized.shape == (1, 1024, 256) and indices.shape == (1, 1024, 8)
+    quantized_out = residual_fsq.get_output_from_indices(indices)
+    assert quantized_out.shape == (1, 1024, 256)
+    assert torch.all(quantized == quantized_out)
+
+
+# -- index layout ---------------------------------------------------------------------------------
+
+
+def hand_fsq(values, levels):
+    """Plain-Python FSQ (default bound) of one vector: (codes, index)."""
+    codes, index, basis = [], 0, 1
+    for z, L in zip(values, levels):
+        half_l = (L - 1) * (1 + 1e-3) / 2
+        offset = 0.5 if L % 2 == 0 else 0.0
+        shift = math.atanh(offset / half_l)
+        level = round(math.tanh(z + shift) * half_l - offset)
+        codes.append(level / (L // 2))
+        index += (level + L // 2) * basis
+        basis *= L
+    return codes, index
+
+
+def test_index_matches_hand_computation():
+    levels = [8, 5, 5, 5]
+    q = FSQ(levels)
+    torch.manual_seed(1)
+    x = torch.randn(64, 4, dtype=torch.float64) * 1.5
+    out, indices = q(x.float().unsqueeze(0))
+    for row, got_codes, got_index in zip(x.tolist(), out[0].tolist(), indices[0].tolist()):
+        codes, index = hand_fsq(row, levels)
+        assert got_index == index
+        assert got_codes == pytest.approx(codes, abs=1e-6)
+    assert q.grid.basis.tolist() == [1, 8, 40, 200]
+    assert indices.dtype == torch.int64
+
+
+def test_exhaustive_round_trip_8555():
+    q = FSQ([8, 5, 5, 5])
+    all_indices = torch.arange(1000)
+    codes = q.indices_to_codes(all_indices.unsqueeze(0)).squeeze(0)  # (1000, 4)
+    assert torch.equal(q.codes_to_indices(codes), all_indices)
+    assert torch.unique(codes, dim=0).shape[0] == 1000
+    digits = q.indices_to_level_indices(all_indices)
+    assert torch.equal(digits[:, 0] + 8 * digits[:, 1] + 40 * digits[:, 2] + 200 * digits[:, 3], all_indices)
+    # every code is reached by the forward: invert the bound at each code's centre
+    half_l = (q.grid.levels.double() - 1) * (1 + 1e-3) / 2
+    offset = torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
+    level = codes.double() * (q.grid.levels // 2).double()
+    z = torch.atanh((level + offset) / half_l) - torch.atanh(offset / half_l)
+    out, indices = q(z.float().unsqueeze(0))
+    assert torch.equal(indices[0], all_indices)
+    assert torch.equal(out[0], codes)
+
+
+@pytest.mark.parametrize(
+    "levels, kwargs",
+    [([8, 5, 5, 5], {}), ([7, 4, 6, 3], {}), ([2, 3, 4, 8], {"preserve_symmetry": True}), ([8, 6, 5], {"num_codebooks": 2})],
+)
+def test_index_parity_with_reference(levels, kwargs):
+    from vector_quantize_pytorch import FSQ as RefFSQ
+
+    ours, ref = FSQ(levels, **kwargs), RefFSQ(levels, **kwargs)
+    x = torch.randn(3, 2000, len(levels) * kwargs.get("num_codebooks", 1)) * 2
+    a, i = ours(x)
+    b, j = ref(x)
+    assert torch.equal(i, j.long()) and torch.equal(a, b)
+
+
+def test_index_parity_with_reference_image_and_projection():
+    from vector_quantize_pytorch import FSQ as RefFSQ
+
+    ours, ref = FSQ([8, 5, 5, 5], dim=16), RefFSQ([8, 5, 5, 5], dim=16)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 8, 8)
+    a, i = ours(x)
+    b, j = ref(x)
+    assert i.shape == (2, 8, 8) and torch.equal(i, j.long())
+    torch.testing.assert_close(a, b)
+
+
+def test_residual_fsq_parity_with_reference():
+    from vector_quantize_pytorch import ResidualFSQ as RefRFSQ
+
+    ours = ResidualFSQ(dim=64, levels=[8, 5, 5, 3], num_quantizers=4).eval()
+    ref = RefRFSQ(dim=64, levels=[8, 5, 5, 3], num_quantizers=4).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 256, 64)
+    a, i = ours(x)
+    b, j = ref(x)
+    assert torch.equal(i, j.long())
+    torch.testing.assert_close(a, b)
+
+
+def test_large_codebook_indices_exact_int64():
+    levels = [1000] * 6  # 1e18 codes: beyond float and int32
+    q = FSQ(levels)
+    top = torch.tensor([[10**18 - 1, 123456789012345678]])
+    assert torch.equal(q.codes_to_indices(q.indices_to_codes(top, project_out=False)), top)
+
+
+# -- symmetric variant, dtypes ------------------------------------------------------------------------
+
+
+def test_preserve_symmetry_levels():
+    q = FSQ([2, 4], preserve_symmetry=True)
+    codes = q.indices_to_codes(torch.arange(8).unsqueeze(0))[0]
+    assert sorted(set(codes[:, 0].tolist())) == [-1.0, 1.0]
+    assert sorted(set(codes[:, 1].tolist())) == pytest.approx([-1.0, -1 / 3, 1 / 3, 1.0])
+
+
+def test_bf16_quantizes_in_float32():
+    q = FSQ([16, 16, 16])  # 4096 codes: more than bf16 can count exactly
+    x = torch.randn(1, 20000, 3) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, indices = q(x.bfloat16())
+    _, want = q(x.bfloat16().float())
+    assert torch.equal(indices, want)
+    assert out.dtype == torch.bfloat16
+    assert torch.unique(indices).numel() > 3000  # the reference's bf16 path lost about half the codes
+
+
+def test_gradient_is_straight_through_the_bound():
+    q = FSQ([5, 5])
+    x = torch.zeros(1, 1, 2, requires_grad=True)
+    q(x).quantized.sum().backward()
+    # d/dz tanh(z) * half_l / half_width at 0 (odd L: no shift) = half_l / 2
+    assert x.grad[0, 0].tolist() == pytest.approx([2 * (1 + 1e-3) / 2] * 2)
+
+
+# -- layouts and the encode/decode contract ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs, index_shape",
+    [
+        ((2, 16, 4), {}, (2, 16)),
+        ((2, 4), {}, (2,)),
+        ((2, 4, 16), {"channel_first": True}, (2, 16)),
+        ((2, 4, 3, 5), {}, (2, 3, 5)),
+        ((2, 4, 2, 3, 5), {}, (2, 2, 3, 5)),
+        ((2, 12, 3, 5), {"dim": 12, "num_codebooks": 2}, (2, 3, 5, 2)),
+        ((2, 16, 7), {"dim": 7}, (2, 16)),
+    ],
+)
+def test_decode_equals_eval_forward(shape, kwargs, index_shape):
+    levels = [8, 5, 5, 5] if "num_codebooks" not in kwargs else [8, 5, 5, 5, 4, 3]
+    q = FSQ(levels, **kwargs).eval()
+    x = torch.randn(*shape)
+    out, indices = q(x)
+    assert out.shape == x.shape and indices.shape == index_shape
+    assert torch.equal(q.encode(x), indices)
+    assert torch.equal(q.decode(indices), out)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 12), (2, 12, 3, 4), (2, 12, 2, 3, 4)])
+def test_residual_fsq_layouts_decode(shape):
+    q = ResidualFSQ(levels=[5, 4, 3], num_quantizers=3, dim=12).eval()
+    x = torch.randn(*shape)
+    out, indices = q(x)
+    assert out.shape == x.shape and indices.shape == (shape[0], *(shape[1:2] if len(shape) == 3 else shape[2:]), 3)
+    assert torch.equal(q.get_output_from_indices(indices), out)
+    assert torch.equal(q.encode(x), indices)
+
+
+def test_residual_fsq_layers_refine_and_dropout():
+    torch.manual_seed(0)
+    q = ResidualFSQ(levels=[8, 5, 5, 3], num_quantizers=4, quantize_dropout=True, dim=4)
+    x = torch.randn(4, 256, 4) * 0.5
+    q.eval()
+    _, indices = q(x)
+    errors = [(q.decode(indices[..., : k + 1]) - x).pow(2).mean().item() for k in range(4)]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+    q.train()
+    seen = set()
+    for seed in range(20):
+        _, idx = q(x.requires_grad_(), rand_quantize_dropout_fixed_seed=seed)
+        kept = int((idx[0, 0] >= 0).sum())
+        assert torch.all(idx[..., kept:] == -1) and torch.all(idx[..., :kept] >= 0)
+        seen.add(kept)
+        full = q.decode(idx)
+        assert torch.equal(full, q.decode(idx[..., :kept]))
+    assert len(seen) > 1
+    with torch.no_grad():  # no dropout without gradients (reference #198)
+        assert torch.all(q(x)[1] >= 0)
+
+
+def test_state_dict_empty_without_projections():
+    assert FSQ([8, 5, 5, 5]).state_dict() == {}
+    assert set(FSQ([8, 5, 5, 5], dim=16).state_dict()) == {"project_in.weight", "project_in.bias", "project_out.weight", "project_out.bias"}
+
+
+@pytest.mark.parametrize(
+    "factory, example, kwargs",
+    [
+        (FSQ, (2, 8, 4), dict(levels=[8, 5, 5, 5])),
+        (FSQ, (2, 12, 3, 4), dict(levels=[5, 4, 3], dim=12, num_codebooks=2)),
+        (FSQ, (2, 6, 2, 3, 4), dict(levels=[2, 3, 4], dim=6, preserve_symmetry=True)),
+        (ResidualFSQ, (2, 8, 12), dict(levels=[5, 4, 3], num_quantizers=3, dim=12)),
+        (ResidualFSQ, (2, 12, 3, 4), dict(levels=[5, 4, 3], num_quantizers=3, dim=12)),
+    ],
+)
+def test_conformance(factory, example, kwargs):
+    check_quantizer(factory, torch.randn(*example), **kwargs)
+
+
+def test_registry_names():
+    import vqcore
+
+    assert isinstance(vqcore.create("fsq", levels=[5, 5]), FSQ)
+    assert isinstance(vqcore.create("residual_fsq", levels=[5, 5], num_quantizers=2), ResidualFSQ)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "levels, error, match",
+    [
+        ([], ValueError, "must not be empty"),
+        ([8, 1], ValueError, "ints >= 2"),
+        ([8, 2.5], TypeError, "must contain ints"),
+        ([8, 2], ValueError, "preserve_symmetry"),
+        (8, TypeError, "must be a list"),
+    ],
+)
+def test_bad_levels(levels, error, match):
+    with pytest.raises(error, match=match):
+        FSQ(levels)
+
+
+def test_bad_inputs_and_indices():
+    q = FSQ([8, 5, 5, 5])
+    with pytest.raises(ValueError, match="4 features"):
+        q(torch.randn(1, 10, 5))
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        q.indices_to_codes(torch.tensor([[1000]]))
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        q.decode(torch.tensor([[-1]]))
+    with pytest.raises(TypeError, match="integer"):
+        q.decode(torch.tensor([[1.0]]))
+    with pytest.raises(ValueError, match="codebook axis of size 2"):
+        FSQ([5, 5], num_codebooks=2).decode(torch.zeros(1, 3, 3, dtype=torch.long))
+    r = ResidualFSQ(levels=[5, 5], num_quantizers=2)
+    with pytest.raises(ValueError, match="size <= 2"):
+        r.decode(torch.zeros(1, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 25\)"):
+        r.decode(torch.full((1, 3, 2), 25))
