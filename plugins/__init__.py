@@ -7,4 +7,9 @@ Installed as ``vqcore.plugins`` (pyproject maps this folder); import it by that 
 BUILTIN_PLUGINS = (
     "vqcore.plugins.blocks",
     "vqcore.plugins.vq",
+    "vqcore.plugins.rvq",
+    "vqcore.plugins.rpq",
+    "vqcore.plugins.fsq",
+    "vqcore.plugins.lfq",
+    "vqcore.plugins.latent",
 )

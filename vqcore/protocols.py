@@ -106,3 +106,75 @@ def check_quantizer_instance(obj, origin: str = "factory") -> None:
             f"{origin} built {type(obj).__name__}, which does not follow vqcore.protocols.Quantizer: "
             f"missing {', '.join(missing)}"
         )
+
+
+class ResidualVQOutput(NamedTuple):
+    """ResidualVQ: indices (b, *positions, Q), losses (Q,); GroupedResidualVQ: indices (G, b, *positions, Q),
+    losses (G, Q). Dropped (quantize dropout) and masked positions have index -1 and zero loss."""
+
+    quantized: Tensor
+    indices: Tensor
+    losses: Tensor
+
+
+class ResidualVQOutputWithCodes(NamedTuple):
+    """``return_all_codes=True``: ``all_codes`` (Q, b, *positions, codebook_dim) in codebook space (before
+    project_out); GroupedResidualVQ gives a tuple of those, one per group."""
+
+    quantized: Tensor
+    indices: Tensor
+    losses: Tensor
+    all_codes: Tensor | tuple[Tensor, ...]
+
+
+# -- scalar quantizers (FSQ, LFQ, latent quantization) --------------------------------------------
+
+
+class FSQOutput(NamedTuple):
+    """FSQ / ResidualFSQ: ``quantized`` has the input's shape and dtype; ``indices`` int64 or None."""
+
+    quantized: Tensor
+    indices: Tensor | None
+
+
+class LFQLossBreakdown(NamedTuple):
+    """Unweighted LFQ terms (0-dim): mean per-token entropy, entropy of the batch code distribution, commitment."""
+
+    per_sample_entropy: Tensor
+    batch_entropy: Tensor
+    commitment: Tensor
+
+
+class LFQOutput(NamedTuple):
+    """``entropy_aux_loss``: 0-dim for LFQ, (Q,) for ResidualLFQ."""
+
+    quantized: Tensor
+    indices: Tensor
+    entropy_aux_loss: Tensor
+
+
+class LFQOutputWithBreakdown(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    entropy_aux_loss: Tensor
+    breakdown: LFQLossBreakdown
+
+
+class LatentLossBreakdown(NamedTuple):
+    """Unweighted latent-quantization terms (0-dim): commitment (trains the encoder), quantization (trains the values)."""
+
+    commitment: Tensor
+    quantization: Tensor
+
+
+class LatentQuantizeOutput(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+
+
+class LatentQuantizeOutputWithBreakdown(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    breakdown: LatentLossBreakdown
