@@ -1,7 +1,45 @@
-"""Export of quantizer inference paths (ONNX, TorchScript, torch.export).
+"""Export of quantizer inference paths: ONNX (dynamo), TorchScript (trace) and torch.export / AOTInductor.
 
-Installed as ``vqcore.export`` (pyproject maps this folder); import it by that name only. The writers
-arrive with the export issue; today every built-in quantizer's ``encode``/``decode`` already passes
-``torch.export.export(strict=False)`` with dynamic batch and sequence axes, which
-:func:`vqcore.testing.check_quantizer` verifies.
+Installed as ``vqcore.export`` (pyproject maps this folder); import it by that name only::
+
+    from vqcore.export import to_onnx
+    to_onnx(quantizer, "vq_encode.onnx", graph="encode", example=torch.randn(2, 16, 64))
+
+- ``graph="encode"``: features -> int64 indices; ``graph="decode"``: indices -> vectors (after
+  project_out; -1 indices decode to zero where the method allows dropped layers).
+- Any module following :class:`vqcore.protocols.Quantizer` exports through its ``encode``/``decode``;
+  a plugin may supply its own module through the ``export_module(quantizer, graph)`` hook.
+  :class:`Tokenizer` / :class:`Detokenizer` chain a user's encoder / decoder with the quantizer.
+- Batch and sequence / spatial axes are dynamic (found by probing the module) and checked after export.
+- Parity is verified at export time (``verify=True``): see :mod:`vqcore.export.parity`.
+- Metadata (JSON) is embedded in every artifact: :func:`read_metadata`.
 """
+
+from vqcore.export.graphs import DecodeGraph, Detokenizer, EncodeGraph, Tokenizer, export_module
+from vqcore.export.parity import ParityError, ParityReport
+from vqcore.export.writers import (
+    DEFAULT_OPSET,
+    ExportError,
+    ExportResult,
+    read_metadata,
+    to_onnx,
+    to_pt2,
+    to_torchscript,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "DecodeGraph",
+    "Detokenizer",
+    "EncodeGraph",
+    "ExportError",
+    "ExportResult",
+    "ParityError",
+    "ParityReport",
+    "Tokenizer",
+    "export_module",
+    "read_metadata",
+    "to_onnx",
+    "to_pt2",
+    "to_torchscript",
+]

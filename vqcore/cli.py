@@ -1,4 +1,4 @@
-"""Command line: ``vqcore list``, ``vqcore plugins``, ``vqcore demo`` (also ``python -m vqcore``)."""
+"""Command line: ``vqcore list``, ``vqcore plugins``, ``vqcore demo``, ``vqcore export`` (also ``python -m vqcore``)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,53 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def default_example_shape(quantizer) -> tuple[int, ...]:
+    """Features shape for export examples: (2, 16, dim) for sequences, (2, dim, 16) channel-first,
+    (2, dim, 8, 6) images, (2, dim, 3, 4, 5) video (from the quantizer's layout or channel_first flag)."""
+    dim = quantizer.dim
+    layout = getattr(getattr(quantizer, "layout", None), "kind", None)
+    if layout is None and getattr(quantizer, "channel_first", None):
+        layout = "channel_first"
+    return {
+        "channel_first": (2, dim, 16),
+        "image": (2, dim, 8, 6),
+        "video": (2, dim, 3, 4, 5),
+    }.get(layout, (2, 16, dim))
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from vqcore import export
+    from vqcore.serialization import load
+
+    quantizer = load(args.checkpoint).eval()
+    shape = tuple(int(s) for s in args.example_shape.replace("x", ",").split(",")) if args.example_shape else default_example_shape(quantizer)
+    torch.manual_seed(args.seed)
+    features = torch.randn(shape)
+    with torch.no_grad():
+        example = features if args.graph == "encode" else quantizer.encode(features)
+    writer = {"onnx": export.to_onnx, "torchscript": export.to_torchscript, "pt2": export.to_pt2}[args.format]
+    kwargs = {"opset": args.opset} if args.format == "onnx" else {"aoti": True} if args.aoti else {}
+    if args.aoti and args.format != "pt2":
+        print("--aoti needs --format pt2", file=sys.stderr)
+        return 2
+    try:
+        result = writer(quantizer, args.output, graph=args.graph, example=example, verify=not args.no_verify, **kwargs)
+    except (export.ParityError, export.ExportError) as err:
+        print(f"export failed: {err}", file=sys.stderr)
+        return 1
+    meta = result.metadata
+    parity = meta.get("parity") or {}
+    print(
+        f"wrote {result.path}: {meta['method']} {args.graph} ({args.format}), "
+        f"input {meta['input']['layout']} {meta['input']['dtype']} -> output {meta['output']['layout']} {meta['output']['dtype']}; "
+        f"parity {'ok' if parity.get('ok') else 'not checked'}"
+        + (f" ({parity['index_mismatches']} index ties)" if parity.get("index_mismatches") else "")
+    )
+    return 0
+
+
 def _table(headers, rows) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -75,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("export", help="export a vqcore.save checkpoint's encode or decode graph (ONNX, TorchScript, pt2)")
+    p.add_argument("checkpoint", help="file written by vqcore.save")
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
+    p.add_argument("--graph", choices=("encode", "decode"), default="encode")
+    p.add_argument("-o", "--output", required=True, help="artifact path")
+    p.add_argument(
+        "--example-shape",
+        help="features shape of the example, e.g. 2,16,64 (default from the quantizer: (2, 16, dim) for "
+        "sequences, (2, dim, 8, 6) for images, ...); decode graphs use the indices of these features",
+    )
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20)")
+    p.add_argument("--aoti", action="store_true", help="pt2: AOTInductor package (compiled; needs a C++ compiler)")
+    p.add_argument("--no-verify", action="store_true", help="skip the export-time parity check")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -37,3 +37,14 @@ def register_codebooks(register):
 @hookspec
 def register_losses(register):
     """Register auxiliary losses (see :class:`vqcore.protocols.Loss`)."""
+
+
+@hookspec(firstresult=True)
+def export_module(quantizer, graph):
+    """Return an ``nn.Module`` to export for ``graph`` ("encode" or "decode") of ``quantizer``, or None.
+
+    The module takes one tensor (features for "encode", indices for "decode") and returns a tensor
+    (or a plain tuple of tensors): no namedtuples, no Python branches on tensor values. The first
+    non-None answer wins; with none, :mod:`vqcore.export` wraps ``quantizer.encode`` / ``decode``.
+    The export layer still verifies the module's artifact against the quantizer's own eager path.
+    """

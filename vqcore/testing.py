@@ -145,48 +145,35 @@ def _check_outputs(quantizer, example, quantized, indices, where: str) -> None:
         )
 
 
-class _Encode(nn.Module):
-    def __init__(self, quantizer):
-        super().__init__()
-        self.quantizer = quantizer
-
-    def forward(self, x):
-        return self.quantizer.encode(x)
-
-
-class _Decode(nn.Module):
-    def __init__(self, quantizer):
-        super().__init__()
-        self.quantizer = quantizer
-
-    def forward(self, indices):
-        return self.quantizer.decode(indices)
-
-
 def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
-    if example.ndim <= 2:
-        return (0,)
-    if example.ndim == 3:
-        return (0, 1)
-    return (0, *range(2, example.ndim))
+    """Batch plus the sequence / spatial axes (shared with :mod:`vqcore.export`)."""
+    from vqcore.export.graphs import default_dynamic_dims as dims_of
+
+    return dims_of(example)
 
 
 def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: ConformanceReport) -> None:
-    from torch.export import Dim
+    # the dynamic-axes logic (which index axes follow the input's, named Dims) is vqcore.export's
+    from vqcore.export.graphs import DecodeGraph, EncodeGraph, axis_names, dynamic_shapes, map_dynamic_axes
 
     dims = tuple(dynamic_dims) if dynamic_dims is not None else default_dynamic_dims(x)
     for d in dims:
         _require(x.shape[d] >= 2, f"example axis {d} is declared dynamic; give it a size >= 2 (got {x.shape[d]})")
-    # the indices share the input's positions: batch first, then the spatial/sequence axes in order
-    position_dims = [d for d in dims if d != 0]
-    index_dims = (0, *range(1, 1 + len(position_dims)))
-    names = {d: Dim(f"d{d}") for d in dims}
-    index_names = dict(zip(index_dims, (names[d] for d in dims)))
-
     quantizer = copy.deepcopy(quantizer).eval()
+    encode_module, decode_module = EncodeGraph(quantizer), DecodeGraph(quantizer)
     try:
-        encode = torch.export.export(_Encode(quantizer), (x,), dynamic_shapes={"x": names}, strict=False)
-        decode = torch.export.export(_Decode(quantizer), (indices,), dynamic_shapes={"indices": index_names}, strict=False)
+        # the index axes that follow the input's dynamic axes (batch first, positions in order; after
+        # the groups axis for groups-first layouts)
+        followed = map_dynamic_axes(encode_module, x, dims)
+    except ValueError as err:
+        raise ConformanceError(f"encode does not accept other sizes on the dynamic axes {dims}: {err}") from err
+    _require(all(a is not None for a in followed.values()), f"the indices do not follow the input's dynamic axes {dims}")
+    names = axis_names(x, dims)
+    index_names = {followed[d]: names[d] for d in dims}
+    index_dims = tuple(sorted(index_names))
+    try:
+        encode = torch.export.export(encode_module, (x,), dynamic_shapes=dynamic_shapes(names), strict=False)
+        decode = torch.export.export(decode_module, (indices,), dynamic_shapes=dynamic_shapes(index_names), strict=False)
     except Exception as err:  # noqa: BLE001 - report any exporter failure as a conformance failure
         raise ConformanceError(f"torch.export of encode/decode with dynamic axes {dims} failed: {type(err).__name__}: {err}") from err
     for program, graph in ((encode, "encode"), (decode, "decode")):

@@ -1,0 +1,195 @@
+"""What gets exported: eval-only wrappers around ``encode`` / ``decode``, and the dynamic axes.
+
+A quantizer that follows :class:`vqcore.protocols.Quantizer` is exported through
+:class:`EncodeGraph` / :class:`DecodeGraph` with no export code of its own; a plugin may instead
+supply a module through the ``export_module(quantizer, graph)`` hook. :class:`Tokenizer` and
+:class:`Detokenizer` chain a user's encoder / decoder with the quantizer (the production artifact).
+
+Dynamic axes are found by probing, not by assuming a layout: each axis of the example is grown by
+one; an axis is dynamic when the module accepts the grown input and exactly one output axis grows with
+it (feature, quantizer, heads and groups axes are rejected by the module's own checks).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+GRAPHS = ("encode", "decode")
+
+
+def _plain(out):
+    """Namedtuples and lists -> plain tuples (torch.export.save cannot serialise namedtuple specs)."""
+    if isinstance(out, Tensor):
+        return out
+    return tuple(out)
+
+
+class EncodeGraph(nn.Module):
+    """features -> int64 indices: ``quantizer.encode`` in eval mode."""
+
+    graph = "encode"
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: Tensor):
+        return _plain(self.quantizer.encode(x))
+
+
+class DecodeGraph(nn.Module):
+    """indices -> vectors (after project_out): ``quantizer.decode`` in eval mode."""
+
+    graph = "decode"
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, indices: Tensor):
+        return _plain(self.quantizer.decode(indices))
+
+
+class Tokenizer(nn.Module):
+    """``quantizer.encode(encoder(x))``: a user's encoder and the quantizer as one encode artifact."""
+
+    graph = "encode"
+
+    def __init__(self, encoder: nn.Module, quantizer: nn.Module):
+        super().__init__()
+        self.encoder, self.quantizer = encoder, quantizer
+
+    def forward(self, x: Tensor):
+        return _plain(self.quantizer.encode(self.encoder(x)))
+
+
+class Detokenizer(nn.Module):
+    """``decoder(quantizer.decode(indices))``: the quantizer and a user's decoder as one decode artifact."""
+
+    graph = "decode"
+
+    def __init__(self, quantizer: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.quantizer, self.decoder = quantizer, decoder
+
+    def forward(self, indices: Tensor):
+        return _plain(self.decoder(self.quantizer.decode(indices)))
+
+
+def is_wrapper(module) -> bool:
+    return isinstance(module, (EncodeGraph, DecodeGraph, Tokenizer, Detokenizer))
+
+
+def export_module(quantizer: nn.Module, graph: str) -> nn.Module:
+    """The module exported for ``graph`` of ``quantizer``: a plugin's (hook ``export_module``) or the
+    protocol wrapper. Tokenizer / Detokenizer (and other wrappers) are returned as they are."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    if is_wrapper(quantizer):
+        if quantizer.graph != graph:
+            raise ValueError(f"{type(quantizer).__name__} is a {quantizer.graph} graph, asked for graph={graph!r}")
+        return quantizer
+    from vqcore.registry import get_registry
+
+    supplied = get_registry().pm.hook.export_module(quantizer=quantizer, graph=graph)
+    if supplied is not None:
+        return supplied
+    return export_module_default(quantizer, graph)
+
+
+def export_module_default(quantizer: nn.Module, graph: str) -> nn.Module:
+    """The protocol wrapper around ``quantizer.encode`` / ``quantizer.decode``."""
+    if not callable(getattr(quantizer, graph, None)):
+        raise TypeError(f"{type(quantizer).__name__} has no {graph}() (vqcore.protocols.Quantizer): cannot export {graph}")
+    return EncodeGraph(quantizer) if graph == "encode" else DecodeGraph(quantizer)
+
+
+def quantizer_of(module: nn.Module) -> nn.Module:
+    """The quantizer inside a wrapper (or the module itself)."""
+    return getattr(module, "quantizer", module) if is_wrapper(module) else module
+
+
+# -- dynamic axes ---------------------------------------------------------------------------------
+
+
+def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
+    """Layout convention of the conformance kit: ``(0,)`` for 2-D, ``(0, 1)`` for 3-D channel-last,
+    ``(0, 2, ...)`` for channel-first image and video fmaps."""
+    if example.ndim <= 2:
+        return (0,)
+    if example.ndim == 3:
+        return (0, 1)
+    return (0, *range(2, example.ndim))
+
+
+def grow(t: Tensor, axis: int, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """``t`` resized to ``size`` along ``axis`` by resampling its own slices (indices stay valid)."""
+    pick = torch.randint(0, t.shape[axis], (size,), generator=generator, device=t.device)
+    if size <= t.shape[axis] and generator is None:
+        pick = torch.arange(size, device=t.device)
+    return t.index_select(axis, pick)
+
+
+def _first(out) -> Tensor:
+    return out if isinstance(out, Tensor) else out[0]
+
+
+@torch.no_grad()
+def map_dynamic_axes(fn, example: Tensor, dims=None) -> dict[int, int | None]:
+    """``{input axis: output axis}`` for the axes of ``example`` that ``fn`` accepts at another size.
+
+    With ``dims`` given these axes are required (an error if ``fn`` rejects one); otherwise every axis
+    is probed and kept when exactly one output axis follows it."""
+    base = _first(fn(example))
+    found: dict[int, int | None] = {}
+    for axis in range(example.ndim) if dims is None else dims:
+        axis = axis % example.ndim
+        try:
+            out = _first(fn(grow(example, axis, example.shape[axis] + 1, torch.Generator().manual_seed(axis))))
+        except Exception as err:  # noqa: BLE001 - a rejected size marks a static axis
+            if dims is not None:
+                raise ValueError(f"axis {axis} of the example was declared dynamic but the module rejects another size: {err}") from err
+            continue
+        if out.ndim != base.ndim:
+            if dims is not None:
+                raise ValueError(f"growing axis {axis} changed the output's rank")
+            continue
+        changed = [a for a in range(out.ndim) if out.shape[a] != base.shape[a]]
+        if len(changed) == 1 or dims is not None:
+            found[axis] = changed[0] if len(changed) == 1 else None
+    return found
+
+
+def axis_names(example: Tensor, dims) -> dict[int, str]:
+    """Readable names for dynamic axes: batch, then seq | height, width | time, height, width."""
+    dims = sorted(dims)
+    if not dims:
+        return {}
+    rest = dims[1:]  # the first dynamic axis is the batch (axis 1 of groups-first indices)
+    labels = {1: ["seq"], 2: ["height", "width"], 3: ["time", "height", "width"]}.get(len(rest))
+    if labels is None:
+        labels = [f"axis{d}" for d in rest]
+    return {dims[0]: "batch", **dict(zip(rest, labels))}
+
+
+def export_example(example: Tensor, dims) -> Tensor:
+    """The example with each dynamic axis >= 2 and all dynamic sizes distinct (torch.export
+    specialises sizes 0/1 and merges equal sizes)."""
+    used: set[int] = set()
+    for axis in sorted(dims):
+        size = max(2, example.shape[axis])
+        while size in used:
+            size += 1
+        used.add(size)
+        if size != example.shape[axis]:
+            example = grow(example, axis, size, torch.Generator().manual_seed(size))
+    return example
+
+
+def dynamic_shapes(names: dict[int, str]):
+    """``dynamic_shapes`` for torch.export (positional, so any forward signature works): one named
+    ``Dim`` per dynamic axis of the single input."""
+    from torch.export import Dim
+
+    return ({axis: Dim(name) for axis, name in names.items()},)
