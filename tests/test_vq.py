@@ -762,10 +762,6 @@ def test_state_dict_round_trip():
 
 # -- stochastic sampling -------------------------------------------------------------------------
 
-GUMBEL_BUG = (
-    "vqcore/distance.py gumbel_sample: `-torch.log(u).clamp_(min=1e-20)` clamps log(u) instead of -log(u); "
-    "the Gumbel noise is NaN and every token gets code 0 (distance.py belongs to another engineer)"
-)
 
 
 def _stochastic(temp):
@@ -787,7 +783,6 @@ def test_stochastic_temperature_zero_is_nearest_and_eval_is_deterministic():
     assert torch.equal(hot(x).indices, nearest) and torch.equal(hot(x).indices, nearest)
 
 
-@pytest.mark.xfail(reason=GUMBEL_BUG, strict=False)
 def test_stochastic_low_temperature_mostly_nearest_high_temperature_samples():
     vq = _stochastic(1e-3)
     x = torch.randn(2, 200, 4)
