@@ -6,15 +6,19 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS := export,test,bench,demo
 STAMP := $(VENV)/.vqcore-installed
+# The out-of-tree example plugin (docs/plugins.md), installed editable so that the tests see it through
+# real entry-point discovery (tests/test_plugin_example.py); it is not part of the vqcore wheel.
+EXAMPLE_PLUGIN := examples/vqcore-plugin-example
 
 .PHONY: test test-slow demo bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps -e $(EXAMPLE_PLUGIN)
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqcore.distributed import all_reduce_sum_, should_sync
+from vqcore.distributed import all_reduce_sum_, differentiable_all_reduce_sum, should_sync
 from vqcore.dropout import kept_layers
 from vqcore.estimators import straight_through
 from vqcore.hookspecs import hookimpl
@@ -96,28 +96,24 @@ def _table_product(a: Tensor, d_hi: int) -> Tensor:
     return torch.bmm(bit_product_table(a[..., :d_hi]).transpose(1, 2), bit_product_table(a[..., d_hi:]))
 
 
-class _BatchCodeDistribution(torch.autograd.Function):
-    """Bit logits (C, N, d) -> sum_n prod_i p_{n,i}(c_i) / N as (C, 2^hi, 2^lo); chunked over tokens, tables recomputed in backward."""
+class _BatchCodeSum(torch.autograd.Function):
+    """Bit logits (C, N, d) -> sum_n prod_i p_{n,i}(c_i) as (C, 2^hi, 2^lo); chunked over tokens, tables recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, a, d_hi, chunk, sync):
+    def forward(ctx, a, d_hi, chunk):
         books, n, d = a.shape
         total = a.new_zeros(books, 2**d_hi, 2 ** (d - d_hi))
         for s in range(0, n, chunk):
             ac = a[:, s : s + chunk]
             total.baddbmm_(bit_product_table(ac[..., :d_hi]).transpose(1, 2), bit_product_table(ac[..., d_hi:]))
-        count = a.new_tensor(float(n))
-        if sync:
-            all_reduce_sum_(total, True)
-            all_reduce_sum_(count, True)
-        ctx.save_for_backward(a, count)
+        ctx.save_for_backward(a)
         ctx.d_hi, ctx.chunk = d_hi, chunk
-        return total / count
+        return total
 
     @staticmethod
     def backward(ctx, grad):
-        a, count = ctx.saved_tensors
-        grad = (grad / count).contiguous()
+        (a,) = ctx.saved_tensors
+        grad = grad.contiguous()
         out = torch.zeros_like(a)
         d_hi = ctx.d_hi
         for s in range(0, a.shape[1], ctx.chunk):
@@ -125,21 +121,32 @@ class _BatchCodeDistribution(torch.autograd.Function):
                 ac = a[:, s : s + ctx.chunk].detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(_table_product(ac, d_hi), (ac,), grad)
             out[:, s : s + ctx.chunk] = g
-        return out, None, None, None
+        return out, None, None
 
 
 def batch_code_distribution(logits: Tensor, *, chunk_bytes: int = DEFAULT_ENTROPY_CHUNK_BYTES, sync: bool = False) -> Tensor:
     """Bit logits (C, N, d) -> (C, 2^d) batch-mean code distribution ``mean_n prod_i p_{n,i}(c_i)``, MSB-first code order.
 
-    One token chunk and no sync: plain autograd (the small tables are kept for backward); otherwise
-    chunked, recomputing the tables in backward so memory does not grow with N.
+    One token chunk: plain autograd (the small tables are kept for backward); otherwise chunked,
+    recomputing the tables in backward so memory does not grow with N. Under ``sync`` the mean is over
+    the GLOBAL batch: the (C, 2^d) sums go through the autograd-aware all-reduce
+    (``torch.distributed.nn.functional.all_reduce``, whose backward sums the gradients over ranks) and
+    the token counts through a plain one. Each rank's gradient is then world_size times its share of
+    the global-batch gradient; DDP's average over ranks turns it into exactly the single-process
+    gradient on the concatenated batch. A rank with no tokens (N = 0) still takes part.
     """
     books, n, d = logits.shape
     d_hi = d // 2
     chunk = _chunk_tokens(books, d_hi, d - d_hi, chunk_bytes)
-    if n <= chunk and not sync:
-        return (_table_product(logits, d_hi) / n).reshape(books, 2**d)
-    return _BatchCodeDistribution.apply(logits, d_hi, chunk, sync).reshape(books, 2**d)
+    if n <= chunk:
+        total = _table_product(logits, d_hi)
+    else:
+        total = _BatchCodeSum.apply(logits, d_hi, chunk)
+    if not sync:
+        return (total / n).reshape(books, 2**d)
+    total = differentiable_all_reduce_sum(total.contiguous(), True)
+    count = all_reduce_sum_(logits.new_tensor([float(n)]), True)
+    return (total / count.clamp(min=1)).reshape(books, 2**d)
 
 
 def entropy(prob: Tensor) -> Tensor:
@@ -321,7 +328,8 @@ class LFQ(QuantizerModule):
     def loss_terms(self, flat: Tensor, inv_temperature: float, scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Valid tokens (M, C, d) float32 -> unweighted (per_sample, batch, commitment), each (C,); zeros when unused."""
         zeros = flat.new_zeros(flat.shape[1])
-        if flat.shape[0] == 0:
+        sync = self.entropy_loss_weight != 0 and should_sync(self.sync_entropy)
+        if flat.shape[0] == 0 and not sync:  # under sync an empty rank still joins the batch-entropy all-reduce
             return zeros, zeros, zeros
         per_sample = batch = commitment = zeros
         if self.entropy_loss_weight != 0:
@@ -331,8 +339,12 @@ class LFQ(QuantizerModule):
                 scale,
                 max_exact_bits=self.max_exact_entropy_bits,
                 chunk_bytes=self.entropy_chunk_bytes,
-                sync=should_sync(self.sync_entropy),
+                sync=sync,
             )
+            if flat.shape[0] == 0:
+                per_sample = zeros + 0 * per_sample.nan_to_num()  # empty local mean; keeps the graph
+        if flat.shape[0] == 0:
+            return per_sample, batch, zeros
         if self.commitment_loss_weight > 0:
             s = scale.reshape(-1, 1) if isinstance(scale, Tensor) else scale
             commitment = (flat - torch.where(flat > 0, s, -s)).pow(2).mean((0, 2))

@@ -301,7 +301,7 @@ class VectorQuantize(QuantizerModule):
         sync = should_sync(self.sync_codebook)
         zd = z.detach()
         if book.kmeans_init and not bool(book.initted):
-            book.init_(zd, valid, sync=sync and self.sync_kmeans)
+            book.init_(zd, valid, sync=sync, sync_kmeans=self.sync_kmeans)
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         if self.stochastic_sample_codes and temperature > 0:
             indices = book.sample(zd, temperature)

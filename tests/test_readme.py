@@ -1,7 +1,8 @@
 """The README is a contract: every python block runs, and every `vqcore ...` shell line succeeds.
 
 Shell lines starting with `make` are not run here (`make test` is this suite; `make demo` is covered by
-tests/test_demo.py in a reduced mode).
+tests/test_demo.py in a reduced mode), nor are `torchrun` lines (tests/test_distributed.py runs
+examples/train_ddp.py under torchrun).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def test_shell_block_runs(code):
     vqcore = Path(sys.executable).with_name("vqcore")
     for line in code.splitlines():
         command = line.split("#")[0].split()
-        if not command or command[0] == "make":
+        if not command or command[0] in ("make", "torchrun"):
             continue
         assert command[0] == "vqcore", f"README shell line not covered by this test: {line!r}"
         result = subprocess.run([str(vqcore), *command[1:]], capture_output=True, text=True, timeout=120)

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from vqcore.distance import DEFAULT_CHUNK_BYTES, gumbel_sample, l2norm, nearest
-from vqcore.distributed import all_reduce_sum_, broadcast_
+from vqcore.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, global_pool_draw
+from vqcore.distributed import rank as dist_rank
 from vqcore.kmeans import bincount_per_book, kmeans, sum_per_code
 from vqcore.validation import check_positive_int
 
@@ -143,23 +144,39 @@ class EMACodebook(nn.Module):
     # -- training state ----------------------------------------------------------------------------
     @torch.no_grad()
     @float32_region
-    def init_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False) -> bool:
+    def init_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False, sync_kmeans: bool = True) -> bool:
         """k-means on the batch, if not done yet; returns whether it ran.
 
         ``valid`` (B, N) marks tokens that count. Empty clusters keep a data point as their code and
-        get a pseudo-count of 1 (like a fresh code), never a zero vector.
+        get a pseudo-count of 1 (like a fresh code), never a zero vector. Under ``sync``: with
+        ``sync_kmeans`` k-means runs on the global batch (seeds from every rank's tokens, statistics
+        summed); without, rank 0 runs it on its own batch and broadcasts the result (fewer collectives).
+        Either way every rank ends with the same codebook.
         """
         if bool(self.initted):
             return False
         valid = _finite_tokens(x, valid)
-        # every book needs a token (on some rank); wait for a batch that has them. The decision is taken
-        # on the all-reduced count so that every rank takes it alike (k-means runs collectives).
-        tokens_per_book = all_reduce_sum_(valid.sum(-1).float(), sync)
+        # every book needs a token (on some rank, or on rank 0 without sync_kmeans); wait for a batch that
+        # has them. The decision is taken on a shared count so that every rank takes it alike.
+        local_only = sync and not sync_kmeans
+        tokens_per_book = valid.sum(-1).float()
+        if local_only:
+            broadcast_(tokens_per_book, sync)
+        else:
+            all_reduce_sum_(tokens_per_book, sync)
         if not bool((tokens_per_book > 0).all()):
             return False
-        means, counts = kmeans(
-            x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid, sync=sync
-        )
+        if local_only:
+            means = x.new_empty(self.embed.shape)
+            counts = x.new_empty(self.cluster_size.shape)
+            if dist_rank() == 0:
+                means, counts = kmeans(x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid)
+            broadcast_(means, sync)
+            broadcast_(counts, sync)
+        else:
+            means, counts = kmeans(
+                x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid, sync=sync
+            )
         counts = torch.where(counts > 0, counts, torch.ones_like(counts))
         self.cluster_size.copy_(counts)
         self.embed_avg.copy_(means * counts.unsqueeze(-1))
@@ -204,27 +221,29 @@ class EMACodebook(nn.Module):
 
         Replaced codes get ``embed = v``, ``cluster_size = threshold`` and ``embed_avg = v * threshold``
         (so that the next EMA step starts from the new code). Returns the (B, K) bool mask of replaced
-        codes. Under ``sync`` rank 0 draws the replacements and broadcasts them.
+        codes. Replacements are drawn from the GLOBAL batch: under ``sync`` rank 0 draws positions in the
+        concatenation (rank order) of every rank's valid tokens, so every rank installs the same vectors,
+        equal to those one process draws on the concatenated batch (see
+        :func:`vqcore.distributed.global_pool_draw`). A book without any valid token on any rank keeps its codes.
         """
+        if self.threshold_ema_dead_code <= 0:
+            return torch.zeros_like(self.cluster_size, dtype=torch.bool)
         expired = self.cluster_size < self.threshold_ema_dead_code
-        if self.threshold_ema_dead_code <= 0 or not bool(expired.any()):
+        # cluster sizes are identical on every rank (synced EMA), but the branch below runs collectives:
+        # take it on an agreed flag, and rank 0's mask, so that no state drift can ever hang a job
+        any_expired = all_reduce_max_(expired.any().reshape(1).to(torch.int32), sync)
+        if not bool(any_expired.item()):
             return torch.zeros_like(expired)
+        expired = broadcast_(expired.to(torch.uint8), sync).bool()
         valid = _finite_tokens(x, valid)
-        replacements = self.embed.detach().clone()
-        for b in range(self.books):
-            dead = expired[b].nonzero().squeeze(1)
-            pool = x[b][valid[b]].float()
-            if dead.numel() == 0 or pool.shape[0] == 0:
-                expired[b] = False
-                continue
-            if pool.shape[0] >= dead.numel():
-                pick = torch.randperm(pool.shape[0], generator=generator, device="cpu")[: dead.numel()]
-            else:
-                pick = torch.randint(pool.shape[0], (dead.numel(),), generator=generator, device="cpu")
-            vectors = pool[pick.to(pool.device)]
-            replacements[b, dead] = l2norm(vectors) if self.cosine else vectors
-        broadcast_(replacements, sync)
-        broadcast_(expired, sync)
+
+        def draw(total: int, count: int) -> Tensor:
+            if total >= count:
+                return torch.randperm(total, generator=generator, device="cpu")[:count]
+            return torch.randint(total, (count,), generator=generator, device="cpu")
+
+        vectors, expired = global_pool_draw(x, valid, expired, draw, sync)
+        replacements = l2norm(vectors) if self.cosine else vectors
         mask = expired.unsqueeze(-1)
         self.embed.data.copy_(torch.where(mask, replacements, self.embed.detach()))
         self.embed_avg.copy_(torch.where(mask, replacements * self.threshold_ema_dead_code, self.embed_avg))

@@ -15,10 +15,16 @@ import torch
 from torch import Tensor
 
 from vqcore.distance import l2norm, nearest
-from vqcore.distributed import all_reduce_sum_, broadcast_
+from vqcore.distributed import all_reduce_sum_, broadcast_, gather_tokens, rank
 
 JITTER = 1e-2  # relative to the data's standard deviation, for codes seeded from repeated tokens
 KMEANS_PP_ROUNDS = 64  # sequential seeding rounds at most (see _kmeans_plus_plus)
+SEED_POOL_MIN = 4096  # distributed seeding: tokens per rank and book gathered at least (see seed_pool_cap)
+
+
+def seed_pool_cap(k: int) -> int:
+    """Valid tokens per rank and book that distributed k-means seeding gathers: max(16 k, 4096)."""
+    return max(16 * k, SEED_POOL_MIN)
 
 
 def bincount_per_book(indices: Tensor, size: int, weight: Tensor | None = None) -> Tensor:
@@ -130,10 +136,20 @@ def kmeans(
     """Lloyd's algorithm on x (B, N, d) (float32) restricted to ``valid`` (B, N) bool tokens.
 
     Returns ``(means (B, k, d), counts (B, k))``, the counts of the last assignment. Under ``sync``
-    the seeds come from rank 0 and counts/sums are summed over ranks, so every rank gets the same
-    means: those of k-means on the concatenated batch from rank 0's seeds.
+    rank 0 draws the seeds from every rank's valid tokens (gathered in rank order, at most
+    :func:`seed_pool_cap` per rank and book) and broadcasts them, and counts/sums are summed over ranks:
+    every rank gets the same means, those of k-means on the concatenated batch (exactly the same draws
+    as one process when no rank holds more than the cap). Every book needs a valid token on SOME rank;
+    a rank without any is fine.
     """
-    means = broadcast_(seed_means(x, k, valid, generator), sync)
+    if sync:
+        if valid is None:
+            valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        pool, pool_valid = gather_tokens(x, valid, seed_pool_cap(k), sync)
+        seeds = seed_means(pool, k, pool_valid, generator) if rank() == 0 else x.new_empty(x.shape[0], k, x.shape[-1])
+        means = broadcast_(seeds.contiguous(), sync)
+    else:
+        means = seed_means(x, k, valid, generator)
     if cosine:
         means = l2norm(means)
     weight = None if valid is None else valid.to(x.dtype)
