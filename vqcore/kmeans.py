@@ -18,7 +18,7 @@ from vqcore.distance import l2norm, nearest
 from vqcore.distributed import all_reduce_sum_, broadcast_, gather_tokens, rank
 
 JITTER = 1e-2  # relative to the data's standard deviation, for codes seeded from repeated tokens
-KMEANS_PP_ROUNDS = 64  # sequential seeding rounds at most (see _kmeans_plus_plus)
+KMEANS_PP_ROUNDS = 8  # sequential seeding rounds at most (see _kmeans_plus_plus)
 SEED_POOL_MIN = 4096  # distributed seeding: tokens per rank and book gathered at least (see seed_pool_cap)
 
 
@@ -53,20 +53,30 @@ def sum_per_code(x: Tensor, indices: Tensor, size: int, weight: Tensor | None = 
 def seed_means(x: Tensor, k: int, valid: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """k distinct starting means per book, drawn from the valid tokens.
 
-    With at least k valid tokens: k-means++ seeding (Arthur & Vassilvitskii 2007), each next seed drawn
-    with probability proportional to its squared distance to the nearest seed so far. With fewer: every
-    token seeds one code, the rest are tokens plus a small jitter.
+    With at least k valid tokens: k-means++ seeding (Arthur & Vassilvitskii 2007; see
+    :func:`_kmeans_plus_plus`). With fewer: every token seeds one code, the rest are tokens plus a small
+    jitter.
     """
+    return _seed(x, k, valid, generator)[0]
+
+
+def _seed(x: Tensor, k: int, valid: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+    """seed_means, plus the first Lloyd assignment when k-means++ computed it."""
     books, n, dim = x.shape
     if valid is None:
         valid = torch.ones(books, n, dtype=torch.bool, device=x.device)
     counts = valid.sum(-1).tolist()
     if min(counts) == 0:
         raise ValueError("k-means needs at least one valid (finite, unmasked) token")
-    means = _kmeans_plus_plus(x, k, valid, generator) if max(counts) >= k else x.new_empty(books, k, dim)
+    assignment = None
+    if max(counts) >= k:
+        means, assignment = _kmeans_plus_plus(x, k, valid, generator)
+    else:
+        means = x.new_empty(books, k, dim)
     for b in range(books):
         if counts[b] >= k:
             continue
+        assignment = None  # this book's seeds are not the ones the assignment refers to
         pool = x[b][valid[b]]
         order = torch.randperm(pool.shape[0], generator=generator, device="cpu").to(x.device)
         extra = k - pool.shape[0]
@@ -74,53 +84,54 @@ def seed_means(x: Tensor, k: int, valid: Tensor | None = None, generator: torch.
         scale = JITTER * pool.std().clamp(min=1e-6) if pool.shape[0] > 1 else JITTER
         noise = torch.randn(extra, dim, generator=generator, device="cpu").to(x.device, x.dtype)
         means[b] = torch.cat([pool[order], pool[picks] + scale * noise])
-    return means
+    return means, assignment
 
 
-def _kmeans_plus_plus(x: Tensor, k: int, valid: Tensor, generator: torch.Generator | None) -> Tensor:
+def _kmeans_plus_plus(x: Tensor, k: int, valid: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """D^2 seeding of k means per book from the valid tokens of x (B, N, d).
 
     Seeds are drawn in at most ``KMEANS_PP_ROUNDS`` rounds of ``ceil(k / rounds)`` distinct tokens, each
-    drawn with probability proportional to its squared distance to the seeds of earlier rounds: exact
-    k-means++ for k <= rounds, and for large codebooks one (N x m) GEMM per round instead of k
-    memory-bound (N x 1) products (1024 codes: ~8x faster). Draws are inverse-CDF lookups of uniforms
-    taken up front, so tokens with zero weight (masked, non-finite) change nothing: seeding with them
-    equals seeding without them.
+    round a weighted sample without replacement (Gumbel top-k) with weights the squared distance to the
+    seeds of earlier rounds: exact k-means++ for k <= rounds; for large codebooks one (N x m) GEMM per
+    round instead of k memory-bound (N x 1) products, at the same final inertia in our measurements.
+    The Gumbel noise is drawn per valid token in valid-token order, so tokens with zero weight (masked,
+    non-finite) change nothing: seeding with them equals seeding without them.
+
+    Returns ``(means (B, k, d), assignment (B, N))``: the index of each token's nearest seed, computed
+    along the way, which is the first Lloyd assignment for free.
     """
     books, n, dim = x.shape
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xs = torch.where(valid.unsqueeze(-1), x, zero)  # masked tokens may hold garbage
     x_sq = xs.pow(2).sum(-1)
-    rows = torch.arange(books, device=x.device)
-    positions = torch.arange(n, device=x.device)
-    uniform = torch.rand(books, k, generator=generator, device="cpu").to(x.device, x.dtype)
+    rows = torch.arange(books, device=x.device).unsqueeze(1)
     per_round = -(-k // KMEANS_PP_ROUNDS)
+    rounds = -(-k // per_round)
+    uniform = torch.rand(rounds, int(valid.sum()), generator=generator, device="cpu").clamp_(min=1e-20)
+    noise = torch.zeros(rounds, books, n, dtype=x.dtype, device=x.device)
+    noise[:, valid] = (-torch.log(-torch.log(uniform))).to(x.device, x.dtype)
     means = x.new_empty(books, k, dim)
     available = valid.clone()  # valid tokens not chosen yet
     weight = valid.to(x.dtype)  # the first round: uniform over the valid tokens
     nearest_sq = torch.full((books, n), float("inf"), dtype=x.dtype, device=x.device)
-    for start in range(0, k, per_round):
+    assignment = torch.zeros(books, n, dtype=torch.int64, device=x.device)
+    for r, start in enumerate(range(0, k, per_round)):
         m = min(per_round, k - start)
-        picks = []
-        for j in range(start, start + m):
-            cumulative = weight.cumsum(-1)
-            target = uniform[:, j : j + 1] * cumulative[:, -1:]
-            pick = torch.searchsorted(cumulative, target, right=True).squeeze(1)
-            last_positive = torch.where(weight > 0, positions, -1).amax(-1)
-            pick = torch.minimum(pick, last_positive)  # target rounded up to the total
-            weight[rows, pick] = 0.0  # distinct picks within the round
-            available[rows, pick] = False  # a chosen token is never drawn again
-            picks.append(pick)
-            if not bool((weight > 0).any()):  # repeated data: the rest uniform over what is left
-                weight = available.to(x.dtype)
-        centres = xs[rows.unsqueeze(1), torch.stack(picks, 1)]  # (B, m, d)
+        # zero-weight tokens still available (repeated data) rank after every positive weight
+        keys = torch.where(weight > 0, weight.log() + noise[r], torch.where(available, -1e30, float("-inf")))
+        pick = keys.topk(m, dim=-1).indices  # (B, m), distinct
+        available[rows, pick] = False  # a chosen token is never drawn again
+        centres = xs[rows, pick]  # (B, m, d)
         means[:, start : start + m] = centres
         dist = x_sq.unsqueeze(-1) + centres.pow(2).sum(-1).unsqueeze(1) - 2 * torch.bmm(xs, centres.transpose(1, 2))
-        nearest_sq = torch.minimum(nearest_sq, dist.clamp(min=0).amin(-1))
+        round_sq, round_arg = dist.clamp(min=0).min(-1)
+        closer = round_sq < nearest_sq
+        nearest_sq = torch.where(closer, round_sq, nearest_sq)
+        assignment = torch.where(closer, round_arg + start, assignment)
         d2 = torch.where(available, nearest_sq, zero)
         # every available token coincides with a seed (repeated data): uniform over them
         weight = torch.where(d2.sum(-1, keepdim=True) > 0, d2, available.to(x.dtype))
-    return means
+    return means, assignment
 
 
 def kmeans(
@@ -142,6 +153,7 @@ def kmeans(
     as one process when no rank holds more than the cap). Every book needs a valid token on SOME rank;
     a rank without any is fine.
     """
+    first = None
     if sync:
         if valid is None:
             valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -149,13 +161,14 @@ def kmeans(
         seeds = seed_means(pool, k, pool_valid, generator) if rank() == 0 else x.new_empty(x.shape[0], k, x.shape[-1])
         means = broadcast_(seeds.contiguous(), sync)
     else:
-        means = seed_means(x, k, valid, generator)
+        means, first = _seed(x, k, valid, generator)
     if cosine:
         means = l2norm(means)
+        first = None
     weight = None if valid is None else valid.to(x.dtype)
     counts = torch.zeros(x.shape[0], k, device=x.device)
-    for _ in range(iters):
-        assigned = nearest(x, means, cosine=cosine)
+    for step in range(iters):
+        assigned = first if step == 0 and first is not None else nearest(x, means, cosine=cosine)
         counts = all_reduce_sum_(bincount_per_book(assigned, k, weight), sync)
         sums = all_reduce_sum_(sum_per_code(x, assigned, k, weight), sync)
         updated = sums / counts.clamp(min=1).unsqueeze(-1)
