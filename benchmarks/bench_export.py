@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--codebook-size", type=int, default=1024)
     args = parser.parse_args(argv)
     import onnxruntime as ort
-    from vqcore.export import to_onnx
 
     import vqcore
+    from vqcore.export import to_onnx
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -125,7 +125,7 @@ def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
 
 def grow(t: Tensor, axis: int, size: int, generator: torch.Generator | None = None) -> Tensor:
     """``t`` resized to ``size`` along ``axis`` by resampling its own slices (indices stay valid)."""
-    pick = torch.randint(0, t.shape[axis], (size,), generator=generator, device=t.device)
+    pick = torch.randint(0, t.shape[axis], (size,), generator=generator).to(t.device)  # CPU generator, any device
     if size <= t.shape[axis] and generator is None:
         pick = torch.arange(size, device=t.device)
     return t.index_select(axis, pick)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
 from vqcore.export import graphs, metadata, parity
 
 DEFAULT_OPSET = 20
@@ -101,7 +102,8 @@ class _Plan:
         for size in (None, 1):
             shape = [(s + 3 if size is None else size) if a in self.in_names else s for a, s in enumerate(ex.shape)]
             if self.graph == "encode" and ex.is_floating_point():
-                probe = torch.randn(shape, generator=gen, dtype=ex.dtype) * ex.float().std().clamp(min=1e-3).to(ex.dtype) + ex.mean()
+                probe = torch.randn(shape, generator=gen, dtype=ex.dtype).to(ex.device)  # CPU generator, any device
+                probe = probe * ex.float().std().clamp(min=1e-3).to(ex.dtype) + ex.mean()
             else:
                 probe = ex
                 for a in self.in_names:

@@ -28,11 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from vqcore.plugins.fsq import check_levels, mixed_radix_basis
 
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import auto_index_layout, auto_layout
 from vqcore.module import QuantizerModule
+from vqcore.plugins.fsq import check_levels, mixed_radix_basis
 from vqcore.protocols import (
     INDEX_DTYPE,
     LatentLossBreakdown,

@@ -24,7 +24,6 @@ import random
 
 import torch
 from torch import Tensor, nn
-from vqcore.plugins.vq import VectorQuantize
 
 from vqcore.distributed import should_sync
 from vqcore.dropout import kept_layers
@@ -33,6 +32,7 @@ from vqcore.estimators import straight_through
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout
 from vqcore.module import QuantizerModule
+from vqcore.plugins.vq import VectorQuantize
 from vqcore.protocols import DROPPED_INDEX, ResidualVQOutput, ResidualVQOutputWithCodes
 from vqcore.validation import check_indices, check_positive_int, check_tensor
 

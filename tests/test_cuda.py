@@ -94,3 +94,14 @@ def test_cuda_conformance():
         heads=2,
         separate_codebook_per_head=True,
     )
+
+
+def test_cuda_quantizer_exports_with_parity(tmp_path):
+    from vqcore import FSQ
+    from vqcore.export import to_pt2, to_torchscript
+
+    vq = VectorQuantize(dim=32, codebook_size=64).cuda().eval()
+    x = torch.randn(2, 16, 32, device="cuda")
+    assert to_pt2(vq, tmp_path / "vq.pt2", graph="encode", example=x).parity is not None
+    fsq = FSQ(levels=[8, 5, 5, 5], dim=32).cuda().eval()
+    assert to_torchscript(fsq, tmp_path / "fsq.pt", graph="decode", example=fsq.encode(x)).parity is not None

@@ -1,10 +1,22 @@
-"""`make demo` runs `vqcore demo`; here in a reduced mode (a few steps)."""
+"""`make demo` runs `vqcore demo`; here in a reduced mode (a few steps, a small model)."""
 
+import json
 import math
 
+import pytest
 import torch
 
-from vqcore.demo import code_statistics, load_digits_vectors, run_demo
+from vqcore.demo import (
+    GRID,
+    code_statistics,
+    layer_indices,
+    load_digits_images,
+    load_digits_vectors,
+    run_demo,
+    verification_ok,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_digits_split_is_fixed_and_scaled():
@@ -13,6 +25,8 @@ def test_digits_split_is_fixed_and_scaled():
     assert float(train.min()) == 0.0 and float(train.max()) == 1.0
     again, _ = load_digits_vectors(seed=0)
     assert torch.equal(train, again)
+    images, _ = load_digits_images(seed=0)
+    assert images.shape == (1438, 1, 8, 8) and torch.equal(images.reshape(-1, 64), train)
 
 
 def test_code_statistics_hand_computed():
@@ -22,10 +36,112 @@ def test_code_statistics_hand_computed():
     assert math.isclose(perplexity, float(torch.exp(-(p * p.log()).sum())), rel_tol=1e-6)
 
 
-def test_demo_runs_and_beats_the_baselines(capsys):
-    result = run_demo(steps=8, codebook_size=64, quiet=True)
-    out = capsys.readouterr().out
-    assert "held-out reconstruction MSE" in out and "perplexity" in out
-    assert result.mse < 0.5 * result.mse_mean_baseline
-    assert 0.5 < result.usage <= 1.0 and 1.0 < result.perplexity <= 64
+def test_layer_indices_splits_residual_layers():
+    ids = torch.arange(2 * 16 * 3).reshape(2, 16, 3)
+    layers = layer_indices(ids, 16)
+    assert len(layers) == 3 and torch.equal(layers[1], ids[..., 1].reshape(-1))
+    assert len(layer_indices(torch.zeros(2, 16, dtype=torch.long), 16)) == 1
+
+
+def test_verification_ok_thresholds():
+    good = {"token_agreement": 1.0, "detokenizer_max_abs_diff": 1e-6}
+    assert verification_ok({"onnxruntime": good, "torchscript_subprocess": good})
+    bad = {"token_agreement": 0.9, "detokenizer_max_abs_diff": 1e-6}
+    assert not verification_ok({"onnxruntime": good, "torchscript_subprocess": bad})
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+@pytest.mark.parametrize("quantizer", ["fsq", "rvq", "grouped_rvq"])
+def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys, quantizer):
+    import onnx
+
+    from vqcore.export import read_metadata
+
+    out = tmp_path / "demo"
+    result = run_demo(quantizer, steps=30, out=out, dim=8, width=16, batch_size=64, quiet=True)
+    printed = capsys.readouterr().out
+    for needle in ("reconstruction MSE", "PSNR", "bits per image", "| layer | codebook size | usage | perplexity |",
+                   "onnxruntime", "TorchScript (fresh process)"):
+        assert needle in printed
+
+    names = {"reconstructions.png", "code_usage.png", "tokenizer.onnx", "tokenizer.pt", "detokenizer.onnx",
+             "detokenizer.pt", "summary.json"}
+    assert names <= {p.name for p in out.iterdir()}
+    assert _is_png(out / "reconstructions.png") and _is_png(out / "code_usage.png")
+    for name in ("tokenizer.onnx", "detokenizer.onnx"):
+        onnx.checker.check_model(onnx.load(str(out / name)))
+    for name in ("tokenizer.onnx", "tokenizer.pt", "detokenizer.onnx", "detokenizer.pt"):
+        meta = read_metadata(out / name)
+        assert meta["graph"] == ("encode" if name.startswith("tokenizer") else "decode")
+
+    # every artifact reproduces the eager model on all held-out images (ONNX in onnxruntime,
+    # TorchScript in a fresh process)
+    assert result.verification["images"] == 359
+    assert verification_ok(result.verification)
+
+    # sane numbers
+    layers = {"fsq": 1, "rvq": 2, "grouped_rvq": 2}[quantizer]  # grouped: 2 groups x 1 layer
+    assert len(result.layers) == layers and result.tokens_per_image == GRID * GRID
+    size = result.layers[0].codebook_size
+    assert math.isclose(result.bits_per_image, GRID * GRID * layers * math.log2(size))
+    assert 0 < result.mse < 0.25  # 30 steps: sane, not yet good (predicting zeros gives ~0.12)
     assert math.isclose(result.psnr, 10 * math.log10(1 / result.mse))
+    for layer in result.layers:
+        assert 0 < layer.usage <= 1 and 1 <= layer.perplexity <= size
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quantizer"] == quantizer and math.isclose(summary["mse"], result.mse)
+
+
+def test_demo_learns_in_a_short_run(tmp_path):
+    """A couple hundred steps already beat predicting the mean image by far (no export: fast)."""
+    result = run_demo("fsq", steps=150, out=tmp_path, dim=8, width=32, export=False, quiet=True)
+    assert result.mse < 0.5 * result.mse_mean_baseline
+    assert result.layers[0].usage > 0.05
+
+
+def test_cli_demo_options(tmp_path, capsys):
+    from vqcore.cli import main
+
+    rc = main(["demo", "--quantizer", "vq", "--set", "codebook_size=32", "--steps", "3", "--dim", "8",
+               "--width", "8", "--out", str(tmp_path), "--no-export", "--quiet"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["quantizer"] == "vq" and summary["kwargs"]["codebook_size"] == 32
+    assert summary["layers"][0]["codebook_size"] == 32 and summary["artifacts"].keys() >= {"reconstructions.png", "code_usage.png"}
+    assert "reconstruction MSE" in capsys.readouterr().out
+
+
+def test_readme_picture_is_committed_small_and_shown():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    picture = root / "docs" / "images" / "demo_reconstructions.png"
+    assert _is_png(picture) and picture.stat().st_size < 200_000
+    assert "](docs/images/demo_reconstructions.png)" in (root / "README.md").read_text()
+
+
+def test_quality_benchmark_vq_matches_faiss_kmeans(tmp_path, capsys):
+    """benchmarks/bench_quality.py: VectorQuantize (kmeans_init + EMA, 256 codes) within 3% of faiss
+    k-means with >= 95% codes used (exit code 0); the projected methods get only a few steps here."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("faiss")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "quality.md"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--steps", "20", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = out.read_text()
+    assert "PASS" in table and "| faiss k-means" in table
+    for method in ("VectorQuantize 256", "ResidualVQ 2 x 16", "FSQ [4, 4, 4, 4]", "LFQ 256", "LatentQuantize"):
+        assert f"| {method}" in table

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+
+import vqcore
 from vqcore.export import (
     Detokenizer,
     ExportError,
@@ -24,8 +26,6 @@ from vqcore.export import (
     to_torchscript,
 )
 from vqcore.export import parity as parity_mod
-
-import vqcore
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vqcore.plugins.lfq import batch_code_distribution, lfq_entropies
 
 from vqcore import LFQ, ResidualLFQ
+from vqcore.plugins.lfq import batch_code_distribution, lfq_entropies
 from vqcore.testing import check_quantizer
 
 # -- seed README examples (only the import changed) ----------------------------------------------

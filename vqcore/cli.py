@@ -22,6 +22,9 @@ def _cmd_list(args) -> int:
     return 0
 
 
+_PLURAL = {"quantizer": "quantizers", "codebook": "codebooks", "loss": "losses"}
+
+
 def _cmd_plugins(args) -> int:
     from vqcore.registry import get_registry
 
@@ -33,14 +36,37 @@ def _cmd_plugins(args) -> int:
             continue
         print(f"    hooks: {', '.join(info.hooks) or '-'}")
         for kind, names in info.registered.items():
-            print(f"    {kind}s: {', '.join(names)}")
+            print(f"    {_PLURAL.get(kind, kind + 's')}: {', '.join(names)}")
     return 1 if failed and args.strict else 0
 
 
+def _parse_overrides(items) -> dict:
+    """``KEY=VALUE`` pairs (VALUE as JSON when it parses, else a string) -> kwargs."""
+    import json
+
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
 def _cmd_demo(args) -> int:
+    import torch
+
     from vqcore.demo import run_demo
 
-    run_demo(steps=args.steps, codebook_size=args.codebook_size, seed=args.seed, quiet=args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(
+        args.quantizer, args.steps, args.out, dim=args.dim, width=args.width, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, overrides=_parse_overrides(args.set), export=not args.no_export, quiet=args.quiet,
+    )
     return 0
 
 
@@ -116,10 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=_cmd_plugins)
 
-    p = sub.add_parser("demo", help="train a VectorQuantize on the scikit-learn digits and report quality")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    p.add_argument("--codebook-size", type=int, default=256)
+    p = sub.add_parser(
+        "demo",
+        help="train a conv VQ-VAE tokenizer on the scikit-learn digits, plot it, export and verify it (ONNX, TorchScript)",
+    )
+    p.add_argument("--quantizer", default="vq", help="registry name of the bottleneck (vq, rvq, fsq, lfq, latent, ...; default: vq)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer kwarg over the preset (JSON value), repeatable")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")
+    p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    p.add_argument("--dim", type=int, default=16, help="latent dim per token (default: 16)")
+    p.add_argument("--width", type=int, default=64, help="conv channels (default: 64)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX / TorchScript export")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 

@@ -1,29 +1,95 @@
-"""``vqcore demo`` (what ``make demo`` runs): fit a VectorQuantize to real data that ships offline.
+"""``vqcore demo`` (what ``make demo`` runs): train a small convolutional VQ-VAE tokenizer on real data
+that ships offline, look at the result, and export it.
 
-The data are scikit-learn's handwritten digits: 1,797 8x8 images, i.e. 64-d vectors. The codebook is
-fitted the way a tokenizer's bottleneck is, by k-means init and EMA updates in training-mode
-forwards (no optimizer needed: EMA works under ``torch.no_grad``), with dead-code expiry. The demo
-reports held-out reconstruction MSE (and PSNR), codebook usage and perplexity, next to two baselines:
-predicting the mean image and the k-means init alone.
+The data are scikit-learn's handwritten digits: 1,797 8x8 grey images (pixels in [0, 1]), split into
+train and held-out images with a fixed permutation. A small conv encoder maps each image to a 4x4 grid
+of latent vectors (16 tokens), a quantizer from the registry (``--quantizer``, any registered name)
+turns each into a code, and a conv decoder maps the codes back to the image. Training is Adam on the
+reconstruction MSE plus the quantizer's own loss (commitment, entropy, ...); codebook-based methods
+also update their codebooks by EMA in the training-mode forwards.
+
+At the end the demo prints a summary (held-out MSE and PSNR, codebook usage and perplexity per
+quantizer layer, bits per image) and writes to the output folder:
+
+- ``reconstructions.png``: held-out originals above their reconstructions;
+- ``code_usage.png``: how often each code is used, one panel per quantizer layer;
+- ``tokenizer.onnx`` / ``tokenizer.pt`` (images ``(B, 1, 8, 8)`` float32 -> token ids ``(B, 16[, layers])``
+  int64) and ``detokenizer.onnx`` / ``detokenizer.pt`` (ids -> images), built with
+  :class:`vqcore.export.Tokenizer` / :class:`vqcore.export.Detokenizer`; each is verified at export
+  time (onnxruntime, reloaded TorchScript), then again on every held-out image: the ONNX files in
+  onnxruntime and the TorchScript files in a fresh Python process, against the eager modules;
+- ``summary.json``: the numbers above.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
+
+GRID = 4  # latent grid side: 8x8 images -> 4x4 tokens
+PIXEL_LEVELS = 17  # the digits' pixels take the values 0..16
+
+# registry name -> constructor kwargs of the bottleneck (besides dim); --set overrides any of them
+PRESETS: dict[str, dict] = {
+    "vq": dict(codebook_size=256, codebook_dim=8, decay=0.9, kmeans_init=True, kmeans_iters=10,
+               threshold_ema_dead_code=1, commitment_weight=0.25),
+    "rvq": dict(codebook_size=64, num_quantizers=2, codebook_dim=8, decay=0.9, kmeans_init=True,
+                kmeans_iters=10, threshold_ema_dead_code=1, commitment_weight=0.25),
+    "grouped_rvq": dict(codebook_size=64, num_quantizers=1, groups=2, decay=0.9, kmeans_init=True,
+                        kmeans_iters=10, threshold_ema_dead_code=1, commitment_weight=0.25),
+    "fsq": dict(levels=[8, 5, 5, 5]),
+    "residual_fsq": dict(levels=[4, 4, 4], num_quantizers=2),
+    "lfq": dict(codebook_size=256, entropy_loss_weight=0.1),
+    "residual_lfq": dict(codebook_size=16, num_quantizers=2, entropy_loss_weight=0.1),
+    "latent": dict(levels=[8, 5, 5, 5]),
+}
+DEFAULT_QUANTIZER = "vq"
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    codebook_size: int
+    usage: float
+    perplexity: float
 
 
 @dataclass
 class DemoResult:
+    quantizer: str
+    kwargs: dict
+    steps: int
     mse: float
     psnr: float
     mse_mean_baseline: float
-    mse_after_init: float
-    usage: float
-    perplexity: float
-    codebook_size: int
+    layers: list[LayerStats]
+    tokens_per_image: int
+    bits_per_image: float
+    train_seconds: float
+    total_seconds: float
+    out: str
+    artifacts: dict[str, str] = field(default_factory=dict)
+    verification: dict = field(default_factory=dict)
+
+    @property
+    def usage(self) -> float:
+        return min(layer.usage for layer in self.layers)
+
+    @property
+    def perplexity(self) -> float:
+        return self.layers[0].perplexity
+
+
+# -- data and statistics -----------------------------------------------------------------------------
 
 
 def load_digits_vectors(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +104,12 @@ def load_digits_vectors(seed: int = 0, test_fraction: float = 0.2) -> tuple[torc
     return data[order[n_test:]], data[order[:n_test]]
 
 
+def load_digits_images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same split as images ``(N, 1, 8, 8)``."""
+    train, test = load_digits_vectors(seed)
+    return train.reshape(-1, 1, 8, 8), test.reshape(-1, 1, 8, 8)
+
+
 def code_statistics(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
     """(fraction of codes used, perplexity exp(H) of the code distribution) of int indices."""
     counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
@@ -46,71 +118,327 @@ def code_statistics(indices: torch.Tensor, codebook_size: int) -> tuple[float, f
     return float((counts > 0).float().mean()), float(entropy.exp())
 
 
-def _progress(steps: int, quiet: bool):
+def psnr(mse: float) -> float:
+    """PSNR in dB of pixels in [0, 1]."""
+    return 10 * math.log10(1.0 / mse)
+
+
+def ids_batch_axis(quantizer: nn.Module, indices: torch.Tensor) -> int:
+    """The batch axis of token ids: 1 for groups-first ids ``(groups, B, tokens, layers)``, else 0."""
+    return 1 if getattr(quantizer, "groups", 1) > 1 and indices.ndim == 4 else 0
+
+
+def layer_indices(indices: torch.Tensor, tokens: int, batch_axis: int = 0) -> list[torch.Tensor]:
+    """Token ids ``(B, tokens[, layers...])`` (or groups-first, ``batch_axis=1``) -> one flat id
+    tensor per quantizer layer (each group's layers count as layers)."""
+    if batch_axis:
+        indices = indices.movedim(batch_axis, 0).movedim(1, -2)  # (B, tokens, groups, layers)
+    flat = indices.reshape(indices.shape[0], tokens, -1)
+    return [flat[..., q].reshape(-1) for q in range(flat.shape[-1])]
+
+
+def layer_codebook_size(quantizer: nn.Module) -> int:
+    size = getattr(quantizer, "codebook_size", None)
+    if size is None:
+        raise ValueError(f"{type(quantizer).__name__} has no codebook_size: cannot report usage")
+    return int(size)
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """(B, 1, 8, 8) images -> (B, 16, dim) tokens (a 4x4 grid, row-major)."""
+
+    def __init__(self, dim: int, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GELU(),  # 8x8 -> 4x4
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, dim, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x).flatten(2).transpose(1, 2)
+
+
+class Decoder(nn.Module):
+    """(B, 16, dim) tokens -> (B, 1, 8, 8) images."""
+
+    def __init__(self, dim: int, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(dim, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.GELU(),  # 4x4 -> 8x8
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+
+    def forward(self, z):
+        return self.net(z.transpose(1, 2).unflatten(2, (GRID, GRID)))
+
+
+class VQVAE(nn.Module):
+    def __init__(self, quantizer: nn.Module, dim: int, width: int = 64):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = Encoder(dim, width), quantizer, Decoder(dim, width)
+
+    def forward(self, x):
+        out = self.quantizer(self.encoder(x))
+        aux = out[2].sum() if len(out) > 2 and torch.is_tensor(out[2]) else x.new_zeros(())
+        return self.decoder(out[0]), out[1], aux
+
+
+def build_quantizer(name: str, dim: int, overrides: dict | None = None) -> tuple[nn.Module, dict]:
+    from vqcore import create, get_entry
+
+    canonical = get_entry(name).name
+    kwargs = {**PRESETS.get(canonical, {}), **(overrides or {})}
+    return create(canonical, dim=dim, **kwargs), {"name": canonical, **kwargs}
+
+
+# -- reporting ---------------------------------------------------------------------------------------
+
+
+def _progress(steps: int, quiet: bool, desc: str):
     if quiet:
         return range(steps)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - the demo extra installs it
         return range(steps)
-    return tqdm(range(steps), desc="training VectorQuantize", unit="step")
+    return tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
 
 
-def run_demo(steps: int = 300, codebook_size: int = 256, seed: int = 0, batch_size: int = 512, quiet: bool = False) -> DemoResult:
-    from vqcore import create
+def _pyplot():
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_reconstructions(path, originals: torch.Tensor, reconstructions: torch.Tensor, columns: int = 12, rows: int = 2, title: str = ""):
+    """``rows`` pairs of rows: originals above their reconstructions (held-out images)."""
+    plt = _pyplot()
+    n = min(columns * rows, originals.shape[0])
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(columns * 0.62, 2 * rows * 0.68 + 0.35), dpi=80)
+    for i in range(columns * rows):
+        r, c = divmod(i, columns)
+        for k, images in enumerate((originals, reconstructions)):
+            ax = axes[2 * r + k, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if i < n:
+                ax.imshow(images[i, 0].clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            if c == 0:
+                ax.set_ylabel("original" if k == 0 else "decoded", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout(pad=0.2, h_pad=0.1, w_pad=0.1)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_code_usage(path, per_layer: list[torch.Tensor], sizes: list[int], title: str = ""):
+    """One panel per quantizer layer: codes sorted by frequency (share of held-out tokens); ``title``
+    prefixes each panel's title."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(per_layer), figsize=(4.2 * len(per_layer), 2.6), dpi=80, squeeze=False)
+    for q, (ids, size) in enumerate(zip(per_layer, sizes)):
+        counts = torch.bincount(ids, minlength=size).float()
+        share = (counts / counts.sum()).sort(descending=True).values
+        ax = axes[0, q]
+        ax.bar(range(size), share.numpy(), width=1.0, color="#3b6ea5")
+        usage, ppl = code_statistics(ids, size)
+        ax.set_title(f"{title}layer {q}: {100 * usage:.0f}% of {size} codes used, perplexity {ppl:.0f}", fontsize=8)
+        ax.set_xlabel("code rank", fontsize=7)
+        ax.set_ylabel("share of tokens", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- export and verification -------------------------------------------------------------------------
+
+_TORCHSCRIPT_CHECK = r"""
+import json, sys, torch
+data = torch.load(sys.argv[1])
+tok, detok = torch.jit.load(sys.argv[2]), torch.jit.load(sys.argv[3])
+with torch.no_grad():
+    ids, images = tok(data["images"]), detok(data["ids"])
+ids = ids[0] if isinstance(ids, (tuple, list)) else ids
+images = images[0] if isinstance(images, (tuple, list)) else images
+print(json.dumps({
+    "token_agreement": float((ids == data["ids"]).float().mean()),
+    "detokenizer_max_abs_diff": float((images - data["decoded"]).abs().max()),
+}))
+"""
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def export_and_verify(model: VQVAE, images: torch.Tensor, out: Path) -> tuple[dict, dict]:
+    """Export the tokenizer / detokenizer (ONNX, TorchScript), each parity-checked by vqcore.export,
+    then run every artifact on ``images`` (ONNX in onnxruntime, TorchScript in a fresh process)."""
+    from vqcore.export import Detokenizer, Tokenizer, to_onnx, to_torchscript
+    from vqcore.export.writers import onnxruntime_runner
+
+    tokenizer = Tokenizer(model.encoder, model.quantizer).eval()
+    detokenizer = Detokenizer(model.quantizer, model.decoder).eval()
+    with torch.no_grad():
+        ids = _first(tokenizer(images))
+        decoded = _first(detokenizer(ids))
+    paths = {
+        "tokenizer.onnx": out / "tokenizer.onnx",
+        "tokenizer.pt": out / "tokenizer.pt",
+        "detokenizer.onnx": out / "detokenizer.onnx",
+        "detokenizer.pt": out / "detokenizer.pt",
+    }
+    batch = ids_batch_axis(model.quantizer, ids)
+    example_images, example_ids = images[:4], ids.narrow(batch, 0, 4).contiguous()
+    to_onnx(tokenizer, paths["tokenizer.onnx"], example=example_images, dynamic_dims=(0,))
+    to_torchscript(tokenizer, paths["tokenizer.pt"], example=example_images, dynamic_dims=(0,))
+    to_onnx(detokenizer, paths["detokenizer.onnx"], example=example_ids, dynamic_dims=(batch,))
+    to_torchscript(detokenizer, paths["detokenizer.pt"], example=example_ids, dynamic_dims=(batch,))
+
+    verification: dict = {"images": int(images.shape[0])}
+    onnx_ids = _first(onnxruntime_runner(str(paths["tokenizer.onnx"]), ["CPUExecutionProvider"])(images))
+    onnx_images = _first(onnxruntime_runner(str(paths["detokenizer.onnx"]), ["CPUExecutionProvider"])(ids))
+    verification["onnxruntime"] = {
+        "token_agreement": float((onnx_ids == ids).float().mean()),
+        "detokenizer_max_abs_diff": float((onnx_images - decoded).abs().max()),
+    }
+    reference = out / "reference.pt"
+    torch.save({"images": images, "ids": ids, "decoded": decoded}, reference)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _TORCHSCRIPT_CHECK, str(reference), str(paths["tokenizer.pt"]), str(paths["detokenizer.pt"])],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    finally:
+        reference.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the TorchScript artifacts failed in a fresh process:\n{proc.stderr[-2000:]}")
+    verification["torchscript_subprocess"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {k: str(v) for k, v in paths.items()}, verification
+
+
+def verification_ok(verification: dict, min_agreement: float = 0.999, atol: float = 1e-4) -> bool:
+    """Artifacts agree with eager: (near-)identical tokens (ties of distance-based codebooks may flip a
+    rare id) and decoded images within ``atol``."""
+    runs = [verification[k] for k in ("onnxruntime", "torchscript_subprocess")]
+    return all(r["token_agreement"] >= min_agreement and r["detokenizer_max_abs_diff"] <= atol for r in runs)
+
+
+# -- the demo ----------------------------------------------------------------------------------------
+
+
+def run_demo(
+    quantizer: str = DEFAULT_QUANTIZER,
+    steps: int = 1200,
+    out: str | os.PathLike = "demo-output",
+    *,
+    dim: int = 16,
+    width: int = 64,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    overrides: dict | None = None,
+    export: bool = True,
+    quiet: bool = False,
+) -> DemoResult:
+    """Train, evaluate, plot and export; see the module docstring. Returns the numbers it printed."""
+    start = time.perf_counter()
     torch.manual_seed(seed)
-    train, test = load_digits_vectors(seed)
-    vq = create(
-        "vq",
-        dim=train.shape[1],
-        codebook_size=codebook_size,
-        decay=0.9,
-        kmeans_init=True,
-        kmeans_iters=20,
-        threshold_ema_dead_code=0.5,
-    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = load_digits_images(seed)
+    q, kwargs = build_quantizer(quantizer, dim, overrides)
+    model = VQVAE(q, dim, width)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
 
-    def evaluate() -> tuple[float, torch.Tensor]:
-        vq.eval()
-        with torch.no_grad():
-            quantized, indices, _ = vq(test)
-        vq.train()
-        return float((quantized - test).pow(2).mean()), indices
+    model.train()
+    bar = _progress(steps, quiet, f"training {kwargs['name']} tokenizer")
+    t0 = time.perf_counter()
+    for step in bar:
+        batch = train[torch.randint(train.shape[0], (batch_size,), generator=generator)]
+        recon, _, aux = model(batch)
+        mse = (recon - batch).pow(2).mean()
+        loss = mse + aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if hasattr(bar, "set_postfix") and step % 25 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}", aux=f"{aux.item():.4f}")
+    train_seconds = time.perf_counter() - t0
 
-    mse_after_init = math.nan
-    vq.train()
-    bar = _progress(steps, quiet)
+    model.eval()
     with torch.no_grad():
-        for step in bar:
-            batch = train[torch.randint(train.shape[0], (batch_size,), generator=generator)]
-            _, _, loss = vq(batch)
-            if step == 0:
-                mse_after_init, _ = evaluate()
-            if hasattr(bar, "set_postfix") and step % 20 == 0:
-                bar.set_postfix(commit=f"{float(loss):.4f}")
+        recon, indices, _ = model(test)
+    mse = float((recon - test).pow(2).mean())
+    tokens = GRID * GRID
+    size = layer_codebook_size(q)
+    per_layer = layer_indices(indices, tokens, ids_batch_axis(q, indices))
+    layers = [LayerStats(i, size, *code_statistics(ids, size)) for i, ids in enumerate(per_layer)]
+    bits = tokens * len(per_layer) * math.log2(size)
 
-    mse, indices = evaluate()
-    usage, perplexity = code_statistics(indices, codebook_size)
-    _, train_indices = vq.eval()(train)[:2]
-    train_usage, train_perplexity = code_statistics(train_indices, codebook_size)
+    title = f"{kwargs['name']}: {tokens} tokens x {len(per_layer)} layer(s) x {math.log2(size):.3g} bits = {bits:.0f} bits per image"
+    save_reconstructions(out / "reconstructions.png", test, recon,
+                         title=f"held-out digits, {title}; MSE {mse:.4f}, PSNR {psnr(mse):.1f} dB")
+    save_code_usage(out / "code_usage.png", per_layer, [size] * len(per_layer), title=f"{kwargs['name']} ")
+    artifacts = {"reconstructions.png": str(out / "reconstructions.png"), "code_usage.png": str(out / "code_usage.png")}
+    verification: dict = {}
+    if export:
+        exported, verification = export_and_verify(model, test, out)
+        artifacts.update(exported)
+
     result = DemoResult(
-        mse=mse,
-        psnr=10 * math.log10(1.0 / mse),
-        mse_mean_baseline=float((test - train.mean(0)).pow(2).mean()),
-        mse_after_init=mse_after_init,
-        usage=usage,
-        perplexity=perplexity,
-        codebook_size=codebook_size,
+        quantizer=kwargs["name"], kwargs=kwargs, steps=steps, mse=mse, psnr=psnr(mse),
+        mse_mean_baseline=float((test - train.mean(0)).pow(2).mean()), layers=layers,
+        tokens_per_image=tokens, bits_per_image=bits, train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - start, out=str(out), artifacts=artifacts, verification=verification,
     )
-    print(f"\nVectorQuantize(dim=64, codebook_size={codebook_size}) on scikit-learn digits "
-          f"({train.shape[0]} train / {test.shape[0]} held-out images, {steps} EMA steps)")
-    print(f"  held-out reconstruction MSE     {result.mse:.5f}   (PSNR {result.psnr:.2f} dB, pixels in [0, 1])")
-    print(f"  after the first step (k-means)  {result.mse_after_init:.5f}")
-    print(f"  predicting the mean image       {result.mse_mean_baseline:.5f}")
-    print(f"  codebook usage (held-out)       {100 * usage:.1f}%  of {codebook_size} codes")
-    print(f"  codebook usage (train)          {100 * train_usage:.1f}%")
-    print(f"  perplexity (held-out / train)   {perplexity:.1f} / {train_perplexity:.1f}   "
-          f"(max {codebook_size}, {math.log2(codebook_size):.0f} bits per image)")
+    (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    artifacts["summary.json"] = str(out / "summary.json")
+    print_summary(result, n_train=train.shape[0], n_test=test.shape[0])
+    if export and not verification_ok(verification):
+        raise RuntimeError(f"exported artifacts disagree with the eager model: {verification}")
     return result
+
+
+def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
+    raw_bits = 64 * math.log2(PIXEL_LEVELS)
+    print(f"\nconv VQ-VAE tokenizer with {r.quantizer} on scikit-learn digits "
+          f"({n_train} train / {n_test} held-out 8x8 images, {r.steps} steps, {r.train_seconds:.0f} s training)")
+    print(f"  quantizer kwargs: {json.dumps({k: v for k, v in r.kwargs.items() if k != 'name'})}")
+    print()
+    print("| metric (held-out) | value |")
+    print("|---|---|")
+    print(f"| reconstruction MSE | {r.mse:.5f} (mean-image baseline {r.mse_mean_baseline:.5f}) |")
+    print(f"| PSNR | {r.psnr:.2f} dB |")
+    print(f"| tokens per image | {r.tokens_per_image} ({GRID}x{GRID} grid) x {len(r.layers)} layer(s) |")
+    print(f"| bits per image | {r.bits_per_image:.1f} (raw pixels: {raw_bits:.0f}) |")
+    print()
+    print("| layer | codebook size | usage | perplexity |")
+    print("|---|---|---|---|")
+    for layer in r.layers:
+        print(f"| {layer.layer} | {layer.codebook_size} | {100 * layer.usage:.1f}% | {layer.perplexity:.1f} |")
+    print()
+    if r.verification:
+        onnx, ts = r.verification["onnxruntime"], r.verification["torchscript_subprocess"]
+        print(f"exported and verified on {r.verification['images']} held-out images "
+              f"(token agreement / max |decoded diff| vs eager):")
+        print(f"  onnxruntime                      {100 * onnx['token_agreement']:.2f}% / {onnx['detokenizer_max_abs_diff']:.2g}")
+        print(f"  TorchScript (fresh process)      {100 * ts['token_agreement']:.2f}% / {ts['detokenizer_max_abs_diff']:.2g}")
+    print(f"wrote to {r.out}/:")
+    for name in sorted(r.artifacts):
+        print(f"  {name}")
+    print(f"total {r.total_seconds:.0f} s")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 import vqcore
 from vqcore.protocols import Codebook, Loss
 from vqcore.testing import check_quantizer
-
 from vqcore_plugin_example import CodebookFitLoss, LinearReparamCodebook, SimVQ
 
 

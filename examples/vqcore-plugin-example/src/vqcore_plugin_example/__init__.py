@@ -15,7 +15,6 @@ and calls the ``@vqcore.hookimpl`` functions below once, on first registry use. 
 from __future__ import annotations
 
 from vqcore import hookimpl
-
 from vqcore_plugin_example.simvq import (
     CodebookFitLoss,
     LinearReparamCodebook,

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from vqcore.losses import CommitmentLoss
 from vqcore.module import QuantizerModule
 
