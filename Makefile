@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml | $(PY)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q tests $(EXAMPLE_PLUGIN)/tests
 
 test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
@@ -30,8 +30,13 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vqcore demo
 
+# side by side with vector-quantize-pytorch 1.32.0; each writes its table under benchmarks/results/
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vq.py
+	$(PY) benchmarks/bench_rvq.py
+	$(PY) benchmarks/bench_lfq.py
+	$(PY) benchmarks/bench_export.py
+	$(PY) benchmarks/bench_quality.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
