@@ -28,6 +28,7 @@ from vqcore.dropout import kept_layers
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import auto_index_layout, auto_layout
 from vqcore.module import QuantizerModule
+from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, FSQOutput
 from vqcore.validation import check_float, check_indices, check_positive_int, check_tensor
 
@@ -167,8 +168,7 @@ class FSQ(QuantizerModule):
         self.grid = FSQGrid(levels, preserve_symmetry=preserve_symmetry, hard_clamp=bound_hard_clamp)
         self.has_projections = self.dim != self.effective_codebook_dim
         inner = self.effective_codebook_dim
-        self.project_in = nn.Linear(self.dim, inner, bias=projection_has_bias) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(inner, self.dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(self.dim, inner, enabled=self.has_projections, bias=projection_has_bias)
 
     @property
     def codebook_size(self) -> int:
@@ -184,15 +184,7 @@ class FSQ(QuantizerModule):
         return self.grid.all_codes()
 
     # -- shared pieces -------------------------------------------------------------------------------
-    def _project_in(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:
-            tokens = self.project_in(tokens.to(self.project_in.weight.dtype))
-        return tokens.float()
 
-    def _project_out(self, codes: Tensor) -> Tensor:
-        if self.has_projections:
-            return self.project_out(codes.to(self.project_out.weight.dtype))
-        return codes
 
     def _split(self, z: Tensor) -> Tensor:
         return z.reshape(*z.shape[:-1], self._num_codebooks, self.codebook_dim)
@@ -220,7 +212,7 @@ class FSQ(QuantizerModule):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with _float32(x.device.type):
-            _, digits = self.grid.quantize(self._split(self._project_in(tokens)))
+            _, digits = self.grid.quantize(self._split(project_into(self.project_in, tokens)))
             indices = self.grid.digits_to_indices(digits)
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
 
@@ -229,7 +221,7 @@ class FSQ(QuantizerModule):
         tokens, spatial, layout = self._index_tokens(indices)
         with _float32(tokens.device.type):
             codes = self.grid.digits_to_codes(self.grid.indices_to_digits(tokens)).flatten(-2)
-            out = self._project_out(codes) if project_out else codes
+            out = project_from(self.project_out, codes) if project_out else codes
         return layout.from_tokens(out, spatial)
 
     indices_to_codes = decode
@@ -252,8 +244,8 @@ class FSQ(QuantizerModule):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with _float32(x.device.type):
-            codes, digits = self.grid.quantize(self._split(self._project_in(tokens)))
-            out = self._project_out(codes.flatten(-2))
+            codes, digits = self.grid.quantize(self._split(project_into(self.project_in, tokens)))
+            out = project_from(self.project_out, codes.flatten(-2))
             indices = None
             if self.return_indices:
                 indices = self.grid.digits_to_indices(digits.detach())
@@ -309,8 +301,7 @@ class ResidualFSQ(QuantizerModule):
         self.register_buffer("scales", torch.stack([lv**-q for q in range(num_quantizers)]), persistent=False)
         self.register_buffer("soft_clamp", 1 + 1 / (lv - 1), persistent=False)
         self.has_projections = self.dim != self.codebook_dim
-        self.project_in = nn.Linear(self.dim, self.codebook_dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, self.dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(self.dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias)
         self._rng = random.Random()
 
     @property
@@ -326,22 +317,14 @@ class ResidualFSQ(QuantizerModule):
         """(Q, codebook_size, len(levels)): every layer's codes, unscaled (all layers share the grid)."""
         return self.grid.all_codes().unsqueeze(0).expand(self.num_quantizers, -1, -1)
 
-    def _project_in(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:
-            tokens = self.project_in(tokens.to(self.project_in.weight.dtype))
-        return tokens.float()
 
-    def _project_out(self, codes: Tensor) -> Tensor:
-        if self.has_projections:
-            return self.project_out(codes.to(self.project_out.weight.dtype))
-        return codes
 
     def _run(self, x: Tensor, kept: int | None, return_all_codes: bool = False):
         """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes or None, layout, spatial)."""
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with _float32(x.device.type):
-            z = self._project_in(tokens)
+            z = project_into(self.project_in, tokens)
             z = (z / self.soft_clamp).tanh() * self.soft_clamp
             residual, total, indices, all_codes = z, None, [], []
             for q in range(self.num_quantizers):
@@ -376,7 +359,7 @@ class ResidualFSQ(QuantizerModule):
             )
         total, indices, all_codes, layout, spatial = self._run(x, kept, return_all_codes)
         with _float32(x.device.type):
-            out = self._project_out(total)
+            out = project_from(self.project_out, total)
         quantized = layout.from_tokens(out, spatial).to(x.dtype)
         indices = layout.indices_from_tokens(indices, spatial)
         if return_all_codes:
@@ -420,7 +403,7 @@ class ResidualFSQ(QuantizerModule):
                 scaled = self.grid.digits_to_codes(digits[..., q, :]) * self.scales[q]
                 scaled = scaled.masked_fill(dropped[..., q].unsqueeze(-1), 0.0)
                 total = scaled if total is None else total + scaled
-            out = self._project_out(total)
+            out = project_from(self.project_out, total)
         return layout.from_tokens(out, spatial)
 
     get_output_from_indices = decode

@@ -33,6 +33,7 @@ from vqcore.hookspecs import hookimpl
 from vqcore.layout import auto_index_layout, auto_layout
 from vqcore.module import QuantizerModule
 from vqcore.plugins.fsq import check_levels, mixed_radix_basis
+from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import (
     INDEX_DTYPE,
     LatentLossBreakdown,
@@ -110,8 +111,7 @@ class LatentQuantize(QuantizerModule):
         self.register_buffer("levels_tensor", torch.tensor(levels, dtype=INDEX_DTYPE), persistent=False)
         self.register_buffer("row_offset", torch.arange(len(levels), dtype=INDEX_DTYPE) * self.max_level, persistent=False)
         self.has_projections = self.dim != inner
-        self.project_in = nn.Linear(self.dim, inner, bias=projection_has_bias) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(inner, self.dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(self.dim, inner, enabled=self.has_projections, bias=projection_has_bias)
 
     @property
     def codebook_size(self) -> int:
@@ -134,15 +134,7 @@ class LatentQuantize(QuantizerModule):
         return self._lookup(self.value_table().detach(), digits)
 
     # -- pieces ------------------------------------------------------------------------------------
-    def _project_in(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:
-            tokens = self.project_in(tokens.to(self.project_in.weight.dtype))
-        return tokens.float()
 
-    def _project_out(self, codes: Tensor) -> Tensor:
-        if self.has_projections:
-            return self.project_out(codes.to(self.project_out.weight.dtype))
-        return codes
 
     def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
         """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
@@ -163,7 +155,7 @@ class LatentQuantize(QuantizerModule):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with torch.autocast(x.device.type, enabled=False):
-            digits = self._nearest(self.value_table(), self._split(self._project_in(tokens)))
+            digits = self._nearest(self.value_table(), self._split(project_into(self.project_in, tokens)))
             indices = (digits * self.basis).sum(-1)
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
 
@@ -181,7 +173,7 @@ class LatentQuantize(QuantizerModule):
         with torch.autocast(tokens.device.type, enabled=False):
             digits = (tokens.long().unsqueeze(-1) // self.basis) % self.levels_tensor
             codes = self._lookup(self.value_table(), digits).flatten(-2)
-            out = self._project_out(codes) if project_out else codes
+            out = project_from(self.project_out, codes) if project_out else codes
         return layout.from_tokens(out, spatial)
 
     indices_to_codes = decode
@@ -198,7 +190,7 @@ class LatentQuantize(QuantizerModule):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = self._split(self._project_in(tokens))
+            z = self._split(project_into(self.project_in, tokens))
             table = self.value_table()
             digits = self._nearest(table, z)
             zhat = self._lookup(table, digits)
@@ -209,7 +201,7 @@ class LatentQuantize(QuantizerModule):
                 quantization = F.mse_loss(z.detach(), zhat)
             else:
                 out = zhat
-            out = self._project_out(out.flatten(-2))
+            out = project_from(self.project_out, out.flatten(-2))
             indices = (digits * self.basis).sum(-1)
         loss = self.commitment_loss_weight * commitment + self.quantization_loss_weight * quantization
         quantized = layout.from_tokens(out, spatial).to(x.dtype)

@@ -51,6 +51,7 @@ from vqcore.estimators import straight_through
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout, auto_index_layout, auto_layout
 from vqcore.module import QuantizerModule
+from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, LFQLossBreakdown, LFQOutput, LFQOutputWithBreakdown
 from vqcore.validation import check_indices, check_positive_int, check_tensor
 
@@ -261,8 +262,7 @@ class LFQ(QuantizerModule):
             raise ValueError(
                 f"has_projections=False needs dim == log2(codebook_size) * num_codebooks = {inner}, got dim={self.dim}"
             )
-        self.project_in = nn.Linear(self.dim, inner, bias=projection_has_bias) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(inner, self.dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(self.dim, inner, enabled=self.has_projections, bias=projection_has_bias)
         self.entropy_loss_weight = float(entropy_loss_weight)
         self.commitment_loss_weight = float(commitment_loss_weight)
         self.diversity_gamma = float(diversity_gamma)
@@ -282,15 +282,7 @@ class LFQ(QuantizerModule):
         return self._num_codebooks
 
     # -- pieces shared with ResidualLFQ ------------------------------------------------------------------
-    def _project_in(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:
-            tokens = self.project_in(tokens.to(self.project_in.weight.dtype))
-        return tokens.float()
 
-    def _project_out(self, codes: Tensor) -> Tensor:
-        if self.has_projections:
-            return self.project_out(codes.to(self.project_out.weight.dtype))
-        return codes
 
     def _codes(self, positive: Tensor) -> Tensor:
         return torch.where(positive, self.codebook_scale, -self.codebook_scale).float()
@@ -370,7 +362,7 @@ class LFQ(QuantizerModule):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = self._project_in(tokens)
+            z = project_into(self.project_in, tokens)
             z = z.reshape(z.shape[0], z.shape[1], self._num_codebooks, self.codebook_dim)
             indices = self._bits_to_indices(z > 0)
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
@@ -389,7 +381,7 @@ class LFQ(QuantizerModule):
         tokens = tokens.long()
         with torch.autocast(tokens.device.type, enabled=False):
             codes = self._codes(self._indices_to_bits(tokens.clamp(min=0))).flatten(-2)
-            out = self._project_out(codes) if project_out else codes
+            out = project_from(self.project_out, codes) if project_out else codes
             out = out.masked_fill((tokens < 0).any(-1, keepdim=True), 0.0)
         return layout.from_tokens(out, spatial)
 
@@ -407,8 +399,8 @@ class LFQ(QuantizerModule):
         if valid is not None:
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
         with torch.autocast(x.device.type, enabled=False):
-            codes, indices, loss, breakdown = self.quantize_tokens(self._project_in(tokens), inv_temperature, valid)
-            out = self._project_out(codes)
+            codes, indices, loss, breakdown = self.quantize_tokens(project_into(self.project_in, tokens), inv_temperature, valid)
+            out = project_from(self.project_out, codes)
             if valid is not None:
                 out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
                 indices = indices.masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
@@ -466,8 +458,7 @@ class ResidualLFQ(QuantizerModule):
         self.sync_quantize_dropout = sync_quantize_dropout
         self.channel_first = channel_first
         self.has_projections = dim != self.codebook_dim
-        self.project_in = nn.Linear(dim, self.codebook_dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, dim, bias=projection_has_bias) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias)
         self.layers = nn.ModuleList(
             LFQ(codebook_size=codebook_size, codebook_scale=2.0**-q, **lfq_kwargs) for q in range(num_quantizers)
         )
@@ -483,15 +474,7 @@ class ResidualLFQ(QuantizerModule):
     def num_codebooks(self) -> int:
         return 1
 
-    def _project_in(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:
-            tokens = self.project_in(tokens.to(self.project_in.weight.dtype))
-        return tokens.float()
 
-    def _project_out(self, codes: Tensor) -> Tensor:
-        if self.has_projections:
-            return self.project_out(codes.to(self.project_out.weight.dtype))
-        return codes
 
     def _run(self, z: Tensor, kept: int | None, inv_temperature: float, valid: Tensor | None):
         residual, total, indices, inputs, all_codes = z, None, [], [], []
@@ -522,7 +505,7 @@ class ResidualLFQ(QuantizerModule):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with torch.autocast(x.device.type, enabled=False):
-            _, indices, _, _ = self._run(self._project_in(tokens), None, 100.0, None)
+            _, indices, _, _ = self._run(project_into(self.project_in, tokens), None, 100.0, None)
         return layout.indices_from_tokens(indices, spatial)
 
     def forward(
@@ -551,8 +534,8 @@ class ResidualLFQ(QuantizerModule):
                 device=x.device,
             )
         with torch.autocast(x.device.type, enabled=False):
-            total, indices, losses, all_codes = self._run(self._project_in(tokens), kept, inv_temperature, valid)
-            out = self._project_out(total)
+            total, indices, losses, all_codes = self._run(project_into(self.project_in, tokens), kept, inv_temperature, valid)
+            out = project_from(self.project_out, total)
             if valid is not None:
                 out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
                 indices = indices.masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
@@ -590,7 +573,7 @@ class ResidualLFQ(QuantizerModule):
             for q in range(tokens.shape[-1]):
                 codes = self._layer_codes(tokens, q)
                 total = codes if total is None else total + codes
-            out = self._project_out(total)
+            out = project_from(self.project_out, total)
             out = out.masked_fill((tokens < 0).all(-1, keepdim=True), 0.0)
         return layout.from_tokens(out, spatial)
 

@@ -33,6 +33,7 @@ from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout
 from vqcore.module import QuantizerModule
 from vqcore.plugins.vq import VectorQuantize
+from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, ResidualVQOutput, ResidualVQOutputWithCodes
 from vqcore.validation import check_indices, check_positive_int, check_tensor
 
@@ -111,8 +112,7 @@ class ResidualVQ(QuantizerModule):
             dim, accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap, channel_last=channel_last
         )
         self.has_projections = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(dim, codebook_dim, enabled=self.has_projections)
         self.ema_update = vq_kwargs.pop("ema_update", True)
         self.return_zeros_for_masked_padding = vq_kwargs.pop("return_zeros_for_masked_padding", True)
         layer_ema = self.ema_update and not shared_codebook  # the shared codebook is updated once, here
@@ -145,15 +145,7 @@ class ResidualVQ(QuantizerModule):
         return torch.stack(books) if len(set(self.codebook_sizes)) == 1 else books
 
     # -- shared pieces of every path -------------------------------------------------------------------
-    def _project_in(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:
-            tokens = tokens.to(self.project_in.weight.dtype)
-        return self.project_in(tokens).float()
 
-    def _project_out(self, z: Tensor) -> Tensor:
-        if self.has_projections:
-            z = z.to(self.project_out.weight.dtype)
-        return self.project_out(z)
 
     def _encode_tokens(self, z: Tensor) -> Tensor:
         """Codebook-space tokens (b, n, cd) float32 -> indices (b, n, Q): greedy nearest code per residual."""
@@ -182,7 +174,7 @@ class ResidualVQ(QuantizerModule):
         total = codes[0]
         for code in codes[1:]:
             total = total + code
-        out = self._project_out(total)
+        out = project_from(self.project_out, total)
         return out.masked_fill((indices < 0).all(-1).unsqueeze(-1), 0.0)
 
     def _index_tokens(self, indices: Tensor, name: str = "indices") -> tuple[Tensor, tuple]:
@@ -214,7 +206,7 @@ class ResidualVQ(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         """x -> indices (b, *positions, Q) int64; no training state is touched."""
         tokens, spatial = self.layout.to_tokens(x)
-        return self.layout.indices_from_tokens(self._encode_tokens(self._project_in(tokens)), spatial)
+        return self.layout.indices_from_tokens(self._encode_tokens(project_into(self.project_in, tokens)), spatial)
 
     def decode(self, indices: Tensor) -> Tensor:
         """indices (b, *positions, q), q <= Q, -1 allowed -> quantized in the input layout (after project_out)."""
@@ -273,7 +265,7 @@ class ResidualVQ(QuantizerModule):
         raw = tokens
         if valid is not None:  # padding may hold anything (NaN too); it must reach neither values nor gradients
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
-        z = self._project_in(tokens)
+        z = project_into(self.project_in, tokens)
         if not self.training:
             indices = self._encode_tokens(z)
             if valid is not None:
@@ -328,7 +320,7 @@ class ResidualVQ(QuantizerModule):
             total = total + min(kept, self.num_quantizers) * (z - z.detach())
             if want_codes:  # each layer's output carries the straight-through gradient of its residual
                 codes = [c + (z - z.detach()) if q < kept else c for q, c in enumerate(codes)]
-        out = self._project_out(total)
+        out = project_from(self.project_out, total)
         if valid is not None:
             out = torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
         return out, torch.stack(indices, -1), torch.stack(losses), torch.stack(codes) if want_codes else None
@@ -407,7 +399,7 @@ class GroupedResidualVQ(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         """x -> indices (groups, b, *positions, Q) int64."""
         tokens, spatial = self.layout.to_tokens(x)
-        per_group = [rvq._encode_tokens(rvq._project_in(t)) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
+        per_group = [rvq._encode_tokens(project_into(rvq.project_in, t)) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
         return torch.stack([self.layout.indices_from_tokens(i, spatial) for i in per_group])
 
     def _index_tokens(self, indices: Tensor) -> tuple[list[Tensor], tuple]:

@@ -35,6 +35,7 @@ from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout
 from vqcore.losses import commitment_loss, orthogonal_loss
 from vqcore.module import QuantizerModule
+from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, VQLossBreakdown, VQOutput, VQOutputWithBreakdown
 from vqcore.validation import check_indices, check_positive_int, check_tensor
 
@@ -118,9 +119,8 @@ class VectorQuantize(QuantizerModule):
 
         inner = codebook_dim * heads
         self.has_projections = inner != dim
-        self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
+        self.project_in, self.project_out = projection_pair(dim, inner)
         self.norm_in = nn.LayerNorm(inner) if layernorm_after_project_in else nn.Identity()
-        self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
         self._codebook = EMACodebook(
             codebook_size,
             codebook_dim,
@@ -189,17 +189,16 @@ class VectorQuantize(QuantizerModule):
         return flat.transpose(0, 1) if self.separate_codebook_per_head else flat.reshape(1, -1)
 
     def _to_codebook_space(self, tokens: Tensor) -> Tensor:
-        if self.has_projections:  # the projections run in their own dtype (e.g. after .half()), the codebook in float32
-            tokens = tokens.to(self.project_in.weight.dtype)
-        z = self.norm_in(self.project_in(tokens)).float()
+        z = project_into(self.project_in, tokens)
+        if isinstance(self.norm_in, nn.LayerNorm):  # in float32 like the quantization, whatever the module's dtype
+            norm = self.norm_in
+            z = nn.functional.layer_norm(z, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
         z = self._split_heads(z)
         return nn.functional.normalize(z, dim=-1, eps=1e-12) if self.use_cosine_sim else z
 
     def _output(self, q: Tensor, b, n) -> Tensor:
         q = self._merge_heads(q, b, n)
-        if self.has_projections:
-            q = q.to(self.project_out.weight.dtype)
-        return self.project_out(q)
+        return project_from(self.project_out, q)
 
     def _decode_books(self, indices: Tensor, b, n) -> Tensor:
         """Book indices (B, N), -1 allowed -> output tokens (b, n, dim); -1 tokens decode to zero."""

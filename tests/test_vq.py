@@ -1149,3 +1149,14 @@ def test_kmeans_waits_until_every_head_has_a_finite_token():
     assert torch.isfinite(vq.codebook).all()
     vq(torch.randn(1, 6, 4))
     assert bool(vq._codebook.initted)
+
+
+@pytest.mark.parametrize("codebook_dim", [None, 8])
+def test_half_module_with_layernorm_after_project_in(codebook_dim):
+    """The LayerNorm runs in float32 with the codebook, whatever dtype the module was cast to."""
+    vq = VectorQuantize(dim=16, codebook_size=8, codebook_dim=codebook_dim, layernorm_after_project_in=True).half()
+    x = torch.randn(2, 5, 16).half()
+    quantized, indices, _ = vq(x)
+    assert quantized.dtype == torch.float16 and indices.shape == (2, 5)
+    vq.eval()
+    assert torch.equal(vq.decode(vq.encode(x)).half(), vq(x).quantized)

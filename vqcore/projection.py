@@ -1,0 +1,33 @@
+"""The optional Linear pair around a quantizer (codebook_dim / dim mismatch, arXiv: improved VQGAN).
+
+``project_in`` maps features (dim) to the quantizer's space (inner) and ``project_out`` maps codes back;
+both are ``nn.Identity`` when no projection is needed. The Linear layers run in their own dtype (after
+``.half()`` say), while quantization itself always runs in float32.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def projection_pair(dim: int, inner: int, *, enabled: bool | None = None, bias: bool = True) -> tuple[nn.Module, nn.Module]:
+    """``(project_in, project_out)``: Linear layers when ``enabled`` (default: ``dim != inner``), else identities."""
+    if enabled is None:
+        enabled = dim != inner
+    if not enabled:
+        return nn.Identity(), nn.Identity()
+    return nn.Linear(dim, inner, bias=bias), nn.Linear(inner, dim, bias=bias)
+
+
+def project_into(layer: nn.Module, tokens: Tensor) -> Tensor:
+    """``tokens`` through ``layer`` (in the layer's dtype), returned in float32 for quantization."""
+    if isinstance(layer, nn.Linear):
+        tokens = layer(tokens.to(layer.weight.dtype))
+    return tokens.float()
+
+
+def project_from(layer: nn.Module, codes: Tensor) -> Tensor:
+    """``codes`` through ``layer`` in the layer's dtype (identity: unchanged)."""
+    if isinstance(layer, nn.Linear):
+        return layer(codes.to(layer.weight.dtype))
+    return codes
