@@ -26,11 +26,11 @@ from torch import Tensor, nn
 from vqcore.distributed import should_sync
 from vqcore.dropout import kept_layers
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import auto_index_layout, auto_layout
+from vqcore.layout import auto_layout, index_tokens
 from vqcore.module import QuantizerModule
 from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, FSQOutput
-from vqcore.validation import check_float, check_indices, check_positive_int, check_tensor
+from vqcore.validation import check_float, check_indices, check_positive_int
 
 
 def check_levels(levels, *, allow_two: bool, name: str = "levels") -> list[int]:
@@ -193,18 +193,10 @@ class FSQ(QuantizerModule):
         return indices if self.keep_num_codebooks_dim else indices.squeeze(-1)
 
     def _index_tokens(self, indices: Tensor):
-        extra = 1 if self.keep_num_codebooks_dim else 0
-        check_tensor(indices, "indices")
-        layout = auto_index_layout(indices.ndim, extra, self.dim, self.channel_first)
-        tokens, spatial = layout.indices_to_tokens(indices, extra)
-        if extra and tokens.shape[-1] != self._num_codebooks:
-            raise ValueError(
-                f"indices must end with a codebook axis of size {self._num_codebooks}, got shape {tuple(indices.shape)}"
-            )
-        check_indices(tokens, self.codebook_size, allow_dropped=False)
-        if not extra:
-            tokens = tokens.unsqueeze(-1)
-        return tokens, spatial, layout
+        return index_tokens(
+            indices, dim=self.dim, channel_first=self.channel_first, size=self.codebook_size,
+            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None, allow_dropped=False,
+        )
 
     # -- inference paths ------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
@@ -368,15 +360,10 @@ class ResidualFSQ(QuantizerModule):
         return FSQOutput(quantized, indices)
 
     def _index_tokens(self, indices: Tensor):
-        check_tensor(indices, "indices")
-        layout = auto_index_layout(indices.ndim, 1, self.dim, self.channel_first)
-        tokens, spatial = layout.indices_to_tokens(indices, 1)
-        if tokens.shape[-1] > self.num_quantizers:
-            raise ValueError(
-                f"indices must end with a quantizer axis of size <= {self.num_quantizers}, got shape {tuple(indices.shape)}"
-            )
-        check_indices(tokens, self.codebook_size)
-        return tokens, spatial, layout
+        return index_tokens(
+            indices, dim=self.dim, channel_first=self.channel_first, size=self.codebook_size,
+            trailing=self.num_quantizers, axis="quantizer", at_most=True,
+        )
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices (..., Q') -> scaled per-layer codes (Q', b, n, len(levels)) before project_out; -1 gives zeros."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import auto_index_layout, auto_layout
+from vqcore.layout import auto_layout, index_tokens
 from vqcore.module import QuantizerModule
 from vqcore.plugins.fsq import check_levels, mixed_radix_basis
 from vqcore.projection import project_from, project_into, projection_pair
@@ -40,7 +40,7 @@ from vqcore.protocols import (
     LatentQuantizeOutput,
     LatentQuantizeOutputWithBreakdown,
 )
-from vqcore.validation import check_float, check_indices, check_positive_int, check_tensor
+from vqcore.validation import check_float, check_positive_int
 
 
 def initial_values(level: int) -> Tensor:
@@ -161,15 +161,10 @@ class LatentQuantize(QuantizerModule):
 
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes from the current tables (after project_out unless ``project_out=False``), input layout."""
-        check_tensor(indices, "indices")
-        extra = 1 if self.keep_num_codebooks_dim else 0
-        layout = auto_index_layout(indices.ndim, extra, self.dim, self.channel_first)
-        tokens, spatial = layout.indices_to_tokens(indices, extra)
-        if extra and tokens.shape[-1] != self._num_codebooks:
-            raise ValueError(f"indices must end with a codebook axis of size {self._num_codebooks}, got shape {tuple(indices.shape)}")
-        check_indices(tokens, self._codebook_size, allow_dropped=False)
-        if not extra:
-            tokens = tokens.unsqueeze(-1)
+        tokens, spatial, layout = index_tokens(
+            indices, dim=self.dim, channel_first=self.channel_first, size=self._codebook_size,
+            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None, allow_dropped=False,
+        )
         with torch.autocast(tokens.device.type, enabled=False):
             digits = (tokens.long().unsqueeze(-1) // self.basis) % self.levels_tensor
             codes = self._lookup(self.value_table(), digits).flatten(-2)

@@ -49,11 +49,11 @@ from vqcore.distributed import all_reduce_sum_, differentiable_all_reduce_sum, s
 from vqcore.dropout import kept_layers
 from vqcore.estimators import straight_through
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import TokenLayout, auto_index_layout, auto_layout
+from vqcore.layout import TokenLayout, auto_layout, index_tokens
 from vqcore.module import QuantizerModule
 from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, LFQLossBreakdown, LFQOutput, LFQOutputWithBreakdown
-from vqcore.validation import check_indices, check_positive_int, check_tensor
+from vqcore.validation import check_positive_int, check_tensor
 
 DEFAULT_ENTROPY_CHUNK_BYTES = 32 * 2**20
 
@@ -369,16 +369,10 @@ class LFQ(QuantizerModule):
 
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes (after project_out unless ``project_out=False``) in the input layout; -1 gives zeros."""
-        check_tensor(indices, "indices")
-        extra = 1 if self.keep_num_codebooks_dim else 0
-        layout = auto_index_layout(indices.ndim, extra, self.dim, self.channel_first)
-        tokens, spatial = layout.indices_to_tokens(indices, extra)
-        if extra and tokens.shape[-1] != self._num_codebooks:
-            raise ValueError(f"indices must end with a codebook axis of size {self._num_codebooks}, got shape {tuple(indices.shape)}")
-        check_indices(tokens, self._codebook_size)
-        if not extra:
-            tokens = tokens.unsqueeze(-1)
-        tokens = tokens.long()
+        tokens, spatial, layout = index_tokens(
+            indices, dim=self.dim, channel_first=self.channel_first, size=self._codebook_size,
+            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
+        )
         with torch.autocast(tokens.device.type, enabled=False):
             codes = self._codes(self._indices_to_bits(tokens.clamp(min=0))).flatten(-2)
             out = project_from(self.project_out, codes) if project_out else codes
@@ -547,13 +541,10 @@ class ResidualLFQ(QuantizerModule):
         return LFQOutput(quantized, indices, losses)
 
     def _index_tokens(self, indices: Tensor):
-        check_tensor(indices, "indices")
-        layout = auto_index_layout(indices.ndim, 1, self.dim, self.channel_first)
-        tokens, spatial = layout.indices_to_tokens(indices, 1)
-        if tokens.shape[-1] > self.num_quantizers:
-            raise ValueError(f"indices must end with a quantizer axis of size <= {self.num_quantizers}, got shape {tuple(indices.shape)}")
-        check_indices(tokens, self._codebook_size)
-        return tokens.long(), spatial, layout
+        return index_tokens(
+            indices, dim=self.dim, channel_first=self.channel_first, size=self._codebook_size,
+            trailing=self.num_quantizers, axis="quantizer", at_most=True,
+        )
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices (..., Q') -> per-layer scaled codes (Q', b, n, bits) before project_out; -1 gives zeros."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqcore.validation import check_float, check_tensor
+from vqcore.validation import check_float, check_indices, check_tensor
 
 _SPATIAL_RANK = {"sequence": 1, "channel_first": 1, "image": 2, "video": 3}
 _DESCRIBE = {
@@ -144,3 +144,33 @@ def auto_index_layout(ndim: int, extra_dims: int, dim: int, channel_first: bool 
         f"{name} must be (batch,), (batch, seq), (batch, height, width) or (batch, time, height, width){extra}; "
         f"got shape with {ndim} dims"
     )
+
+
+def index_tokens(
+    indices: Tensor,
+    *,
+    dim: int,
+    channel_first: bool | None,
+    size: int,
+    trailing: int | None,
+    axis: str = "codebook",
+    at_most: bool = False,
+    allow_dropped: bool = True,
+) -> tuple[Tensor, tuple, TokenLayout]:
+    """Checked int64 indices ``(b, *positions[, trailing])`` -> ``(tokens (b, n, t), spatial, layout)``.
+
+    ``trailing`` is the size of the last axis (codebooks, quantizers), or None when the indices have no
+    such axis (the tokens then get one of size 1). ``at_most``: the axis may be shorter (coarse residual
+    indices). Values must be in ``[0, size)``, or -1 where ``allow_dropped``.
+    """
+    check_tensor(indices, "indices")
+    extra = 0 if trailing is None else 1
+    layout = auto_index_layout(indices.ndim, extra, dim, channel_first)
+    tokens, spatial = layout.indices_to_tokens(indices, extra)
+    if extra and (tokens.shape[-1] > trailing if at_most else tokens.shape[-1] != trailing):
+        bound = "<= " if at_most else ""
+        raise ValueError(f"indices must end with a {axis} axis of size {bound}{trailing}, got shape {tuple(indices.shape)}")
+    check_indices(tokens, size, allow_dropped=allow_dropped)
+    if not extra:
+        tokens = tokens.unsqueeze(-1)
+    return tokens.long(), spatial, layout
