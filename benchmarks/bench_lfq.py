@@ -38,20 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vq  # noqa: E402
-from bench_vq import Impl, Noise, Row, interleaved, rows_from_timing, table, target_faster  # noqa: E402
+from bench_vq import Impl, Noise, Row, build, interleaved, rows_from_timing, table, target_faster  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LFQ_SHAPE = (4, 16, 32, 32)
 
-
-def _build(lib: str, name: str, **kwargs):
-    if lib == "vqcore":
-        import vqcore
-
-        return getattr(vqcore, name)(**kwargs)
-    import vector_quantize_pytorch
-
-    return getattr(vector_quantize_pytorch, name)(**kwargs)
 
 
 def _train_call(module, x):
@@ -75,8 +66,8 @@ def _interleaved_case(case: str, name: str, kwargs: dict, shape: tuple, cfg, rep
         x.grad = None
 
     impls = [
-        Impl("vqcore", _train_call(_build("vqcore", name, **kwargs), x), clear),
-        Impl("reference", _train_call(_build("reference", name, **kwargs), x), clear),
+        Impl("vqcore", _train_call(build("vqcore", name, **kwargs), x), clear),
+        Impl("reference", _train_call(build("reference", name, **kwargs), x), clear),
     ]
     reps, warmup = (2, 1) if cfg.quick else (reps, warmup)
     rows = rows_from_timing(case, interleaved(impls, reps, warmup, Noise(cfg.wait_budget_s)))
@@ -93,7 +84,7 @@ def child(lib: str) -> None:
     import vqcore  # noqa: F401
 
     torch.manual_seed(0)
-    module = _build(lib, "LFQ", codebook_size=65536, dim=16, entropy_loss_weight=0.1).train()
+    module = build(lib, "LFQ", codebook_size=65536, dim=16, entropy_loss_weight=0.1).train()
     small = torch.randn(1, 16, 2, 2, requires_grad=True)
     _train_call(module, small)()  # warm-up: kernels, thread pool
     x = torch.randn(*LFQ_SHAPE, requires_grad=True)
@@ -131,7 +122,7 @@ def case_lfq65536(cfg) -> list[Row]:
     # steady-state vqcore time in this process, against the reference's single call
     torch.manual_seed(0)
     x = torch.randn(*LFQ_SHAPE, requires_grad=True)
-    call = _train_call(_build("vqcore", "LFQ", codebook_size=65536, dim=16, entropy_loss_weight=0.1), x)
+    call = _train_call(build("vqcore", "LFQ", codebook_size=65536, dim=16, entropy_loss_weight=0.1), x)
     impl = Impl("vqcore", call, lambda: setattr(x, "grad", None))
     timing = interleaved([impl], 2 if cfg.quick else 10, 2, Noise(cfg.wait_budget_s))
     steady = sorted(timing.times["vqcore"])[len(timing.times["vqcore"]) // 2]

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_vq  # noqa: E402
-from bench_vq import Config, Impl, header, run_case, table, target_faster  # noqa: E402
+from bench_vq import Config, Impl, build, header, run_case, table, target_faster  # noqa: E402
 
 RVQ = dict(dim=256, num_quantizers=8, codebook_size=1024)
 GRVQ = dict(dim=256, num_quantizers=8, groups=2, codebook_size=1024)
@@ -40,15 +40,6 @@ RPQ = dict(dim=512, num_codebooks=16, codebook_dim=256, codebook_size=1024)
 RVQ_SHAPE, RPQ_SHAPE = (4, 1024, 256), (1, 1024, 512)
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def _make(lib: str, cls: str, **kwargs):
-    if lib == "vqcore":
-        import vqcore
-
-        return getattr(vqcore, cls)(**kwargs)
-    import vector_quantize_pytorch
-
-    return getattr(vector_quantize_pytorch, cls)(**kwargs)
 
 
 def _train_call(module, x):
@@ -75,10 +66,10 @@ def _eval_call(module, x):
 def _pair(cls, kwargs, shape, make_call, ref_kwargs=None):
     torch.manual_seed(0)
     x = torch.randn(*shape)
-    ours = _make("vqcore", cls, **kwargs)
+    ours = build("vqcore", cls, **kwargs)
     impls = [Impl("vqcore", make_call(ours, x))]
-    impls.append(Impl("reference (defaults: rotation_trick=True)", make_call(_make("ref", cls, **kwargs), x)))
-    impls.append(Impl("reference (rotation_trick=False)", make_call(_make("ref", cls, rotation_trick=False, **kwargs), x)))
+    impls.append(Impl("reference (defaults: rotation_trick=True)", make_call(build("ref", cls, **kwargs), x)))
+    impls.append(Impl("reference (rotation_trick=False)", make_call(build("ref", cls, rotation_trick=False, **kwargs), x)))
     return impls
 
 
@@ -104,7 +95,7 @@ def _floor_eval_call(module, x):
 def _with_floor(impls, x_shape, make_call):
     torch.manual_seed(0)
     x = torch.randn(*x_shape)
-    ours = _make("vqcore", "ResidualVQ", **RVQ)
+    ours = build("vqcore", "ResidualVQ", **RVQ)
     impls.append(Impl("floor (8 x GEMM+argmin+gather+sub)", make_call(ours, x)))
     return impls
 
@@ -136,8 +127,8 @@ def case_grvq_train(cfg):
 def _rpq_calls():
     torch.manual_seed(0)
     x = torch.randn(*RPQ_SHAPE)
-    ours = _make("vqcore", "RandomProjectionQuantizer", **RPQ)
-    ref = _make("ref", "RandomProjectionQuantizer", **RPQ)
+    ours = build("vqcore", "RandomProjectionQuantizer", **RPQ)
+    ref = build("ref", "RandomProjectionQuantizer", **RPQ)
 
     def ev(module):
         def call():
@@ -156,7 +147,7 @@ def rpq_mem_child(name: str) -> None:
     import vqcore  # noqa: F401
 
     torch.manual_seed(0)
-    module = _make("vqcore" if name == "vqcore" else "ref", "RandomProjectionQuantizer", **RPQ)
+    module = build("vqcore" if name == "vqcore" else "ref", "RandomProjectionQuantizer", **RPQ)
     x = torch.randn(*RPQ_SHAPE)
     with torch.no_grad():
         module(torch.randn(1, 8, RPQ["dim"]))

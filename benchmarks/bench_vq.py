@@ -46,16 +46,21 @@ MiB = 2**20
 # ---------------------------------------------------------------------------------------------------
 # implementations
 # ---------------------------------------------------------------------------------------------------
-def make_vqcore(dim: int, size: int, **kwargs):
-    from vqcore import VectorQuantize
+def build(lib: str, cls: str, **kwargs):
+    """``cls(**kwargs)`` from vqcore (``lib == "vqcore"``) or from the reference package (any other ``lib``)."""
+    if lib == "vqcore":
+        import vqcore as package
+    else:
+        import vector_quantize_pytorch as package
+    return getattr(package, cls)(**kwargs)
 
-    return VectorQuantize(dim=dim, codebook_size=size, **kwargs)
+
+def make_vqcore(dim: int, size: int, **kwargs):
+    return build("vqcore", "VectorQuantize", dim=dim, codebook_size=size, **kwargs)
 
 
 def make_reference(dim: int, size: int, **kwargs):
-    from vector_quantize_pytorch import VectorQuantize
-
-    return VectorQuantize(dim=dim, codebook_size=size, **kwargs)
+    return build("reference", "VectorQuantize", dim=dim, codebook_size=size, **kwargs)
 
 
 def floor_indices(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
