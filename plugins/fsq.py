@@ -294,7 +294,6 @@ class ResidualFSQ(QuantizerModule):
         self.register_buffer("soft_clamp", 1 + 1 / (lv - 1), persistent=False)
         self.has_projections = self.dim != self.codebook_dim
         self.project_in, self.project_out = projection_pair(self.dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias)
-        self._rng = random.Random()
 
     @property
     def codebook_size(self) -> int:
@@ -340,7 +339,7 @@ class ResidualFSQ(QuantizerModule):
     def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
         kept = None
         if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            rng = self._rng if rand_quantize_dropout_fixed_seed is None else random.Random(rand_quantize_dropout_fixed_seed)
+            rng = None if rand_quantize_dropout_fixed_seed is None else random.Random(rand_quantize_dropout_fixed_seed)
             kept = kept_layers(
                 self.num_quantizers,
                 cutoff_index=self.quantize_dropout_cutoff_index,

@@ -458,7 +458,6 @@ class ResidualLFQ(QuantizerModule):
         )
         self._codebook_size = codebook_size
         self.register_buffer("layer_scales", torch.tensor([2.0**-q for q in range(num_quantizers)]), persistent=False)
-        self._rng = random.Random()
 
     @property
     def codebook_size(self) -> int:
@@ -518,7 +517,7 @@ class ResidualLFQ(QuantizerModule):
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
         kept = None
         if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            rng = self._rng if rand_quantize_dropout_fixed_seed is None else random.Random(rand_quantize_dropout_fixed_seed)
+            rng = None if rand_quantize_dropout_fixed_seed is None else random.Random(rand_quantize_dropout_fixed_seed)
             kept = kept_layers(
                 self.num_quantizers,
                 cutoff_index=self.quantize_dropout_cutoff_index,

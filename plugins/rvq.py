@@ -119,7 +119,6 @@ class ResidualVQ(QuantizerModule):
         self.layers = nn.ModuleList(
             VectorQuantize(codebook_dim, size, ema_update=layer_ema, **vq_kwargs) for size in sizes
         )
-        self._rng = random.Random()
         if shared_codebook:
             # one codebook object, registered once (here): the layers reference it without owning it, so
             # the state_dict holds each tensor once and .to()/.half() move it once
@@ -225,7 +224,7 @@ class ResidualVQ(QuantizerModule):
     # -- forward -----------------------------------------------------------------------------------
     def draw_kept_layers(self, seed: int | None = None, device=None) -> int:
         """How many leading layers run this training step (quantize dropout), synced over ranks."""
-        rng = self._rng if seed is None else random.Random(seed)
+        rng = None if seed is None else random.Random(seed)
         return kept_layers(
             self.num_quantizers,
             cutoff_index=self.quantize_dropout_cutoff_index,

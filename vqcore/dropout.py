@@ -30,7 +30,10 @@ def kept_layers(
         raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {cutoff_index}")
     if multiple_of < 1:
         raise ValueError(f"quantize_dropout_multiple_of must be >= 1, got {multiple_of}")
-    last = (rng or random).randrange(cutoff_index, num_quantizers)
+    if rng is None:  # torch's generator: follows torch.manual_seed, leaves Python's `random` alone
+        last = cutoff_index + int(torch.randint(num_quantizers - cutoff_index, ()))
+    else:
+        last = rng.randrange(cutoff_index, num_quantizers)
     kept = min(num_quantizers, -(-(last + 1) // multiple_of) * multiple_of)
     if sync:
         shared = broadcast_(torch.tensor([kept], device=device), sync)
