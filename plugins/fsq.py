@@ -390,6 +390,8 @@ class ResidualFSQ(QuantizerModule):
                 scaled = scaled.masked_fill(dropped[..., q].unsqueeze(-1), 0.0)
                 total = scaled if total is None else total + scaled
             out = project_from(self.project_out, total)
+            # a token with every layer dropped decodes to zero, after project_out too (as RVQ and ResidualLFQ)
+            out = out.masked_fill(dropped.all(-1, keepdim=True), 0.0)
         return layout.from_tokens(out, spatial)
 
     get_output_from_indices = decode

@@ -284,3 +284,15 @@ def test_bad_inputs_and_indices():
         r.decode(torch.zeros(1, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 25\)"):
         r.decode(torch.full((1, 3, 2), 25))
+
+
+def test_residual_fsq_all_dropped_token_decodes_to_zero_after_projection():
+    """Like ResidualVQ and ResidualLFQ: -1 in every layer means no code, so no project_out bias either."""
+    from vqcore import ResidualFSQ
+
+    rfsq = ResidualFSQ(dim=8, levels=[5, 5, 5], num_quantizers=3).eval()
+    indices = rfsq.encode(torch.randn(2, 4, 8))
+    indices[0, 1] = -1
+    out = rfsq.decode(indices)
+    assert torch.equal(out[0, 1], torch.zeros(8))
+    assert not torch.equal(rfsq.decode(indices[..., :1])[0, 0], torch.zeros(8))
