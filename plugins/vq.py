@@ -301,7 +301,7 @@ class VectorQuantize(QuantizerModule):
         book = self._codebook
         sync = should_sync(self.sync_codebook)
         zd = z.detach()
-        if book.kmeans_init and not bool(book.initted):
+        if book.kmeans_init and book.needs_init():
             book.init_(zd, valid, sync=sync, sync_kmeans=self.sync_kmeans)
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         if self.stochastic_sample_codes and temperature > 0:

@@ -91,6 +91,7 @@ class EMACodebook(nn.Module):
         self.register_buffer("cluster_size", torch.ones(books, size))
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._initted_seen = not kmeans_init  # host-side cache of ``initted`` once it is True (see needs_init)
 
     def _apply(self, fn, recurse=True):
         """Device moves apply; dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave the state in float32."""
@@ -142,6 +143,22 @@ class EMACodebook(nn.Module):
         return nn.functional.embedding(indices + offsets, self.embed.reshape(books * size, dim))
 
     # -- training state ----------------------------------------------------------------------------
+    def needs_init(self) -> bool:
+        """Whether k-means initialisation is still to run.
+
+        Reads the ``initted`` buffer (a host sync, and a torch.compile graph break) only until it has been
+        seen True; from then on a Python flag answers, so a compiled training step after initialisation has
+        no break. Loading a state dict refreshes the flag, so a loaded ``initted = False`` is honoured.
+        """
+        if self._initted_seen:
+            return False
+        self._initted_seen = bool(self.initted)
+        return not self._initted_seen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted_seen = bool(self.initted)  # loading is eager: read the loaded flag here, not in forward
+
     @torch.no_grad()
     @float32_region
     def init_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False, sync_kmeans: bool = True) -> bool:
@@ -182,6 +199,7 @@ class EMACodebook(nn.Module):
         self.embed_avg.copy_(means * counts.unsqueeze(-1))
         self._recompute_embed()
         self.initted.fill_(True)
+        self._initted_seen = True
         return True
 
     @torch.no_grad()
