@@ -156,9 +156,13 @@ def test_load_reference_state_dict_into_prebuilt_module():
     import vqcore
 
     torch.manual_seed(8)
-    ref = _train(vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True), (4, 32, 8))
+    ref = _train(
+        vqp.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True), (4, 32, 8)
+    )
     # vqcore's codebook_dim default (dim // heads) differs from the reference's (dim): pass it explicitly
-    mine = vqcore.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True, codebook_dim=8)
+    mine = vqcore.VectorQuantize(
+        dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True, codebook_dim=8
+    )
     load_reference_state_dict(mine, ref.state_dict())
     _compare(ref, mine.eval(), torch.randn(3, 20, 8))
     wrong = vqcore.VectorQuantize(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True)
@@ -176,9 +180,16 @@ def test_reference_kwargs_roundtrip_config():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: vqp.VectorQuantize(
-            dim=8, codebook_size=16, directional_reparam=True, rotation_trick=False, threshold_ema_dead_code=1
-        ), "directional_reparam"),
+        (
+            lambda: vqp.VectorQuantize(
+                dim=8,
+                codebook_size=16,
+                directional_reparam=True,
+                rotation_trick=False,
+                threshold_ema_dead_code=1,
+            ),
+            "directional_reparam",
+        ),
         (lambda: vqp.VectorQuantize(dim=8, codebook_size=16, affine_param=True), "affine_param"),
         (lambda: vqp.FSQ(levels=[5, 3], orthogonal_rotation=True), "orthogonal_rotation"),
         (lambda: vqp.LFQ(codebook_size=16, spherical=True), "spherical"),
@@ -201,3 +212,302 @@ def test_training_only_option_needs_opt_in():
 def test_unknown_class_raises():
     with pytest.raises(ValueError, match="no conversion"):
         from_reference(torch.nn.Linear(2, 2))
+
+
+# -- layouts: RVQ / GRVQ with image, video and channel-first feature maps ----------------------------------
+def _tokens(x):
+    """(b, d, *positions) -> the (b, n, d) token sequence the reference's layers quantize."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _compare_with_sequence_twin(twin, mine, x):
+    """``mine`` on the map ``x`` against the sequence-layout reference ``twin`` on its tokens.
+
+    The reference's ResidualVQ bookkeeping (index buffers, projections, the group split) is channel-last
+    only, so its forward on a map fails or, for a grouped module, splits the wrong axis; what the layout
+    options mean is the reference run position by position, i.e. on the ``(b, n, d)`` tokens.
+    """
+    with torch.no_grad():
+        r = twin(_tokens(x))
+        m = mine(x)
+    assert m[0].shape == x.shape
+    torch.testing.assert_close(_tokens(m[0]), r[0], atol=1e-5, rtol=1e-5)
+    assert m[1].dtype == torch.int64
+    assert m[1].shape == (*r[1].shape[:-2], *x.shape[2:], r[1].shape[-1])  # ([groups,] b, *positions, Q)
+    mismatch = (m[1].reshape(r[1].shape) != r[1]).float().mean().item()
+    assert mismatch <= 0.01, mismatch
+
+
+RVQ_BASE = dict(dim=8, codebook_size=16, num_quantizers=2)
+GRVQ_BASE = dict(dim=8, groups=2, codebook_size=16, num_quantizers=2)
+FMAP_CASES = {
+    "rvq_image": ("ResidualVQ", RVQ_BASE, dict(accept_image_fmap=True), (2, 8, 5, 3)),
+    "rvq_image_codebook_dim": (
+        "ResidualVQ",
+        dict(RVQ_BASE, codebook_dim=4),
+        dict(accept_image_fmap=True),
+        (2, 8, 5, 3),
+    ),
+    "rvq_image_shared_kmeans": (
+        "ResidualVQ",
+        dict(RVQ_BASE, shared_codebook=True, kmeans_init=True, kmeans_iters=3, use_cosine_sim=True),
+        dict(accept_image_fmap=True),
+        (2, 8, 4, 6),
+    ),
+    "rvq_video": (
+        "ResidualVQ",
+        dict(RVQ_BASE, codebook_size=(8, 16)),
+        dict(accept_3d_fmap=True),
+        (2, 8, 2, 3, 2),
+    ),
+    "rvq_channel_first": ("ResidualVQ", dict(RVQ_BASE, codebook_dim=4), dict(channel_last=False), (2, 8, 7)),
+    "grvq_image": ("GroupedResidualVQ", GRVQ_BASE, dict(accept_image_fmap=True), (2, 8, 5, 3)),
+    "grvq_image_codebook_dim": (
+        "GroupedResidualVQ",
+        dict(GRVQ_BASE, codebook_dim=2, kmeans_init=True, kmeans_iters=2),
+        dict(accept_image_fmap=True),
+        (2, 8, 3, 5),
+    ),
+    "grvq_video": ("GroupedResidualVQ", GRVQ_BASE, dict(accept_3d_fmap=True), (2, 8, 2, 2, 3)),
+    "grvq_channel_first": ("GroupedResidualVQ", GRVQ_BASE, dict(channel_last=False), (2, 8, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(FMAP_CASES))
+def test_residual_vq_feature_maps(case):
+    cls_name, kwargs, layout, shape = FMAP_CASES[case]
+    cls = getattr(vqp, cls_name)
+    torch.manual_seed(10)
+    twin = _train(cls(**kwargs), (4, 32, 8))  # trained on sequences: the map layouts cannot train (below)
+    ref = cls(**kwargs, **layout)
+    ref.load_state_dict(twin.state_dict())  # the layout options are not state
+    ref.eval()
+    x = torch.randn(*shape)
+    with pytest.raises((RuntimeError, ValueError, AssertionError)):  # the reference's own forward is broken
+        with torch.no_grad():
+            ref(x)
+    mine = from_reference(ref).eval()
+    assert type(mine).__name__ == cls_name
+    kind, kw = reference_kwargs(ref)
+    for key, value in layout.items():
+        assert kw[key] == value
+    _compare_with_sequence_twin(twin, mine, x)
+
+
+def test_grouped_residual_vq_image_fmap_trained_by_its_own_forward():
+    # with a per-group dim equal to the map's height and width the reference's GRVQ image forward runs
+    # (its shape bookkeeping coincides), so such a checkpoint can be trained as a map module
+    torch.manual_seed(11)
+    ref = vqp.GroupedResidualVQ(**GRVQ_BASE, accept_image_fmap=True, threshold_ema_dead_code=1, decay=0.6)
+    _train(ref, (4, 8, 4, 4))
+    _check_vq_state_nontrivial(ref.rvqs[1].layers[1])
+    mine = from_reference(ref).eval()
+    _compare(ref, mine, torch.randn(3, 8, 4, 4))  # the reference's own forward, where it works
+    twin = vqp.GroupedResidualVQ(**GRVQ_BASE, threshold_ema_dead_code=1, decay=0.6)
+    twin.load_state_dict(ref.state_dict())
+    _compare_with_sequence_twin(twin.eval(), mine, torch.randn(2, 8, 5, 3))  # and elsewhere, what it means
+
+
+def test_load_reference_state_dict_into_prebuilt_image_rvq():
+    import vqcore
+
+    torch.manual_seed(12)
+    twin = _train(vqp.ResidualVQ(**RVQ_BASE, codebook_dim=4), (4, 32, 8))
+    mine = vqcore.ResidualVQ(**RVQ_BASE, codebook_dim=4, accept_image_fmap=True)
+    load_reference_state_dict(mine, twin.state_dict())
+    _compare_with_sequence_twin(twin, mine.eval(), torch.randn(2, 8, 3, 3))
+
+
+@pytest.mark.parametrize(
+    "layout, shape",
+    [(dict(accept_3d_fmap=True), (2, 8, 2, 3, 2)), (dict(channel_last=False), (2, 8, 7))],
+    ids=["video", "channel_first"],
+)
+def test_vector_quantize_layouts(layout, shape):
+    torch.manual_seed(13)
+    ref = vqp.VectorQuantize(dim=8, codebook_size=16, codebook_dim=4, **layout)
+    _train(ref, (2, *shape[1:]))
+    mine = from_reference(ref).eval()
+    _compare(ref, mine, torch.randn(*shape))
+
+
+# -- options a trained checkpoint carries ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cls_name, kwargs",
+    [
+        ("ResidualVQ", dict(dim=8, codebook_size=(8, 16, 32))),
+        (
+            "ResidualVQ",
+            dict(RVQ_BASE, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=1, decay=0.5),
+        ),
+        (
+            "ResidualVQ",
+            dict(RVQ_BASE, stochastic_sample_codes=True, sample_codebook_temp=0.5, quantize_dropout=True),
+        ),
+        ("ResidualVQ", dict(RVQ_BASE, orthogonal_reg_weight=0.5, rotation_trick=False)),
+        ("GroupedResidualVQ", dict(dim=8, groups=2, codebook_size=(8, 16), codebook_dim=2)),
+        (
+            "VectorQuantize",
+            dict(dim=8, codebook_size=16, stochastic_sample_codes=True, sample_codebook_temp=0.5),
+        ),
+        (
+            "VectorQuantize",
+            dict(dim=8, codebook_size=16, heads=2, codebook_dim=3, use_cosine_sim=True, kmeans_init=True),
+        ),
+    ],
+    ids=[
+        "rvq_sizes",
+        "rvq_kmeans_dead",
+        "rvq_stochastic_dropout",
+        "rvq_orthogonal",
+        "grvq_sizes",
+        "vq_stochastic",
+        "vq_heads_cosine_kmeans",
+    ],
+)
+def test_more_trained_options(cls_name, kwargs):
+    torch.manual_seed(14)
+    ref = _train(getattr(vqp, cls_name)(**kwargs), (4, 32, 8))
+    mine = from_reference(ref).eval()
+    _compare(ref, mine, torch.randn(3, 20, 8))
+
+
+def test_options_are_mapped():
+    _, kw = reference_kwargs(vqp.VectorQuantize(dim=8, codebook_size=16))
+    assert kw["rotation_trick"] is True  # the reference's default estimator, kept
+    assert kw["sync_codebook"] is None and kw["stochastic_sample_codes"] is False
+    ref = vqp.VectorQuantize(
+        dim=8,
+        codebook_size=16,
+        sync_codebook=True,
+        sync_kmeans=False,
+        rotation_trick=False,
+        stochastic_sample_codes=True,
+        sample_codebook_temp=0.3,
+    )
+    _, kw = reference_kwargs(ref)
+    assert kw["sync_codebook"] is True and kw["sync_kmeans"] is False and kw["rotation_trick"] is False
+    assert kw["stochastic_sample_codes"] is True and kw["sample_codebook_temp"] == 0.3
+    mine = from_reference(ref)
+    assert mine.sync_codebook is True and mine.sync_kmeans is False and mine.stochastic_sample_codes
+    _, kw = reference_kwargs(vqp.ResidualVQ(**RVQ_BASE, sync_codebook=True, rotation_trick=False))
+    assert kw["sync_codebook"] is True and kw["rotation_trick"] is False
+
+
+def test_uninitialised_kmeans_codebook_is_not_copied():
+    ref = vqp.VectorQuantize(dim=8, codebook_size=16, kmeans_init=True)  # zeros until it sees a batch
+    mine = from_reference(ref)
+    book = mine._codebook
+    assert not bool(book.initted) and book.kmeans_init
+    assert book.embed.abs().sum(-1).min() > 0  # vqcore's placeholders, never zero codes
+    torch.manual_seed(15)
+    mine.train()(torch.randn(2, 32, 8))
+    assert bool(book.initted)
+
+
+def test_rvq_kmeans_state_is_per_layer():
+    torch.manual_seed(16)
+    ref = vqp.ResidualVQ(**RVQ_BASE, kmeans_init=True, kmeans_iters=2)
+    ref.layers[0].train()(torch.randn(2, 32, 8))  # only the first layer has run k-means
+    kind, kw = reference_kwargs(ref)
+    assert kw["kmeans_init"] is True  # the second layer still has to run it
+    mine = from_reference(ref)
+    torch.testing.assert_close(mine.layers[0]._codebook.embed, ref.layers[0]._codebook.embed)
+    assert bool(mine.layers[0]._codebook.initted) and not bool(mine.layers[1]._codebook.initted)
+    assert mine.layers[1]._codebook.embed.abs().sum(-1).min() > 0
+    mine.train()(torch.randn(2, 32, 8))
+    assert bool(mine.layers[1]._codebook.initted)
+
+
+def test_fsq_scale_is_ignored_like_the_reference():
+    torch.manual_seed(17)
+    ref = vqp.FSQ(levels=[5, 3], dim=4, scale=2.0)
+    mine = from_reference(ref).eval()
+    _compare(ref.eval(), mine, torch.randn(2, 9, 4))
+
+
+@pytest.mark.parametrize("optimize_values", [True, False])
+def test_latent_quantize_channel_first_sequence(optimize_values):
+    torch.manual_seed(18)
+    ref = vqp.LatentQuantize(levels=[5, 4], dim=6, optimize_values=optimize_values).eval()
+    mine = from_reference(ref).eval()
+    assert mine.channel_first is True and mine.optimize_values is optimize_values
+    _compare(ref, mine, torch.randn(2, 6, 7))  # the reference reads (b, dim, n): so must the conversion
+
+
+@pytest.mark.parametrize(
+    "make, match, x",
+    [
+        (
+            lambda: vqp.VectorQuantize(
+                dim=8,
+                codebook_size=16,
+                stochastic_sample_codes=True,
+                straight_through=True,
+                rotation_trick=False,
+            ),
+            "straight_through",
+            (2, 5, 8),
+        ),
+        (
+            lambda: vqp.VectorQuantize(dim=8, codebook_size=16, manual_ema_update=True),
+            "manual_ema_update",
+            (2, 5, 8),
+        ),
+        (
+            lambda: vqp.ResidualVQ(**RVQ_BASE, straight_through=True, rotation_trick=False),
+            "straight_through",
+            (2, 5, 8),
+        ),
+        (
+            lambda: vqp.LFQ(codebook_size=16, dim=6, straight_through_activation=torch.nn.Tanh()),
+            "straight_through_activation",
+            (2, 5, 6),
+        ),
+        (
+            lambda: vqp.LFQ(codebook_size=16, force_quantization_f32=False),
+            "force_quantization_f32",
+            (2, 5, 4),
+        ),
+        (lambda: vqp.FSQ(levels=[5, 3], force_quantization_f32=False), "force_quantization_f32", (2, 5, 2)),
+        (
+            lambda: vqp.FSQ(levels=[5, 3], allowed_dtypes=(torch.float32, torch.float64, torch.bfloat16)),
+            "allowed_dtypes",
+            (2, 5, 2),
+        ),
+    ],
+    ids=[
+        "vq_gumbel_straight_through",
+        "vq_manual_ema",
+        "rvq_gumbel_straight_through",
+        "lfq_activation",
+        "lfq_f32",
+        "fsq_f32",
+        "fsq_dtypes",
+    ],
+)
+def test_training_only_options_need_opt_in(make, match, x):
+    ref = make()
+    with pytest.raises(ValueError, match=match) as err:
+        from_reference(ref)
+    assert "allow_training_differences" in str(err.value)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    mine = from_reference(ref, allow_training_differences=True).eval()
+    _compare(ref.eval(), mine, torch.randn(*x))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: vqp.LFQ(codebook_size=16, dim=6, cosine_sim_project_in=True), "cosine_sim_project_in"),
+        (lambda: vqp.LatentQuantize(levels=[5, 3], dim=4, codebook_dim=4), "codebook_dim"),
+        (lambda: vqp.ResidualVQ(**RVQ_BASE, beam_size=2), "beam_size"),
+        (lambda: vqp.ResidualVQ(**RVQ_BASE, quant_grad_frac=0.5), "quant_grad_frac"),
+    ],
+    ids=["lfq_cosine_project_in", "latent_codebook_dim", "rvq_beam", "rvq_quant_grad_frac"],
+)
+def test_more_unsupported_options_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        from_reference(make())
