@@ -21,13 +21,13 @@ import math
 import random
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vqcore.distributed import should_sync
 from vqcore.dropout import kept_layers
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import auto_layout, index_tokens
-from vqcore.module import QuantizerModule
+from vqcore.module import Float32State, QuantizerModule
 from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, FSQOutput
 from vqcore.validation import check_float, check_indices, check_positive_int
@@ -60,7 +60,7 @@ def mixed_radix_basis(levels: list[int]) -> list[int]:
     return basis
 
 
-class FSQGrid(nn.Module):
+class FSQGrid(Float32State):
     """The implicit FSQ grid of one codebook: bound + round, digits <-> codes <-> indices (float32)."""
 
     def __init__(self, levels: list[int], *, preserve_symmetry: bool = False, hard_clamp: bool = False):
@@ -96,6 +96,9 @@ class FSQGrid(nn.Module):
             codes = level / self.half_width
             digits = level + self.half_width
             surrogate = bounded / self.half_width
+        # a NaN input gives a NaN digit, and NaN -> int64 is undefined (INT64_MIN on x86): map it to digit 0
+        # so that every index stays in [0, codebook_size) (the codes keep the NaN)
+        digits = digits.nan_to_num(0.0)
         if z.requires_grad:
             codes = codes + (surrogate - surrogate.detach())
         return codes, digits
@@ -248,7 +251,7 @@ class FSQ(QuantizerModule):
         return f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, preserve_symmetry={self.preserve_symmetry}"
 
 
-class ResidualFSQ(QuantizerModule):
+class ResidualFSQ(Float32State, QuantizerModule):
     """x (b, n, dim) -> quantized (b, n, dim), indices (b, n, Q) int64; images/video (detected) too.
 
     Layer q quantizes ``residual / scale_q`` with the symmetric FSQ grid (hard clamp) and adds back

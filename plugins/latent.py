@@ -11,7 +11,10 @@ Gradients, as the paper intends (the reference's tables never receive one, §7.9
   gradient reaches the encoder (straight-through) AND the chosen values;
 - ``commitment = mse(z, sg(zhat))`` trains the encoder only, ``quantization = mse(sg(z), zhat)`` the
   values only; ``loss = commitment_loss_weight commitment + quantization_loss_weight quantization``,
-  both in latent (codebook) space, 0 in eval.
+  both in latent (codebook) space, 0 in eval;
+- non-finite tokens (NaN/Inf anywhere in one codebook group of a token) never reach the tables: they are
+  left out of ``quantization`` and of the straight-through path to the chosen values, as the EMA
+  codebooks leave them out of their statistics; ``commitment`` and the input's gradient still show them.
 
 Initial tables: odd L: ``linspace(-0.5, 0.5, L)``; even L: ``arange(L) / L - 0.5``. With
 ``optimize_values=False`` they are frozen (still saved in the state_dict).
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import auto_layout, index_tokens
+from vqcore.losses import commitment_loss
 from vqcore.module import QuantizerModule
 from vqcore.plugins.fsq import check_levels, mixed_radix_basis
 from vqcore.projection import project_from, project_into, projection_pair
@@ -138,7 +142,10 @@ class LatentQuantize(QuantizerModule):
 
     def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
         """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
-        return (z.detach().unsqueeze(-1) - table.detach()).abs().argmin(-1)
+        digits = (z.detach().unsqueeze(-1) - table.detach()).abs().argmin(-1)
+        # z = +inf is as far from every value as from the +inf padding (inf - inf = NaN wins the argmin): clamp,
+        # or the digit points into the padding and the index aliases another code or leaves [0, codebook_size)
+        return torch.minimum(digits, self.levels_tensor - 1)
 
     def _lookup(self, table: Tensor, digits: Tensor) -> Tensor:
         """digits (..., D) -> values (..., D), differentiable w.r.t. the table."""
@@ -191,9 +198,15 @@ class LatentQuantize(QuantizerModule):
             zhat = self._lookup(table, digits)
             commitment = quantization = z.new_zeros(())
             if self.training:
-                out = zhat + (z - z.detach()) if z.requires_grad else zhat
+                # the value tables learn from finite tokens only (per token and codebook group, as the EMA
+                # codebooks): a NaN/Inf token reaches them neither through the quantization loss nor through
+                # the straight-through output, so one bad token cannot turn the tables NaN at the next step.
+                # The encoder side still sees it (commitment and the input's gradient are non-finite).
+                finite = torch.isfinite(z).all(-1)
+                out = torch.where(finite.unsqueeze(-1), zhat, zhat.detach())
+                out = out + (z - z.detach()) if z.requires_grad else out
                 commitment = F.mse_loss(z, zhat.detach())
-                quantization = F.mse_loss(z.detach(), zhat)
+                quantization = commitment_loss(zhat, z, finite)  # mean ||sg(z) - zhat||^2 over finite tokens
             else:
                 out = zhat
             out = project_from(self.project_out, out.flatten(-2))

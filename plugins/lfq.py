@@ -50,7 +50,7 @@ from vqcore.dropout import kept_layers
 from vqcore.estimators import straight_through
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout, auto_layout, index_tokens
-from vqcore.module import QuantizerModule
+from vqcore.module import Float32State, QuantizerModule
 from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, LFQLossBreakdown, LFQOutput, LFQOutputWithBreakdown
 from vqcore.validation import check_positive_int, check_tensor
@@ -411,7 +411,7 @@ class LFQ(QuantizerModule):
 # -- ResidualLFQ -----------------------------------------------------------------------------------
 
 
-class ResidualLFQ(QuantizerModule):
+class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
     """x (b, n, dim) -> quantized (b, n, dim), indices (b, n, Q) int64, aux losses (Q,); images/video too.
 
     Layer q is an LFQ with code scale ``2^-q`` on the residual of the layers before it (detached);

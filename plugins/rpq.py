@@ -33,12 +33,16 @@ from torch import Tensor
 from vqcore.distance import l2norm, nearest
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout
-from vqcore.module import QuantizerModule
+from vqcore.module import Float32State, QuantizerModule
 from vqcore.validation import check_indices, check_positive_int, check_tensor
 
 
-class RandomProjectionQuantizer(QuantizerModule):
-    """x (b, n, dim) -> indices (b, n, H) int64 (or (b, n) when H == 1) — see the module docstring."""
+class RandomProjectionQuantizer(Float32State, QuantizerModule):
+    """x (b, n, dim) -> indices (b, n, H) int64 (or (b, n) when H == 1) — see the module docstring.
+
+    Targets are computed in float32 whatever the context: autocast is off inside, and the frozen buffers
+    stay float32 under ``.half()`` / ``.bfloat16()`` (so a cast model keeps producing the same targets).
+    """
 
     def __init__(
         self,
@@ -77,10 +81,11 @@ class RandomProjectionQuantizer(QuantizerModule):
     def project(self, x: Tensor) -> Tensor:
         """x (b, n, dim) -> projected features (H, b*n, codebook_dim) float32 (LayerNorm, then P_h)."""
         tokens, _ = self.layout.to_tokens(x)
-        flat = tokens.reshape(-1, self.dim).float()
-        if self.norm:
-            flat = F.layer_norm(flat, (self.dim,))
-        return torch.matmul(flat, self.rand_projs)  # (H, b*n, cd)
+        with torch.autocast(x.device.type, enabled=False):  # under autocast the GEMM ran in bf16: other targets
+            flat = tokens.reshape(-1, self.dim).float()
+            if self.norm:
+                flat = F.layer_norm(flat, (self.dim,))
+            return torch.matmul(flat, self.rand_projs)  # (H, b*n, cd)
 
     def _shape_indices(self, indices: Tensor, x: Tensor) -> Tensor:
         """(H, b*n) -> (b, n, H) or (b, n) (and (b, H) / (b,) for (b, dim) input)."""
@@ -92,7 +97,7 @@ class RandomProjectionQuantizer(QuantizerModule):
 
     def encode(self, x: Tensor) -> Tensor:
         """x -> target indices (int64): the nearest (cosine) frozen code of each projection."""
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             z = self.project(x)
             # argmax of the cosine similarity == argmin of -z.c over unit codes (|z| does not change it)
             return self._shape_indices(nearest(z, self.codebooks, cosine=True), x)
@@ -100,7 +105,8 @@ class RandomProjectionQuantizer(QuantizerModule):
     def logits(self, x: Tensor) -> Tensor:
         """Cosine similarities (b, n, H, K) (``(b, n, K)`` for one codebook) between projections and codes."""
         tokens, _ = self.layout.to_tokens(x)
-        sims = torch.matmul(l2norm(self.project(x)), self.codebooks.transpose(1, 2))  # (H, b*n, K)
+        with torch.autocast(x.device.type, enabled=False):
+            sims = torch.matmul(l2norm(self.project(x)), self.codebooks.transpose(1, 2))  # (H, b*n, K)
         sims = sims.transpose(0, 1).reshape(tokens.shape[0], tokens.shape[1], self.heads, self.codebook_size)
         return sims.squeeze(2) if self.heads == 1 else sims
 

@@ -32,6 +32,7 @@ from vqcore.distance import DEFAULT_CHUNK_BYTES, gumbel_sample, l2norm, nearest
 from vqcore.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, global_pool_draw
 from vqcore.distributed import rank as dist_rank
 from vqcore.kmeans import bincount_per_book, kmeans, sum_per_code
+from vqcore.module import Float32State
 from vqcore.validation import check_positive_int
 
 
@@ -46,8 +47,10 @@ def float32_region(method):
     return run
 
 
-class EMACodebook(nn.Module):
+class EMACodebook(Float32State):
     """``books`` codebooks of ``size`` codes: nearest-code search, EMA update, k-means, dead-code expiry."""
+
+    float32_parameters = True  # dtype casts leave the state float32, ``embed`` included when learnable
 
     def __init__(
         self,
@@ -92,17 +95,6 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self._initted_seen = not kmeans_init  # host-side cache of ``initted`` once it is True (see needs_init)
-
-    def _apply(self, fn, recurse=True):
-        """Device moves apply; dtype casts (``.half()``, ``.to(torch.bfloat16)``) leave the state in float32."""
-
-        def keep_float32(t):
-            out = fn(t)
-            if t.is_floating_point() and out.dtype != t.dtype:
-                return t.to(device=out.device)
-            return out
-
-        return super()._apply(keep_float32, recurse)
 
     # -- protocol ----------------------------------------------------------------------------------
     @property

@@ -2,11 +2,14 @@
 
 ``project_in`` maps features (dim) to the quantizer's space (inner) and ``project_out`` maps codes back;
 both are ``nn.Identity`` when no projection is needed. The Linear layers run in their own dtype (after
-``.half()`` say), while quantization itself always runs in float32.
+``.half()`` say) with autocast off, while quantization itself always runs in float32. One rule for every
+method: under autocast a quantizer's indices are those of the float32 module on the same input, so a
+tokenizer trained with mixed precision gives the token ids its float32 (or exported) copy gives.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
@@ -22,12 +25,14 @@ def projection_pair(dim: int, inner: int, *, enabled: bool | None = None, bias: 
 def project_into(layer: nn.Module, tokens: Tensor) -> Tensor:
     """``tokens`` through ``layer`` (in the layer's dtype), returned in float32 for quantization."""
     if isinstance(layer, nn.Linear):
-        tokens = layer(tokens.to(layer.weight.dtype))
+        with torch.autocast(tokens.device.type, enabled=False):
+            tokens = layer(tokens.to(layer.weight.dtype))
     return tokens.float()
 
 
 def project_from(layer: nn.Module, codes: Tensor) -> Tensor:
     """``codes`` through ``layer`` in the layer's dtype (identity: unchanged)."""
     if isinstance(layer, nn.Linear):
-        return layer(codes.to(layer.weight.dtype))
+        with torch.autocast(codes.device.type, enabled=False):
+            return layer(codes.to(layer.weight.dtype))
     return codes
