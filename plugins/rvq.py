@@ -146,16 +146,25 @@ class ResidualVQ(QuantizerModule):
     # -- shared pieces of every path -------------------------------------------------------------------
 
 
-    def _encode_tokens(self, z: Tensor) -> Tensor:
-        """Codebook-space tokens (b, n, cd) float32 -> indices (b, n, Q): greedy nearest code per residual."""
+    def _encode_tokens(self, z: Tensor, with_total: bool = False):
+        """Codebook-space tokens (b, n, cd) float32 -> indices (b, n, Q): greedy nearest code per residual.
+
+        ``with_total``: also the sum of the chosen codes, added in layer order exactly as
+        :meth:`_decode_tokens` adds them (so ``project_out(total)`` is bit for bit the decode of indices
+        without -1), which saves eval the second lookup of every code.
+        """
         b, n = z.shape[0], z.shape[1]
-        residual, indices = z, []
+        residual, indices, total = z, [], None
         for layer in self.layers:
             book = layer._codebook
             idx = book.nearest(layer._to_codebook_space(residual))
             indices.append(idx.reshape(b, n))
-            residual = residual - book.lookup(idx).reshape(b, n, -1)
-        return torch.stack(indices, -1)
+            code = book.lookup(idx).reshape(b, n, -1)
+            residual = residual - code
+            if with_total:
+                total = code if total is None else total + code
+        indices = torch.stack(indices, -1)
+        return (indices, total) if with_total else indices
 
     def _layer_codes(self, indices: Tensor) -> list[Tensor]:
         """(b, n, Q) indices, -1 allowed -> Q codebook-space tensors (b, n, cd); -1 gives zeros."""
@@ -266,10 +275,12 @@ class ResidualVQ(QuantizerModule):
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
         z = project_into(self.project_in, tokens)
         if not self.training:
-            indices = self._encode_tokens(z)
-            if valid is not None:
-                indices = indices.masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
-            out = self._decode_tokens(indices)
+            if valid is None:  # no -1 anywhere: the decode of the indices is project_out(sum of the codes)
+                indices, total = self._encode_tokens(z, with_total=True)
+                out = project_from(self.project_out, total)
+            else:
+                indices = self._encode_tokens(z).masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
+                out = self._decode_tokens(indices)
             codes = torch.stack(self._layer_codes(indices)) if want_codes else None
             result = out, indices, z.new_zeros(self.num_quantizers), codes
         else:

@@ -156,7 +156,7 @@ class VectorQuantize(QuantizerModule):
             raise ValueError(f"codebook must have shape {expected}, got {tuple(codes.shape)}")
         book = self._codebook
         with torch.no_grad():
-            book.embed.data.copy_(codes.reshape(book.embed.shape))
+            book.embed.copy_(codes.reshape(book.embed.shape))
             book.embed_avg.copy_(book.embed * book.cluster_size.unsqueeze(-1))
             book.initted.fill_(True)
 

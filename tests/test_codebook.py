@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vqcore import distance
 from vqcore.codebook import EMACodebook
 from vqcore.estimators import rotation_trick, straight_through
 from vqcore.kmeans import bincount_per_book, kmeans, seed_means, sum_per_code
@@ -138,17 +139,18 @@ def test_ema_update_cosine_renormalises():
 
 def test_ema_update_ignores_masked_and_non_finite_tokens():
     torch.manual_seed(0)
-    ref = EMACodebook(4, 3, decay=0.7)
     book = EMACodebook(4, 3, decay=0.7)
-    book.load_state_dict(ref.state_dict())
     x = torch.randn(1, 6, 3)
-    indices = ref.nearest(x)
-    ref.update(x[:, :3], indices[:, :3])
+    indices = book.nearest(x)
 
     bad = x.clone()
     bad[0, 3, 1] = float("nan")
     bad[0, 4, 0] = float("inf")
-    valid = torch.tensor([[True, True, True, True, True, False]])  # token 5 masked, 3 and 4 non-finite
+    bad[0, 2] = torch.tensor([3e38, 3e38, -1.0])  # finite, but its sum (and its EMA sums) overflow float32
+    valid = torch.tensor([[True, True, True, True, True, False]])  # token 5 masked, 3 and 4 non-finite, 2 overflows
+    ref = EMACodebook(4, 3, decay=0.7)
+    ref.load_state_dict(book.state_dict())
+    ref.update(x[:, :2], indices[:, :2])
     book.update(bad, indices, valid)
     for name in ("cluster_size", "embed_avg", "embed"):
         assert torch.isfinite(getattr(book, name)).all()
@@ -199,6 +201,76 @@ def test_nearest_matches_brute_force(cosine, chunk_bytes):
         else:
             want = torch.cdist(x[b].double(), book.embed[b].double()).argmin(-1)
         assert torch.equal(got[b], want)
+
+
+@pytest.mark.parametrize("size", [1024, 192, 100, 64])  # grouped argmin (multiples of 64 above 64), plain otherwise
+def test_argmin_rows_is_argmin_with_ties_and_nan(size):
+    torch.manual_seed(0)
+    scores = torch.randn(300, size)
+    scores[:50] = scores[:50].round()  # many exact ties: the lowest index must win
+    scores[50, size // 2] = scores[50, size - 1] = -1e9  # a tie across groups
+    scores[51, 3:] = -5.0  # a tie inside the first group and beyond it
+    scores[52, size - 1] = float("nan")  # NaN counts as the minimum for argmin
+    scores[53, [size // 3, size - 2]] = float("nan")
+    want = torch.argmin(scores, -1)
+    out = torch.empty(300, dtype=torch.int64)
+    assert torch.equal(distance.argmin_rows(scores, out), want) and torch.equal(out, want)
+    assert out[50] == size // 2 and out[51] == 3 and out[52] == size - 1 and out[53] == size // 3
+
+
+@pytest.mark.skipif(distance._FUSED_LINEAR is None, reason="this torch build has no oneDNN linear ops")
+@pytest.mark.parametrize("cosine", [False, True])
+def test_fused_cpu_search_equals_the_baddbmm_search(cosine, monkeypatch):
+    """The oneDNN path (bias fused, codes packed, grouped argmin) picks the codes the baddbmm path picks."""
+    torch.manual_seed(0)
+    codes = torch.randn(2, 1024, 32) * 3  # well separated: no near-ties between the two GEMMs' roundings
+    x = codes[:, torch.randint(1024, (3000,))] + 0.05 * torch.randn(2, 3000, 32)
+    if cosine:
+        codes, x = F.normalize(codes, dim=-1), F.normalize(x, dim=-1)
+    calls = []
+    linear, pack = distance._FUSED_LINEAR
+    monkeypatch.setattr(distance, "_FUSED_LINEAR", (lambda *a: calls.append(1) or linear(*a), pack))
+    fused = distance.nearest(x, codes, cosine=cosine, chunk_bytes=2**20)  # several chunks per book
+    assert calls, "the fused path was not taken"
+    monkeypatch.setattr(distance, "_FUSED_LINEAR", None)
+    plain = distance.nearest(x, codes, cosine=cosine, chunk_bytes=2**20)
+    assert torch.equal(fused, plain)
+    brute = (x @ codes.transpose(1, 2)).argmax(-1) if cosine else torch.cdist(x.double(), codes.double()).argmin(-1)
+    assert torch.equal(fused, brute)
+
+
+def test_search_cache_follows_every_write_to_the_codebook():
+    """The fused CPU search keeps the packed codes between calls; every way the codes change refreshes it."""
+    torch.manual_seed(0)
+    book = EMACodebook(64, 8, books=2, threshold_ema_dead_code=0.5)
+    x = torch.randn(2, 400, 8)
+
+    def check():
+        want = torch.stack([torch.cdist(x[b].double(), book.embed[b].double()).argmin(-1) for b in range(2)])
+        assert torch.equal(book.nearest(x), want)
+
+    check()
+    check()  # cached
+    book.update(x * 3, book.nearest(x * 3))  # EMA step
+    check()
+    book.cluster_size[:, :10] = 0.0
+    book.expire_(x + 5)  # dead codes replaced by (shifted) batch vectors
+    check()
+    other = EMACodebook(64, 8, books=2, threshold_ema_dead_code=0.5)
+    book.load_state_dict(other.state_dict())
+    check()
+    with torch.no_grad():
+        book.embed.mul_(-1)  # any in-place write bumps the version
+    check()
+    learnable = EMACodebook(64, 8, learnable=True)
+    xl = torch.randn(1, 300, 8)
+    before = learnable.nearest(xl)
+    optimizer = torch.optim.SGD(learnable.parameters(), lr=10.0)
+    (learnable.embed.square().sum() * -1).backward()
+    optimizer.step()  # an optimizer step on a learnable codebook
+    want = torch.cdist(xl[0].double(), learnable.embed[0].double()).argmin(-1)
+    got = learnable.nearest(xl)
+    assert torch.equal(got[0], want) and not torch.equal(got, before)
 
 
 def test_lookup_gathers_each_books_codes():
