@@ -202,7 +202,7 @@ class LatentQuantize(QuantizerModule):
                 # codebooks): a NaN/Inf token reaches them neither through the quantization loss nor through
                 # the straight-through output, so one bad token cannot turn the tables NaN at the next step.
                 # The encoder side still sees it (commitment and the input's gradient are non-finite).
-                finite = torch.isfinite(z).all(-1)
+                finite = torch.isfinite(z.sum(-1))  # any NaN/Inf (or an overflowing sum) in the group
                 out = torch.where(finite.unsqueeze(-1), zhat, zhat.detach())
                 out = out + (z - z.detach()) if z.requires_grad else out
                 commitment = F.mse_loss(z, zhat.detach())
