@@ -32,7 +32,7 @@ from vqcore.estimators import straight_through
 from vqcore.hookspecs import hookimpl
 from vqcore.layout import TokenLayout
 from vqcore.module import QuantizerModule
-from vqcore.plugins.vq import VectorQuantize
+from vqcore.plugins.vq import VectorQuantize, resolve_ema_update
 from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, ResidualVQOutput, ResidualVQOutputWithCodes
 from vqcore.validation import check_indices, check_positive_int, check_tensor
@@ -113,12 +113,17 @@ class ResidualVQ(QuantizerModule):
         )
         self.has_projections = codebook_dim != dim
         self.project_in, self.project_out = projection_pair(dim, codebook_dim, enabled=self.has_projections)
-        self.ema_update = vq_kwargs.pop("ema_update", True)
-        self.return_zeros_for_masked_padding = vq_kwargs.pop("return_zeros_for_masked_padding", True)
-        layer_ema = self.ema_update and not shared_codebook  # the shared codebook is updated once, here
-        self.layers = nn.ModuleList(
-            VectorQuantize(codebook_dim, size, ema_update=layer_ema, **vq_kwargs) for size in sizes
+        self.ema_update = resolve_ema_update(
+            vq_kwargs.pop("ema_update", None),
+            vq_kwargs.get("learnable_codebook", False),
+            vq_kwargs.get("use_cosine_sim", False),
         )
+        self.return_zeros_for_masked_padding = vq_kwargs.pop("return_zeros_for_masked_padding", True)
+        self.layers = nn.ModuleList(
+            VectorQuantize(codebook_dim, size, ema_update=self.ema_update, **vq_kwargs) for size in sizes
+        )
+        for layer in self.layers:  # the shared codebook takes one step per batch, here (_shared_ema_step)
+            layer.steps_codebook = not shared_codebook
         if shared_codebook:
             # one codebook object, registered once (here): the layers reference it without owning it, so
             # the state_dict holds each tensor once and .to()/.half() move it once
@@ -339,15 +344,13 @@ class ResidualVQ(QuantizerModule):
     def _shared_ema_step(self, seen, valid, freeze) -> None:
         """One EMA step (decay applied once) and one expiry pass over every kept layer's residuals."""
         frozen = self.layers[0].freeze_codebook if freeze is None else freeze
-        if not self.ema_update or frozen:
-            return
         book = self._shared_codebook
+        if frozen or not (self.ema_update or book.threshold_ema_dead_code > 0):
+            return
         z = torch.cat([zq for zq, _ in seen], 1)  # (1, kept * b * n, cd)
         idx = torch.cat([i for _, i in seen], 1)
         ok = None if valid is None else valid.repeat(1, len(seen))
-        sync = should_sync(self.sync_codebook)
-        book.update(z, idx, ok, sync=sync)
-        book.expire_(z, ok, sync=sync)
+        book.train_step_(z, idx, ok, sync=should_sync(self.sync_codebook), ema=self.ema_update)
 
     def extra_repr(self) -> str:
         return (

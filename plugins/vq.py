@@ -4,7 +4,9 @@ An EMA-trained codebook (VQ-VAE, arXiv 1711.00937; VQ-VAE-2) with the tricks of 
 codebook_dim projections and cosine similarity (improved VQGAN, https://openreview.net/forum?id=pfNyExj7z2),
 k-means init and dead-code expiry (SoundStream, arXiv 2107.03312), orthogonal regularisation
 (arXiv 2112.00384), heads, image/video fmaps, Gumbel sampling (RQ-VAE, arXiv 2203.01941), masks and the
-rotation trick (arXiv 2410.06424).
+rotation trick (arXiv 2410.06424). ``learnable_codebook=True`` trains the codes by gradient instead:
+the commitment term ``mean ||z - q||^2`` then reaches the codes too (VQ-VAE's codebook loss), without
+EMA steps; dead-code expiry keeps working from usage counts.
 
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - the straight-through estimator is the default; ``rotation_trick=True`` opts in;
@@ -19,7 +21,9 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - the eval loss is a fresh zero, and tokens with non-finite values never reach the EMA statistics
   (a batch without any valid token leaves the codebook as it was);
 - ``.half()`` / ``.to(bfloat16)`` cast the projections only; the codebook state stays float32;
-- ``sync_codebook=None`` is decided at every call, not at construction.
+- ``sync_codebook=None`` is decided at every call, not at construction;
+- dead-code expiry also works without EMA (``ema_update=False``, learnable codebooks): usage counts are
+  still tracked; a learnable codebook with cosine similarity is refused (the reference's is broken, #197).
 """
 
 from __future__ import annotations
@@ -38,6 +42,21 @@ from vqcore.module import QuantizerModule
 from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, VQLossBreakdown, VQOutput, VQOutputWithBreakdown
 from vqcore.validation import check_indices, check_positive_int, check_tensor
+
+
+def resolve_ema_update(ema_update: bool | None, learnable_codebook: bool, use_cosine_sim: bool) -> bool:
+    """``ema_update`` defaults to ``not learnable_codebook``; a codebook is trained by EMA or by gradient."""
+    if learnable_codebook and ema_update:
+        raise ValueError(
+            "learnable_codebook=True trains the codebook by gradient (the commitment term is its codebook "
+            "loss); it cannot also take EMA steps: leave ema_update unset or pass ema_update=False"
+        )
+    if learnable_codebook and use_cosine_sim:
+        raise ValueError(
+            "learnable_codebook=True is not supported with use_cosine_sim=True (gradient steps would move "
+            "the codes off the unit sphere the cosine search assumes); use the EMA codebook"
+        )
+    return not learnable_codebook if ema_update is None else bool(ema_update)
 
 
 class VectorQuantize(QuantizerModule):
@@ -75,7 +94,8 @@ class VectorQuantize(QuantizerModule):
         sample_codebook_temp: float = 1.0,
         rotation_trick: bool = False,
         sync_codebook: bool | None = None,
-        ema_update: bool = True,
+        ema_update: bool | None = None,
+        learnable_codebook: bool = False,
         return_zeros_for_masked_padding: bool = True,
     ):
         super().__init__()
@@ -98,6 +118,7 @@ class VectorQuantize(QuantizerModule):
             raise ValueError("orthogonal_reg_active_codes_only is not supported with separate_codebook_per_head")
         if orthogonal_reg_max_codes is not None:
             check_positive_int(orthogonal_reg_max_codes, "orthogonal_reg_max_codes")
+        ema_update = resolve_ema_update(ema_update, learnable_codebook, use_cosine_sim)
 
         self.dim, self.heads, self.codebook_dim = dim, heads, codebook_dim
         self.separate_codebook_per_head = separate
@@ -111,7 +132,9 @@ class VectorQuantize(QuantizerModule):
         self.stochastic_sample_codes = stochastic_sample_codes
         self.sample_codebook_temp = float(sample_codebook_temp)
         self.rotation_trick = rotation_trick
-        self.ema_update = ema_update
+        self.ema_update, self.learnable_codebook = ema_update, learnable_codebook
+        # False for the layers of a shared-codebook ResidualVQ, which takes one step for all of them
+        self.steps_codebook = True
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.layout = TokenLayout.from_flags(
             dim, accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap, channel_last=channel_last
@@ -131,7 +154,7 @@ class VectorQuantize(QuantizerModule):
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
             threshold_ema_dead_code=threshold_ema_dead_code,
-            learnable=orthogonal_reg_weight > 0,
+            learnable=learnable_codebook or orthogonal_reg_weight > 0,
         )
 
     # -- properties --------------------------------------------------------------------------------
@@ -309,12 +332,12 @@ class VectorQuantize(QuantizerModule):
         else:
             indices = book.nearest(zd)
         q = book.lookup(indices)
-        commitment = commitment_loss(z, q, valid) if self.commitment_weight > 0 else z.new_zeros(())
-        orthogonal = self._orthogonal_loss(indices, valid) if self.orthogonal_reg_weight > 0 else z.new_zeros(())
         frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        if self.ema_update and not frozen:
-            book.update(zd, indices, valid, sync=sync)
-            book.expire_(zd, valid, sync=sync)
+        train_codes = self.learnable_codebook and not frozen  # the commitment term is the codebook loss too
+        commitment = commitment_loss(z, q, valid, train_codes) if self.commitment_weight > 0 else z.new_zeros(())
+        orthogonal = self._orthogonal_loss(indices, valid) if self.orthogonal_reg_weight > 0 else z.new_zeros(())
+        if self.steps_codebook and not frozen:
+            book.train_step_(zd, indices, valid, sync=sync, ema=self.ema_update)
         return indices, q.detach(), commitment, orthogonal
 
     def _orthogonal_loss(self, indices: Tensor, valid: Tensor | None) -> Tensor:

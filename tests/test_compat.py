@@ -511,3 +511,16 @@ def test_training_only_options_need_opt_in(make, match, x):
 def test_more_unsupported_options_raise(make, match):
     with pytest.raises(ValueError, match=match):
         from_reference(make())
+
+
+def test_learnable_codebook_converts_to_a_gradient_trained_codebook():
+    ref = _train(vqp.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False), (2, 32, 8))
+    mine = from_reference(ref)
+    assert mine.learnable_codebook and not mine.ema_update
+    assert isinstance(mine._codebook.embed, torch.nn.Parameter)
+    _compare(ref, mine, torch.randn(2, 20, 8))
+    # training continues by gradient: the commitment term reaches the codes
+    mine.train()
+    _, _, loss = mine(torch.randn(2, 20, 8))
+    (grad,) = torch.autograd.grad(loss, mine._codebook.embed)
+    assert grad.abs().sum() > 0

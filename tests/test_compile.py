@@ -76,6 +76,7 @@ TRAINING_CASES = {
         dim=8, codebook_size=16, stochastic_sample_codes=True, sample_codebook_temp=0.5
     ),
     "vq_orthogonal": lambda: vqcore.VectorQuantize(dim=8, codebook_size=16, orthogonal_reg_weight=1.0),
+    "vq_learnable": lambda: vqcore.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True),
     "rvq": CASES["rvq"],
     "rvq_shared": CASES["rvq_shared"],
     "grvq": CASES["grvq"],

@@ -482,3 +482,32 @@ def test_gradient_of_fused_path_equals_per_layer_straight_through(cfg):
         torch.testing.assert_close(codes[q], out.quantized)
     (total * weights).sum().backward()
     torch.testing.assert_close(got, x.grad)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_learnable_codebooks_get_each_layers_codebook_loss(shared):
+    torch.manual_seed(0)
+    rvq = ResidualVQ(
+        dim=4, num_quantizers=3, codebook_size=8, learnable_codebook=True, shared_codebook=shared,
+        threshold_ema_dead_code=0.5 if shared else 0.0,
+    )
+    assert rvq.ema_update is False and all(layer.ema_update is False for layer in rvq.layers)
+    books = [rvq._shared_codebook] if shared else [layer._codebook for layer in rvq.layers]
+    before = {name: t.clone() for name, t in rvq.state_dict().items()}
+    x = torch.randn(2, 16, 4)
+    _, indices, losses = rvq(x)
+    for name, t in rvq.state_dict().items():  # no EMA step: only the usage counts of expiry may move
+        if not name.endswith("cluster_size") and not name.endswith("embed"):
+            assert torch.equal(t, before[name]), name
+    losses.sum().backward()
+    # layer q's term: mean ||r_q - c||^2 over its residuals, gradient -(2/(N d)) sum (r_q - c_k) at its codes
+    residual, want = x.reshape(-1, 4), [torch.zeros(8, 4) for _ in books]
+    for q, layer in enumerate(rvq.layers):
+        codes = layer._codebook.embed.detach()[0]
+        idx = indices[..., q].reshape(-1)
+        g = want[0 if shared else q]
+        for n in range(residual.shape[0]):
+            g[idx[n]] -= 2 * (residual[n] - codes[idx[n]]) / residual.numel()
+        residual = residual - codes[idx]
+    for book, g in zip(books, want):
+        torch.testing.assert_close(book.embed.grad[0], g)

@@ -1160,3 +1160,87 @@ def test_half_module_with_layernorm_after_project_in(codebook_dim):
     assert quantized.dtype == torch.float16 and indices.shape == (2, 5)
     vq.eval()
     assert torch.equal(vq.decode(vq.encode(x)).half(), vq(x).quantized)
+
+
+# -- gradient-trained codebooks (learnable_codebook) ---------------------------------------------------
+
+
+def test_learnable_codebook_gets_the_codebook_loss_gradient_and_no_ema_step():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=6, learnable_codebook=True, commitment_weight=0.5)
+    book = vq._codebook
+    assert isinstance(book.embed, nn.Parameter) and vq.ema_update is False
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    before = snapshot(vq)
+    _, indices, loss = vq(x)
+    assert_same_state(vq, before)  # no EMA step, no statistics (expiry is off)
+    loss.backward()
+    # loss = 0.5 * mean_{n,j} (x_nj - c_{i(n) j})^2 over N * d entries; d/dc_k = -(1/(N d)) sum_{i(n)=k} (x_n - c_k)
+    flat, idx = x.detach().reshape(-1, 4), indices.reshape(-1)
+    codes = book.embed.detach()[0]
+    want = torch.zeros(6, 4)
+    for n in range(flat.shape[0]):
+        want[idx[n]] -= (flat[n] - codes[idx[n]]) / flat.numel()
+    torch.testing.assert_close(book.embed.grad[0], want)
+    # the encoder's side of the same term: +(1/(N d)) (x_n - c_i(n)), plus 1 per element for quantized.sum()
+    torch.testing.assert_close(x.grad.reshape(-1, 4), (flat - codes[idx]) / flat.numel())
+
+
+def test_learnable_codebook_trains_by_gradient_and_freezes_on_request():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=8, codebook_size=4, learnable_codebook=True)
+    centres = torch.randn(4, 8) * 3
+    data = (centres[torch.randint(4, (512,))] + 0.1 * torch.randn(512, 8)).unsqueeze(0)
+    optimizer = torch.optim.Adam(vq.parameters(), lr=0.1)
+
+    def error():
+        with torch.no_grad():
+            return (vq.eval()(data).quantized - data).pow(2).mean().item()
+
+    start = error()
+    for _ in range(60):
+        vq.train()
+        _, _, loss = vq(data)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert error() < 0.25 * start
+    # freeze_codebook: the commitment term is the encoder's only (no path to the codes)
+    vq.train()
+    _, _, loss = vq(data, freeze_codebook=True)
+    assert loss.item() > 0 and not loss.requires_grad
+    _, _, loss = vq(data.requires_grad_())
+    (grad,) = torch.autograd.grad(loss, vq._codebook.embed)
+    assert grad.abs().sum() > 0
+
+
+def test_learnable_codebook_expiry_counts_usage_without_ema():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=8, learnable_codebook=True, threshold_ema_dead_code=0.5, decay=0.5)
+    book = vq._codebook
+    embed_avg = book.embed_avg.clone()
+    x = torch.randn(1, 64, 4) * 0.01  # tiny inputs: a few codes take everything, the others go unused
+    _, indices, _ = vq(x)
+    counts = torch.bincount(indices.reshape(-1), minlength=8).float()
+    sizes = torch.ones(8).lerp(counts, 0.5)  # usage EMA from the initial 1.0, decay 0.5
+    dead = sizes < 0.5
+    assert torch.equal(book.embed_avg[0, ~dead], embed_avg[0, ~dead])  # no EMA of the codes themselves
+    assert torch.allclose(book.cluster_size[0, ~dead], sizes[~dead])
+    # with codes that go unused for two steps their usage falls to 0.25 and they are replaced from the batch
+    before = book.embed.detach().clone()
+    _, indices, _ = vq(x)
+    counts2 = torch.bincount(indices.reshape(-1), minlength=8).float()
+    sizes2 = sizes.lerp(counts2, 0.5)
+    dead2 = sizes2 < 0.5
+    assert dead2.any()
+    replaced = book.embed.detach()[0, dead2]
+    assert all((replaced[i] == x[0]).all(-1).any() for i in range(replaced.shape[0]))  # batch vectors
+    assert torch.equal(book.embed.detach()[0, ~dead2], before[0, ~dead2])
+    assert torch.allclose(book.cluster_size[0, dead2], torch.full((int(dead2.sum()),), 0.5))
+
+
+def test_learnable_codebook_invalid_combinations():
+    with pytest.raises(ValueError, match="cannot also take EMA steps"):
+        VectorQuantize(dim=4, codebook_size=6, learnable_codebook=True, ema_update=True)
+    with pytest.raises(ValueError, match="not supported with use_cosine_sim"):
+        VectorQuantize(dim=4, codebook_size=6, learnable_codebook=True, use_cosine_sim=True)

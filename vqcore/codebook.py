@@ -222,20 +222,41 @@ class EMACodebook(Float32State):
 
     @torch.no_grad()
     @float32_region
-    def update(self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False) -> None:
-        """One EMA step from tokens x (B, N, d) assigned to indices (B, N)."""
+    def update(
+        self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False, codes: bool = True
+    ) -> None:
+        """One EMA step from tokens x (B, N, d) assigned to indices (B, N).
+
+        ``codes=False``: only the usage counts (``cluster_size``) take the step, for dead-code expiry of a
+        codebook that is trained otherwise (by gradient); ``embed_avg`` and ``embed`` are left alone.
+        """
         valid = _finite_tokens(x, valid)
-        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         weight = valid.to(x.dtype)
         counts = all_reduce_sum_(bincount_per_book(indices, self.size, weight), sync)
-        sums = all_reduce_sum_(sum_per_code(x.float(), indices, self.size), sync)
         # a book that saw no valid token (all masked / non-finite, on every rank) keeps its state: an empty
         # batch carries no information, and decaying it would drive n to 0 (embed = 0/0 with decay 0)
         seen = counts.sum(-1, keepdim=True) > 0
         step = 1.0 - self.decay
         self.cluster_size.copy_(torch.where(seen, self.cluster_size.lerp(counts, step), self.cluster_size))
+        if not codes:
+            return
+        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        sums = all_reduce_sum_(sum_per_code(x.float(), indices, self.size), sync)
         self.embed_avg.copy_(torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, step), self.embed_avg))
         self._recompute_embed(seen)
+
+    def train_step_(
+        self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False, *, ema: bool = True
+    ) -> None:
+        """What a training batch does to the codebook: the EMA step (``ema``; otherwise, with expiry on,
+        only the usage counts expiry reads), then dead-code expiry."""
+        if ema:
+            self.update(x, indices, valid, sync=sync)
+        elif self.threshold_ema_dead_code > 0:
+            self.update(x, indices, valid, sync=sync, codes=False)
+        else:
+            return
+        self.expire_(x, valid, sync=sync)
 
     def _recompute_embed(self, books: Tensor | None = None) -> None:
         """embed = embed_avg / smoothed cluster sizes, for every book or where ``books`` (B, 1) is True."""

@@ -145,8 +145,9 @@ def _vq_layer_kwargs(ref: nn.Module, allow_training_differences: bool, shared_co
     what = type(ref).__name__
     findings = _table_findings(ref, _VQ_UNSUPPORTED) + _table_findings(book, _CODEBOOK_UNSUPPORTED)
     orthogonal = float(ref.orthogonal_reg_weight)
-    if ref.learnable_codebook and orthogonal <= 0:
-        findings.append((_TRAIN, "learnable_codebook=True (without orthogonal regularisation)"))
+    # the reference's codebook is learnable with orthogonal regularisation too (vqcore's is, internally);
+    # a user's learnable_codebook=True is a gradient-trained codebook, without EMA (the reference skips it)
+    learnable = bool(ref.learnable_codebook) and orthogonal <= 0
     gumbel = _gumbel_keywords(book)
     if gumbel.get("straight_through", False):
         findings.append((_TRAIN, "straight_through=True (Gumbel straight-through)"))
@@ -167,7 +168,8 @@ def _vq_layer_kwargs(ref: nn.Module, allow_training_differences: bool, shared_co
         stochastic_sample_codes=bool(gumbel.get("stochastic", False)),
         sample_codebook_temp=float(book.sample_codebook_temp),
         rotation_trick=bool(ref.rotation_trick),
-        ema_update=bool(book.ema_update),
+        ema_update=bool(book.ema_update) and not learnable,
+        learnable_codebook=learnable,
         freeze_codebook=bool(ref.freeze_codebook),
         return_zeros_for_masked_padding=bool(ref.return_zeros_for_masked_padding),
         **_sync_options(book),

@@ -21,10 +21,14 @@ class CommitmentLoss:
 
     name = "commitment"
 
-    def __call__(self, x: Tensor, q: Tensor, valid: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, q: Tensor, valid: Tensor | None = None, train_codes: bool = False) -> Tensor:
+        """``train_codes``: q is not detached, so the same term also pulls the codes to the encoder's outputs
+        (the codebook loss of a gradient-trained codebook, VQ-VAE's ``||sg(x) - q||^2``, with equal weight)."""
+        if not train_codes:
+            q = q.detach()
         if valid is None:  # one fused kernel each way (~4x faster backward than sub + pow + mean on CPU)
-            return F.mse_loss(x, q.detach())
-        diff = x - q.detach()
+            return F.mse_loss(x, q)
+        diff = x - q
         weight = valid.unsqueeze(-1).to(diff.dtype)
         # where() before the square keeps a NaN in a masked token out of the sum and out of the gradient
         # (masking after the square would back-propagate 0 * 2 * NaN = NaN into the masked token)
