@@ -67,11 +67,22 @@ def _sq_norms(codes: Tensor) -> Tensor:
 
 def _fused_linear():
     """``(linear, pack)``: oneDNN's ``x @ w^T + b`` with the bias fused into the GEMM, and the weight packing
-    it runs fastest with (``torch.ops.mkldnn``, the ops inductor uses for CPU linear layers); None if absent."""
+    it runs fastest with (``torch.ops.mkldnn``, the ops inductor uses for CPU linear layers), or None.
+
+    They are internal ops: a build without them, or one where they behave otherwise (torch >= 2.4 is
+    supported), is detected here once, on a small problem checked against ``addmm``, and the search then
+    uses ``baddbmm``.
+    """
     try:
-        if torch.backends.mkldnn.is_available():
-            return torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
-    except (AttributeError, RuntimeError):
+        if not torch.backends.mkldnn.is_available():
+            return None
+        linear, pack = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=g) for shape in ((5, 24), (7, 24), (7,)))
+        got = linear(x, pack(w, 5), b, "none", [], "")
+        if got.shape == (5, 7) and torch.allclose(got, torch.addmm(b, x, w.T), rtol=1e-4, atol=1e-4):
+            return linear, pack
+    except Exception:  # noqa: BLE001 -- any failure of an internal op means: do not use it
         pass
     return None
 
