@@ -28,6 +28,8 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -278,7 +280,18 @@ class VectorQuantize(QuantizerModule):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
         return_loss_breakdown: bool = False,
+        ema_update_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        accum_ema_update: bool = False,
     ):
+        """Quantize x; in training mode also take the codebook's step (see the module docstring).
+
+        ``ema_update_weight``: per-code scale of this step's EMA, ``(codebook_size,)`` or ``(heads,
+        codebook_size)`` with separate codebooks, or a callable ``(sums (B, K, d), counts (B, K)) -> weight``;
+        0 freezes a code (its vector stays exactly as it is and it never expires). ``accum_ema_update``:
+        only accumulate this batch's EMA statistics; the next call without it takes one step from all of
+        them (gradient accumulation).
+        """
+        step_weight = self._ema_weight(ema_update_weight)
         tokens, spatial = self.layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
         valid = self._token_mask(mask, lens, b, n, spatial)
@@ -291,7 +304,9 @@ class VectorQuantize(QuantizerModule):
         zero = torch.zeros((), device=x.device)
         commitment, orthogonal = zero, zero
         if self.training:
-            indices, q, commitment, orthogonal = self._train_step(z, book_valid, sample_codebook_temp, freeze_codebook)
+            indices, q, commitment, orthogonal = self._train_step(
+                z, book_valid, sample_codebook_temp, freeze_codebook, step_weight, accum_ema_update
+            )
             estimator = rotation_trick_estimator if self.rotation_trick else straight_through
             if z.requires_grad:
                 q = estimator(z, q)
@@ -316,7 +331,23 @@ class VectorQuantize(QuantizerModule):
             return VQOutputWithBreakdown(quantized, indices, loss, VQLossBreakdown(commitment, orthogonal))
         return VQOutput(quantized, indices, loss)
 
-    def _train_step(self, z, valid, sample_codebook_temp, freeze_codebook):
+    def _ema_weight(self, weight):
+        """ema_update_weight -> (books, K) float32 tensor, a callable, or None; bad shapes raise."""
+        if weight is None or callable(weight):
+            return weight
+        check_tensor(weight, "ema_update_weight")
+        book = self._codebook
+        allowed = {(book.size,), (book.books, book.size)}
+        if tuple(weight.shape) not in allowed:
+            raise ValueError(
+                f"ema_update_weight must have shape {' or '.join(str(a) for a in sorted(allowed))} "
+                f"(codebook_size per codebook), got {tuple(weight.shape)}"
+            )
+        if not torch.isfinite(weight).all() or (weight < 0).any():
+            raise ValueError("ema_update_weight must be finite and >= 0")
+        return weight.float().reshape(-1, book.size).expand(book.books, book.size)
+
+    def _train_step(self, z, valid, sample_codebook_temp, freeze_codebook, step_weight=None, accumulate=False):
         """Training-mode quantization: k-means init, code choice, losses, then the EMA update and expiry.
 
         The codes returned (and the losses) come from the codebook before this step's update.
@@ -337,7 +368,9 @@ class VectorQuantize(QuantizerModule):
         commitment = commitment_loss(z, q, valid, train_codes) if self.commitment_weight > 0 else z.new_zeros(())
         orthogonal = self._orthogonal_loss(indices, valid) if self.orthogonal_reg_weight > 0 else z.new_zeros(())
         if self.steps_codebook and not frozen:
-            book.train_step_(zd, indices, valid, sync=sync, ema=self.ema_update)
+            book.train_step_(
+                zd, indices, valid, sync=sync, ema=self.ema_update, step_weight=step_weight, accumulate=accumulate
+            )
         return indices, q.detach(), commitment, orthogonal
 
     def _orthogonal_loss(self, indices: Tensor, valid: Tensor | None) -> Tensor:

@@ -1244,3 +1244,71 @@ def test_learnable_codebook_invalid_combinations():
         VectorQuantize(dim=4, codebook_size=6, learnable_codebook=True, ema_update=True)
     with pytest.raises(ValueError, match="not supported with use_cosine_sim"):
         VectorQuantize(dim=4, codebook_size=6, learnable_codebook=True, use_cosine_sim=True)
+
+
+# -- per-code EMA weights and accumulated EMA steps -----------------------------------------------------
+
+
+def test_ema_update_weight_scales_each_codes_step_and_zero_freezes():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=6, decay=0.8, threshold_ema_dead_code=5.0)
+    book = vq._codebook
+    x = torch.randn(2, 30, 4)
+    before = snapshot(vq)
+    indices = book.nearest(x.reshape(1, -1, 4))
+    counts = torch.bincount(indices.reshape(-1), minlength=6).float()
+    weight = torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+    vq(x, ema_update_weight=weight)
+    step = 0.2 * weight
+    want_sizes = before["_codebook.cluster_size"][0].lerp(counts, step)
+    # codes below the threshold (5.0) are replaced (their size becomes the threshold), but code 0, frozen by
+    # its zero weight, is protected from expiry: it stays exactly as it was although its size (1.0) is below
+    expired = (want_sizes < 5.0) & (weight > 0)
+    assert expired.any()
+    for name in ("embed", "embed_avg", "cluster_size"):
+        assert torch.equal(getattr(book, name)[0, 0], before[f"_codebook.{name}"][0, 0]), name
+    torch.testing.assert_close(book.cluster_size[0, ~expired], want_sizes[~expired])
+    assert torch.equal(book.cluster_size[0, expired], torch.full((int(expired.sum()),), 5.0))
+
+    with pytest.raises(ValueError, match=r"ema_update_weight must have shape"):
+        vq(x, ema_update_weight=torch.ones(5))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        vq(x, ema_update_weight=-torch.ones(6))
+
+
+def test_ema_update_weight_callable_sees_the_batch_statistics():
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=4, codebook_size=16)
+    x = torch.randn(1, 6, 4)  # fewer tokens than codes: most codes go unused
+    before = snapshot(vq)
+    seen = {}
+
+    def only_used_codes(sums, counts):
+        seen["shapes"] = (tuple(sums.shape), tuple(counts.shape))
+        return (counts > 0).float()  # unused codes keep their statistics instead of decaying
+
+    _, indices, _ = vq(x, ema_update_weight=only_used_codes)
+    assert seen["shapes"] == ((1, 16, 4), (1, 16))
+    unused = torch.bincount(indices.reshape(-1), minlength=16) == 0
+    assert unused.sum() >= 10
+    for name in ("cluster_size", "embed_avg", "embed"):
+        assert torch.equal(getattr(vq._codebook, name)[0, unused], before[f"_codebook.{name}"][0, unused])
+        assert not torch.equal(getattr(vq._codebook, name)[0, ~unused], before[f"_codebook.{name}"][0, ~unused])
+
+
+def test_accum_ema_update_takes_one_step_for_all_micro_batches():
+    torch.manual_seed(0)
+    parts = [torch.randn(2, 10, 4) for _ in range(3)]
+    expiring = VectorQuantize(dim=4, codebook_size=8, threshold_ema_dead_code=100.0)
+    before = snapshot(expiring)
+    expiring(parts[0], accum_ema_update=True)
+    assert_same_state(expiring, before)  # only pending statistics: no step, and no expiry either
+    vq = VectorQuantize(dim=4, codebook_size=8, decay=0.7)
+    twin = copy.deepcopy(vq)
+    vq(parts[0], accum_ema_update=True)
+    vq(parts[1], accum_ema_update=True)
+    vq(parts[2])
+    twin(torch.cat(parts, 1))  # the same tokens in one batch: one step
+    for name, t in snapshot(twin).items():
+        torch.testing.assert_close(snapshot(vq)[name], t, msg=name)
+    assert not vq._codebook.pending_counts.any()  # folded in and cleared

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -223,56 +224,123 @@ class EMACodebook(Float32State):
     @torch.no_grad()
     @float32_region
     def update(
-        self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False, codes: bool = True
-    ) -> None:
-        """One EMA step from tokens x (B, N, d) assigned to indices (B, N).
+        self,
+        x: Tensor,
+        indices: Tensor,
+        valid: Tensor | None = None,
+        sync: bool = False,
+        codes: bool = True,
+        step_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        accumulate: bool = False,
+    ) -> Tensor | None:
+        """One EMA step from tokens x (B, N, d) assigned to indices (B, N); returns the (B, K) mask of codes
+        a zero ``step_weight`` froze (None without weights).
 
         ``codes=False``: only the usage counts (``cluster_size``) take the step, for dead-code expiry of a
         codebook that is trained otherwise (by gradient); ``embed_avg`` and ``embed`` are left alone.
+
+        ``step_weight`` (B, K) (or (K,)), or a callable ``(sums (B, K, d), counts (B, K)) -> weight``, scales
+        each code's step: ``stat <- lerp(stat, batch_stat, (1 - decay) * w)``. A code with weight 0 is
+        frozen: its statistics and its vector stay exactly as they are (the other codes' Laplace smoothing
+        does not move it).
+
+        ``accumulate``: this batch's counts and sums are only added to pending totals, and the next
+        non-accumulating call folds them into its own before its step: several micro-batches of gradient
+        accumulation then make one EMA step, as their concatenation would (collectives run then, once).
         """
         valid = _finite_tokens(x, valid)
-        weight = valid.to(x.dtype)
-        counts = all_reduce_sum_(bincount_per_book(indices, self.size, weight), sync)
+        counts = bincount_per_book(indices, self.size, valid.to(torch.float32))
+        sums = None
+        if codes:
+            x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            sums = sum_per_code(x.float(), indices, self.size)
+        if accumulate:
+            self._add_pending(counts, sums)
+            return None
+        counts, sums = self._take_pending(counts, sums)
+        counts = all_reduce_sum_(counts, sync)
         # a book that saw no valid token (all masked / non-finite, on every rank) keeps its state: an empty
         # batch carries no information, and decaying it would drive n to 0 (embed = 0/0 with decay 0)
         seen = counts.sum(-1, keepdim=True) > 0
-        step = 1.0 - self.decay
+        step: Tensor | float = 1.0 - self.decay
+        if step_weight is not None:
+            if sums is not None:
+                sums = all_reduce_sum_(sums, sync)
+            weight = step_weight(sums, counts) if callable(step_weight) else step_weight
+            step = (step * weight.to(device=counts.device, dtype=torch.float32)).expand_as(counts)
+        frozen = step == 0 if isinstance(step, Tensor) else None
         self.cluster_size.copy_(torch.where(seen, self.cluster_size.lerp(counts, step), self.cluster_size))
         if not codes:
-            return
-        x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-        sums = all_reduce_sum_(sum_per_code(x.float(), indices, self.size), sync)
-        self.embed_avg.copy_(torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, step), self.embed_avg))
-        self._recompute_embed(seen)
+            return frozen
+        if step_weight is None:
+            sums = all_reduce_sum_(sums, sync)
+        code_step = step.unsqueeze(-1) if isinstance(step, Tensor) else step
+        self.embed_avg.copy_(torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, code_step), self.embed_avg))
+        self._recompute_embed(seen, frozen)
+        return frozen
+
+    def _add_pending(self, counts: Tensor, sums: Tensor | None) -> None:
+        if getattr(self, "pending_counts", None) is None:  # allocated on first use (non-persistent buffers)
+            self.register_buffer("pending_counts", torch.zeros_like(counts), persistent=False)
+            self.register_buffer("pending_sums", torch.zeros_like(self.embed_avg), persistent=False)
+        self.pending_counts.add_(counts)
+        if sums is not None:
+            self.pending_sums.add_(sums)
+
+    def _take_pending(self, counts: Tensor, sums: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """This batch's statistics plus the accumulated ones (which are then cleared)."""
+        if getattr(self, "pending_counts", None) is None or not self.pending_counts.any():
+            return counts, sums
+        counts = counts + self.pending_counts
+        sums = None if sums is None else sums + self.pending_sums
+        self.pending_counts.zero_()
+        self.pending_sums.zero_()
+        return counts, sums
 
     def train_step_(
-        self, x: Tensor, indices: Tensor, valid: Tensor | None = None, sync: bool = False, *, ema: bool = True
+        self,
+        x: Tensor,
+        indices: Tensor,
+        valid: Tensor | None = None,
+        sync: bool = False,
+        *,
+        ema: bool = True,
+        step_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        accumulate: bool = False,
     ) -> None:
         """What a training batch does to the codebook: the EMA step (``ema``; otherwise, with expiry on,
-        only the usage counts expiry reads), then dead-code expiry."""
-        if ema:
-            self.update(x, indices, valid, sync=sync)
-        elif self.threshold_ema_dead_code > 0:
-            self.update(x, indices, valid, sync=sync, codes=False)
-        else:
+        only the usage counts expiry reads), then dead-code expiry. An ``accumulate`` batch only adds to
+        the pending statistics (see :meth:`update`); codes frozen by a zero ``step_weight`` never expire."""
+        if not ema and self.threshold_ema_dead_code <= 0:
             return
-        self.expire_(x, valid, sync=sync)
+        frozen = self.update(x, indices, valid, sync, codes=ema, step_weight=step_weight, accumulate=accumulate)
+        if not accumulate:
+            self.expire_(x, valid, sync=sync, protect=frozen)
 
-    def _recompute_embed(self, books: Tensor | None = None) -> None:
-        """embed = embed_avg / smoothed cluster sizes, for every book or where ``books`` (B, 1) is True."""
+    def _recompute_embed(self, books: Tensor | None = None, frozen: Tensor | None = None) -> None:
+        """embed = embed_avg / smoothed cluster sizes, for every book or where ``books`` (B, 1) is True,
+        except for ``frozen`` (B, K) codes, which keep their vectors."""
         n = self.cluster_size.sum(-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n
         embed = self.embed_avg / smoothed.unsqueeze(-1)
         if self.cosine:
             embed = l2norm(embed)
-        if books is not None:
-            embed = torch.where(books.unsqueeze(-1), embed, self.embed.detach())
+        keep = None if books is None else ~books.expand_as(self.cluster_size)
+        if frozen is not None:
+            keep = frozen if keep is None else keep | frozen
+        if keep is not None:
+            embed = torch.where(keep.unsqueeze(-1), self.embed.detach(), embed)
         self.embed.copy_(embed)  # in place under no_grad: bumps the version (the search cache sees it)
 
     @torch.no_grad()
     @float32_region
     def expire_(
-        self, x: Tensor, valid: Tensor | None = None, sync: bool = False, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        valid: Tensor | None = None,
+        sync: bool = False,
+        generator: torch.Generator | None = None,
+        protect: Tensor | None = None,
     ) -> Tensor:
         """Replace codes whose ``cluster_size`` fell below the threshold with batch vectors.
 
@@ -286,6 +354,8 @@ class EMACodebook(Float32State):
         if self.threshold_ema_dead_code <= 0:
             return torch.zeros_like(self.cluster_size, dtype=torch.bool)
         expired = self.cluster_size < self.threshold_ema_dead_code
+        if protect is not None:  # (B, K) codes that must not be replaced (frozen by a zero EMA weight)
+            expired = expired & ~protect
         # cluster sizes are identical on every rank (synced EMA), but the branch below runs collectives:
         # take it on an agreed flag, and rank 0's mask, so that no state drift can ever hang a job
         any_expired = all_reduce_max_(expired.any().reshape(1).to(torch.int32), sync)
