@@ -256,7 +256,10 @@ class ResidualVQ(QuantizerModule):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
+        accum_ema_update: bool = False,
     ):
+        """``accum_ema_update``: only accumulate this batch's EMA statistics (every codebook); the next call
+        without it takes one step from all of them, as for one large batch (gradient accumulation)."""
         tokens, spatial = self.layout.to_tokens(x)
         b = tokens.shape[0]
         valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
@@ -264,7 +267,7 @@ class ResidualVQ(QuantizerModule):
         if self.training and self.quantize_dropout:
             kept = self.draw_kept_layers(rand_quantize_dropout_fixed_seed, x.device)
         out, indices, losses, codes = self._forward_tokens(
-            tokens, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook
+            tokens, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook, accum_ema_update
         )
         quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
         indices = self.layout.indices_from_tokens(indices, spatial)
@@ -273,7 +276,7 @@ class ResidualVQ(QuantizerModule):
         codes = codes.reshape(codes.shape[0], b, *spatial, codes.shape[-1])
         return ResidualVQOutputWithCodes(quantized, indices, losses, codes)
 
-    def _forward_tokens(self, tokens, valid, kept, want_codes, temperature, freeze):
+    def _forward_tokens(self, tokens, valid, kept, want_codes, temperature, freeze, accumulate=False):
         """tokens (b, n, dim) -> (out (b, n, dim), indices (b, n, Q), losses (Q,), codes (Q, b, n, cd) or None)."""
         raw = tokens
         if valid is not None:  # padding may hold anything (NaN too); it must reach neither values nor gradients
@@ -289,12 +292,12 @@ class ResidualVQ(QuantizerModule):
             codes = torch.stack(self._layer_codes(indices)) if want_codes else None
             result = out, indices, z.new_zeros(self.num_quantizers), codes
         else:
-            result = self._train_tokens(z, valid, kept, want_codes, temperature, freeze)
+            result = self._train_tokens(z, valid, kept, want_codes, temperature, freeze, accumulate)
         if valid is not None and not self.return_zeros_for_masked_padding:  # padding passes through unchanged
             result = (torch.where(valid.unsqueeze(-1), result[0], raw.to(result[0].dtype)), *result[1:])
         return result
 
-    def _train_tokens(self, z, valid, kept, want_codes, temperature, freeze):
+    def _train_tokens(self, z, valid, kept, want_codes, temperature, freeze, accumulate=False):
         """Training step over the kept layers. Each layer's code choice, losses, k-means and (own-codebook)
         EMA step are the layer's own ``VectorQuantize._train_step``; the estimator is applied here."""
         b, n = z.shape[0], z.shape[1]
@@ -314,7 +317,9 @@ class ResidualVQ(QuantizerModule):
                     codes.append(z.new_zeros(b, n, self.codebook_dim))
                 continue
             zq = layer._to_codebook_space(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
-            idx, code, commitment, orthogonal = layer._train_step(zq, book_valid, temperature, freeze)
+            idx, code, commitment, orthogonal = layer._train_step(
+                zq, book_valid, temperature, freeze, accumulate=accumulate
+            )
             if self.shared_codebook:
                 seen.append((zq.detach(), idx))
             if book_valid is not None:
@@ -330,7 +335,7 @@ class ResidualVQ(QuantizerModule):
             if want_codes:
                 codes.append(out)
         if self.shared_codebook:
-            self._shared_ema_step(seen, book_valid, freeze)
+            self._shared_ema_step(seen, book_valid, freeze, accumulate)
         if fused and z.requires_grad:
             total = total + min(kept, self.num_quantizers) * (z - z.detach())
             if want_codes:  # each layer's output carries the straight-through gradient of its residual
@@ -341,7 +346,7 @@ class ResidualVQ(QuantizerModule):
         return out, torch.stack(indices, -1), torch.stack(losses), torch.stack(codes) if want_codes else None
 
     @torch.no_grad()
-    def _shared_ema_step(self, seen, valid, freeze) -> None:
+    def _shared_ema_step(self, seen, valid, freeze, accumulate=False) -> None:
         """One EMA step (decay applied once) and one expiry pass over every kept layer's residuals."""
         frozen = self.layers[0].freeze_codebook if freeze is None else freeze
         book = self._shared_codebook
@@ -350,7 +355,9 @@ class ResidualVQ(QuantizerModule):
         z = torch.cat([zq for zq, _ in seen], 1)  # (1, kept * b * n, cd)
         idx = torch.cat([i for _, i in seen], 1)
         ok = None if valid is None else valid.repeat(1, len(seen))
-        book.train_step_(z, idx, ok, sync=should_sync(self.sync_codebook), ema=self.ema_update)
+        book.train_step_(
+            z, idx, ok, sync=should_sync(self.sync_codebook), ema=self.ema_update, accumulate=accumulate
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -450,7 +457,10 @@ class GroupedResidualVQ(QuantizerModule):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
+        accum_ema_update: bool = False,
     ):
+        """``accum_ema_update``: only accumulate this batch's EMA statistics (every codebook); the next call
+        without it takes one step from all of them, as for one large batch (gradient accumulation)."""
         tokens, spatial = self.layout.to_tokens(x)
         b = tokens.shape[0]
         valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
@@ -461,7 +471,7 @@ class GroupedResidualVQ(QuantizerModule):
         outs, indices, losses, codes = [], [], [], []
         for rvq, chunk in zip(self.rvqs, self._chunks(tokens)):
             out, idx, loss, code = rvq._forward_tokens(
-                chunk, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook
+                chunk, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook, accum_ema_update
             )
             outs.append(out)
             indices.append(self.layout.indices_from_tokens(idx, spatial))

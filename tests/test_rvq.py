@@ -511,3 +511,26 @@ def test_learnable_codebooks_get_each_layers_codebook_loss(shared):
         residual = residual - codes[idx]
     for book, g in zip(books, want):
         torch.testing.assert_close(book.embed.grad[0], g)
+
+
+@pytest.mark.parametrize("cls", ["rvq", "rvq_shared", "grvq"])
+def test_accum_ema_update_takes_one_step_for_all_micro_batches(cls):
+    torch.manual_seed(0)
+    kw = dict(dim=8, num_quantizers=2, codebook_size=16, decay=0.7)
+    build = {
+        "rvq": lambda: ResidualVQ(**kw),
+        "rvq_shared": lambda: ResidualVQ(shared_codebook=True, **kw),
+        "grvq": lambda: GroupedResidualVQ(groups=2, **kw),
+    }[cls]
+    rvq = build()
+    twin = copy.deepcopy(rvq)
+    parts = [torch.randn(2, 12, 8) for _ in range(3)]
+    before = {k: v.clone() for k, v in rvq.state_dict().items()}
+    rvq(parts[0], accum_ema_update=True)
+    rvq(parts[1], accum_ema_update=True)
+    for k, v in rvq.state_dict().items():  # only pending statistics so far
+        assert torch.equal(v, before[k]), k
+    rvq(parts[2])
+    twin(torch.cat(parts, 1))  # every layer picks the same codes: the codebooks have not moved in between
+    for k, v in twin.state_dict().items():
+        torch.testing.assert_close(rvq.state_dict()[k], v, msg=k)
