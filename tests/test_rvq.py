@@ -269,6 +269,9 @@ CONFIGS = {
     "cosine": (dict(dim=16, num_quantizers=3, codebook_size=8, use_cosine_sim=True), (2, 10, 16)),
     "shared": (dict(dim=16, num_quantizers=4, codebook_size=8, shared_codebook=True), (2, 10, 16)),
     "per_layer_sizes": (dict(dim=16, codebook_size=[5, 16, 7]), (2, 10, 16)),
+    "learnable": (
+        dict(dim=16, num_quantizers=3, codebook_size=8, learnable_codebook=True, shared_codebook=True), (2, 10, 16)
+    ),
     "image": (dict(dim=16, num_quantizers=3, codebook_size=8, accept_image_fmap=True, codebook_dim=6), (2, 16, 3, 4)),
     "image_cosine_shared": (
         dict(dim=16, num_quantizers=3, codebook_size=8, accept_image_fmap=True, use_cosine_sim=True,
@@ -307,7 +310,7 @@ def test_decode_encode_equals_eval_forward(name):
         assert torch.equal(value, state[key])
 
 
-@pytest.mark.parametrize("name", ["plain", "image_cosine_shared", "per_layer_sizes", "projection"])
+@pytest.mark.parametrize("name", ["plain", "image_cosine_shared", "per_layer_sizes", "projection", "learnable"])
 def test_check_quantizer(name):
     kwargs, shape = CONFIGS[name]
     check_quantizer(ResidualVQ, torch.randn(*shape), **kwargs)

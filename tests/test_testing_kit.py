@@ -20,6 +20,7 @@ VQ_CONFIGS = [
     ((2, 16, 12), dict(dim=16, codebook_size=32, channel_last=False)),
     ((2, 16, 3, 4), dict(dim=16, codebook_size=32, accept_image_fmap=True, heads=2)),
     ((2, 16, 2, 3, 4), dict(dim=16, codebook_size=32, accept_3d_fmap=True, codebook_dim=8)),
+    ((2, 12, 16), dict(dim=16, codebook_size=32, learnable_codebook=True, threshold_ema_dead_code=0.5)),
 ]
 
 
