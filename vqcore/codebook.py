@@ -108,6 +108,7 @@ class EMACodebook(Float32State):
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self._initted_seen = not kmeans_init  # host-side cache of ``initted`` once it is True (see needs_init)
+        self._has_pending = False  # accumulated EMA statistics waiting for the next step (see update)
 
     # -- protocol ----------------------------------------------------------------------------------
     @property
@@ -141,8 +142,8 @@ class EMACodebook(Float32State):
         key = (id(self.embed), self.embed._version, self.chunk_bytes)
         cached = _SEARCH_CACHE.get(self)
         if cached is None or cached[0] != key or cached[1]() is not self.embed:
-            cached = (key, weakref.ref(self.embed), prepare_codes(codes, cosine=self.cosine, chunk_bytes=self.chunk_bytes))
-            _SEARCH_CACHE[self] = cached
+            prepared = prepare_codes(codes, cosine=self.cosine, chunk_bytes=self.chunk_bytes)
+            cached = _SEARCH_CACHE[self] = (key, weakref.ref(self.embed), prepared)
         return cached[2]
 
     @float32_region
@@ -259,21 +260,18 @@ class EMACodebook(Float32State):
             return None
         counts, sums = self._take_pending(counts, sums)
         counts = all_reduce_sum_(counts, sync)
+        sums = None if sums is None else all_reduce_sum_(sums, sync)
         # a book that saw no valid token (all masked / non-finite, on every rank) keeps its state: an empty
         # batch carries no information, and decaying it would drive n to 0 (embed = 0/0 with decay 0)
         seen = counts.sum(-1, keepdim=True) > 0
         step: Tensor | float = 1.0 - self.decay
         if step_weight is not None:
-            if sums is not None:
-                sums = all_reduce_sum_(sums, sync)
             weight = step_weight(sums, counts) if callable(step_weight) else step_weight
             step = (step * weight.to(device=counts.device, dtype=torch.float32)).expand_as(counts)
         frozen = step == 0 if isinstance(step, Tensor) else None
         self.cluster_size.copy_(torch.where(seen, self.cluster_size.lerp(counts, step), self.cluster_size))
         if not codes:
             return frozen
-        if step_weight is None:
-            sums = all_reduce_sum_(sums, sync)
         code_step = step.unsqueeze(-1) if isinstance(step, Tensor) else step
         self.embed_avg.copy_(torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, code_step), self.embed_avg))
         self._recompute_embed(seen, frozen)
@@ -286,15 +284,17 @@ class EMACodebook(Float32State):
         self.pending_counts.add_(counts)
         if sums is not None:
             self.pending_sums.add_(sums)
+        self._has_pending = True
 
     def _take_pending(self, counts: Tensor, sums: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """This batch's statistics plus the accumulated ones (which are then cleared)."""
-        if getattr(self, "pending_counts", None) is None or not self.pending_counts.any():
+        if not self._has_pending:  # a host-side flag: no device read on the EMA step's hot path
             return counts, sums
         counts = counts + self.pending_counts
         sums = None if sums is None else sums + self.pending_sums
         self.pending_counts.zero_()
         self.pending_sums.zero_()
+        self._has_pending = False
         return counts, sums
 
     def train_step_(
