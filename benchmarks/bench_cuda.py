@@ -79,8 +79,13 @@ def ort_cuda_parity() -> None:
     x = torch.randn(2, 64, 256)
     with tempfile.TemporaryDirectory() as tmp:
         for graph, example in (("encode", x), ("decode", q.encode(x))):
-            result = to_onnx(q, Path(tmp) / f"{graph}.onnx", graph=graph, example=example,
-                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            result = to_onnx(
+                q,
+                Path(tmp) / f"{graph}.onnx",
+                graph=graph,
+                example=example,
+                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            )
             print(f"onnxruntime CUDA parity, {graph}: {result.parity}")
 
 
@@ -104,18 +109,37 @@ def main() -> int:
 
     x = torch.randn(8, 1024, 256, device=device)
     for kind in ("train", "eval"):
-        case("VectorQuantize(256, 1024) x(8,1024,256)", lambda: vqcore.VectorQuantize(dim=256, codebook_size=1024),
-             ref and (lambda: ref.VectorQuantize(dim=256, codebook_size=1024)), x, kind)
-    case("VectorQuantize(256, 8192) x(8,1024,256)", lambda: vqcore.VectorQuantize(dim=256, codebook_size=8192),
-         ref and (lambda: ref.VectorQuantize(dim=256, codebook_size=8192)), x, "train")
+        case(
+            "VectorQuantize(256, 1024) x(8,1024,256)",
+            lambda: vqcore.VectorQuantize(dim=256, codebook_size=1024),
+            ref and (lambda: ref.VectorQuantize(dim=256, codebook_size=1024)),
+            x,
+            kind,
+        )
+    case(
+        "VectorQuantize(256, 8192) x(8,1024,256)",
+        lambda: vqcore.VectorQuantize(dim=256, codebook_size=8192),
+        ref and (lambda: ref.VectorQuantize(dim=256, codebook_size=8192)),
+        x,
+        "train",
+    )
     x4 = torch.randn(4, 1024, 256, device=device)
     for kind in ("train", "eval"):
-        case("ResidualVQ(256, Q=8, K=1024) x(4,1024,256)",
-             lambda: vqcore.ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024),
-             ref and (lambda: ref.ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024)), x4, kind)
+        case(
+            "ResidualVQ(256, Q=8, K=1024) x(4,1024,256)",
+            lambda: vqcore.ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024),
+            ref and (lambda: ref.ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024)),
+            x4,
+            kind,
+        )
     img = torch.randn(4, 16, 32, 32, device=device)
-    case("LFQ(65536, dim=16) x(4,16,32,32)", lambda: vqcore.LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1),
-         ref and (lambda: ref.LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1)), img, "train")
+    case(
+        "LFQ(65536, dim=16) x(4,16,32,32)",
+        lambda: vqcore.LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1),
+        ref and (lambda: ref.LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1)),
+        img,
+        "train",
+    )
 
     from vqcore.kmeans import kmeans
 

@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch and onnxruntime intra-op threads (0: defaults)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch and onnxruntime intra-op threads (0: defaults)"
+    )
     parser.add_argument("--shape", default="8,1024,256")
     parser.add_argument("--codebook-size", type=int, default=1024)
     args = parser.parse_args(argv)
@@ -73,17 +75,21 @@ def main(argv=None) -> int:
     times = {k: [] for k in impls}
     order = list(impls)
     for rep in range(args.warmup + args.reps):
-        for k in order[rep % len(order):] + order[: rep % len(order)]:
+        for k in order[rep % len(order) :] + order[: rep % len(order)]:
             start = time.perf_counter()
             impls[k]()
             if rep >= args.warmup:
                 times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     base = med["onnxruntime encode"]
-    print(f"VectorQuantize(dim={dim}, codebook_size={args.codebook_size}) encode on {shape}, "
-          f"median of {args.reps} interleaved runs, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"export-time parity: {result.parity.summary()['ok']}; ORT vs eager index mismatches here: {same} of {x.numel() // dim}")
+    print(
+        f"VectorQuantize(dim={dim}, codebook_size={args.codebook_size}) encode on {shape}, "
+        f"median of {args.reps} interleaved runs, torch {torch.__version__}, onnxruntime {ort.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(
+        f"export-time parity: {result.parity.summary()['ok']}; ORT vs eager index mismatches here: {same} of {x.numel() // dim}"
+    )
     print("| implementation | median ms | vs onnxruntime |")
     print("|---|---:|---:|")
     for k, v in med.items():

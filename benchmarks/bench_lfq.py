@@ -44,7 +44,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LFQ_SHAPE = (4, 16, 32, 32)
 
 
-
 def _train_call(module, x):
     module.train()
 
@@ -58,7 +57,9 @@ def _train_call(module, x):
     return call
 
 
-def _interleaved_case(case: str, name: str, kwargs: dict, shape: tuple, cfg, reps: int, warmup: int) -> list[Row]:
+def _interleaved_case(
+    case: str, name: str, kwargs: dict, shape: tuple, cfg, reps: int, warmup: int
+) -> list[Row]:
     torch.manual_seed(0)
     x = torch.randn(*shape).requires_grad_()
 
@@ -110,8 +111,20 @@ def _run_child(lib: str) -> dict:
 def case_lfq65536(cfg) -> list[Row]:
     ours, ref = _run_child("vqcore"), _run_child("reference")
     rows = [
-        Row("lfq65536", "vqcore LFQ (first call, own process)", ours["ms"], [ours["ms"]], peak_mib=ours["peak_above_baseline_mib"]),
-        Row("lfq65536", "reference LFQ (first call, own process)", ref["ms"], [ref["ms"]], peak_mib=ref["peak_above_baseline_mib"]),
+        Row(
+            "lfq65536",
+            "vqcore LFQ (first call, own process)",
+            ours["ms"],
+            [ours["ms"]],
+            peak_mib=ours["peak_above_baseline_mib"],
+        ),
+        Row(
+            "lfq65536",
+            "reference LFQ (first call, own process)",
+            ref["ms"],
+            [ref["ms"]],
+            peak_mib=ref["peak_above_baseline_mib"],
+        ),
     ]
     rows[0].ratio = 1.0
     rows[1].ratio = ref["ms"] / ours["ms"]
@@ -126,14 +139,22 @@ def case_lfq65536(cfg) -> list[Row]:
     impl = Impl("vqcore", call, lambda: setattr(x, "grad", None))
     timing = interleaved([impl], 2 if cfg.quick else 10, 2, Noise(cfg.wait_budget_s))
     steady = sorted(timing.times["vqcore"])[len(timing.times["vqcore"]) // 2]
-    row = Row("lfq65536", "vqcore LFQ (steady state, median)", steady, timing.times["vqcore"], ratio=ref["ms"] / steady)
+    row = Row(
+        "lfq65536",
+        "vqcore LFQ (steady state, median)",
+        steady,
+        timing.times["vqcore"],
+        ratio=ref["ms"] / steady,
+    )
     row.note = "ratio here = reference first call / vqcore steady-state median"
     rows.append(row)
     return rows
 
 
 def case_rlfq(cfg) -> list[Row]:
-    rows = _interleaved_case("rlfq", "ResidualLFQ", dict(dim=256, codebook_size=256, num_quantizers=8), (4, 1024, 256), cfg, 7, 2)
+    rows = _interleaved_case(
+        "rlfq", "ResidualLFQ", dict(dim=256, codebook_size=256, num_quantizers=8), (4, 1024, 256), cfg, 7, 2
+    )
     target_faster(rows[1], 5)
     return rows
 
@@ -145,7 +166,9 @@ def _no_slower(rows):
 
 
 def case_fsq(cfg) -> list[Row]:
-    return _no_slower(_interleaved_case("fsq", "FSQ", dict(levels=[8, 5, 5, 5], dim=256), (4, 1024, 256), cfg, 9, 2))
+    return _no_slower(
+        _interleaved_case("fsq", "FSQ", dict(levels=[8, 5, 5, 5], dim=256), (4, 1024, 256), cfg, 9, 2)
+    )
 
 
 def case_rfsq(cfg) -> list[Row]:
@@ -159,14 +182,25 @@ def case_latent(cfg) -> list[Row]:
     return _no_slower(_interleaved_case("latent", "LatentQuantize", kwargs, (4, 16, 32, 32), cfg, 9, 2))
 
 
-CASES = {"lfq65536": case_lfq65536, "rlfq": case_rlfq, "fsq": case_fsq, "rfsq": case_rfsq, "latent": case_latent}
+CASES = {
+    "lfq65536": case_lfq65536,
+    "rlfq": case_rlfq,
+    "fsq": case_fsq,
+    "rfsq": case_rfsq,
+    "latent": case_latent,
+}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=None, help=f"comma-separated cases among {', '.join(CASES)}")
-    parser.add_argument("--wait", type=float, default=None, help="seconds per case to wait for idle CPUs (default 30; 5 with --quick)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        help="seconds per case to wait for idle CPUs (default 30; 5 with --quick)",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--_child", dest="child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

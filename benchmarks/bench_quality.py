@@ -52,7 +52,9 @@ def faiss_kmeans(train: torch.Tensor, k: int, seed: int, niter: int = 100, nredo
 
 
 def _codebooks(module):
-    return [m for m in module.modules() if hasattr(m, "threshold_ema_dead_code") and hasattr(m, "cluster_size")]
+    return [
+        m for m in module.modules() if hasattr(m, "threshold_ema_dead_code") and hasattr(m, "cluster_size")
+    ]
 
 
 def fit_ema(quantizer, train: torch.Tensor, steps: int, polish: int):
@@ -113,8 +115,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ema-steps", type=int, default=150, help="EMA steps (VQ, RVQ), plus 30 polish steps")
-    parser.add_argument("--steps", type=int, default=4000, help="Adam steps for the projected methods (FSQ, LFQ, latent)")
+    parser.add_argument(
+        "--ema-steps", type=int, default=150, help="EMA steps (VQ, RVQ), plus 30 polish steps"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=4000, help="Adam steps for the projected methods (FSQ, LFQ, latent)"
+    )
     parser.add_argument("--lr", type=float, default=1e-2, help="their Adam learning rate (cosine decay)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -129,29 +135,71 @@ def main(argv=None) -> int:
         rec_train, idx = fn(train)
         rec_test, _ = fn(test)
         usage, ppl = layer_stats(idx, size, train.shape[0])
-        rows.append(dict(name=name, bits=bits, train=mse(rec_train, train), test=mse(rec_test, test),
-                         usage=usage, ppl=ppl, size=size, seconds=seconds))
-        print(f"  {name}: train MSE {rows[-1]['train']:.5f}, usage {100 * usage:.1f}% ({seconds:.1f} s)", flush=True)
+        rows.append(
+            dict(
+                name=name,
+                bits=bits,
+                train=mse(rec_train, train),
+                test=mse(rec_test, test),
+                usage=usage,
+                ppl=ppl,
+                size=size,
+                seconds=seconds,
+            )
+        )
+        print(
+            f"  {name}: train MSE {rows[-1]['train']:.5f}, usage {100 * usage:.1f}% ({seconds:.1f} s)",
+            flush=True,
+        )
 
     def timed(make):
         t0 = time.perf_counter()
         fn = make()
         return fn, time.perf_counter() - t0
 
-    print(f"digits vectors: {train.shape[0]} train / {test.shape[0]} held-out, {dim}-d; budget {BITS} bits per vector", flush=True)
+    print(
+        f"digits vectors: {train.shape[0]} train / {test.shape[0]} held-out, {dim}-d; budget {BITS} bits per vector",
+        flush=True,
+    )
     mean = train.mean(0, keepdim=True)
-    rows.append(dict(name="mean vector (0 bits)", bits=0, train=mse(mean.expand_as(train), train),
-                     test=mse(mean.expand_as(test), test), usage=1.0, ppl=1.0, size=1, seconds=0.0))
+    rows.append(
+        dict(
+            name="mean vector (0 bits)",
+            bits=0,
+            train=mse(mean.expand_as(train), train),
+            test=mse(mean.expand_as(test), test),
+            usage=1.0,
+            ppl=1.0,
+            size=1,
+            seconds=0.0,
+        )
+    )
 
     fn, s = timed(lambda: faiss_kmeans(train, 2**BITS, args.seed))
     report("faiss k-means, 256 centroids (niter 100, best of 3)", BITS, fn, 256, s)
 
-    vq = create("vq", dim=dim, codebook_size=256, kmeans_init=True, kmeans_iters=20, decay=0.8, threshold_ema_dead_code=1.0)
+    vq = create(
+        "vq",
+        dim=dim,
+        codebook_size=256,
+        kmeans_init=True,
+        kmeans_iters=20,
+        decay=0.8,
+        threshold_ema_dead_code=1.0,
+    )
     fn, s = timed(lambda: fit_ema(vq, train, args.ema_steps, 30))
     report("VectorQuantize 256, kmeans_init + EMA (decay 0.8, expiry < 1)", BITS, fn, 256, s)
 
-    rvq = create("rvq", dim=dim, codebook_size=16, num_quantizers=2, kmeans_init=True, kmeans_iters=20, decay=0.8,
-                 threshold_ema_dead_code=1.0)
+    rvq = create(
+        "rvq",
+        dim=dim,
+        codebook_size=16,
+        num_quantizers=2,
+        kmeans_init=True,
+        kmeans_iters=20,
+        decay=0.8,
+        threshold_ema_dead_code=1.0,
+    )
     fn, s = timed(lambda: fit_ema(rvq, train, args.ema_steps, 30))
     report("ResidualVQ 2 x 16, kmeans_init + EMA", BITS, fn, 16, s)
 

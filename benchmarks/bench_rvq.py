@@ -41,7 +41,6 @@ RVQ_SHAPE, RPQ_SHAPE = (4, 1024, 256), (1, 1024, 512)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-
 def _train_call(module, x):
     module.train()
 
@@ -69,7 +68,12 @@ def _pair(cls, kwargs, shape, make_call, ref_kwargs=None):
     ours = build("vqcore", cls, **kwargs)
     impls = [Impl("vqcore", make_call(ours, x))]
     impls.append(Impl("reference (defaults: rotation_trick=True)", make_call(build("ref", cls, **kwargs), x)))
-    impls.append(Impl("reference (rotation_trick=False)", make_call(build("ref", cls, rotation_trick=False, **kwargs), x)))
+    impls.append(
+        Impl(
+            "reference (rotation_trick=False)",
+            make_call(build("ref", cls, rotation_trick=False, **kwargs), x),
+        )
+    )
     return impls
 
 
@@ -108,7 +112,9 @@ def _mark(rows, factor):
 
 
 def case_rvq_train(cfg):
-    rows = run_case("rvq train Q=8 K=1024 x(4,1024,256)", _pair("ResidualVQ", RVQ, RVQ_SHAPE, _train_call), cfg, 9, 2)
+    rows = run_case(
+        "rvq train Q=8 K=1024 x(4,1024,256)", _pair("ResidualVQ", RVQ, RVQ_SHAPE, _train_call), cfg, 9, 2
+    )
     return _mark(rows, 3.0)
 
 
@@ -161,10 +167,18 @@ def rpq_mem_child(name: str) -> None:
     peak = bench_vq._status_kib("VmHWM")
     del out
     params = sum(t.numel() for t in list(module.parameters()) + list(module.buffers()))
-    print(json.dumps({
-        "impl": name, "baseline_mib": baseline / 1024, "peak_mib": peak / 1024,
-        "peak_above_baseline_mib": (peak - baseline) / 1024, "method": method, "tensor_numel": params,
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": name,
+                "baseline_mib": baseline / 1024,
+                "peak_mib": peak / 1024,
+                "peak_above_baseline_mib": (peak - baseline) / 1024,
+                "method": method,
+                "tensor_numel": params,
+            }
+        )
+    )
 
 
 def case_rpq(cfg):
@@ -172,7 +186,9 @@ def case_rpq(cfg):
     for name in ("vqcore", "reference"):
         out = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--_mem-child", name],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             raise RuntimeError(f"memory child for {name!r} failed:\n{out.stderr[-4000:]}")
@@ -181,12 +197,17 @@ def case_rpq(cfg):
     for row in rows:
         info = peaks[row.impl]
         row.peak_mib = info["peak_above_baseline_mib"]
-        row.note = "; ".join(filter(None, [
-            row.note,
-            f"peak: forward {info['peak_above_baseline_mib']:.1f} MiB above setup RSS {info['baseline_mib']:.0f} MiB "
-            f"({info['method']}); whole-process peak RSS {info['peak_mib']:.0f} MiB; "
-            f"parameters+buffers {info['tensor_numel'] / 1e6:.1f}M values",
-        ]))
+        row.note = "; ".join(
+            filter(
+                None,
+                [
+                    row.note,
+                    f"peak: forward {info['peak_above_baseline_mib']:.1f} MiB above setup RSS {info['baseline_mib']:.0f} MiB "
+                    f"({info['method']}); whole-process peak RSS {info['peak_mib']:.0f} MiB; "
+                    f"parameters+buffers {info['tensor_numel'] / 1e6:.1f}M values",
+                ],
+            )
+        )
         if row.impl == "reference":
             ours, ref = peaks["vqcore"], peaks["reference"]
             mem_ok = ours["peak_above_baseline_mib"] <= ref["peak_above_baseline_mib"] / 10
@@ -195,7 +216,12 @@ def case_rpq(cfg):
     return rows
 
 
-CASES = {"rvq_train": case_rvq_train, "rvq_eval": case_rvq_eval, "grvq_train": case_grvq_train, "rpq": case_rpq}
+CASES = {
+    "rvq_train": case_rvq_train,
+    "rvq_eval": case_rvq_eval,
+    "grvq_train": case_grvq_train,
+    "rpq": case_rpq,
+}
 
 
 def main(argv=None) -> int:
@@ -204,7 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help=f"comma-separated among {', '.join(CASES)}")
     parser.add_argument("--wait", type=float, default=None, help="seconds per case to wait for idle CPUs")
     parser.add_argument("--threads", type=int, default=bench_vq.THREADS, help="torch threads (default 2)")
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/rvq_latest.md")
+    parser.add_argument(
+        "--no-write", action="store_true", help="do not write benchmarks/results/rvq_latest.md"
+    )
     parser.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mem_child:
@@ -223,7 +251,9 @@ def main(argv=None) -> int:
         print(table(case_rows), file=sys.stderr, flush=True)
         gc.collect()
     report = header(load_before, os.getloadavg()[0], time.perf_counter() - start, args.quick)
-    report = report.replace(f"torch.set_num_threads({bench_vq.THREADS})", f"torch.set_num_threads({args.threads})")
+    report = report.replace(
+        f"torch.set_num_threads({bench_vq.THREADS})", f"torch.set_num_threads({args.threads})"
+    )
     report += "\n\n" + table(rows) + "\n"
     notes = [f"- {r.case} / {r.impl}: {r.note}" for r in rows if r.note]
     if notes:

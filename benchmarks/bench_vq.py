@@ -239,7 +239,9 @@ def rows_from_timing(case: str, timing: Timing, base: str = "vqcore") -> list[Ro
     rows = []
     for name, ts in times.items():
         paired = statistics.median([t / b for t, b in zip(ts, times[base])])
-        rows.append(Row(case, name, medians[name], ts, ratio=medians[name] / medians[base], paired_ratio=paired))
+        rows.append(
+            Row(case, name, medians[name], ts, ratio=medians[name] / medians[base], paired_ratio=paired)
+        )
     rows[0].note = (
         f"{timing.rounds} rounds kept, {timing.discarded} disturbed rounds re-run, "
         f"{timing.kept_disturbed} disturbed rounds kept, {timing.waited_s:.0f} s waited for idle CPUs"
@@ -247,7 +249,9 @@ def rows_from_timing(case: str, timing: Timing, base: str = "vqcore") -> list[Ro
     return rows
 
 
-def run_case(case: str, impls: list[Impl], cfg, reps: int, warmup: int, quick: tuple[int, int] = (2, 1)) -> list[Row]:
+def run_case(
+    case: str, impls: list[Impl], cfg, reps: int, warmup: int, quick: tuple[int, int] = (2, 1)
+) -> list[Row]:
     """Time ``impls`` interleaved: ``reps`` rounds after ``warmup`` rounds (``quick`` = both under --quick)."""
     reps, warmup = quick if cfg.quick else (reps, warmup)
     timing = interleaved(impls, reps, warmup, Noise(cfg.wait_budget_s))
@@ -288,10 +292,18 @@ def _train_impls(dim: int, size: int, shape: tuple[int, ...], with_rotation_row:
     ours = make_vqcore(dim, size)
     impls = [Impl("vqcore", train_step(ours), clear)]
     if with_rotation_row:
-        impls.append(Impl("vqcore (rotation_trick=True)", train_step(make_vqcore(dim, size, rotation_trick=True)), clear))
+        impls.append(
+            Impl(
+                "vqcore (rotation_trick=True)", train_step(make_vqcore(dim, size, rotation_trick=True)), clear
+            )
+        )
     impls += [
         Impl("reference (defaults: rotation_trick=True)", train_step(make_reference(dim, size)), clear),
-        Impl("reference (rotation_trick=False)", train_step(make_reference(dim, size, rotation_trick=False)), clear),
+        Impl(
+            "reference (rotation_trick=False)",
+            train_step(make_reference(dim, size, rotation_trick=False)),
+            clear,
+        ),
     ]
     codes = _codes_of(ours)
     impls.append(Impl("floor (GEMM+argmin+gather+STE backward)", lambda: floor_train(x, codes), clear))
@@ -359,7 +371,9 @@ def case_mem65536(cfg) -> list[Row]:
     for name in MEM_IMPLS:
         out = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--_mem-child", name],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             raise RuntimeError(f"memory child for {name!r} failed:\n{out.stderr[-4000:]}")
@@ -378,18 +392,27 @@ def case_mem65536(cfg) -> list[Row]:
 
         return call
 
-    impls = [Impl(MEM_IMPLS[0], ev(ours)), Impl(MEM_IMPLS[1], ev(ref)), Impl(MEM_IMPLS[2], lambda: floor_eval(x, codes))]
+    impls = [
+        Impl(MEM_IMPLS[0], ev(ours)),
+        Impl(MEM_IMPLS[1], ev(ref)),
+        Impl(MEM_IMPLS[2], lambda: floor_eval(x, codes)),
+    ]
     rows = run_case("c. eval dim=64 K=65536 x(8,1024,64)", impls, cfg, reps=3, warmup=1, quick=(1, 0))
     del ours, ref, impls
     gc.collect()
     for row in rows:
         info = peaks[row.impl]
         row.peak_mib = info["peak_above_baseline_mib"]
-        row.note = "; ".join(filter(None, [
-            row.note,
-            f"peak: baseline RSS {info['baseline_mib']:.0f} MiB ({info['method']}), "
-            f"first forward {info['first_forward_ms']:.0f} ms in its fresh process",
-        ]))
+        row.note = "; ".join(
+            filter(
+                None,
+                [
+                    row.note,
+                    f"peak: baseline RSS {info['baseline_mib']:.0f} MiB ({info['method']}), "
+                    f"first forward {info['first_forward_ms']:.0f} ms in its fresh process",
+                ],
+            )
+        )
         if row.impl == "vqcore":
             row.target = "peak <= 64 MiB"
             row.passed = row.peak_mib <= 64
@@ -484,14 +507,18 @@ def mem_child(name: str) -> None:
     elapsed = (time.perf_counter() - start) * 1e3
     peak = _status_kib("VmHWM")
     del out
-    print(json.dumps({
-        "impl": name,
-        "baseline_mib": baseline / 1024,
-        "peak_mib": peak / 1024,
-        "peak_above_baseline_mib": (peak - baseline) / 1024,
-        "first_forward_ms": elapsed,
-        "method": method,
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": name,
+                "baseline_mib": baseline / 1024,
+                "peak_mib": peak / 1024,
+                "peak_above_baseline_mib": (peak - baseline) / 1024,
+                "first_forward_ms": elapsed,
+                "method": method,
+            }
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,18 +549,20 @@ def header(load_before, load_after, wall_s, quick) -> str:
 
     import vector_quantize_pytorch  # noqa: F401
 
-    return "\n".join([
-        f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
-        f"torch.set_num_threads({THREADS})",
-        f"- torch {torch.__version__}, vector-quantize-pytorch {version('vector-quantize-pytorch')}, "
-        f"vqcore {version('vqcore')}, python {platform.python_version()}",
-        f"- load average before/after: {load_before:.2f} / {load_after:.2f}; rounds during which other "
-        "processes used CPU are re-run (see the notes under the table)",
-        f"- mode: {'quick (smoke)' if quick else 'full'}; wall time {wall_s:.0f} s",
-        "- ratio = impl median / vqcore median (> 1: vqcore faster); floor rows pass when vqcore / floor <= the "
-        "factor; `paired` = median over rounds of impl / vqcore within the same round",
-    ])
+    return "\n".join(
+        [
+            f"- date: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+            f"- machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
+            f"torch.set_num_threads({THREADS})",
+            f"- torch {torch.__version__}, vector-quantize-pytorch {version('vector-quantize-pytorch')}, "
+            f"vqcore {version('vqcore')}, python {platform.python_version()}",
+            f"- load average before/after: {load_before:.2f} / {load_after:.2f}; rounds during which other "
+            "processes used CPU are re-run (see the notes under the table)",
+            f"- mode: {'quick (smoke)' if quick else 'full'}; wall time {wall_s:.0f} s",
+            "- ratio = impl median / vqcore median (> 1: vqcore faster); floor rows pass when vqcore / floor <= the "
+            "factor; `paired` = median over rounds of impl / vqcore within the same round",
+        ]
+    )
 
 
 @dataclass
@@ -547,7 +576,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke mode: 2 reps, 1 warm-up")
     parser.add_argument("--only", default=None, help=f"comma-separated cases among {', '.join(CASES)}")
     parser.add_argument(
-        "--wait", type=float, default=None,
+        "--wait",
+        type=float,
+        default=None,
         help="seconds per case to wait for other processes to leave the CPUs (default 60; 5 with --quick)",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")

@@ -28,13 +28,24 @@ def brute(x: torch.Tensor, codes: torch.Tensor, cosine: bool):
 
 def check_against_brute_force() -> int:
     torch.manual_seed(0)
-    shapes = [(1, 100, 37, 6), (2, 257, 37, 6), (3, 1000, 129, 16), (1, 8192, 1024, 64), (1, 513, 8192, 32),
-              (2, 50, 3, 1), (1, 300, 65536, 64)]
+    shapes = [
+        (1, 100, 37, 6),
+        (2, 257, 37, 6),
+        (3, 1000, 129, 16),
+        (1, 8192, 1024, 64),
+        (1, 513, 8192, 32),
+        (2, 50, 3, 1),
+        (1, 300, 65536, 64),
+    ]
     tokens = 0
     for books, n, size, dim in shapes:
         for cosine in (False, True):
             for chunk_bytes in (D.DEFAULT_CHUNK_BYTES, 64, 4 * size * books * 7 + 3, 10**9):
-                x = torch.randn(books, n, dim) * 3 if n % 2 else (torch.randn(books, dim, n) * 3).transpose(1, 2)
+                x = (
+                    torch.randn(books, n, dim) * 3
+                    if n % 2
+                    else (torch.randn(books, dim, n) * 3).transpose(1, 2)
+                )
                 codes = torch.randn(books, size, dim)
                 if cosine:
                     x, codes = D.l2norm(x), D.l2norm(codes)
@@ -68,15 +79,25 @@ def check_ties_and_modes() -> None:
     with torch.inference_mode():
         assert torch.equal(D.nearest(x, codes, cosine=False, chunk_bytes=4096), expected)
     result = {}
-    thread = threading.Thread(target=lambda: result.update(idx=D.nearest(x, codes, cosine=False, chunk_bytes=4096)))
+    thread = threading.Thread(
+        target=lambda: result.update(idx=D.nearest(x, codes, cosine=False, chunk_bytes=4096))
+    )
     thread.start()
     thread.join()
     assert torch.equal(result["idx"], expected)
 
 
 def check_sliced_norms() -> None:
-    for books, size, dim in [(1, 65536, 64), (1, 8192, 256), (3, 1000, 17), (2, 37, 6), (1, 70000, 3),
-                             (4, 4096, 512), (1, 300, 5000), (2, 65536, 256)]:
+    for books, size, dim in [
+        (1, 65536, 64),
+        (1, 8192, 256),
+        (3, 1000, 17),
+        (2, 37, 6),
+        (1, 70000, 3),
+        (4, 4096, 512),
+        (1, 300, 5000),
+        (2, 65536, 256),
+    ]:
         for scale in (1.0, 1e3):
             codes = torch.randn(books, size, dim) * scale
             for c in (codes, codes.transpose(1, 2).contiguous().transpose(1, 2)):

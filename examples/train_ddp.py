@@ -27,7 +27,9 @@ def build_quantizer(name: str, dim: int) -> nn.Module:
     if name == "vq":
         return VectorQuantize(dim=dim, codebook_size=64, kmeans_init=True, threshold_ema_dead_code=1.0)
     if name == "rvq":
-        return ResidualVQ(dim=dim, num_quantizers=3, codebook_size=32, quantize_dropout=True, kmeans_init=True)
+        return ResidualVQ(
+            dim=dim, num_quantizers=3, codebook_size=32, quantize_dropout=True, kmeans_init=True
+        )
     if name == "lfq":
         return LFQ(dim=dim, codebook_size=64, entropy_loss_weight=0.1)
     raise ValueError(f"unknown quantizer {name!r}")
@@ -50,17 +52,23 @@ def shard_batch(step: int, rank: int, batch: int, features: int, device) -> torc
     """This rank's batch of clustered data (different on every rank and step)."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     centres = torch.randn(16, features, generator=torch.Generator().manual_seed(0)) * 3
-    x = centres[torch.randint(16, (batch, 8), generator=g)] + 0.3 * torch.randn(batch, 8, features, generator=g)
+    x = centres[torch.randint(16, (batch, 8), generator=g)] + 0.3 * torch.randn(
+        batch, 8, features, generator=g
+    )
     return x.to(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="nccl" if torch.cuda.is_available() else "gloo", choices=["gloo", "nccl"])
+    parser.add_argument(
+        "--backend", default="nccl" if torch.cuda.is_available() else "gloo", choices=["gloo", "nccl"]
+    )
     parser.add_argument("--quantizer", default="vq", choices=["vq", "rvq", "lfq"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16, help="sequences per rank and micro-batch")
-    parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step (no_sync)")
+    parser.add_argument(
+        "--accumulate", type=int, default=2, help="micro-batches per optimizer step (no_sync)"
+    )
     args = parser.parse_args()
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -97,7 +105,9 @@ def main() -> None:
             print(f"step {step:3d}  loss {loss.item():.4f}", flush=True)
 
     # every rank must hold the same quantizer state: gather it and compare
-    flat = torch.cat([t.detach().float().reshape(-1) for t in model.quantizer.state_dict().values()] or [torch.zeros(1)])
+    flat = torch.cat(
+        [t.detach().float().reshape(-1) for t in model.quantizer.state_dict().values()] or [torch.zeros(1)]
+    )
     flat = flat.to(device)
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)

@@ -88,7 +88,9 @@ def export_module(quantizer: nn.Module, graph: str) -> nn.Module:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     if is_wrapper(quantizer):
         if quantizer.graph != graph:
-            raise ValueError(f"{type(quantizer).__name__} is a {quantizer.graph} graph, asked for graph={graph!r}")
+            raise ValueError(
+                f"{type(quantizer).__name__} is a {quantizer.graph} graph, asked for graph={graph!r}"
+            )
         return quantizer
     from vqcore.registry import get_registry
 
@@ -101,7 +103,9 @@ def export_module(quantizer: nn.Module, graph: str) -> nn.Module:
 def export_module_default(quantizer: nn.Module, graph: str) -> nn.Module:
     """The protocol wrapper around ``quantizer.encode`` / ``quantizer.decode``."""
     if not callable(getattr(quantizer, graph, None)):
-        raise TypeError(f"{type(quantizer).__name__} has no {graph}() (vqcore.protocols.Quantizer): cannot export {graph}")
+        raise TypeError(
+            f"{type(quantizer).__name__} has no {graph}() (vqcore.protocols.Quantizer): cannot export {graph}"
+        )
     return EncodeGraph(quantizer) if graph == "encode" else DecodeGraph(quantizer)
 
 
@@ -125,7 +129,9 @@ def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
 
 def grow(t: Tensor, axis: int, size: int, generator: torch.Generator | None = None) -> Tensor:
     """``t`` resized to ``size`` along ``axis`` by resampling its own slices (indices stay valid)."""
-    pick = torch.randint(0, t.shape[axis], (size,), generator=generator).to(t.device)  # CPU generator, any device
+    pick = torch.randint(0, t.shape[axis], (size,), generator=generator).to(
+        t.device
+    )  # CPU generator, any device
     if size <= t.shape[axis] and generator is None:
         pick = torch.arange(size, device=t.device)
     return t.index_select(axis, pick)
@@ -146,10 +152,14 @@ def map_dynamic_axes(fn, example: Tensor, dims=None) -> dict[int, int | None]:
     for axis in range(example.ndim) if dims is None else dims:
         axis = axis % example.ndim
         try:
-            out = _first(fn(grow(example, axis, example.shape[axis] + 1, torch.Generator().manual_seed(axis))))
+            out = _first(
+                fn(grow(example, axis, example.shape[axis] + 1, torch.Generator().manual_seed(axis)))
+            )
         except Exception as err:  # noqa: BLE001 - a rejected size marks a static axis
             if dims is not None:
-                raise ValueError(f"axis {axis} of the example was declared dynamic but the module rejects another size: {err}") from err
+                raise ValueError(
+                    f"axis {axis} of the example was declared dynamic but the module rejects another size: {err}"
+                ) from err
             continue
         if out.ndim != base.ndim:
             if dims is not None:

@@ -53,9 +53,20 @@ def quantizer_fields(q: nn.Module) -> dict:
     """Method hyper-parameters present on the quantizer (absent ones are left out)."""
     fields = {}
     for name in (
-        "dim", "codebook_dim", "codebook_size", "codebook_sizes", "num_codebooks", "num_quantizers",
-        "groups", "heads", "separate_codebook_per_head", "use_cosine_sim", "levels", "scales",
-        "codebook_scale", "channel_first",
+        "dim",
+        "codebook_dim",
+        "codebook_size",
+        "codebook_sizes",
+        "num_codebooks",
+        "num_quantizers",
+        "groups",
+        "heads",
+        "separate_codebook_per_head",
+        "use_cosine_sim",
+        "levels",
+        "scales",
+        "codebook_scale",
+        "channel_first",
     ):
         try:
             value = getattr(q, name)
@@ -70,8 +81,21 @@ def quantizer_fields(q: nn.Module) -> dict:
     return fields
 
 
-def build(module: nn.Module, quantizer: nn.Module, *, graph: str, fmt: str, input_name: str, output_name: str,
-          example_in: Tensor, example_out: Tensor, in_names: dict, out_names: dict, opset=None, parity=None) -> dict:
+def build(
+    module: nn.Module,
+    quantizer: nn.Module,
+    *,
+    graph: str,
+    fmt: str,
+    input_name: str,
+    output_name: str,
+    example_in: Tensor,
+    example_out: Tensor,
+    in_names: dict,
+    out_names: dict,
+    opset=None,
+    parity=None,
+) -> dict:
     from vqcore._version import __version__
 
     def layout_of(t: Tensor, names: dict) -> str:
@@ -86,10 +110,20 @@ def build(module: nn.Module, quantizer: nn.Module, *, graph: str, fmt: str, inpu
         "graph": graph,
         "format": fmt,
         **quantizer_fields(quantizer),
-        "input": {"name": input_name, "dtype": str(example_in.dtype).replace("torch.", ""), "layout": layout_of(example_in, in_names)},
-        "output": {"name": output_name, "dtype": str(example_out.dtype).replace("torch.", ""), "layout": layout_of(example_out, out_names)},
+        "input": {
+            "name": input_name,
+            "dtype": str(example_in.dtype).replace("torch.", ""),
+            "layout": layout_of(example_in, in_names),
+        },
+        "output": {
+            "name": output_name,
+            "dtype": str(example_out.dtype).replace("torch.", ""),
+            "layout": layout_of(example_out, out_names),
+        },
         "index_dtype": "int64",
-        "index_layout": layout_of(example_out if graph == "encode" else example_in, out_names if graph == "encode" else in_names),
+        "index_layout": layout_of(
+            example_out if graph == "encode" else example_in, out_names if graph == "encode" else in_names
+        ),
         "dropped_index": -1,
         "dynamic_axes": sorted(set(in_names.values())),
         "opset": opset,

@@ -102,7 +102,9 @@ def compare(report: ParityReport, inp: Tensor, want, got, tie_check=None) -> Non
         report.max_abs_diff = max(report.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
         bad = diff > ATOL + RTOL * w.double().abs()
         if bool(bad.any()):
-            report.failures.append(f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than atol+rtol*|ref| (max {float(diff.max()):.3g})")
+            report.failures.append(
+                f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than atol+rtol*|ref| (max {float(diff.max()):.3g})"
+            )
 
 
 def _compare_indices(report, out, inp, want, got, tie_check) -> None:
@@ -113,7 +115,9 @@ def _compare_indices(report, out, inp, want, got, tie_check) -> None:
         return
     report.index_mismatches += count
     if tie_check is None:
-        report.failures.append(f"{out}: {count} of {want.numel()} indices differ (exact equality required for this method)")
+        report.failures.append(
+            f"{out}: {count} of {want.numel()} indices differ (exact equality required for this method)"
+        )
         return
     if count > max(8, MAX_TIE_FRACTION * want.numel()):
         report.failures.append(f"{out}: {count} of {want.numel()} indices differ: far too many to be ties")
@@ -141,7 +145,12 @@ def tie_checker(quantizer, encoder=None, tolerance: float = TIE_TOLERANCE):
         from vqcore.plugins.rvq import GroupedResidualVQ, ResidualVQ
         from vqcore.plugins.vq import VectorQuantize
 
-        kinds = {VectorQuantize: _vq_ties, ResidualVQ: _rvq_ties, GroupedResidualVQ: _grvq_ties, RandomProjectionQuantizer: _rpq_ties}
+        kinds = {
+            VectorQuantize: _vq_ties,
+            ResidualVQ: _rvq_ties,
+            GroupedResidualVQ: _grvq_ties,
+            RandomProjectionQuantizer: _rpq_ties,
+        }
         judge = next((fn for cls, fn in kinds.items() if isinstance(quantizer, cls)), None)
         if judge is None:
             return None
@@ -188,7 +197,9 @@ def _vq_ties(vq, x, a, b, tol):
     codes = vq._codebook.embed
     ok = ba == bb
     for book, t in (~ok).nonzero().tolist():
-        ok[book, t] = _is_tie(z[book, t], codes[book, ba[book, t]], codes[book, bb[book, t]], vq.use_cosine_sim, tol)
+        ok[book, t] = _is_tie(
+            z[book, t], codes[book, ba[book, t]], codes[book, bb[book, t]], vq.use_cosine_sim, tol
+        )
     return vq.layout.indices_from_tokens(vq._token_indices(ok, bsz, n), _spatial_of(vq, x)).reshape(a.shape)
 
 

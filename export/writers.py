@@ -38,7 +38,10 @@ class ExportResult:
 def _quiet():
     """Silence the exporters' known noise (treespec FutureWarning, torch.jit deprecation, tracer warnings,
     onnx progress logs)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")
+    ]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -67,7 +70,9 @@ class _Plan:
         with torch.no_grad():
             axes = graphs.map_dynamic_axes(self.module, example, dynamic_dims)
         if not axes:
-            raise ExportError(f"no axis of the example {tuple(example.shape)} can change size: nothing to make dynamic")
+            raise ExportError(
+                f"no axis of the example {tuple(example.shape)} can change size: nothing to make dynamic"
+            )
         self.example = graphs.export_example(example, axes)
         self.in_names = graphs.axis_names(self.example, axes)
         self.out_names = {o: self.in_names[i] for i, o in axes.items() if o is not None}
@@ -79,20 +84,33 @@ class _Plan:
         self.tie_check = parity.tie_checker(self.quantizer, encoder=enc) if graph == "encode" else None
         # the eager reference: the wrapper itself, or the quantizer's own encode/decode when a plugin's
         # hook supplied the module (so a hook module that disagrees with the quantizer is caught)
-        self.reference = self.module if graphs.is_wrapper(self.module) else graphs.export_module_default(self.quantizer, graph)
+        self.reference = (
+            self.module
+            if graphs.is_wrapper(self.module)
+            else graphs.export_module_default(self.quantizer, graph)
+        )
 
     def export_program(self):
         with _quiet():
             try:
-                ep = torch.export.export(self.module, (self.example,), dynamic_shapes=graphs.dynamic_shapes(self.in_names), strict=False)
+                ep = torch.export.export(
+                    self.module,
+                    (self.example,),
+                    dynamic_shapes=graphs.dynamic_shapes(self.in_names),
+                    strict=False,
+                )
             except Exception as err:  # noqa: BLE001
-                raise ExportError(f"torch.export of the {self.graph} graph failed: {type(err).__name__}: {err}") from err
+                raise ExportError(
+                    f"torch.export of the {self.graph} graph failed: {type(err).__name__}: {err}"
+                ) from err
         user_input = ep.graph_signature.user_inputs[0]
         node = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == user_input)
         shape = node.meta["val"].shape
         static = [self.in_names[a] for a in self.in_names if isinstance(shape[a], int)]
         if static:
-            raise ExportError(f"torch.export specialised the dynamic axes {static} of the {self.graph} graph to constants (shape {tuple(shape)})")
+            raise ExportError(
+                f"torch.export specialised the dynamic axes {static} of the {self.graph} graph to constants (shape {tuple(shape)})"
+            )
         return ep
 
     def probes(self) -> list[Tensor]:
@@ -100,9 +118,13 @@ class _Plan:
         ex, out = self.example, [self.example]
         gen = torch.Generator().manual_seed(1234)
         for size in (None, 1):
-            shape = [(s + 3 if size is None else size) if a in self.in_names else s for a, s in enumerate(ex.shape)]
+            shape = [
+                (s + 3 if size is None else size) if a in self.in_names else s for a, s in enumerate(ex.shape)
+            ]
             if self.graph == "encode" and ex.is_floating_point():
-                probe = torch.randn(shape, generator=gen, dtype=ex.dtype).to(ex.device)  # CPU generator, any device
+                probe = torch.randn(shape, generator=gen, dtype=ex.dtype).to(
+                    ex.device
+                )  # CPU generator, any device
                 probe = probe * ex.float().std().clamp(min=1e-3).to(ex.dtype) + ex.mean()
             else:
                 probe = ex
@@ -121,7 +143,9 @@ class _Plan:
         return out
 
     def verify(self, run, runtime: str) -> parity.ParityReport:
-        report = parity.ParityReport(self.graph, runtime, tie_tolerance=parity.TIE_TOLERANCE if self.tie_check else None)
+        report = parity.ParityReport(
+            self.graph, runtime, tie_tolerance=parity.TIE_TOLERANCE if self.tie_check else None
+        )
         for probe in self.probes():
             with torch.no_grad():
                 want = self.reference(probe)
@@ -130,16 +154,26 @@ class _Plan:
                     got = run(probe)
             except Exception as err:  # noqa: BLE001 - a runtime failure is a parity failure
                 report.shapes.append(tuple(probe.shape))
-                report.failures.append(f"input {tuple(probe.shape)}: {runtime} failed: {type(err).__name__}: {str(err)[:300]}")
+                report.failures.append(
+                    f"input {tuple(probe.shape)}: {runtime} failed: {type(err).__name__}: {str(err)[:300]}"
+                )
                 continue
             parity.compare(report, probe, want, got, self.tie_check)
         return report
 
     def metadata(self, fmt: str, opset=None, report=None) -> dict:
         return metadata.build(
-            self.module, self.quantizer, graph=self.graph, fmt=fmt, input_name=self.input_name,
-            output_name=self.output_name, example_in=self.example, example_out=self.example_out[0],
-            in_names=self.in_names, out_names=self.out_names, opset=opset,
+            self.module,
+            self.quantizer,
+            graph=self.graph,
+            fmt=fmt,
+            input_name=self.input_name,
+            output_name=self.output_name,
+            example_in=self.example,
+            example_out=self.example_out[0],
+            in_names=self.in_names,
+            out_names=self.out_names,
+            opset=opset,
             parity=None if report is None else report.summary(),
         )
 
@@ -155,8 +189,17 @@ def _graph_of(obj, graph):
     return graph
 
 
-def to_onnx(obj: nn.Module, path, *, graph: str | None = None, example: Tensor, opset: int = DEFAULT_OPSET,
-            verify: bool = True, dynamic_dims=None, providers=None) -> ExportResult:
+def to_onnx(
+    obj: nn.Module,
+    path,
+    *,
+    graph: str | None = None,
+    example: Tensor,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    dynamic_dims=None,
+    providers=None,
+) -> ExportResult:
     """Write an ONNX file (dynamo exporter, single file, ``opset``) of ``graph`` of ``obj`` (a quantizer,
     Tokenizer or Detokenizer). The input is named "features" (encode) or "indices" (decode), the output
     "indices" or "vectors"; batch and sequence / spatial axes are symbolic (``dim_param``), which is
@@ -167,11 +210,21 @@ def to_onnx(obj: nn.Module, path, *, graph: str | None = None, example: Tensor, 
     ep = plan.export_program()
     with _quiet():
         try:
-            program = torch.onnx.export(ep, (plan.example,), None, dynamo=True, opset_version=opset,
-                                        input_names=[plan.input_name], output_names=[plan.output_name],
-                                        external_data=False, verbose=False)
+            program = torch.onnx.export(
+                ep,
+                (plan.example,),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=[plan.input_name],
+                output_names=[plan.output_name],
+                external_data=False,
+                verbose=False,
+            )
         except Exception as err:  # noqa: BLE001
-            raise ExportError(f"ONNX export of the {plan.graph} graph failed: {type(err).__name__}: {err}") from err
+            raise ExportError(
+                f"ONNX export of the {plan.graph} graph failed: {type(err).__name__}: {err}"
+            ) from err
     dims = program.model_proto.graph.input[0].type.tensor_type.shape.dim
     static = [name for axis, name in plan.in_names.items() if not dims[axis].dim_param]
     if not static:  # torch.export's symbols (s37, ...) -> the axis names
@@ -180,8 +233,10 @@ def to_onnx(obj: nn.Module, path, *, graph: str | None = None, example: Tensor, 
     onnx.checker.check_model(model, full_check=True)
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if static:
-        raise ExportError(f"the ONNX {plan.graph} graph has static sizes on the dynamic axes {static} "
-                          f"(input dims {[d.dim_param or d.dim_value for d in dims]}): the exporter specialised them")
+        raise ExportError(
+            f"the ONNX {plan.graph} graph has static sizes on the dynamic axes {static} "
+            f"(input dims {[d.dim_param or d.dim_value for d in dims]}): the exporter specialised them"
+        )
     report = None
     if verify:
         run = onnxruntime_runner(model.SerializeToString(), providers)
@@ -212,8 +267,9 @@ def onnxruntime_runner(model, providers=None):
     return run
 
 
-def to_torchscript(obj: nn.Module, path, *, graph: str | None = None, example: Tensor, verify: bool = True,
-                   dynamic_dims=None) -> ExportResult:
+def to_torchscript(
+    obj: nn.Module, path, *, graph: str | None = None, example: Tensor, verify: bool = True, dynamic_dims=None
+) -> ExportResult:
     """Write a ``torch.jit.trace`` of ``graph`` (TorchScript is deprecated upstream but still the artifact
     existing libtorch consumers load). The dynamic axes are checked by running the reloaded module at
     other shapes. Metadata: extra file "vqcore.json"."""
@@ -237,8 +293,16 @@ def to_torchscript(obj: nn.Module, path, *, graph: str | None = None, example: T
     return ExportResult(path, meta, report)
 
 
-def to_pt2(obj: nn.Module, path, *, graph: str | None = None, example: Tensor, verify: bool = True,
-           dynamic_dims=None, aoti: bool = False) -> ExportResult:
+def to_pt2(
+    obj: nn.Module,
+    path,
+    *,
+    graph: str | None = None,
+    example: Tensor,
+    verify: bool = True,
+    dynamic_dims=None,
+    aoti: bool = False,
+) -> ExportResult:
     """Write a ``torch.export`` program (``torch.export.save``, extra file "vqcore.json"); with
     ``aoti=True`` an AOTInductor package instead (compiled for this host's ISA and torch version; needs a
     C++ compiler; metadata in ``aot_inductor.metadata``)."""
@@ -266,7 +330,9 @@ def _to_aoti(plan, ep, path, verify):
 
     def package(meta):
         with _quiet():
-            aoti_compile_and_package(ep, package_path=path, inductor_configs={"aot_inductor.metadata": metadata.flat(meta)})
+            aoti_compile_and_package(
+                ep, package_path=path, inductor_configs={"aot_inductor.metadata": metadata.flat(meta)}
+            )
 
     meta = plan.metadata("aoti")
     package(meta)
@@ -276,7 +342,9 @@ def _to_aoti(plan, ep, path, verify):
             loaded = aoti_load_package(path)
         report = plan.verify(lambda x: loaded(x), "aotinductor")
         _finish(report, verify)
-        meta["parity"] = report.summary()  # recorded in the returned metadata; the package keeps the pre-check copy
+        meta["parity"] = (
+            report.summary()
+        )  # recorded in the returned metadata; the package keeps the pre-check copy
     return ExportResult(path, meta, report)
 
 

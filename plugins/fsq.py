@@ -70,7 +70,9 @@ class FSQGrid(Float32State):
         self.size = math.prod(levels)
         lv = torch.tensor(levels, dtype=torch.int32)
         self.register_buffer("levels", lv.long(), persistent=False)
-        self.register_buffer("basis", torch.tensor(mixed_radix_basis(levels), dtype=INDEX_DTYPE), persistent=False)
+        self.register_buffer(
+            "basis", torch.tensor(mixed_radix_basis(levels), dtype=INDEX_DTYPE), persistent=False
+        )
         # float32 constants computed the way the reference computes them (identical rounding decisions)
         half_l = (lv - 1) * (1 + 1e-3) / 2
         offset = torch.where(lv % 2 == 0, 0.5, 0.0)
@@ -171,7 +173,9 @@ class FSQ(QuantizerModule):
         self.grid = FSQGrid(levels, preserve_symmetry=preserve_symmetry, hard_clamp=bound_hard_clamp)
         self.has_projections = self.dim != self.effective_codebook_dim
         inner = self.effective_codebook_dim
-        self.project_in, self.project_out = projection_pair(self.dim, inner, enabled=self.has_projections, bias=projection_has_bias)
+        self.project_in, self.project_out = projection_pair(
+            self.dim, inner, enabled=self.has_projections, bias=projection_has_bias
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -188,7 +192,6 @@ class FSQ(QuantizerModule):
 
     # -- shared pieces -------------------------------------------------------------------------------
 
-
     def _split(self, z: Tensor) -> Tensor:
         return z.reshape(*z.shape[:-1], self._num_codebooks, self.codebook_dim)
 
@@ -197,8 +200,12 @@ class FSQ(QuantizerModule):
 
     def _index_tokens(self, indices: Tensor):
         return index_tokens(
-            indices, dim=self.dim, channel_first=self.channel_first, size=self.codebook_size,
-            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None, allow_dropped=False,
+            indices,
+            dim=self.dim,
+            channel_first=self.channel_first,
+            size=self.codebook_size,
+            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
+            allow_dropped=False,
         )
 
     # -- inference paths ------------------------------------------------------------------------------
@@ -226,7 +233,9 @@ class FSQ(QuantizerModule):
         """Normalised codes (..., len(levels)) -> indices (...) int64."""
         check_float(codes, "codes")
         if codes.shape[-1] != self.codebook_dim:
-            raise ValueError(f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}"
+            )
         return self.grid.digits_to_indices(self.grid.codes_to_digits(codes))
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:
@@ -296,7 +305,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
         self.register_buffer("scales", torch.stack([lv**-q for q in range(num_quantizers)]), persistent=False)
         self.register_buffer("soft_clamp", 1 + 1 / (lv - 1), persistent=False)
         self.has_projections = self.dim != self.codebook_dim
-        self.project_in, self.project_out = projection_pair(self.dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias)
+        self.project_in, self.project_out = projection_pair(
+            self.dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -311,8 +322,6 @@ class ResidualFSQ(Float32State, QuantizerModule):
         """(Q, codebook_size, len(levels)): every layer's codes, unscaled (all layers share the grid)."""
         return self.grid.all_codes().unsqueeze(0).expand(self.num_quantizers, -1, -1)
 
-
-
     def _run(self, x: Tensor, kept: int | None, return_all_codes: bool = False):
         """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes or None, layout, spatial)."""
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
@@ -323,7 +332,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
             residual, total, indices, all_codes = z, None, [], []
             for q in range(self.num_quantizers):
                 if kept is not None and q >= kept:
-                    indices.append(torch.full(z.shape[:-1], DROPPED_INDEX, dtype=INDEX_DTYPE, device=z.device))
+                    indices.append(
+                        torch.full(z.shape[:-1], DROPPED_INDEX, dtype=INDEX_DTYPE, device=z.device)
+                    )
                     all_codes.append(torch.zeros_like(z))
                     continue
                 scale = self.scales[q]
@@ -339,10 +350,16 @@ class ResidualFSQ(Float32State, QuantizerModule):
         _, indices, _, layout, spatial = self._run(x, None)
         return layout.indices_from_tokens(indices, spatial)
 
-    def forward(self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None):
+    def forward(
+        self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None
+    ):
         kept = None
         if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            rng = None if rand_quantize_dropout_fixed_seed is None else random.Random(rand_quantize_dropout_fixed_seed)
+            rng = (
+                None
+                if rand_quantize_dropout_fixed_seed is None
+                else random.Random(rand_quantize_dropout_fixed_seed)
+            )
             kept = kept_layers(
                 self.num_quantizers,
                 cutoff_index=self.quantize_dropout_cutoff_index,
@@ -363,8 +380,13 @@ class ResidualFSQ(Float32State, QuantizerModule):
 
     def _index_tokens(self, indices: Tensor):
         return index_tokens(
-            indices, dim=self.dim, channel_first=self.channel_first, size=self.codebook_size,
-            trailing=self.num_quantizers, axis="quantizer", at_most=True,
+            indices,
+            dim=self.dim,
+            channel_first=self.channel_first,
+            size=self.codebook_size,
+            trailing=self.num_quantizers,
+            axis="quantizer",
+            at_most=True,
         )
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
@@ -405,7 +427,12 @@ class ResidualFSQ(Float32State, QuantizerModule):
 
 @hookimpl
 def register_quantizers(register):
-    register("fsq", FSQ, aliases=("FSQ", "finite_scalar"), summary="finite scalar quantization: bounded, rounded dims")
+    register(
+        "fsq",
+        FSQ,
+        aliases=("FSQ", "finite_scalar"),
+        summary="finite scalar quantization: bounded, rounded dims",
+    )
     register(
         "residual_fsq",
         ResidualFSQ,

@@ -111,11 +111,17 @@ class LatentQuantize(QuantizerModule):
         self.values_per_latent = nn.ParameterList(
             nn.Parameter(initial_values(level), requires_grad=optimize_values) for level in levels
         )
-        self.register_buffer("basis", torch.tensor(mixed_radix_basis(levels), dtype=INDEX_DTYPE), persistent=False)
+        self.register_buffer(
+            "basis", torch.tensor(mixed_radix_basis(levels), dtype=INDEX_DTYPE), persistent=False
+        )
         self.register_buffer("levels_tensor", torch.tensor(levels, dtype=INDEX_DTYPE), persistent=False)
-        self.register_buffer("row_offset", torch.arange(len(levels), dtype=INDEX_DTYPE) * self.max_level, persistent=False)
+        self.register_buffer(
+            "row_offset", torch.arange(len(levels), dtype=INDEX_DTYPE) * self.max_level, persistent=False
+        )
         self.has_projections = self.dim != inner
-        self.project_in, self.project_out = projection_pair(self.dim, inner, enabled=self.has_projections, bias=projection_has_bias)
+        self.project_in, self.project_out = projection_pair(
+            self.dim, inner, enabled=self.has_projections, bias=projection_has_bias
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -128,17 +134,21 @@ class LatentQuantize(QuantizerModule):
     def value_table(self) -> Tensor:
         """(len(levels), max(levels)) float32, rows padded with +inf (never the nearest value)."""
         return torch.stack(
-            [F.pad(v.float(), (0, self.max_level - v.shape[0]), value=math.inf) for v in self.values_per_latent]
+            [
+                F.pad(v.float(), (0, self.max_level - v.shape[0]), value=math.inf)
+                for v in self.values_per_latent
+            ]
         )
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codes (codebook_size, len(levels)) in index order, from the current tables."""
-        digits = (torch.arange(self._codebook_size, device=self.basis.device).unsqueeze(-1) // self.basis) % self.levels_tensor
+        digits = (
+            torch.arange(self._codebook_size, device=self.basis.device).unsqueeze(-1) // self.basis
+        ) % self.levels_tensor
         return self._lookup(self.value_table().detach(), digits)
 
     # -- pieces ------------------------------------------------------------------------------------
-
 
     def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
         """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
@@ -169,8 +179,12 @@ class LatentQuantize(QuantizerModule):
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes from the current tables (after project_out unless ``project_out=False``), input layout."""
         tokens, spatial, layout = index_tokens(
-            indices, dim=self.dim, channel_first=self.channel_first, size=self._codebook_size,
-            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None, allow_dropped=False,
+            indices,
+            dim=self.dim,
+            channel_first=self.channel_first,
+            size=self._codebook_size,
+            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
+            allow_dropped=False,
         )
         with torch.autocast(tokens.device.type, enabled=False):
             digits = (tokens.long().unsqueeze(-1) // self.basis) % self.levels_tensor
@@ -184,7 +198,9 @@ class LatentQuantize(QuantizerModule):
         """Latent codes (..., len(levels)) -> indices (...) of the nearest grid point (current tables)."""
         check_float(codes, "codes")
         if codes.shape[-1] != self.codebook_dim:
-            raise ValueError(f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}"
+            )
         return (self._nearest(self.value_table(), codes.float()) * self.basis).sum(-1)
 
     # -- forward ----------------------------------------------------------------------------------
@@ -215,7 +231,9 @@ class LatentQuantize(QuantizerModule):
         quantized = layout.from_tokens(out, spatial).to(x.dtype)
         indices = layout.indices_from_tokens(self._indices_out(indices), spatial)
         if return_loss_breakdown:
-            return LatentQuantizeOutputWithBreakdown(quantized, indices, loss, LatentLossBreakdown(commitment, quantization))
+            return LatentQuantizeOutputWithBreakdown(
+                quantized, indices, loss, LatentLossBreakdown(commitment, quantization)
+            )
         return LatentQuantizeOutput(quantized, indices, loss)
 
     def extra_repr(self) -> str:

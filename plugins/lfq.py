@@ -74,7 +74,10 @@ def code_bits(k: int, device=None, dtype=torch.float32) -> Tensor:
     key = (k, str(device), dtype)
     bits = _BITS_CACHE.get(key)
     if bits is None:
-        bits = ((torch.arange(2**k, device=device).unsqueeze(-1) >> torch.arange(k - 1, -1, -1, device=device)) & 1).to(dtype)
+        bits = (
+            (torch.arange(2**k, device=device).unsqueeze(-1) >> torch.arange(k - 1, -1, -1, device=device))
+            & 1
+        ).to(dtype)
         if k <= 12 and not torch.compiler.is_compiling():
             _BITS_CACHE[key] = bits
     return bits
@@ -106,7 +109,9 @@ class _BatchCodeSum(torch.autograd.Function):
         total = a.new_zeros(books, 2**d_hi, 2 ** (d - d_hi))
         for s in range(0, n, chunk):
             ac = a[:, s : s + chunk]
-            total.baddbmm_(bit_product_table(ac[..., :d_hi]).transpose(1, 2), bit_product_table(ac[..., d_hi:]))
+            total.baddbmm_(
+                bit_product_table(ac[..., :d_hi]).transpose(1, 2), bit_product_table(ac[..., d_hi:])
+            )
         ctx.save_for_backward(a)
         ctx.d_hi, ctx.chunk = d_hi, chunk
         return total
@@ -125,7 +130,9 @@ class _BatchCodeSum(torch.autograd.Function):
         return out, None, None
 
 
-def batch_code_distribution(logits: Tensor, *, chunk_bytes: int = DEFAULT_ENTROPY_CHUNK_BYTES, sync: bool = False) -> Tensor:
+def batch_code_distribution(
+    logits: Tensor, *, chunk_bytes: int = DEFAULT_ENTROPY_CHUNK_BYTES, sync: bool = False
+) -> Tensor:
     """Bit logits (C, N, d) -> (C, 2^d) batch-mean code distribution ``mean_n prod_i p_{n,i}(c_i)``, MSB-first code order.
 
     One token chunk: plain autograd (the small tables are kept for backward); otherwise chunked,
@@ -195,7 +202,9 @@ def check_codebook_size(codebook_size, name: str = "codebook_size") -> int:
     check_positive_int(codebook_size, name)
     if codebook_size & (codebook_size - 1):
         suggestion = 2 ** math.ceil(math.log2(codebook_size))
-        raise ValueError(f"{name} must be a power of 2 for lookup-free quantization, got {codebook_size} (try {suggestion})")
+        raise ValueError(
+            f"{name} must be a power of 2 for lookup-free quantization, got {codebook_size} (try {suggestion})"
+        )
     return codebook_size
 
 
@@ -262,7 +271,9 @@ class LFQ(QuantizerModule):
             raise ValueError(
                 f"has_projections=False needs dim == log2(codebook_size) * num_codebooks = {inner}, got dim={self.dim}"
             )
-        self.project_in, self.project_out = projection_pair(self.dim, inner, enabled=self.has_projections, bias=projection_has_bias)
+        self.project_in, self.project_out = projection_pair(
+            self.dim, inner, enabled=self.has_projections, bias=projection_has_bias
+        )
         self.entropy_loss_weight = float(entropy_loss_weight)
         self.commitment_loss_weight = float(commitment_loss_weight)
         self.diversity_gamma = float(diversity_gamma)
@@ -271,7 +282,9 @@ class LFQ(QuantizerModule):
         self.max_exact_entropy_bits = max_exact_entropy_bits
         self.entropy_chunk_bytes = int(entropy_chunk_bytes)
         self.sync_entropy = sync_entropy
-        self.register_buffer("bit_weights", 2 ** torch.arange(bits - 1, -1, -1, dtype=INDEX_DTYPE), persistent=False)
+        self.register_buffer(
+            "bit_weights", 2 ** torch.arange(bits - 1, -1, -1, dtype=INDEX_DTYPE), persistent=False
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -283,7 +296,6 @@ class LFQ(QuantizerModule):
 
     # -- pieces shared with ResidualLFQ ------------------------------------------------------------------
 
-
     def _codes(self, positive: Tensor) -> Tensor:
         return torch.where(positive, self.codebook_scale, -self.codebook_scale).float()
 
@@ -293,7 +305,9 @@ class LFQ(QuantizerModule):
     def _indices_to_bits(self, indices: Tensor) -> Tensor:
         return (indices.unsqueeze(-1) & self.bit_weights) != 0
 
-    def quantize_tokens(self, z: Tensor, inv_temperature: float = 100.0, valid: Tensor | None = None, with_losses: bool = True):
+    def quantize_tokens(
+        self, z: Tensor, inv_temperature: float = 100.0, valid: Tensor | None = None, with_losses: bool = True
+    ):
         """Codebook space: z (b, n, C*bits) float32 -> (codes (b, n, C*bits) with STE, indices (b, n, C), loss, breakdown).
 
         Losses are computed in training mode only (zeros otherwise), over the tokens where ``valid`` (b, n).
@@ -312,16 +326,22 @@ class LFQ(QuantizerModule):
                 flat = zc.reshape(b * n, self._num_codebooks, self.codebook_dim)
                 if valid is not None:
                     flat = flat[valid.reshape(-1)]
-                per_sample, batch, commitment = (t.mean() for t in self.loss_terms(flat, inv_temperature, self.codebook_scale))
+                per_sample, batch, commitment = (
+                    t.mean() for t in self.loss_terms(flat, inv_temperature, self.codebook_scale)
+                )
         aux = per_sample - self.diversity_gamma * batch
         loss = self.entropy_loss_weight * aux + self.commitment_loss_weight * commitment
         return codes, indices, loss, LFQLossBreakdown(per_sample, batch, commitment)
 
-    def loss_terms(self, flat: Tensor, inv_temperature: float, scale: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def loss_terms(
+        self, flat: Tensor, inv_temperature: float, scale: float | Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Valid tokens (M, C, d) float32 -> unweighted (per_sample, batch, commitment), each (C,); zeros when unused."""
         zeros = flat.new_zeros(flat.shape[1])
         sync = self.entropy_loss_weight != 0 and should_sync(self.sync_entropy)
-        if flat.shape[0] == 0 and not sync:  # under sync an empty rank still joins the batch-entropy all-reduce
+        if (
+            flat.shape[0] == 0 and not sync
+        ):  # under sync an empty rank still joins the batch-entropy all-reduce
             return zeros, zeros, zeros
         per_sample = batch = commitment = zeros
         if self.entropy_loss_weight != 0:
@@ -342,7 +362,9 @@ class LFQ(QuantizerModule):
             commitment = (flat - torch.where(flat > 0, s, -s)).pow(2).mean((0, 2))
         return per_sample, batch, commitment
 
-    def _token_mask(self, mask: Tensor | None, layout: TokenLayout, b: int, n: int, spatial: tuple) -> Tensor | None:
+    def _token_mask(
+        self, mask: Tensor | None, layout: TokenLayout, b: int, n: int, spatial: tuple
+    ) -> Tensor | None:
         if mask is None:
             return None
         check_tensor(mask, "mask")
@@ -370,7 +392,10 @@ class LFQ(QuantizerModule):
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes (after project_out unless ``project_out=False``) in the input layout; -1 gives zeros."""
         tokens, spatial, layout = index_tokens(
-            indices, dim=self.dim, channel_first=self.channel_first, size=self._codebook_size,
+            indices,
+            dim=self.dim,
+            channel_first=self.channel_first,
+            size=self._codebook_size,
             trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
         )
         with torch.autocast(tokens.device.type, enabled=False):
@@ -385,7 +410,13 @@ class LFQ(QuantizerModule):
         return bits * self.codebook_scale * 2 - self.codebook_scale
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x: Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False, mask: Tensor | None = None):
+    def forward(
+        self,
+        x: Tensor,
+        inv_temperature: float = 100.0,
+        return_loss_breakdown: bool = False,
+        mask: Tensor | None = None,
+    ):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
@@ -393,7 +424,9 @@ class LFQ(QuantizerModule):
         if valid is not None:
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
         with torch.autocast(x.device.type, enabled=False):
-            codes, indices, loss, breakdown = self.quantize_tokens(project_into(self.project_in, tokens), inv_temperature, valid)
+            codes, indices, loss, breakdown = self.quantize_tokens(
+                project_into(self.project_in, tokens), inv_temperature, valid
+            )
             out = project_from(self.project_out, codes)
             if valid is not None:
                 out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
@@ -439,7 +472,9 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
         check_positive_int(num_quantizers, "num_quantizers")
         check_positive_int(quantize_dropout_multiple_of, "quantize_dropout_multiple_of")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
-            raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}")
+            raise ValueError(
+                f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
+            )
         for key in ("dim", "codebook_scale", "num_codebooks", "channel_first", "has_projections"):
             if key in lfq_kwargs:
                 raise TypeError(f"ResidualLFQ sets {key} of its layers itself; do not pass it")
@@ -452,12 +487,17 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
         self.sync_quantize_dropout = sync_quantize_dropout
         self.channel_first = channel_first
         self.has_projections = dim != self.codebook_dim
-        self.project_in, self.project_out = projection_pair(dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias)
+        self.project_in, self.project_out = projection_pair(
+            dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias
+        )
         self.layers = nn.ModuleList(
-            LFQ(codebook_size=codebook_size, codebook_scale=2.0**-q, **lfq_kwargs) for q in range(num_quantizers)
+            LFQ(codebook_size=codebook_size, codebook_scale=2.0**-q, **lfq_kwargs)
+            for q in range(num_quantizers)
         )
         self._codebook_size = codebook_size
-        self.register_buffer("layer_scales", torch.tensor([2.0**-q for q in range(num_quantizers)]), persistent=False)
+        self.register_buffer(
+            "layer_scales", torch.tensor([2.0**-q for q in range(num_quantizers)]), persistent=False
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -466,8 +506,6 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
     @property
     def num_codebooks(self) -> int:
         return 1
-
-
 
     def _run(self, z: Tensor, kept: int | None, inv_temperature: float, valid: Tensor | None):
         residual, total, indices, inputs, all_codes = z, None, [], [], []
@@ -488,7 +526,9 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
             flat = torch.stack(inputs, -2).reshape(-1, len(inputs), self.codebook_dim)
             if valid is not None:
                 flat = flat[valid.reshape(-1)]
-            per_sample, batch, commitment = first.loss_terms(flat, inv_temperature, self.layer_scales[: len(inputs)])
+            per_sample, batch, commitment = first.loss_terms(
+                flat, inv_temperature, self.layer_scales[: len(inputs)]
+            )
             aux = per_sample - first.diversity_gamma * batch
             kept_losses = first.entropy_loss_weight * aux + first.commitment_loss_weight * commitment
             losses = torch.cat((kept_losses, losses[len(inputs) :]))
@@ -517,7 +557,11 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
         kept = None
         if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            rng = None if rand_quantize_dropout_fixed_seed is None else random.Random(rand_quantize_dropout_fixed_seed)
+            rng = (
+                None
+                if rand_quantize_dropout_fixed_seed is None
+                else random.Random(rand_quantize_dropout_fixed_seed)
+            )
             kept = kept_layers(
                 self.num_quantizers,
                 cutoff_index=self.quantize_dropout_cutoff_index,
@@ -527,7 +571,9 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
                 device=x.device,
             )
         with torch.autocast(x.device.type, enabled=False):
-            total, indices, losses, all_codes = self._run(project_into(self.project_in, tokens), kept, inv_temperature, valid)
+            total, indices, losses, all_codes = self._run(
+                project_into(self.project_in, tokens), kept, inv_temperature, valid
+            )
             out = project_from(self.project_out, total)
             if valid is not None:
                 out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
@@ -541,8 +587,13 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
 
     def _index_tokens(self, indices: Tensor):
         return index_tokens(
-            indices, dim=self.dim, channel_first=self.channel_first, size=self._codebook_size,
-            trailing=self.num_quantizers, axis="quantizer", at_most=True,
+            indices,
+            dim=self.dim,
+            channel_first=self.channel_first,
+            size=self._codebook_size,
+            trailing=self.num_quantizers,
+            axis="quantizer",
+            at_most=True,
         )
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
@@ -575,7 +626,12 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
 
 @hookimpl
 def register_quantizers(register):
-    register("lfq", LFQ, aliases=("LFQ", "lookup_free"), summary="lookup-free quantization with exact factorized entropy loss")
+    register(
+        "lfq",
+        LFQ,
+        aliases=("LFQ", "lookup_free"),
+        summary="lookup-free quantization with exact factorized entropy loss",
+    )
     register(
         "residual_lfq",
         ResidualLFQ,

@@ -81,7 +81,9 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
     def project(self, x: Tensor) -> Tensor:
         """x (b, n, dim) -> projected features (H, b*n, codebook_dim) float32 (LayerNorm, then P_h)."""
         tokens, _ = self.layout.to_tokens(x)
-        with torch.autocast(x.device.type, enabled=False):  # under autocast the GEMM ran in bf16: other targets
+        with torch.autocast(
+            x.device.type, enabled=False
+        ):  # under autocast the GEMM ran in bf16: other targets
             flat = tokens.reshape(-1, self.dim).float()
             if self.norm:
                 flat = F.layer_norm(flat, (self.dim,))
@@ -122,7 +124,9 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
                 f"targets {tuple(targets.shape)}"
             )
         if self.heads > 1 and (targets.ndim < 1 or targets.shape[-1] != self.heads):
-            raise ValueError(f"targets must end with a codebook axis of {self.heads}, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must end with a codebook axis of {self.heads}, got {tuple(targets.shape)}"
+            )
         check_indices(targets, k, "targets")
         return F.cross_entropy(logits.reshape(-1, k).float(), targets.reshape(-1).long(), ignore_index=-1)
 
@@ -131,7 +135,9 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
         -1 gives zeros. These live in the projected space: there is no inverse to the input space."""
         check_tensor(indices, "indices")
         if self.heads > 1 and (indices.ndim < 2 or indices.shape[-1] != self.heads):
-            raise ValueError(f"indices must end with a codebook axis of {self.heads}, got {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices must end with a codebook axis of {self.heads}, got {tuple(indices.shape)}"
+            )
         check_indices(indices, self.codebook_size)
         idx = indices.long() if self.heads > 1 else indices.long().unsqueeze(-1)
         offsets = torch.arange(self.heads, device=idx.device) * self.codebook_size

@@ -150,7 +150,6 @@ class ResidualVQ(QuantizerModule):
 
     # -- shared pieces of every path -------------------------------------------------------------------
 
-
     def _encode_tokens(self, z: Tensor, with_total: bool = False):
         """Codebook-space tokens (b, n, cd) float32 -> indices (b, n, Q): greedy nearest code per residual.
 
@@ -219,7 +218,9 @@ class ResidualVQ(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         """x -> indices (b, *positions, Q) int64; no training state is touched."""
         tokens, spatial = self.layout.to_tokens(x)
-        return self.layout.indices_from_tokens(self._encode_tokens(project_into(self.project_in, tokens)), spatial)
+        return self.layout.indices_from_tokens(
+            self._encode_tokens(project_into(self.project_in, tokens)), spatial
+        )
 
     def decode(self, indices: Tensor) -> Tensor:
         """indices (b, *positions, q), q <= Q, -1 allowed -> quantized in the input layout (after project_out)."""
@@ -279,7 +280,9 @@ class ResidualVQ(QuantizerModule):
     def _forward_tokens(self, tokens, valid, kept, want_codes, temperature, freeze, accumulate=False):
         """tokens (b, n, dim) -> (out (b, n, dim), indices (b, n, Q), losses (Q,), codes (Q, b, n, cd) or None)."""
         raw = tokens
-        if valid is not None:  # padding may hold anything (NaN too); it must reach neither values nor gradients
+        if (
+            valid is not None
+        ):  # padding may hold anything (NaN too); it must reach neither values nor gradients
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
         z = project_into(self.project_in, tokens)
         if not self.training:
@@ -327,7 +330,11 @@ class ResidualVQ(QuantizerModule):
             code = code.reshape(b, n, -1)
             if valid is not None:  # padding: no code, residual unchanged
                 code = code.masked_fill(~valid.unsqueeze(-1), 0.0)
-            out = code if fused or not zq.requires_grad else estimator(zq, code.reshape(zq.shape)).reshape(b, n, -1)
+            out = (
+                code
+                if fused or not zq.requires_grad
+                else estimator(zq, code.reshape(zq.shape)).reshape(b, n, -1)
+            )
             total = out if total is None else total + out
             residual = residual - code
             indices.append(idx.reshape(b, n))
@@ -419,7 +426,10 @@ class GroupedResidualVQ(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         """x -> indices (groups, b, *positions, Q) int64."""
         tokens, spatial = self.layout.to_tokens(x)
-        per_group = [rvq._encode_tokens(project_into(rvq.project_in, t)) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
+        per_group = [
+            rvq._encode_tokens(project_into(rvq.project_in, t))
+            for rvq, t in zip(self.rvqs, self._chunks(tokens))
+        ]
         return torch.stack([self.layout.indices_from_tokens(i, spatial) for i in per_group])
 
     def _index_tokens(self, indices: Tensor) -> tuple[list[Tensor], tuple]:

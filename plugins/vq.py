@@ -117,7 +117,9 @@ class VectorQuantize(QuantizerModule):
             raise ValueError(f"sample_codebook_temp must be >= 0, got {sample_codebook_temp}")
         separate = separate_codebook_per_head and heads > 1
         if orthogonal_reg_active_codes_only and separate:
-            raise ValueError("orthogonal_reg_active_codes_only is not supported with separate_codebook_per_head")
+            raise ValueError(
+                "orthogonal_reg_active_codes_only is not supported with separate_codebook_per_head"
+            )
         if orthogonal_reg_max_codes is not None:
             check_positive_int(orthogonal_reg_max_codes, "orthogonal_reg_max_codes")
         ema_update = resolve_ema_update(ema_update, learnable_codebook, use_cosine_sim)
@@ -215,9 +217,13 @@ class VectorQuantize(QuantizerModule):
 
     def _to_codebook_space(self, tokens: Tensor) -> Tensor:
         z = project_into(self.project_in, tokens)
-        if isinstance(self.norm_in, nn.LayerNorm):  # in float32 like the quantization, whatever the module's dtype
+        if isinstance(
+            self.norm_in, nn.LayerNorm
+        ):  # in float32 like the quantization, whatever the module's dtype
             norm = self.norm_in
-            z = nn.functional.layer_norm(z, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+            z = nn.functional.layer_norm(
+                z, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+            )
         z = self._split_heads(z)
         return nn.functional.normalize(z, dim=-1, eps=1e-12) if self.use_cosine_sim else z
 
@@ -296,7 +302,9 @@ class VectorQuantize(QuantizerModule):
         b, n = tokens.shape[0], tokens.shape[1]
         valid = self._token_mask(mask, lens, b, n, spatial)
         book_valid = None if valid is None else self._book_mask(valid)
-        if valid is not None:  # padding may hold anything (NaN too); it must reach neither values nor gradients
+        if (
+            valid is not None
+        ):  # padding may hold anything (NaN too); it must reach neither values nor gradients
             z = self._to_codebook_space(torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(())))
         else:
             z = self._to_codebook_space(tokens)
@@ -322,7 +330,11 @@ class VectorQuantize(QuantizerModule):
                 out = self._output(self._codebook.lookup(indices), b, n)
 
         if valid is not None:
-            fill = torch.zeros((), dtype=out.dtype, device=out.device) if self.return_zeros_for_masked_padding else tokens
+            fill = (
+                torch.zeros((), dtype=out.dtype, device=out.device)
+                if self.return_zeros_for_masked_padding
+                else tokens
+            )
             out = torch.where(valid.unsqueeze(-1), out, fill)
         quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
         indices = self.layout.indices_from_tokens(self._token_indices(indices, b, n), spatial)
@@ -347,7 +359,9 @@ class VectorQuantize(QuantizerModule):
             raise ValueError("ema_update_weight must be finite and >= 0")
         return weight.float().reshape(-1, book.size).expand(book.books, book.size)
 
-    def _train_step(self, z, valid, sample_codebook_temp, freeze_codebook, step_weight=None, accumulate=False):
+    def _train_step(
+        self, z, valid, sample_codebook_temp, freeze_codebook, step_weight=None, accumulate=False
+    ):
         """Training-mode quantization: k-means init, code choice, losses, then the EMA update and expiry.
 
         The codes returned (and the losses) come from the codebook before this step's update.
@@ -365,11 +379,21 @@ class VectorQuantize(QuantizerModule):
         q = book.lookup(indices)
         frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         train_codes = self.learnable_codebook and not frozen  # the commitment term is the codebook loss too
-        commitment = commitment_loss(z, q, valid, train_codes) if self.commitment_weight > 0 else z.new_zeros(())
-        orthogonal = self._orthogonal_loss(indices, valid) if self.orthogonal_reg_weight > 0 else z.new_zeros(())
+        commitment = (
+            commitment_loss(z, q, valid, train_codes) if self.commitment_weight > 0 else z.new_zeros(())
+        )
+        orthogonal = (
+            self._orthogonal_loss(indices, valid) if self.orthogonal_reg_weight > 0 else z.new_zeros(())
+        )
         if self.steps_codebook and not frozen:
             book.train_step_(
-                zd, indices, valid, sync=sync, ema=self.ema_update, step_weight=step_weight, accumulate=accumulate
+                zd,
+                indices,
+                valid,
+                sync=sync,
+                ema=self.ema_update,
+                step_weight=step_weight,
+                accumulate=accumulate,
             )
         return indices, q.detach(), commitment, orthogonal
 
@@ -393,7 +417,9 @@ class VectorQuantize(QuantizerModule):
             if self.layout.kind == "image" or self.layout.kind == "video" or len(spatial) != 1:
                 raise ValueError("lens is for (batch, seq, dim) sequences; use mask for other layouts")
             if lens.shape != (b,) or lens.is_floating_point():
-                raise ValueError(f"lens must be an integer tensor of shape ({b},), got {tuple(lens.shape)} {lens.dtype}")
+                raise ValueError(
+                    f"lens must be an integer tensor of shape ({b},), got {tuple(lens.shape)} {lens.dtype}"
+                )
             return torch.arange(n, device=lens.device) < lens.unsqueeze(1)
         if mask is None:
             return None
@@ -414,4 +440,3 @@ def register_quantizers(register):
         aliases=("vector_quantize", "VectorQuantize"),
         summary="EMA vector quantizer: k-means init, dead-code expiry, cosine, heads, fmaps",
     )
-

@@ -147,7 +147,9 @@ def test_ema_update_ignores_masked_and_non_finite_tokens():
     bad[0, 3, 1] = float("nan")
     bad[0, 4, 0] = float("inf")
     bad[0, 2] = torch.tensor([3e38, 3e38, -1.0])  # finite, but its sum (and its EMA sums) overflow float32
-    valid = torch.tensor([[True, True, True, True, True, False]])  # token 5 masked, 3 and 4 non-finite, 2 overflows
+    valid = torch.tensor(
+        [[True, True, True, True, True, False]]
+    )  # token 5 masked, 3 and 4 non-finite, 2 overflows
     ref = EMACodebook(4, 3, decay=0.7)
     ref.load_state_dict(book.state_dict())
     ref.update(x[:, :2], indices[:, :2])
@@ -203,7 +205,9 @@ def test_nearest_matches_brute_force(cosine, chunk_bytes):
         assert torch.equal(got[b], want)
 
 
-@pytest.mark.parametrize("size", [1024, 192, 100, 64])  # grouped argmin (multiples of 64 above 64), plain otherwise
+@pytest.mark.parametrize(
+    "size", [1024, 192, 100, 64]
+)  # grouped argmin (multiples of 64 above 64), plain otherwise
 def test_argmin_rows_is_argmin_with_ties_and_nan(size):
     torch.manual_seed(0)
     scores = torch.randn(300, size)
@@ -235,7 +239,11 @@ def test_fused_cpu_search_equals_the_baddbmm_search(cosine, monkeypatch):
     monkeypatch.setattr(distance, "_FUSED_LINEAR", None)
     plain = distance.nearest(x, codes, cosine=cosine, chunk_bytes=2**20)
     assert torch.equal(fused, plain)
-    brute = (x @ codes.transpose(1, 2)).argmax(-1) if cosine else torch.cdist(x.double(), codes.double()).argmin(-1)
+    brute = (
+        (x @ codes.transpose(1, 2)).argmax(-1)
+        if cosine
+        else torch.cdist(x.double(), codes.double()).argmin(-1)
+    )
     assert torch.equal(fused, brute)
 
 
@@ -287,8 +295,6 @@ def test_sample_temperature_zero_is_nearest():
     book = EMACodebook(16, 4)
     x = torch.randn(1, 400, 4)
     assert torch.equal(book.sample(x, 0.0), book.nearest(x))
-
-
 
 
 def test_sample_low_temperature_mostly_nearest_high_temperature_spreads():

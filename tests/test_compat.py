@@ -514,7 +514,9 @@ def test_more_unsupported_options_raise(make, match):
 
 
 def test_learnable_codebook_converts_to_a_gradient_trained_codebook():
-    ref = _train(vqp.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False), (2, 32, 8))
+    ref = _train(
+        vqp.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False), (2, 32, 8)
+    )
     mine = from_reference(ref)
     assert mine.learnable_codebook and not mine.ema_update
     assert isinstance(mine._codebook.embed, torch.nn.Parameter)

@@ -123,7 +123,9 @@ def test_masked_training_forward_has_no_graph_breaks():
 def test_kmeans_init_breaks_only_until_initialised(cls):
     torch.manual_seed(0)
     kw = dict(dim=8, codebook_size=16, kmeans_init=True, kmeans_iters=2)
-    module = (vqcore.VectorQuantize(**kw) if cls == "vq" else vqcore.ResidualVQ(num_quantizers=2, **kw)).train()
+    module = (
+        vqcore.VectorQuantize(**kw) if cls == "vq" else vqcore.ResidualVQ(num_quantizers=2, **kw)
+    ).train()
     first, _ = _explain_places(module, torch.randn(2, 20, 8))
     assert first > 0  # k-means reads data-dependent sizes on the host
     second, places = _explain_places(module, torch.randn(2, 20, 8))
@@ -135,7 +137,9 @@ def test_kmeans_init_breaks_only_until_initialised(cls):
     count, places = _explain_places(twin, torch.randn(2, 20, 8))
     assert count == 0, places
     # and loading an uninitialised state brings k-means back (the host-side flag is cleared on load)
-    fresh = (vqcore.VectorQuantize(**kw) if cls == "vq" else vqcore.ResidualVQ(num_quantizers=2, **kw)).train()
+    fresh = (
+        vqcore.VectorQuantize(**kw) if cls == "vq" else vqcore.ResidualVQ(num_quantizers=2, **kw)
+    ).train()
     module.load_state_dict(fresh.state_dict())
     books = [m._codebook for m in module.modules() if hasattr(m, "_codebook")]
     assert all(b.needs_init() for b in books)

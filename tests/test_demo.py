@@ -64,12 +64,25 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys, quantizer):
     out = tmp_path / "demo"
     result = run_demo(quantizer, steps=30, out=out, dim=8, width=16, batch_size=64, quiet=True)
     printed = capsys.readouterr().out
-    for needle in ("reconstruction MSE", "PSNR", "bits per image", "| layer | codebook size | usage | perplexity |",
-                   "onnxruntime", "TorchScript (fresh process)"):
+    for needle in (
+        "reconstruction MSE",
+        "PSNR",
+        "bits per image",
+        "| layer | codebook size | usage | perplexity |",
+        "onnxruntime",
+        "TorchScript (fresh process)",
+    ):
         assert needle in printed
 
-    names = {"reconstructions.png", "code_usage.png", "tokenizer.onnx", "tokenizer.pt", "detokenizer.onnx",
-             "detokenizer.pt", "summary.json"}
+    names = {
+        "reconstructions.png",
+        "code_usage.png",
+        "tokenizer.onnx",
+        "tokenizer.pt",
+        "detokenizer.onnx",
+        "detokenizer.pt",
+        "summary.json",
+    }
     assert names <= {p.name for p in out.iterdir()}
     assert _is_png(out / "reconstructions.png") and _is_png(out / "code_usage.png")
     for name in ("tokenizer.onnx", "detokenizer.onnx"):
@@ -106,12 +119,32 @@ def test_demo_learns_in_a_short_run(tmp_path):
 def test_cli_demo_options(tmp_path, capsys):
     from vqcore.cli import main
 
-    rc = main(["demo", "--quantizer", "vq", "--set", "codebook_size=32", "--steps", "3", "--dim", "8",
-               "--width", "8", "--out", str(tmp_path), "--no-export", "--quiet"])
+    rc = main(
+        [
+            "demo",
+            "--quantizer",
+            "vq",
+            "--set",
+            "codebook_size=32",
+            "--steps",
+            "3",
+            "--dim",
+            "8",
+            "--width",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--no-export",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["quantizer"] == "vq" and summary["kwargs"]["codebook_size"] == 32
-    assert summary["layers"][0]["codebook_size"] == 32 and summary["artifacts"].keys() >= {"reconstructions.png", "code_usage.png"}
+    assert summary["layers"][0]["codebook_size"] == 32 and summary["artifacts"].keys() >= {
+        "reconstructions.png",
+        "code_usage.png",
+    }
     assert "reconstruction MSE" in capsys.readouterr().out
 
 
@@ -143,5 +176,11 @@ def test_quality_benchmark_vq_matches_faiss_kmeans(tmp_path, capsys):
         torch.set_num_threads(threads)
     table = out.read_text()
     assert "PASS" in table and "| faiss k-means" in table
-    for method in ("VectorQuantize 256", "ResidualVQ 2 x 16", "FSQ [4, 4, 4, 4]", "LFQ 256", "LatentQuantize"):
+    for method in (
+        "VectorQuantize 256",
+        "ResidualVQ 2 x 16",
+        "FSQ [4, 4, 4, 4]",
+        "LFQ 256",
+        "LatentQuantize",
+    ):
         assert f"| {method}" in table

@@ -8,10 +8,29 @@ import torch
 import vqcore
 
 CONFIGS = [
-    ("vq", dict(dim=16, codebook_size=32, kmeans_init=True, threshold_ema_dead_code=2, stochastic_sample_codes=True,
-                sample_codebook_temp=0.5)),
-    ("rvq", dict(dim=16, num_quantizers=3, codebook_size=16, kmeans_init=True, threshold_ema_dead_code=1,
-                 quantize_dropout=True, shared_codebook=True)),
+    (
+        "vq",
+        dict(
+            dim=16,
+            codebook_size=32,
+            kmeans_init=True,
+            threshold_ema_dead_code=2,
+            stochastic_sample_codes=True,
+            sample_codebook_temp=0.5,
+        ),
+    ),
+    (
+        "rvq",
+        dict(
+            dim=16,
+            num_quantizers=3,
+            codebook_size=16,
+            kmeans_init=True,
+            threshold_ema_dead_code=1,
+            quantize_dropout=True,
+            shared_codebook=True,
+        ),
+    ),
     ("lfq", dict(dim=16, codebook_size=2**8, entropy_loss_weight=0.1)),
     ("latent", dict(levels=[5, 5, 8], dim=16)),
 ]

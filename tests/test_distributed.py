@@ -63,8 +63,13 @@ def scenario_kmeans_expire(rank, world):
 
     torch.manual_seed(1)
     vq = VectorQuantize(
-        dim=8, codebook_size=32, heads=2, separate_codebook_per_head=True, kmeans_init=True,
-        threshold_ema_dead_code=2.0, decay=0.8,
+        dim=8,
+        codebook_size=32,
+        heads=2,
+        separate_codebook_per_head=True,
+        kmeans_init=True,
+        threshold_ema_dead_code=2.0,
+        decay=0.8,
     ).train()
     xs = data(2, STEPS, (8, 12, 8), centres=6)
     g = torch.Generator().manual_seed(3)
@@ -81,9 +86,16 @@ def scenario_rvq_dropout(rank, world):
     from vqcore import GroupedResidualVQ, ResidualVQ
 
     torch.manual_seed(2)
-    rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16, quantize_dropout=True, threshold_ema_dead_code=1.0)
+    rvq = ResidualVQ(
+        dim=8, num_quantizers=4, codebook_size=16, quantize_dropout=True, threshold_ema_dead_code=1.0
+    )
     grvq = GroupedResidualVQ(
-        dim=8, groups=2, num_quantizers=3, codebook_size=8, quantize_dropout=True, shared_codebook=True,
+        dim=8,
+        groups=2,
+        num_quantizers=3,
+        codebook_size=8,
+        quantize_dropout=True,
+        shared_codebook=True,
         kmeans_init=True,
     )
     rvq._rng = random.Random(100 + rank)  # different on every rank: only the broadcast makes the draws agree
@@ -107,8 +119,12 @@ def scenario_lfq(rank, world):
     out = lfq(x, return_loss_breakdown=True)
     (out.quantized.sum() * 0 + out.entropy_aux_loss).backward()
     b = out.breakdown
-    return {"loss": out.entropy_aux_loss.detach(), "per_sample": b.per_sample_entropy.detach(),
-            "batch": b.batch_entropy.detach(), "grad": x.grad.clone()}
+    return {
+        "loss": out.entropy_aux_loss.detach(),
+        "per_sample": b.per_sample_entropy.detach(),
+        "batch": b.batch_entropy.detach(),
+        "grad": x.grad.clone(),
+    }
 
 
 def scenario_ddp(rank, world):
@@ -119,7 +135,9 @@ def scenario_ddp(rank, world):
     from vqcore import VectorQuantize
 
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(8, 8), VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=1.0))
+    model = nn.Sequential(
+        nn.Linear(8, 8), VectorQuantize(dim=8, codebook_size=16, threshold_ema_dead_code=1.0)
+    )
     ddp = DDP(model, broadcast_buffers=True)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for x in data(6, STEPS, (2, 8, 10, 8)):
@@ -140,11 +158,15 @@ def eval_on_rank0_only(rank):
     if rank != 0:
         return
     x = torch.randn(2, 5, 8)
-    vq = VectorQuantize(dim=8, codebook_size=16, sync_codebook=True, kmeans_init=True, threshold_ema_dead_code=2).eval()
+    vq = VectorQuantize(
+        dim=8, codebook_size=16, sync_codebook=True, kmeans_init=True, threshold_ema_dead_code=2
+    ).eval()
     before = state(vq)
     vq(x)
     vq.decode(vq.encode(x))
-    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, quantize_dropout=True, sync_codebook=True).eval()
+    rvq = ResidualVQ(
+        dim=8, num_quantizers=3, codebook_size=16, quantize_dropout=True, sync_codebook=True
+    ).eval()
     rvq(x)
     rvq.decode(rvq.encode(x))
     LFQ(dim=8, codebook_size=16, sync_entropy=True).eval()(x)
@@ -168,7 +190,9 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    early = VectorQuantize(dim=8, codebook_size=16, decay=0.8)  # built BEFORE the process group: sync decided at call time
+    early = VectorQuantize(
+        dim=8, codebook_size=16, decay=0.8
+    )  # built BEFORE the process group: sync decided at call time
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     results = {"ema_early": scenario_ema(rank, world, early)}
@@ -198,7 +222,10 @@ def ranks(tmp_path_factory):
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, str(r), str(WORLD), str(port), str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
         )
         for r in range(WORLD)
     ]
@@ -275,8 +302,18 @@ def test_train_ddp_example_with_torchrun():
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to this interpreter")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "examples" / "train_ddp.py"), "--backend", "gloo", "--steps", "4"]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "examples" / "train_ddp.py"),
+        "--backend",
+        "gloo",
+        "--steps",
+        "4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=ROOT)

@@ -114,7 +114,14 @@ def _export_cases(cases, tmp):
         stem = os.path.join(tmp, f"{method}_{graph}_{fmt}")
         np.save(stem + "_in.npy", x.numpy())
         np.save(stem + "_out.npy", want.numpy())
-        item = dict(path=path, format=fmt, graph=graph, method=method, input=stem + "_in.npy", expected=stem + "_out.npy")
+        item = dict(
+            path=path,
+            format=fmt,
+            graph=graph,
+            method=method,
+            input=stem + "_in.npy",
+            expected=stem + "_out.npy",
+        )
         manifests["onnx" if fmt == "onnx" else "torch"].append(item)
     return manifests
 
@@ -125,12 +132,16 @@ def _run_isolated(script, manifest, tmp, name):
     path = os.path.join(tmp, f"{name}.json")
     with open(path, "w") as f:
         json.dump(manifest, f)
-    out = subprocess.run([sys.executable, "-I", "-c", script, path], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", script, path], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == f"OK {len(manifest)}"
 
 
-@pytest.mark.parametrize("cases", [pytest.param(FAST, id="fast"), pytest.param(FULL, id="full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "cases", [pytest.param(FAST, id="fast"), pytest.param(FULL, id="full", marks=pytest.mark.slow)]
+)
 def test_artifacts_run_without_vqcore(cases, tmp_path):
     manifests = _export_cases(cases, str(tmp_path))
     _run_isolated(ORT_ONLY, manifests["onnx"], str(tmp_path), "onnx")
@@ -152,9 +163,15 @@ def test_onnx_dynamic_axes_and_metadata(tmp_path):
     assert meta["method"] == "rvq" and meta["graph"] == "decode" and meta["num_quantizers"] == 3
     assert meta["codebook_size"] == 16 and meta["dim"] == 8 and meta["index_dtype"] == "int64"
     assert meta["index_layout"] == "batch,seq,3" and meta["dropped_index"] == -1
-    assert meta["opset"] == 20 and meta["torch_version"] == torch.__version__ and len(meta["weights_sha256"]) == 64
+    assert (
+        meta["opset"] == 20
+        and meta["torch_version"] == torch.__version__
+        and len(meta["weights_sha256"]) == 64
+    )
     # example, larger shape, size 1, and -1 (dropped layers) indices
-    assert meta["parity"]["ok"] and [1, 1, 3] in meta["parity"]["shapes"] and len(meta["parity"]["shapes"]) == 4
+    assert (
+        meta["parity"]["ok"] and [1, 1, 3] in meta["parity"]["shapes"] and len(meta["parity"]["shapes"]) == 4
+    )
 
 
 def test_image_layout(tmp_path):
@@ -163,7 +180,10 @@ def test_image_layout(tmp_path):
     q = vqcore.create("vq", dim=8, codebook_size=16, accept_image_fmap=True).eval()
     x = torch.randn(2, 8, 4, 3)
     enc = to_onnx(q, tmp_path / "e.onnx", graph="encode", example=x)
-    dims = [d.dim_param or d.dim_value for d in onnx.load(tmp_path / "e.onnx").graph.input[0].type.tensor_type.shape.dim]
+    dims = [
+        d.dim_param or d.dim_value
+        for d in onnx.load(tmp_path / "e.onnx").graph.input[0].type.tensor_type.shape.dim
+    ]
     assert dims == ["batch", 8, "height", "width"]
     assert enc.metadata["index_layout"] == "batch,height,width" and enc.metadata["layout"] == "image"
     dec = to_pt2(q, tmp_path / "d.pt2", graph="decode", example=q.encode(x))
@@ -194,7 +214,11 @@ def test_protocol_plugin_exports_for_free(tmp_path):
     q = SignQuantizer().eval()
     x = torch.randn(2, 5, 4)
     r = to_onnx(q, tmp_path / "s.onnx", graph="encode", example=x)
-    assert r.parity.ok and r.metadata["class"] == "SignQuantizer" and r.metadata["input"]["layout"] == "batch,seq,4"
+    assert (
+        r.parity.ok
+        and r.metadata["class"] == "SignQuantizer"
+        and r.metadata["input"]["layout"] == "batch,seq,4"
+    )
     r = to_torchscript(q, tmp_path / "s.pt", graph="decode", example=q.encode(x))
     assert r.parity.ok and r.metadata["output"]["layout"] == "batch,seq,4"
 
@@ -250,7 +274,13 @@ def test_specialised_axis_is_refused(tmp_path):
             return super().encode(x).reshape(2, -1)  # bakes the batch size
 
     with pytest.raises((ExportError, ValueError)):
-        to_onnx(Static().eval(), tmp_path / "s.onnx", graph="encode", example=torch.randn(2, 5, 4), dynamic_dims=(0, 1))
+        to_onnx(
+            Static().eval(),
+            tmp_path / "s.onnx",
+            graph="encode",
+            example=torch.randn(2, 5, 4),
+            dynamic_dims=(0, 1),
+        )
 
 
 def test_tokenizer_and_detokenizer(tmp_path):
@@ -259,7 +289,11 @@ def test_tokenizer_and_detokenizer(tmp_path):
     detok = Detokenizer(q, nn.Linear(6, 10)).eval()
     x = torch.randn(2, 7, 10)
     r = to_onnx(tok, tmp_path / "tok.onnx", example=x)
-    assert r.metadata["graph"] == "encode" and r.metadata["module"] == "Tokenizer" and r.metadata["method"] == "fsq"
+    assert (
+        r.metadata["graph"] == "encode"
+        and r.metadata["module"] == "Tokenizer"
+        and r.metadata["method"] == "fsq"
+    )
     assert r.metadata["input"]["layout"] == "batch,seq,10"
     with torch.no_grad():
         codes = tok(x)
@@ -283,7 +317,9 @@ def test_tie_check_accepts_only_genuine_ties():
     parity_mod.compare(report, x, want, torch.tensor([[0, 1]]), check)  # not a tie
     assert not report.ok and "not float64-verified ties" in str(report)
     report = parity_mod.ParityReport("encode", "test")
-    parity_mod.compare(report, x, want, torch.tensor([[1, 0]]), parity_mod.tie_checker(vqcore.create("fsq", levels=[3, 3])))
+    parity_mod.compare(
+        report, x, want, torch.tensor([[1, 0]]), parity_mod.tie_checker(vqcore.create("fsq", levels=[3, 3]))
+    )
     assert not report.ok  # FSQ: exact equality required
 
 
@@ -306,12 +342,39 @@ def test_cli_export_checkpoint(tmp_path, capsys):
     q = vqcore.create("residual_lfq", dim=8, codebook_size=16, num_quantizers=2)
     vqcore.save(q, tmp_path / "q.safetensors")
     out = tmp_path / "q_decode.onnx"
-    assert main(["export", str(tmp_path / "q.safetensors"), "--format", "onnx", "--graph", "decode", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "q.safetensors"),
+                "--format",
+                "onnx",
+                "--graph",
+                "decode",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "wrote" in capsys.readouterr().out
     meta = read_metadata(out)
-    assert meta["method"] == "residual_lfq" and meta["graph"] == "decode" and meta["input"]["layout"] == "batch,seq,2"
+    assert (
+        meta["method"] == "residual_lfq"
+        and meta["graph"] == "decode"
+        and meta["input"]["layout"] == "batch,seq,2"
+    )
     out = tmp_path / "q.pt"
-    args = ["export", str(tmp_path / "q.safetensors"), "--format", "torchscript", "-o", str(out), "--example-shape", "3,4,8"]
+    args = [
+        "export",
+        str(tmp_path / "q.safetensors"),
+        "--format",
+        "torchscript",
+        "-o",
+        str(out),
+        "--example-shape",
+        "3,4,8",
+    ]
     assert main(args) == 0
     assert read_metadata(out)["format"] == "torchscript"
 

@@ -93,7 +93,12 @@ def test_exhaustive_round_trip_8555():
 
 @pytest.mark.parametrize(
     "levels, kwargs",
-    [([8, 5, 5, 5], {}), ([7, 4, 6, 3], {}), ([2, 3, 4, 8], {"preserve_symmetry": True}), ([8, 6, 5], {"num_codebooks": 2})],
+    [
+        ([8, 5, 5, 5], {}),
+        ([7, 4, 6, 3], {}),
+        ([2, 3, 4, 8], {"preserve_symmetry": True}),
+        ([8, 6, 5], {"num_codebooks": 2}),
+    ],
 )
 def test_index_parity_with_reference(levels, kwargs):
     from vector_quantize_pytorch import FSQ as RefFSQ
@@ -196,7 +201,11 @@ def test_residual_fsq_layouts_decode(shape):
     q = ResidualFSQ(levels=[5, 4, 3], num_quantizers=3, dim=12).eval()
     x = torch.randn(*shape)
     out, indices = q(x)
-    assert out.shape == x.shape and indices.shape == (shape[0], *(shape[1:2] if len(shape) == 3 else shape[2:]), 3)
+    assert out.shape == x.shape and indices.shape == (
+        shape[0],
+        *(shape[1:2] if len(shape) == 3 else shape[2:]),
+        3,
+    )
     assert torch.equal(q.get_output_from_indices(indices), out)
     assert torch.equal(q.encode(x), indices)
 
@@ -225,7 +234,12 @@ def test_residual_fsq_layers_refine_and_dropout():
 
 def test_state_dict_empty_without_projections():
     assert FSQ([8, 5, 5, 5]).state_dict() == {}
-    assert set(FSQ([8, 5, 5, 5], dim=16).state_dict()) == {"project_in.weight", "project_in.bias", "project_out.weight", "project_out.bias"}
+    assert set(FSQ([8, 5, 5, 5], dim=16).state_dict()) == {
+        "project_in.weight",
+        "project_in.bias",
+        "project_out.weight",
+        "project_out.bias",
+    }
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,9 @@ from vqcore.testing import check_quantizer
 
 
 def test_seed_latent_image():
-    quantizer = LatentQuantize(levels=[5, 5, 8], dim=16, commitment_loss_weight=0.1, quantization_loss_weight=0.1)
+    quantizer = LatentQuantize(
+        levels=[5, 5, 8], dim=16, commitment_loss_weight=0.1, quantization_loss_weight=0.1
+    )
     image_feats = torch.randn(1, 16, 32, 32)
     quantized, indices, loss = quantizer(image_feats)
     assert quantized.shape == (1, 16, 32, 32) and indices.shape == (1, 32, 32) and loss.shape == ()
@@ -23,7 +25,9 @@ def test_seed_latent_image():
 
 
 def test_seed_latent_sequence_and_video():
-    quantizer = LatentQuantize(levels=[5, 5, 8], dim=16, commitment_loss_weight=0.1, quantization_loss_weight=0.1)
+    quantizer = LatentQuantize(
+        levels=[5, 5, 8], dim=16, commitment_loss_weight=0.1, quantization_loss_weight=0.1
+    )
     seq = torch.randn(1, 32, 16)
     quantized, *_ = quantizer(seq)
     assert quantized.shape == (1, 32, 16)
@@ -91,7 +95,12 @@ def test_commitment_trains_encoder_quantization_trains_values():
     commitment, quantization = out.breakdown
     gx = torch.autograd.grad(commitment, x, retain_graph=True)[0]
     assert gx.abs().sum() > 0
-    assert all(g is None for g in torch.autograd.grad(commitment, list(q.values_per_latent), retain_graph=True, allow_unused=True))
+    assert all(
+        g is None
+        for g in torch.autograd.grad(
+            commitment, list(q.values_per_latent), retain_graph=True, allow_unused=True
+        )
+    )
     assert torch.autograd.grad(quantization, x, retain_graph=True, allow_unused=True)[0] is None
     gv = torch.autograd.grad(quantization, list(q.values_per_latent), retain_graph=True)
     assert all(g.abs().sum() > 0 for g in gv)
@@ -131,7 +140,10 @@ def test_decode_equals_eval_forward(shape, kwargs, index_shape):
 
 @pytest.mark.parametrize(
     "example, kwargs",
-    [((2, 8, 16), dict(levels=[5, 5, 8], dim=16)), ((2, 9, 3, 4), dict(levels=[4, 8, 16], dim=9, num_codebooks=3))],
+    [
+        ((2, 8, 16), dict(levels=[5, 5, 8], dim=16)),
+        ((2, 9, 3, 4), dict(levels=[4, 8, 16], dim=9, num_codebooks=3)),
+    ],
 )
 def test_conformance(example, kwargs):
     check_quantizer(LatentQuantize, torch.randn(*example), **kwargs)

@@ -18,7 +18,9 @@ def test_seed_lfq_image():
     quantizer = LFQ(codebook_size=65536, dim=16, entropy_loss_weight=0.1, diversity_gamma=1.0)
     image_feats = torch.randn(1, 16, 32, 32)
     quantized, indices, entropy_aux_loss = quantizer(image_feats, inv_temperature=100.0)
-    assert quantized.shape == (1, 16, 32, 32) and indices.shape == (1, 32, 32) and entropy_aux_loss.shape == ()
+    assert (
+        quantized.shape == (1, 16, 32, 32) and indices.shape == (1, 32, 32) and entropy_aux_loss.shape == ()
+    )
     assert (quantized == quantizer.indices_to_codes(indices)).all()
 
 
@@ -123,7 +125,13 @@ def test_entropy_groups_above_max_exact_bits():
 
 def test_module_loss_is_weighted_entropies_plus_commitment():
     torch.manual_seed(0)
-    q = LFQ(codebook_size=32, entropy_loss_weight=0.3, diversity_gamma=2.0, commitment_loss_weight=0.25, codebook_scale=0.5)
+    q = LFQ(
+        codebook_size=32,
+        entropy_loss_weight=0.3,
+        diversity_gamma=2.0,
+        commitment_loss_weight=0.25,
+        codebook_scale=0.5,
+    )
     x = torch.randn(2, 40, 5)
     out = q(x, inv_temperature=3.0, return_loss_breakdown=True)
     ps, b = brute_entropies(x.double().reshape(80, 1, 5), 3.0, 0.5)
@@ -139,7 +147,9 @@ def test_module_loss_is_weighted_entropies_plus_commitment():
 def test_loss_matches_reference_where_its_log_clamp_is_inactive():
     from vector_quantize_pytorch import LFQ as RefLFQ
 
-    kwargs = dict(codebook_size=16, dim=4, entropy_loss_weight=0.1, diversity_gamma=1.5, commitment_loss_weight=0.2)
+    kwargs = dict(
+        codebook_size=16, dim=4, entropy_loss_weight=0.1, diversity_gamma=1.5, commitment_loss_weight=0.2
+    )
     ours, ref = LFQ(**kwargs), RefLFQ(**kwargs)
     x = torch.randn(3, 50, 4)
     for tau in (0.05, 0.2):  # every code probability >= 1e-5
@@ -242,7 +252,11 @@ def test_residual_lfq_scales_losses_and_dropout():
         out, idx, losses = q(x, rand_quantize_dropout_fixed_seed=seed)
         kept = int((idx[0, 0] >= 0).sum())
         seen.add(kept)
-        assert torch.all(idx[..., kept:] == -1) and torch.all(losses[kept:] == 0) and torch.all(losses[:kept] != 0)
+        assert (
+            torch.all(idx[..., kept:] == -1)
+            and torch.all(losses[kept:] == 0)
+            and torch.all(losses[:kept] != 0)
+        )
     assert len(seen) > 1
     q.eval()
     _, idx, _ = q(x)
@@ -288,7 +302,9 @@ def test_bad_arguments():
 
 def test_residual_lfq_batched_losses_equal_per_layer_losses():
     torch.manual_seed(0)
-    q = ResidualLFQ(dim=12, codebook_size=32, num_quantizers=3, commitment_loss_weight=0.3, diversity_gamma=1.5)
+    q = ResidualLFQ(
+        dim=12, codebook_size=32, num_quantizers=3, commitment_loss_weight=0.3, diversity_gamma=1.5
+    )
     x = torch.randn(2, 25, 12)
     mask = torch.rand(2, 25) > 0.3
     _, _, losses = q(x, mask=mask, inv_temperature=2.0)

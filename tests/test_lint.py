@@ -27,7 +27,8 @@ def test_bare_folder_imports_are_banned(tmp_path):
     bad.write_text("import plugins\nfrom export import something\n")
     result = subprocess.run(
         [_ruff(), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), str(bad)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stdout.count("TID251") == 2 and "import vqcore.plugins" in result.stdout

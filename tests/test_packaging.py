@@ -25,7 +25,18 @@ def wheel(tmp_path_factory) -> Path:
         elif source.exists():
             shutil.copy(source, build / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(build), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(build),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+        ],
         check=True,
         capture_output=True,
     )
@@ -71,7 +82,11 @@ def test_installed_wheel_imports_without_the_repo_and_adds_no_top_level_names(wh
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
     )
     lines = result.stdout.splitlines()
     assert lines[0].startswith(str(target))

@@ -136,11 +136,19 @@ def _broken_plugin(tmp_path) -> Path:
 
 
 def test_a_broken_plugin_is_reported_and_the_others_keep_working(tmp_path):
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(_broken_plugin(tmp_path)), os.environ.get("PYTHONPATH")]))}
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(_broken_plugin(tmp_path)), os.environ.get("PYTHONPATH")])
+        )
+    }
     result = _vqcore("plugins", env_extra=env)
     assert result.returncode == 0, result.stdout + result.stderr
     broken = next(line for line in result.stdout.splitlines() if line.startswith("broken-example "))
-    assert "9.9.9" in broken and "failed: ModuleNotFoundError" in broken and "vqcore_no_such_dependency" in broken
+    assert (
+        "9.9.9" in broken
+        and "failed: ModuleNotFoundError" in broken
+        and "vqcore_no_such_dependency" in broken
+    )
     assert "PluginLoadWarning" in result.stderr and "broken-example" in result.stderr
     assert "VQCORE_STRICT_PLUGINS=1" in result.stderr
     example = next(line for line in result.stdout.splitlines() if line.startswith(f"{PLUGIN} "))

@@ -32,7 +32,9 @@ def _check(build, x, seed):
         xt = x.clone().requires_grad_(True)
         out = module(xt)
         (out[0].square().sum() + sum(o.sum() for o in out[2:] if isinstance(o, torch.Tensor))).backward()
-        assert xt.grad is not None and torch.isfinite(xt.grad).all()  # connected (bounded methods may saturate)
+        assert (
+            xt.grad is not None and torch.isfinite(xt.grad).all()
+        )  # connected (bounded methods may saturate)
         assert out[0].shape == x.shape and out[0].dtype == x.dtype
         _index_range(module, out[1], allow_dropped=True)
 
@@ -79,9 +81,15 @@ def test_vector_quantize(shape, heads, separate, cosine, codebook_size, codebook
 
     def build():
         return vqcore.VectorQuantize(
-            dim=dim, codebook_size=codebook_size, codebook_dim=codebook_dim, heads=heads,
-            separate_codebook_per_head=separate, use_cosine_sim=cosine, kmeans_init=kmeans,
-            kmeans_iters=2, threshold_ema_dead_code=dead,
+            dim=dim,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            heads=heads,
+            separate_codebook_per_head=separate,
+            use_cosine_sim=cosine,
+            kmeans_init=kmeans,
+            kmeans_iters=2,
+            threshold_ema_dead_code=dead,
         )
 
     _check(build, x, seed)
@@ -104,8 +112,13 @@ def test_residual_vq(shape, num_quantizers, codebook_size, codebook_dim, shared,
 
     def build():
         return vqcore.ResidualVQ(
-            dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, codebook_dim=codebook_dim,
-            shared_codebook=shared, quantize_dropout=dropout, use_cosine_sim=cosine,
+            dim=dim,
+            num_quantizers=num_quantizers,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            shared_codebook=shared,
+            quantize_dropout=dropout,
+            use_cosine_sim=cosine,
         )
 
     _check(build, x, seed)
@@ -145,7 +158,10 @@ def test_lfq(shape, bits, num_codebooks, project, scale, seed):
 
     def build():
         return vqcore.LFQ(
-            dim=dim, codebook_size=2**bits, num_codebooks=num_codebooks, codebook_scale=scale,
+            dim=dim,
+            codebook_size=2**bits,
+            num_codebooks=num_codebooks,
+            codebook_scale=scale,
             commitment_loss_weight=0.1,
         )
 
@@ -191,7 +207,11 @@ def test_grouped_residual_vq(shape, groups, num_quantizers, codebook_size, share
 
     def build():
         return vqcore.GroupedResidualVQ(
-            dim=4, groups=groups, num_quantizers=num_quantizers, codebook_size=codebook_size, shared_codebook=shared
+            dim=4,
+            groups=groups,
+            num_quantizers=num_quantizers,
+            codebook_size=codebook_size,
+            shared_codebook=shared,
         )
 
     _check(build, x, seed)
@@ -211,7 +231,9 @@ def test_residual_fsq(shape, levels, num_quantizers, project, dropout, seed):
     x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
 
     def build():
-        return vqcore.ResidualFSQ(levels=levels, num_quantizers=num_quantizers, dim=dim, quantize_dropout=dropout)
+        return vqcore.ResidualFSQ(
+            levels=levels, num_quantizers=num_quantizers, dim=dim, quantize_dropout=dropout
+        )
 
     _check(build, x, seed)
 
@@ -230,6 +252,8 @@ def test_residual_lfq(shape, bits, num_quantizers, project, dropout, seed):
     x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
 
     def build():
-        return vqcore.ResidualLFQ(dim=dim, codebook_size=2**bits, num_quantizers=num_quantizers, quantize_dropout=dropout)
+        return vqcore.ResidualLFQ(
+            dim=dim, codebook_size=2**bits, num_quantizers=num_quantizers, quantize_dropout=dropout
+        )
 
     _check(build, x, seed)

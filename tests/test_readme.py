@@ -19,7 +19,11 @@ BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
 
 
 def blocks(language):
-    found = [(m.string[: m.start()].count("\n") + 1, m.group(2)) for m in BLOCK.finditer(README.read_text()) if m.group(1) == language]
+    found = [
+        (m.string[: m.start()].count("\n") + 1, m.group(2))
+        for m in BLOCK.finditer(README.read_text())
+        if m.group(1) == language
+    ]
     return [pytest.param(code, id=f"line{line}") for line, code in found]
 
 

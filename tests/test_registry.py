@@ -93,8 +93,16 @@ def test_plugins_load_lazily_on_first_use(fresh_registry, on_sys_path):
 
 def test_broken_plugin_warns_names_it_and_the_rest_keeps_working(fresh_registry, on_sys_path, monkeypatch):
     monkeypatch.delenv("VQCORE_STRICT_PLUGINS", raising=False)
-    write_dist(on_sys_path, "vqcore_broken", "vqcore_broken_plugin", "import no_such_module_xyz\n", entry_name="broken")
-    with pytest.warns(PluginLoadWarning, match=r"plugin broken \(vqcore_broken_plugin\) failed to load.*no_such_module_xyz"):
+    write_dist(
+        on_sys_path,
+        "vqcore_broken",
+        "vqcore_broken_plugin",
+        "import no_such_module_xyz\n",
+        entry_name="broken",
+    )
+    with pytest.warns(
+        PluginLoadWarning, match=r"plugin broken \(vqcore_broken_plugin\) failed to load.*no_such_module_xyz"
+    ):
         names = vqcore.list_quantizers()
     assert "vq" in names
     info = {p.name: p for p in vqcore.plugins_info()}["broken"]
@@ -103,8 +111,16 @@ def test_broken_plugin_warns_names_it_and_the_rest_keeps_working(fresh_registry,
 
 def test_broken_plugin_is_fatal_in_strict_mode(fresh_registry, on_sys_path, monkeypatch):
     monkeypatch.setenv("VQCORE_STRICT_PLUGINS", "1")
-    write_dist(on_sys_path, "vqcore_broken", "vqcore_broken_plugin", "raise RuntimeError('boom')\n", entry_name="broken")
-    with pytest.raises(PluginError, match=r"broken \(vqcore_broken_plugin\) failed to load: RuntimeError: boom"):
+    write_dist(
+        on_sys_path,
+        "vqcore_broken",
+        "vqcore_broken_plugin",
+        "raise RuntimeError('boom')\n",
+        entry_name="broken",
+    )
+    with pytest.raises(
+        PluginError, match=r"broken \(vqcore_broken_plugin\) failed to load: RuntimeError: boom"
+    ):
         vqcore.list_quantizers()
 
 
@@ -114,7 +130,10 @@ def test_duplicate_names_raise_naming_both_plugins(fresh_registry):
         def register_quantizers(self, register):
             register("vq", object)
 
-    with pytest.raises(DuplicateNameError, match=r"'vq' registered by plugin 'clash' is already registered by plugin 'vqcore.plugins.vq'"):
+    with pytest.raises(
+        DuplicateNameError,
+        match=r"'vq' registered by plugin 'clash' is already registered by plugin 'vqcore.plugins.vq'",
+    ):
         vqcore.register_plugin(Clash(), name="clash")
     # the failed plugin left nothing behind
     assert vqcore.get_entry("vq").factory is vqcore.VectorQuantize
@@ -151,7 +170,10 @@ def test_register_plugin_at_run_time_and_create_checks_the_protocol(fresh_regist
             register("not_a_quantizer", NotAQuantizer)
 
     vqcore.register_plugin(RunTime(), name="runtime")
-    with pytest.raises(TypeError, match="does not follow vqcore.protocols.Quantizer: missing dim, codebook_size, num_codebooks, encode, decode"):
+    with pytest.raises(
+        TypeError,
+        match="does not follow vqcore.protocols.Quantizer: missing dim, codebook_size, num_codebooks, encode, decode",
+    ):
         vqcore.create("not_a_quantizer")
 
 
@@ -179,7 +201,9 @@ def test_direct_construction_records_config():
 
 def test_import_vqcore_is_light():
     code = "import sys, vqcore; print('torch' in sys.modules, 'vqcore.plugins.vq' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["False", "False"]
 
 

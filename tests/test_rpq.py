@@ -72,7 +72,10 @@ def test_cross_entropy_paths_equal_hand_computation():
     loss = rpq.loss(logits, targets)
     terms = [
         -torch.log_softmax(logits[b, n, h], -1)[targets[b, n, h]]
-        for b in range(2) for n in range(7) for h in range(3) if targets[b, n, h] >= 0
+        for b in range(2)
+        for n in range(7)
+        for h in range(3)
+        if targets[b, n, h] >= 0
     ]
     torch.testing.assert_close(loss, torch.stack(terms).mean())
     loss.backward()

@@ -58,8 +58,12 @@ def test_seed_examples():
     assert all_codes.shape == (8, 1, 1024, 256)
 
     residual_vq = ResidualVQ(
-        dim=256, num_quantizers=8, codebook_size=1024,
-        stochastic_sample_codes=True, sample_codebook_temp=0.1, shared_codebook=True,
+        dim=256,
+        num_quantizers=8,
+        codebook_size=1024,
+        stochastic_sample_codes=True,
+        sample_codebook_temp=0.1,
+        shared_codebook=True,
     )
     quantized, indices, commit_loss = residual_vq(x)
     assert (quantized.shape, indices.shape, commit_loss.shape) == ((1, 1024, 256), (1, 1024, 8), (8,))
@@ -77,11 +81,14 @@ def test_seed_examples():
 # -- the residual chain ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(),
-    dict(codebook_dim=6, use_cosine_sim=True),
-    dict(codebook_size=(3, 8, 5)),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(codebook_dim=6, use_cosine_sim=True),
+        dict(codebook_size=(3, 8, 5)),
+    ],
+)
 def test_residual_chain_eval_equals_hand_computation(cfg):
     torch.manual_seed(1)
     kwargs = dict(dim=12, num_quantizers=3, codebook_size=8) | cfg
@@ -139,7 +146,9 @@ def test_shared_codebook_is_one_object_stored_once():
     rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16, shared_codebook=True)
     assert all(layer._codebook is rvq._shared_codebook for layer in rvq.layers)
     keys = list(rvq.state_dict())
-    assert sorted(keys) == sorted(f"_shared_codebook.{k}" for k in ("embed", "cluster_size", "embed_avg", "initted"))
+    assert sorted(keys) == sorted(
+        f"_shared_codebook.{k}" for k in ("embed", "cluster_size", "embed_avg", "initted")
+    )
     assert torch.equal(rvq.codebooks[0], rvq.codebooks[3])
     clone = copy.deepcopy(rvq)
     assert all(layer._codebook is clone._shared_codebook for layer in clone.layers)
@@ -149,7 +158,9 @@ def test_shared_codebook_is_one_object_stored_once():
 def test_shared_codebook_ema_decay_applied_once(masked):
     torch.manual_seed(4)
     decay, eps, k, d, q = 0.6, 1e-5, 5, 3, 3
-    rvq = ResidualVQ(dim=d, num_quantizers=q, codebook_size=k, shared_codebook=True, decay=decay, eps=eps).train()
+    rvq = ResidualVQ(
+        dim=d, num_quantizers=q, codebook_size=k, shared_codebook=True, decay=decay, eps=eps
+    ).train()
     book = rvq._shared_codebook
     cs, ea = book.cluster_size[0].clone(), book.embed_avg[0].clone()
     codes = book.embed[0].clone()
@@ -185,8 +196,13 @@ def test_shared_codebook_ema_decay_applied_once(masked):
 def test_quantize_dropout_cutoff_and_multiple_of_over_many_draws():
     torch.manual_seed(5)
     rvq = ResidualVQ(
-        dim=6, num_quantizers=6, codebook_size=8, quantize_dropout=True,
-        quantize_dropout_cutoff_index=2, quantize_dropout_multiple_of=2, commitment_weight=1.0,
+        dim=6,
+        num_quantizers=6,
+        codebook_size=8,
+        quantize_dropout=True,
+        quantize_dropout_cutoff_index=2,
+        quantize_dropout_multiple_of=2,
+        commitment_weight=1.0,
     ).train()
     x = torch.randn(2, 5, 6)
     seen = set()
@@ -270,16 +286,30 @@ CONFIGS = {
     "shared": (dict(dim=16, num_quantizers=4, codebook_size=8, shared_codebook=True), (2, 10, 16)),
     "per_layer_sizes": (dict(dim=16, codebook_size=[5, 16, 7]), (2, 10, 16)),
     "learnable": (
-        dict(dim=16, num_quantizers=3, codebook_size=8, learnable_codebook=True, shared_codebook=True), (2, 10, 16)
+        dict(dim=16, num_quantizers=3, codebook_size=8, learnable_codebook=True, shared_codebook=True),
+        (2, 10, 16),
     ),
-    "image": (dict(dim=16, num_quantizers=3, codebook_size=8, accept_image_fmap=True, codebook_dim=6), (2, 16, 3, 4)),
+    "image": (
+        dict(dim=16, num_quantizers=3, codebook_size=8, accept_image_fmap=True, codebook_dim=6),
+        (2, 16, 3, 4),
+    ),
     "image_cosine_shared": (
-        dict(dim=16, num_quantizers=3, codebook_size=8, accept_image_fmap=True, use_cosine_sim=True,
-             shared_codebook=True), (2, 16, 3, 4)),
+        dict(
+            dim=16,
+            num_quantizers=3,
+            codebook_size=8,
+            accept_image_fmap=True,
+            use_cosine_sim=True,
+            shared_codebook=True,
+        ),
+        (2, 16, 3, 4),
+    ),
     "video": (dict(dim=8, num_quantizers=2, codebook_size=8, accept_3d_fmap=True), (2, 8, 2, 3, 2)),
     "channel_first": (dict(dim=8, num_quantizers=2, codebook_size=8, channel_last=False), (2, 8, 5)),
     "rotation_stochastic": (
-        dict(dim=8, num_quantizers=2, codebook_size=8, rotation_trick=True, stochastic_sample_codes=True), (2, 5, 8)),
+        dict(dim=8, num_quantizers=2, codebook_size=8, rotation_trick=True, stochastic_sample_codes=True),
+        (2, 5, 8),
+    ),
 }
 
 
@@ -310,7 +340,9 @@ def test_decode_encode_equals_eval_forward(name):
         assert torch.equal(value, state[key])
 
 
-@pytest.mark.parametrize("name", ["plain", "image_cosine_shared", "per_layer_sizes", "projection", "learnable"])
+@pytest.mark.parametrize(
+    "name", ["plain", "image_cosine_shared", "per_layer_sizes", "projection", "learnable"]
+)
 def test_check_quantizer(name):
     kwargs, shape = CONFIGS[name]
     check_quantizer(ResidualVQ, torch.randn(*shape), **kwargs)
@@ -332,7 +364,9 @@ def test_image_fmap_indices_layout_matches_tokens():
 
 
 def test_registry_and_save_load(tmp_path):
-    rvq = vqcore.create("rvq", dim=8, num_quantizers=2, codebook_size=[4, 8], codebook_dim=4, shared_codebook=False)
+    rvq = vqcore.create(
+        "rvq", dim=8, num_quantizers=2, codebook_size=[4, 8], codebook_dim=4, shared_codebook=False
+    )
     rvq.train()
     x = torch.randn(2, 5, 8)
     rvq(x)
@@ -378,7 +412,10 @@ def test_grouped_groups_are_independent_rvqs_and_decode(image):
         tokens = chunks[i].flatten(2).transpose(1, 2) if image else chunks[i]
         q_i, idx_i, _ = rvq(tokens)
         assert torch.equal(idx_i.reshape(indices[i].shape), indices[i])
-    assert torch.equal(g.decode(indices[..., :1]), g.decode(torch.cat([indices[..., :1], -torch.ones_like(indices[..., 1:])], -1)))
+    assert torch.equal(
+        g.decode(indices[..., :1]),
+        g.decode(torch.cat([indices[..., :1], -torch.ones_like(indices[..., 1:])], -1)),
+    )
 
 
 class BatchFirstGrouped(QuantizerModule):
@@ -387,7 +424,11 @@ class BatchFirstGrouped(QuantizerModule):
     def __init__(self, **kwargs):
         super().__init__()
         self.inner = GroupedResidualVQ(**kwargs)
-        self.dim, self.codebook_size, self.num_codebooks = self.inner.dim, self.inner.codebook_size, self.inner.num_codebooks
+        self.dim, self.codebook_size, self.num_codebooks = (
+            self.inner.dim,
+            self.inner.codebook_size,
+            self.inner.num_codebooks,
+        )
 
     def forward(self, x):
         out = self.inner(x)
@@ -401,23 +442,54 @@ class BatchFirstGrouped(QuantizerModule):
 
 
 def test_check_quantizer_grouped_through_batch_first_adapter():
-    check_quantizer(BatchFirstGrouped, torch.randn(2, 6, 16), dim=16, groups=2, num_quantizers=2, codebook_size=8,
-                    codebook_dim=4)
+    check_quantizer(
+        BatchFirstGrouped,
+        torch.randn(2, 6, 16),
+        dim=16,
+        groups=2,
+        num_quantizers=2,
+        codebook_size=8,
+        codebook_dim=4,
+    )
 
 
 # -- errors --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, exc, msg", [
-    (dict(dim=8, num_quantizers=2, codebook_size=[4, 4, 4]), ValueError, "3 per-layer sizes"),
-    (dict(dim=8, codebook_size=4), TypeError, "num_quantizers is required"),
-    (dict(dim=8, num_quantizers=3, codebook_size=4, quantize_dropout=True, quantize_dropout_cutoff_index=3),
-     ValueError, r"quantize_dropout_cutoff_index must be in \[0, 3\)"),
-    (dict(dim=8, num_quantizers=3, codebook_size=4, quantize_dropout_cutoff_index=-1), ValueError, "cutoff_index"),
-    (dict(dim=8, num_quantizers=3, codebook_size=4, quantize_dropout_multiple_of=0), ValueError, "multiple_of"),
-    (dict(dim=8, codebook_size=[4, 8], shared_codebook=True), ValueError, "shared_codebook needs one codebook size"),
-    (dict(dim=8, num_quantizers=2, codebook_size=4, heads=2), ValueError, "heads must be 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(dim=8, num_quantizers=2, codebook_size=[4, 4, 4]), ValueError, "3 per-layer sizes"),
+        (dict(dim=8, codebook_size=4), TypeError, "num_quantizers is required"),
+        (
+            dict(
+                dim=8,
+                num_quantizers=3,
+                codebook_size=4,
+                quantize_dropout=True,
+                quantize_dropout_cutoff_index=3,
+            ),
+            ValueError,
+            r"quantize_dropout_cutoff_index must be in \[0, 3\)",
+        ),
+        (
+            dict(dim=8, num_quantizers=3, codebook_size=4, quantize_dropout_cutoff_index=-1),
+            ValueError,
+            "cutoff_index",
+        ),
+        (
+            dict(dim=8, num_quantizers=3, codebook_size=4, quantize_dropout_multiple_of=0),
+            ValueError,
+            "multiple_of",
+        ),
+        (
+            dict(dim=8, codebook_size=[4, 8], shared_codebook=True),
+            ValueError,
+            "shared_codebook needs one codebook size",
+        ),
+        (dict(dim=8, num_quantizers=2, codebook_size=4, heads=2), ValueError, "heads must be 1"),
+    ],
+)
 def test_constructor_errors(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         ResidualVQ(**kwargs)
@@ -469,7 +541,9 @@ def test_masked_padding_can_pass_through_and_codes_of_padding_are_zero():
 @pytest.mark.parametrize("cfg", [dict(), dict(rotation_trick=True), dict(use_cosine_sim=True)])
 def test_gradient_of_fused_path_equals_per_layer_straight_through(cfg):
     torch.manual_seed(13)
-    rvq = ResidualVQ(dim=6, num_quantizers=3, codebook_size=8, commitment_weight=0.0, freeze_codebook=True, **cfg)
+    rvq = ResidualVQ(
+        dim=6, num_quantizers=3, codebook_size=8, commitment_weight=0.0, freeze_codebook=True, **cfg
+    )
     x = torch.randn(2, 4, 6, requires_grad=True)
     weights = torch.randn(2, 4, 6)
     quantized, _, _, codes = rvq(x, return_all_codes=True)
@@ -491,7 +565,11 @@ def test_gradient_of_fused_path_equals_per_layer_straight_through(cfg):
 def test_learnable_codebooks_get_each_layers_codebook_loss(shared):
     torch.manual_seed(0)
     rvq = ResidualVQ(
-        dim=4, num_quantizers=3, codebook_size=8, learnable_codebook=True, shared_codebook=shared,
+        dim=4,
+        num_quantizers=3,
+        codebook_size=8,
+        learnable_codebook=True,
+        shared_codebook=shared,
         threshold_ema_dead_code=0.5 if shared else 0.0,
     )
     assert rvq.ema_update is False and all(layer.ema_update is False for layer in rvq.layers)

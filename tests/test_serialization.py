@@ -19,7 +19,10 @@ def trained_vq(**kwargs):
     return q.eval()
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"heads": 2, "separate_codebook_per_head": True, "codebook_dim": 4}, {"orthogonal_reg_weight": 1.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"heads": 2, "separate_codebook_per_head": True, "codebook_dim": 4}, {"orthogonal_reg_weight": 1.0}],
+)
 def test_save_load_round_trip(tmp_path, kwargs):
     q = trained_vq(**kwargs)
     path = tmp_path / "vq.safetensors"
@@ -43,7 +46,10 @@ def test_checkpoint_holds_config_in_metadata(tmp_path):
         meta = f.metadata()
         keys = set(f.keys())
     assert meta["format"] == "vqcore.checkpoint/1" and meta["vqcore_version"] == vqcore.__version__
-    assert json.loads(meta["config"]) == {"name": "vq", "kwargs": {"dim": 16, "codebook_size": 32, "kmeans_init": True, "threshold_ema_dead_code": 1}}
+    assert json.loads(meta["config"]) == {
+        "name": "vq",
+        "kwargs": {"dim": 16, "codebook_size": 32, "kmeans_init": True, "threshold_ema_dead_code": 1},
+    }
     assert {"_codebook.embed", "_codebook.cluster_size", "_codebook.embed_avg", "_codebook.initted"} <= keys
 
 

@@ -763,7 +763,6 @@ def test_state_dict_round_trip():
 # -- stochastic sampling -------------------------------------------------------------------------
 
 
-
 def _stochastic(temp):
     vq = VectorQuantize(
         dim=4, codebook_size=16, stochastic_sample_codes=True, sample_codebook_temp=temp, freeze_codebook=True
@@ -1154,7 +1153,9 @@ def test_kmeans_waits_until_every_head_has_a_finite_token():
 @pytest.mark.parametrize("codebook_dim", [None, 8])
 def test_half_module_with_layernorm_after_project_in(codebook_dim):
     """The LayerNorm runs in float32 with the codebook, whatever dtype the module was cast to."""
-    vq = VectorQuantize(dim=16, codebook_size=8, codebook_dim=codebook_dim, layernorm_after_project_in=True).half()
+    vq = VectorQuantize(
+        dim=16, codebook_size=8, codebook_dim=codebook_dim, layernorm_after_project_in=True
+    ).half()
     x = torch.randn(2, 5, 16).half()
     quantized, indices, _ = vq(x)
     assert quantized.dtype == torch.float16 and indices.shape == (2, 5)
@@ -1216,7 +1217,9 @@ def test_learnable_codebook_trains_by_gradient_and_freezes_on_request():
 
 def test_learnable_codebook_expiry_counts_usage_without_ema():
     torch.manual_seed(0)
-    vq = VectorQuantize(dim=4, codebook_size=8, learnable_codebook=True, threshold_ema_dead_code=0.5, decay=0.5)
+    vq = VectorQuantize(
+        dim=4, codebook_size=8, learnable_codebook=True, threshold_ema_dead_code=0.5, decay=0.5
+    )
     book = vq._codebook
     embed_avg = book.embed_avg.clone()
     x = torch.randn(1, 64, 4) * 0.01  # tiny inputs: a few codes take everything, the others go unused
@@ -1293,7 +1296,9 @@ def test_ema_update_weight_callable_sees_the_batch_statistics():
     assert unused.sum() >= 10
     for name in ("cluster_size", "embed_avg", "embed"):
         assert torch.equal(getattr(vq._codebook, name)[0, unused], before[f"_codebook.{name}"][0, unused])
-        assert not torch.equal(getattr(vq._codebook, name)[0, ~unused], before[f"_codebook.{name}"][0, ~unused])
+        assert not torch.equal(
+            getattr(vq._codebook, name)[0, ~unused], before[f"_codebook.{name}"][0, ~unused]
+        )
 
 
 def test_accum_ema_update_takes_one_step_for_all_micro_batches():

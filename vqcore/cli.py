@@ -11,7 +11,11 @@ def _cmd_list(args) -> int:
 
     registry = get_registry()
     kinds = ("quantizer", "codebook", "loss") if args.all else ("quantizer",)
-    rows = [(e.kind, e.name, e.plugin, ", ".join(e.aliases), e.summary) for k in kinds for e in registry.entries(k, args.pattern)]
+    rows = [
+        (e.kind, e.name, e.plugin, ", ".join(e.aliases), e.summary)
+        for k in kinds
+        for e in registry.entries(k, args.pattern)
+    ]
     if not rows:
         print(f"no {'entries' if args.all else 'quantizers'} match {args.pattern!r}")
         return 1
@@ -64,8 +68,17 @@ def _cmd_demo(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_demo(
-        args.quantizer, args.steps, args.out, dim=args.dim, width=args.width, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, overrides=_parse_overrides(args.set), export=not args.no_export, quiet=args.quiet,
+        args.quantizer,
+        args.steps,
+        args.out,
+        dim=args.dim,
+        width=args.width,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        overrides=_parse_overrides(args.set),
+        export=not args.no_export,
+        quiet=args.quiet,
     )
     return 0
 
@@ -91,7 +104,11 @@ def _cmd_export(args) -> int:
     from vqcore.serialization import load
 
     quantizer = load(args.checkpoint).eval()
-    shape = tuple(int(s) for s in args.example_shape.replace("x", ",").split(",")) if args.example_shape else default_example_shape(quantizer)
+    shape = (
+        tuple(int(s) for s in args.example_shape.replace("x", ",").split(","))
+        if args.example_shape
+        else default_example_shape(quantizer)
+    )
     torch.manual_seed(args.seed)
     features = torch.randn(shape)
     with torch.no_grad():
@@ -102,7 +119,9 @@ def _cmd_export(args) -> int:
         print("--aoti needs --format pt2", file=sys.stderr)
         return 2
     try:
-        result = writer(quantizer, args.output, graph=args.graph, example=example, verify=not args.no_verify, **kwargs)
+        result = writer(
+            quantizer, args.output, graph=args.graph, example=example, verify=not args.no_verify, **kwargs
+        )
     except (export.ParityError, export.ExportError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1
@@ -138,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include codebooks and losses")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("plugins", help="show every plugin: version, source, status, hooks, what it registered")
+    p = sub.add_parser(
+        "plugins", help="show every plugin: version, source, status, hooks, what it registered"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=_cmd_plugins)
 
@@ -146,8 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="train a conv VQ-VAE tokenizer on the scikit-learn digits, plot it, export and verify it (ONNX, TorchScript)",
     )
-    p.add_argument("--quantizer", default="vq", help="registry name of the bottleneck (vq, rvq, fsq, lfq, latent, ...; default: vq)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer kwarg over the preset (JSON value), repeatable")
+    p.add_argument(
+        "--quantizer",
+        default="vq",
+        help="registry name of the bottleneck (vq, rvq, fsq, lfq, latent, ...; default: vq)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="quantizer kwarg over the preset (JSON value), repeatable",
+    )
     p.add_argument("--steps", type=int, default=1200, help="training steps (default: 1200)")
     p.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     p.add_argument("--dim", type=int, default=16, help="latent dim per token (default: 16)")
@@ -160,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("export", help="export a vqcore.save checkpoint's encode or decode graph (ONNX, TorchScript, pt2)")
+    p = sub.add_parser(
+        "export", help="export a vqcore.save checkpoint's encode or decode graph (ONNX, TorchScript, pt2)"
+    )
     p.add_argument("checkpoint", help="file written by vqcore.save")
     p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
     p.add_argument("--graph", choices=("encode", "decode"), default="encode")
@@ -171,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sequences, (2, dim, 8, 6) for images, ...); decode graphs use the indices of these features",
     )
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20)")
-    p.add_argument("--aoti", action="store_true", help="pt2: AOTInductor package (compiled; needs a C++ compiler)")
+    p.add_argument(
+        "--aoti", action="store_true", help="pt2: AOTInductor package (compiled; needs a C++ compiler)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the export-time parity check")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_export)

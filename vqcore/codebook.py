@@ -107,7 +107,9 @@ class EMACodebook(Float32State):
         self.register_buffer("cluster_size", torch.ones(books, size))
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
-        self._initted_seen = not kmeans_init  # host-side cache of ``initted`` once it is True (see needs_init)
+        self._initted_seen = (
+            not kmeans_init
+        )  # host-side cache of ``initted`` once it is True (see needs_init)
         self._has_pending = False  # accumulated EMA statistics waiting for the next step (see update)
 
     # -- protocol ----------------------------------------------------------------------------------
@@ -152,7 +154,11 @@ class EMACodebook(Float32State):
         if temperature <= 0:
             return self.nearest(x)
         return gumbel_sample(
-            x, self.embed.detach(), cosine=self.cosine, temperature=temperature, generator=generator,
+            x,
+            self.embed.detach(),
+            cosine=self.cosine,
+            temperature=temperature,
+            generator=generator,
             chunk_bytes=self.chunk_bytes,
         )
 
@@ -181,7 +187,9 @@ class EMACodebook(Float32State):
 
     @torch.no_grad()
     @float32_region
-    def init_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False, sync_kmeans: bool = True) -> bool:
+    def init_(
+        self, x: Tensor, valid: Tensor | None = None, sync: bool = False, sync_kmeans: bool = True
+    ) -> bool:
         """k-means on the batch, if not done yet; returns whether it ran.
 
         ``valid`` (B, N) marks tokens that count. Empty clusters keep a data point as their code and
@@ -207,7 +215,9 @@ class EMACodebook(Float32State):
             means = x.new_empty(self.embed.shape)
             counts = x.new_empty(self.cluster_size.shape)
             if dist_rank() == 0:
-                means, counts = kmeans(x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid)
+                means, counts = kmeans(
+                    x.nan_to_num(), self.size, self.kmeans_iters, cosine=self.cosine, valid=valid
+                )
             broadcast_(means, sync)
             broadcast_(counts, sync)
         else:
@@ -273,7 +283,9 @@ class EMACodebook(Float32State):
         if not codes:
             return frozen
         code_step = step.unsqueeze(-1) if isinstance(step, Tensor) else step
-        self.embed_avg.copy_(torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, code_step), self.embed_avg))
+        self.embed_avg.copy_(
+            torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, code_step), self.embed_avg)
+        )
         self._recompute_embed(seen, frozen)
         return frozen
 
@@ -313,7 +325,9 @@ class EMACodebook(Float32State):
         the pending statistics (see :meth:`update`); codes frozen by a zero ``step_weight`` never expire."""
         if not ema and self.threshold_ema_dead_code <= 0:
             return
-        frozen = self.update(x, indices, valid, sync, codes=ema, step_weight=step_weight, accumulate=accumulate)
+        frozen = self.update(
+            x, indices, valid, sync, codes=ema, step_weight=step_weight, accumulate=accumulate
+        )
         if not accumulate:
             self.expire_(x, valid, sync=sync, protect=frozen)
 

@@ -40,12 +40,35 @@ PIXEL_LEVELS = 17  # the digits' pixels take the values 0..16
 
 # registry name -> constructor kwargs of the bottleneck (besides dim); --set overrides any of them
 PRESETS: dict[str, dict] = {
-    "vq": dict(codebook_size=256, codebook_dim=8, decay=0.9, kmeans_init=True, kmeans_iters=10,
-               threshold_ema_dead_code=1, commitment_weight=0.25),
-    "rvq": dict(codebook_size=64, num_quantizers=2, codebook_dim=8, decay=0.9, kmeans_init=True,
-                kmeans_iters=10, threshold_ema_dead_code=1, commitment_weight=0.25),
-    "grouped_rvq": dict(codebook_size=64, num_quantizers=1, groups=2, decay=0.9, kmeans_init=True,
-                        kmeans_iters=10, threshold_ema_dead_code=1, commitment_weight=0.25),
+    "vq": dict(
+        codebook_size=256,
+        codebook_dim=8,
+        decay=0.9,
+        kmeans_init=True,
+        kmeans_iters=10,
+        threshold_ema_dead_code=1,
+        commitment_weight=0.25,
+    ),
+    "rvq": dict(
+        codebook_size=64,
+        num_quantizers=2,
+        codebook_dim=8,
+        decay=0.9,
+        kmeans_init=True,
+        kmeans_iters=10,
+        threshold_ema_dead_code=1,
+        commitment_weight=0.25,
+    ),
+    "grouped_rvq": dict(
+        codebook_size=64,
+        num_quantizers=1,
+        groups=2,
+        decay=0.9,
+        kmeans_init=True,
+        kmeans_iters=10,
+        threshold_ema_dead_code=1,
+        commitment_weight=0.25,
+    ),
     "fsq": dict(levels=[8, 5, 5, 5]),
     "residual_fsq": dict(levels=[4, 4, 4], num_quantizers=2),
     "lfq": dict(codebook_size=256, entropy_loss_weight=0.1),
@@ -153,9 +176,12 @@ class Encoder(nn.Module):
     def __init__(self, dim: int, width: int = 64):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, width, 4, stride=2, padding=1), nn.GELU(),  # 8x8 -> 4x4
-            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 4, stride=2, padding=1),
+            nn.GELU(),  # 8x8 -> 4x4
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
             nn.Conv2d(width, dim, 1),
         )
 
@@ -169,9 +195,12 @@ class Decoder(nn.Module):
     def __init__(self, dim: int, width: int = 64):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(dim, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
-            nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.GELU(),  # 4x4 -> 8x8
+            nn.Conv2d(dim, width, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.GELU(),
+            nn.ConvTranspose2d(width, width, 4, stride=2, padding=1),
+            nn.GELU(),  # 4x4 -> 8x8
             nn.Conv2d(width, 1, 3, padding=1),
         )
 
@@ -220,7 +249,14 @@ def _pyplot():
     return plt
 
 
-def save_reconstructions(path, originals: torch.Tensor, reconstructions: torch.Tensor, columns: int = 12, rows: int = 2, title: str = ""):
+def save_reconstructions(
+    path,
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    columns: int = 12,
+    rows: int = 2,
+    title: str = "",
+):
     """``rows`` pairs of rows: originals above their reconstructions (held-out images)."""
     plt = _pyplot()
     n = min(columns * rows, originals.shape[0])
@@ -231,7 +267,9 @@ def save_reconstructions(path, originals: torch.Tensor, reconstructions: torch.T
             ax = axes[2 * r + k, c]
             ax.set_xticks([]), ax.set_yticks([])
             if i < n:
-                ax.imshow(images[i, 0].clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+                ax.imshow(
+                    images[i, 0].clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest"
+                )
             if c == 0:
                 ax.set_ylabel("original" if k == 0 else "decoded", fontsize=7)
     if title:
@@ -252,7 +290,9 @@ def save_code_usage(path, per_layer: list[torch.Tensor], sizes: list[int], title
         ax = axes[0, q]
         ax.bar(range(size), share.numpy(), width=1.0, color="#3b6ea5")
         usage, ppl = code_statistics(ids, size)
-        ax.set_title(f"{title}layer {q}: {100 * usage:.0f}% of {size} codes used, perplexity {ppl:.0f}", fontsize=8)
+        ax.set_title(
+            f"{title}layer {q}: {100 * usage:.0f}% of {size} codes used, perplexity {ppl:.0f}", fontsize=8
+        )
         ax.set_xlabel("code rank", fontsize=7)
         ax.set_ylabel("share of tokens", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -317,8 +357,18 @@ def export_and_verify(model: VQVAE, images: torch.Tensor, out: Path) -> tuple[di
     torch.save({"images": images, "ids": ids, "decoded": decoded}, reference)
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _TORCHSCRIPT_CHECK, str(reference), str(paths["tokenizer.pt"]), str(paths["detokenizer.pt"])],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            [
+                sys.executable,
+                "-c",
+                _TORCHSCRIPT_CHECK,
+                str(reference),
+                str(paths["tokenizer.pt"]),
+                str(paths["detokenizer.pt"]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     finally:
         reference.unlink(missing_ok=True)
@@ -361,7 +411,9 @@ def run_demo(
     q, kwargs = build_quantizer(quantizer, dim, overrides)
     model = VQVAE(q, dim, width)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(seed)
 
     model.train()
@@ -391,20 +443,37 @@ def run_demo(
     bits = tokens * len(per_layer) * math.log2(size)
 
     title = f"{kwargs['name']}: {tokens} tokens x {len(per_layer)} layer(s) x {math.log2(size):.3g} bits = {bits:.0f} bits per image"
-    save_reconstructions(out / "reconstructions.png", test, recon,
-                         title=f"held-out digits, {title}; MSE {mse:.4f}, PSNR {psnr(mse):.1f} dB")
+    save_reconstructions(
+        out / "reconstructions.png",
+        test,
+        recon,
+        title=f"held-out digits, {title}; MSE {mse:.4f}, PSNR {psnr(mse):.1f} dB",
+    )
     save_code_usage(out / "code_usage.png", per_layer, [size] * len(per_layer), title=f"{kwargs['name']} ")
-    artifacts = {"reconstructions.png": str(out / "reconstructions.png"), "code_usage.png": str(out / "code_usage.png")}
+    artifacts = {
+        "reconstructions.png": str(out / "reconstructions.png"),
+        "code_usage.png": str(out / "code_usage.png"),
+    }
     verification: dict = {}
     if export:
         exported, verification = export_and_verify(model, test, out)
         artifacts.update(exported)
 
     result = DemoResult(
-        quantizer=kwargs["name"], kwargs=kwargs, steps=steps, mse=mse, psnr=psnr(mse),
-        mse_mean_baseline=float((test - train.mean(0)).pow(2).mean()), layers=layers,
-        tokens_per_image=tokens, bits_per_image=bits, train_seconds=train_seconds,
-        total_seconds=time.perf_counter() - start, out=str(out), artifacts=artifacts, verification=verification,
+        quantizer=kwargs["name"],
+        kwargs=kwargs,
+        steps=steps,
+        mse=mse,
+        psnr=psnr(mse),
+        mse_mean_baseline=float((test - train.mean(0)).pow(2).mean()),
+        layers=layers,
+        tokens_per_image=tokens,
+        bits_per_image=bits,
+        train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - start,
+        out=str(out),
+        artifacts=artifacts,
+        verification=verification,
     )
     (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     artifacts["summary.json"] = str(out / "summary.json")
@@ -416,8 +485,10 @@ def run_demo(
 
 def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
     raw_bits = 64 * math.log2(PIXEL_LEVELS)
-    print(f"\nconv VQ-VAE tokenizer with {r.quantizer} on scikit-learn digits "
-          f"({n_train} train / {n_test} held-out 8x8 images, {r.steps} steps, {r.train_seconds:.0f} s training)")
+    print(
+        f"\nconv VQ-VAE tokenizer with {r.quantizer} on scikit-learn digits "
+        f"({n_train} train / {n_test} held-out 8x8 images, {r.steps} steps, {r.train_seconds:.0f} s training)"
+    )
     print(f"  quantizer kwargs: {json.dumps({k: v for k, v in r.kwargs.items() if k != 'name'})}")
     print()
     print("| metric (held-out) | value |")
@@ -430,14 +501,22 @@ def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
     print("| layer | codebook size | usage | perplexity |")
     print("|---|---|---|---|")
     for layer in r.layers:
-        print(f"| {layer.layer} | {layer.codebook_size} | {100 * layer.usage:.1f}% | {layer.perplexity:.1f} |")
+        print(
+            f"| {layer.layer} | {layer.codebook_size} | {100 * layer.usage:.1f}% | {layer.perplexity:.1f} |"
+        )
     print()
     if r.verification:
         onnx, ts = r.verification["onnxruntime"], r.verification["torchscript_subprocess"]
-        print(f"exported and verified on {r.verification['images']} held-out images "
-              f"(token agreement / max |decoded diff| vs eager):")
-        print(f"  onnxruntime                      {100 * onnx['token_agreement']:.2f}% / {onnx['detokenizer_max_abs_diff']:.2g}")
-        print(f"  TorchScript (fresh process)      {100 * ts['token_agreement']:.2f}% / {ts['detokenizer_max_abs_diff']:.2g}")
+        print(
+            f"exported and verified on {r.verification['images']} held-out images "
+            f"(token agreement / max |decoded diff| vs eager):"
+        )
+        print(
+            f"  onnxruntime                      {100 * onnx['token_agreement']:.2f}% / {onnx['detokenizer_max_abs_diff']:.2g}"
+        )
+        print(
+            f"  TorchScript (fresh process)      {100 * ts['token_agreement']:.2f}% / {ts['detokenizer_max_abs_diff']:.2g}"
+        )
     print(f"wrote to {r.out}/:")
     for name in sorted(r.artifacts):
         print(f"  {name}")

@@ -94,7 +94,11 @@ def gather_tokens(x: Tensor, valid: Tensor, cap: int, sync: bool) -> tuple[Tenso
     m = max(1, min(cap, m))
     # compact: valid tokens first, in their original order (stable sort of the invalid flags)
     order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)[:, :m]
-    local = torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, dim)) if x.shape[1] else x.new_zeros(books, m, dim)
+    local = (
+        torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, dim))
+        if x.shape[1]
+        else x.new_zeros(books, m, dim)
+    )
     local_valid = torch.gather(valid, 1, order) if x.shape[1] else valid.new_zeros(books, m)
     if local.shape[1] < m:  # fewer tokens than the largest rank: pad with invalid zeros
         pad = m - local.shape[1]
@@ -106,9 +110,7 @@ def gather_tokens(x: Tensor, valid: Tensor, cap: int, sync: bool) -> tuple[Tenso
     return xs.transpose(0, 1).reshape(books, -1, dim), vs.transpose(0, 1).reshape(books, -1)
 
 
-def global_pool_draw(
-    x: Tensor, valid: Tensor, wanted: Tensor, draw, sync: bool
-) -> tuple[Tensor, Tensor]:
+def global_pool_draw(x: Tensor, valid: Tensor, wanted: Tensor, draw, sync: bool) -> tuple[Tensor, Tensor]:
     """Vectors drawn from the global pool of valid tokens, identically on every rank.
 
     x (B, N, d), valid (B, N); ``wanted`` (B, K) bool marks the slots to fill (identical on every rank).

@@ -27,7 +27,9 @@ def kept_layers(
     ``[cutoff_index, num_quantizers - 1]``, then ``last + 1`` rounded up to a multiple of ``multiple_of``
     (capped at ``num_quantizers``)."""
     if not 0 <= cutoff_index < num_quantizers:
-        raise ValueError(f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {cutoff_index}")
+        raise ValueError(
+            f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {cutoff_index}"
+        )
     if multiple_of < 1:
         raise ValueError(f"quantize_dropout_multiple_of must be >= 1, got {multiple_of}")
     if rng is None:  # torch's generator: follows torch.manual_seed, leaves Python's `random` alone

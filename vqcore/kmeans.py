@@ -69,7 +69,9 @@ def sum_per_code(x: Tensor, indices: Tensor, size: int, weight: Tensor | None = 
     return sums.reshape(books, size, dim)
 
 
-def seed_means(x: Tensor, k: int, valid: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+def seed_means(
+    x: Tensor, k: int, valid: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
     """k distinct starting means per book, drawn from the valid tokens.
 
     With at least k valid tokens: k-means++ seeding (Arthur & Vassilvitskii 2007; see
@@ -79,7 +81,9 @@ def seed_means(x: Tensor, k: int, valid: Tensor | None = None, generator: torch.
     return _seed(x, k, valid, generator)[0]
 
 
-def _seed(x: Tensor, k: int, valid: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+def _seed(
+    x: Tensor, k: int, valid: Tensor | None, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
     """seed_means, plus the first Lloyd assignment when k-means++ computed it."""
     books, n, dim = x.shape
     if valid is None:
@@ -106,7 +110,9 @@ def _seed(x: Tensor, k: int, valid: Tensor | None, generator: torch.Generator | 
     return means, assignment
 
 
-def _kmeans_plus_plus(x: Tensor, k: int, valid: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _kmeans_plus_plus(
+    x: Tensor, k: int, valid: Tensor, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """D^2 seeding of k means per book from the valid tokens of x (B, N, d).
 
     Seeds are drawn in at most ``KMEANS_PP_ROUNDS`` rounds of ``ceil(k / rounds)`` distinct tokens, each
@@ -142,7 +148,11 @@ def _kmeans_plus_plus(x: Tensor, k: int, valid: Tensor, generator: torch.Generat
         available[rows, pick] = False  # a chosen token is never drawn again
         centres = xs[rows, pick]  # (B, m, d)
         means[:, start : start + m] = centres
-        dist = x_sq.unsqueeze(-1) + centres.pow(2).sum(-1).unsqueeze(1) - 2 * torch.bmm(xs, centres.transpose(1, 2))
+        dist = (
+            x_sq.unsqueeze(-1)
+            + centres.pow(2).sum(-1).unsqueeze(1)
+            - 2 * torch.bmm(xs, centres.transpose(1, 2))
+        )
         round_sq, round_arg = dist.clamp(min=0).min(-1)
         closer = round_sq < nearest_sq
         nearest_sq = torch.where(closer, round_sq, nearest_sq)
@@ -177,7 +187,11 @@ def kmeans(
         if valid is None:
             valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         pool, pool_valid = gather_tokens(x, valid, seed_pool_cap(k), sync)
-        seeds = seed_means(pool, k, pool_valid, generator) if rank() == 0 else x.new_empty(x.shape[0], k, x.shape[-1])
+        seeds = (
+            seed_means(pool, k, pool_valid, generator)
+            if rank() == 0
+            else x.new_empty(x.shape[0], k, x.shape[-1])
+        )
         means = broadcast_(seeds.contiguous(), sync)
     else:
         means, first = _seed(x, k, valid, generator)

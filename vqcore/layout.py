@@ -43,8 +43,18 @@ class TokenLayout:
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
         if (accept_image_fmap or accept_3d_fmap) and not channel_last:
-            raise ValueError("channel_last=False is for (batch, dim, seq) sequences; image/video fmaps are always channel-first")
-        kind = "image" if accept_image_fmap else "video" if accept_3d_fmap else "sequence" if channel_last else "channel_first"
+            raise ValueError(
+                "channel_last=False is for (batch, dim, seq) sequences; image/video fmaps are always channel-first"
+            )
+        kind = (
+            "image"
+            if accept_image_fmap
+            else "video"
+            if accept_3d_fmap
+            else "sequence"
+            if channel_last
+            else "channel_first"
+        )
         return cls(kind, dim)
 
     @property
@@ -86,7 +96,9 @@ class TokenLayout:
         """``(b, n, *extra) -> (b, *spatial, *extra)``."""
         return indices.reshape(indices.shape[0], *spatial, *indices.shape[2:])
 
-    def indices_to_tokens(self, indices: Tensor, extra_dims: int, name: str = "indices") -> tuple[Tensor, tuple]:
+    def indices_to_tokens(
+        self, indices: Tensor, extra_dims: int, name: str = "indices"
+    ) -> tuple[Tensor, tuple]:
         """``(b, *spatial, *extra) -> ((b, n, *extra), spatial)`` with ``extra_dims`` trailing axes."""
         check_tensor(indices, name)
         ranks = (1 + self.spatial_rank + extra_dims,) + ((1 + extra_dims,) if self.kind == "sequence" else ())
@@ -130,7 +142,9 @@ def auto_layout(ndim: int, dim: int, channel_first: bool | None = None, name: st
     )
 
 
-def auto_index_layout(ndim: int, extra_dims: int, dim: int, channel_first: bool | None = None, name: str = "indices") -> TokenLayout:
+def auto_index_layout(
+    ndim: int, extra_dims: int, dim: int, channel_first: bool | None = None, name: str = "indices"
+) -> TokenLayout:
     """The :func:`auto_layout` of the input that gave indices of rank ``ndim`` with ``extra_dims`` trailing axes."""
     spatial = ndim - 1 - extra_dims
     if spatial == 2:
@@ -169,7 +183,9 @@ def index_tokens(
     tokens, spatial = layout.indices_to_tokens(indices, extra)
     if extra and (tokens.shape[-1] > trailing if at_most else tokens.shape[-1] != trailing):
         bound = "<= " if at_most else ""
-        raise ValueError(f"indices must end with a {axis} axis of size {bound}{trailing}, got shape {tuple(indices.shape)}")
+        raise ValueError(
+            f"indices must end with a {axis} axis of size {bound}{trailing}, got shape {tuple(indices.shape)}"
+        )
     check_indices(tokens, size, allow_dropped=allow_dropped)
     if not extra:
         tokens = tokens.unsqueeze(-1)

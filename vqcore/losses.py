@@ -21,7 +21,9 @@ class CommitmentLoss:
 
     name = "commitment"
 
-    def __call__(self, x: Tensor, q: Tensor, valid: Tensor | None = None, train_codes: bool = False) -> Tensor:
+    def __call__(
+        self, x: Tensor, q: Tensor, valid: Tensor | None = None, train_codes: bool = False
+    ) -> Tensor:
         """``train_codes``: q is not detached, so the same term also pulls the codes to the encoder's outputs
         (the codebook loss of a gradient-trained codebook, VQ-VAE's ``||sg(x) - q||^2``, with equal weight)."""
         if not train_codes:

@@ -87,4 +87,3 @@ class Float32State(nn.Module):
             return t.to(device=out.device)
 
         return super()._apply(keep_float32, recurse=False)
-

@@ -100,7 +100,11 @@ def check_quantizer_instance(obj, origin: str = "factory") -> None:
     """Raise a TypeError naming what is missing when ``obj`` does not follow :class:`Quantizer`."""
     if not isinstance(obj, nn.Module):
         raise TypeError(f"{origin} must build an nn.Module, got {type(obj).__name__}")
-    missing = [name for name in ("dim", "codebook_size", "num_codebooks", "encode", "decode") if not hasattr(obj, name)]
+    missing = [
+        name
+        for name in ("dim", "codebook_size", "num_codebooks", "encode", "decode")
+        if not hasattr(obj, name)
+    ]
     if missing:
         raise TypeError(
             f"{origin} built {type(obj).__name__}, which does not follow vqcore.protocols.Quantizer: "

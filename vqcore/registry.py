@@ -25,8 +25,11 @@ from vqcore.errors import DuplicateNameError, PluginError, PluginLoadWarning, Un
 
 ENTRY_POINT_GROUP = "vqcore"
 KINDS = ("quantizer", "codebook", "loss")
-_HOOK_OF_KIND = {"quantizer": "register_quantizers", "codebook": "register_codebooks", "loss": "register_losses"}
-
+_HOOK_OF_KIND = {
+    "quantizer": "register_quantizers",
+    "codebook": "register_codebooks",
+    "loss": "register_losses",
+}
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,9 @@ class Registry:
     def _registrar(self, kind: str, plugin_name: str, info: PluginInfo):
         def register(name: str, factory: Callable[..., Any], *, aliases=(), summary: str = "") -> None:
             if not isinstance(name, str) or not name:
-                raise TypeError(f"plugin {plugin_name!r}: a {kind} name must be a non-empty str, got {name!r}")
+                raise TypeError(
+                    f"plugin {plugin_name!r}: a {kind} name must be a non-empty str, got {name!r}"
+                )
             if not callable(factory):
                 raise TypeError(f"plugin {plugin_name!r}: factory for {kind} {name!r} must be callable")
             aliases = (aliases,) if isinstance(aliases, str) else tuple(aliases)
@@ -190,7 +195,8 @@ class Registry:
         return [
             entry
             for name, entry in sorted(self._entries[kind].items())
-            if fnmatch.fnmatchcase(name, pattern) or any(fnmatch.fnmatchcase(a, pattern) for a in entry.aliases)
+            if fnmatch.fnmatchcase(name, pattern)
+            or any(fnmatch.fnmatchcase(a, pattern) for a in entry.aliases)
         ]
 
     def name_of(self, factory) -> str | None:

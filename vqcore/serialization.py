@@ -31,11 +31,15 @@ def quantizer_config(quantizer: torch.nn.Module) -> dict:
     if config["name"] is None:
         config["name"] = get_registry().name_of(type(quantizer))
         if config["name"] is None:
-            raise ValueError(f"{type(quantizer).__name__} is not registered under any name; register its plugin first")
+            raise ValueError(
+                f"{type(quantizer).__name__} is not registered under any name; register its plugin first"
+            )
     try:
         json.dumps(config["kwargs"])
     except TypeError as err:
-        raise TypeError(f"constructor arguments of {config['name']!r} must be JSON-serialisable to save: {err}") from None
+        raise TypeError(
+            f"constructor arguments of {config['name']!r} must be JSON-serialisable to save: {err}"
+        ) from None
     return config
 
 

@@ -76,7 +76,10 @@ def check_quantizer(
     torch.manual_seed(seed)
     quantizer = build()
     check_quantizer_instance(quantizer, origin=name)
-    _require(isinstance(quantizer.codebook_size, int) and quantizer.codebook_size > 0, "codebook_size must be a positive int")
+    _require(
+        isinstance(quantizer.codebook_size, int) and quantizer.codebook_size > 0,
+        "codebook_size must be a positive int",
+    )
     report.passed("protocol")
 
     # -- training -----------------------------------------------------------------------------------
@@ -112,7 +115,9 @@ def check_quantizer(
         decoded.shape == out[0].shape and torch.equal(decoded.to(out[0].dtype), out[0]),
         "decode(encode(x)) differs from the eval forward's quantized output (must be bit for bit equal)",
     )
-    _require(_same_state(state, _snapshot(quantizer)), "encode/decode/eval forward changed the module's state")
+    _require(
+        _same_state(state, _snapshot(quantizer)), "encode/decode/eval forward changed the module's state"
+    )
     report.passed("eval: encode == forward indices, decode(encode(x)) == forward quantized, state untouched")
 
     # -- state_dict round trip ------------------------------------------------------------------------
@@ -122,7 +127,10 @@ def check_quantizer(
     fresh.eval()
     with torch.no_grad():
         again = fresh(x)
-    _require(torch.equal(again[0], out[0]) and torch.equal(again[1], out[1]), "state_dict round trip changed the outputs")
+    _require(
+        torch.equal(again[0], out[0]) and torch.equal(again[1], out[1]),
+        "state_dict round trip changed the outputs",
+    )
     report.passed("state_dict round trip")
 
     if check_export:
@@ -132,8 +140,14 @@ def check_quantizer(
 
 def _check_outputs(quantizer, example, quantized, indices, where: str) -> None:
     _require(isinstance(quantized, Tensor), f"{where}: the first output must be the quantized tensor")
-    _require(quantized.shape == example.shape, f"{where}: quantized shape {tuple(quantized.shape)} != input shape {tuple(example.shape)}")
-    _require(quantized.dtype == example.dtype, f"{where}: quantized dtype {quantized.dtype} != input dtype {example.dtype}")
+    _require(
+        quantized.shape == example.shape,
+        f"{where}: quantized shape {tuple(quantized.shape)} != input shape {tuple(example.shape)}",
+    )
+    _require(
+        quantized.dtype == example.dtype,
+        f"{where}: quantized dtype {quantized.dtype} != input dtype {example.dtype}",
+    )
     _require(isinstance(indices, Tensor), f"{where}: the second output must be the indices tensor")
     _require(indices.dtype == INDEX_DTYPE, f"{where}: indices must be {INDEX_DTYPE}, got {indices.dtype}")
     _require(indices.shape[0] == example.shape[0], f"{where}: indices must keep the batch axis first")
@@ -158,7 +172,9 @@ def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: C
 
     dims = tuple(dynamic_dims) if dynamic_dims is not None else default_dynamic_dims(x)
     for d in dims:
-        _require(x.shape[d] >= 2, f"example axis {d} is declared dynamic; give it a size >= 2 (got {x.shape[d]})")
+        _require(
+            x.shape[d] >= 2, f"example axis {d} is declared dynamic; give it a size >= 2 (got {x.shape[d]})"
+        )
     quantizer = copy.deepcopy(quantizer).eval()
     encode_module, decode_module = EncodeGraph(quantizer), DecodeGraph(quantizer)
     try:
@@ -166,34 +182,49 @@ def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: C
         # the groups axis for groups-first layouts)
         followed = map_dynamic_axes(encode_module, x, dims)
     except ValueError as err:
-        raise ConformanceError(f"encode does not accept other sizes on the dynamic axes {dims}: {err}") from err
-    _require(all(a is not None for a in followed.values()), f"the indices do not follow the input's dynamic axes {dims}")
+        raise ConformanceError(
+            f"encode does not accept other sizes on the dynamic axes {dims}: {err}"
+        ) from err
+    _require(
+        all(a is not None for a in followed.values()),
+        f"the indices do not follow the input's dynamic axes {dims}",
+    )
     names = axis_names(x, dims)
     index_names = {followed[d]: names[d] for d in dims}
     index_dims = tuple(sorted(index_names))
     try:
         encode = torch.export.export(encode_module, (x,), dynamic_shapes=dynamic_shapes(names), strict=False)
-        decode = torch.export.export(decode_module, (indices,), dynamic_shapes=dynamic_shapes(index_names), strict=False)
+        decode = torch.export.export(
+            decode_module, (indices,), dynamic_shapes=dynamic_shapes(index_names), strict=False
+        )
     except Exception as err:  # noqa: BLE001 - report any exporter failure as a conformance failure
-        raise ConformanceError(f"torch.export of encode/decode with dynamic axes {dims} failed: {type(err).__name__}: {err}") from err
+        raise ConformanceError(
+            f"torch.export of encode/decode with dynamic axes {dims} failed: {type(err).__name__}: {err}"
+        ) from err
     for program, graph in ((encode, "encode"), (decode, "decode")):
         user_input = program.graph_signature.user_inputs[0]
         placeholder = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_input)
         shape = placeholder.meta["val"].shape
         static = [i for i in (dims if graph == "encode" else index_dims) if isinstance(shape[i], int)]
-        _require(not static, f"exported {graph} specialised axes {static} to constants (shape {tuple(shape)})")
+        _require(
+            not static, f"exported {graph} specialised axes {static} to constants (shape {tuple(shape)})"
+        )
 
     for shape in (_grown(x.shape, dims, 1), _grown(x.shape, dims, None)):
         probe = torch.randn(shape, dtype=x.dtype, device=x.device)
         with torch.no_grad():
             want_idx = quantizer.encode(probe)
             got_idx = encode.module()(probe)
-            _require(torch.equal(got_idx, want_idx), f"exported encode differs from eager at shape {tuple(shape)}")
+            _require(
+                torch.equal(got_idx, want_idx), f"exported encode differs from eager at shape {tuple(shape)}"
+            )
             _require(
                 torch.equal(decode.module()(want_idx), quantizer.decode(want_idx)),
                 f"exported decode differs from eager at shape {tuple(shape)}",
             )
-    report.passed(f"torch.export of encode/decode, dynamic axes {dims}, checked at a larger shape and at size 1")
+    report.passed(
+        f"torch.export of encode/decode, dynamic axes {dims}, checked at a larger shape and at size 1"
+    )
 
 
 def _grown(shape, dims, size):

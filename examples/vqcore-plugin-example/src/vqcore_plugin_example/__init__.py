@@ -61,4 +61,6 @@ def register_codebooks(register):
 
 @hookimpl
 def register_losses(register):
-    register(CodebookFitLoss.name, CodebookFitLoss, summary="mean ||sg(x) - q||^2: pulls the codes to their inputs")
+    register(
+        CodebookFitLoss.name, CodebookFitLoss, summary="mean ||sg(x) - q||^2: pulls the codes to their inputs"
+    )
