@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         f"threads {torch.get_num_threads()}"
     )
     print(
-        f"export-time parity: {result.parity.summary()['ok']}; ORT vs eager index mismatches here: {same} of {x.numel() // dim}"
+        f"export-time parity: {result.parity.summary()['ok']}; "
+        f"ORT vs eager index mismatches here: {same} of {x.numel() // dim}"
     )
     print("| implementation | median ms | vs onnxruntime |")
     print("|---|---:|---:|")

@@ -158,7 +158,8 @@ def main(argv=None) -> int:
         return fn, time.perf_counter() - t0
 
     print(
-        f"digits vectors: {train.shape[0]} train / {test.shape[0]} held-out, {dim}-d; budget {BITS} bits per vector",
+        f"digits vectors: {train.shape[0]} train / {test.shape[0]} held-out, {dim}-d; "
+        f"budget {BITS} bits per vector",
         flush=True,
     )
     mean = train.mean(0, keepdim=True)
@@ -223,26 +224,32 @@ def main(argv=None) -> int:
     lines = [
         f"# Quality at {BITS} bits per vector: scikit-learn digits (64-d, pixels in [0, 1])",
         "",
-        f"{train.shape[0]} train / {test.shape[0]} held-out vectors; seed {args.seed}; {args.threads} thread(s); "
-        f"EMA methods: {args.ema_steps} + 30 full-batch steps; projected methods: {args.steps} Adam steps (batch 512, lr {args.lr}, cosine).",
+        f"{train.shape[0]} train / {test.shape[0]} held-out vectors; seed {args.seed}; "
+        f"{args.threads} thread(s); "
+        f"EMA methods: {args.ema_steps} + 30 full-batch steps; "
+        f"projected methods: {args.steps} Adam steps (batch 512, lr {args.lr}, cosine).",
         "",
-        "| method | bits | train MSE | vs k-means | held-out MSE | PSNR (held-out) | codes used | perplexity | fit time |",
+        "| method | bits | train MSE | vs k-means | held-out MSE | PSNR (held-out) "
+        "| codes used | perplexity | fit time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = f"{100 * (r['train'] / ref - 1):+.1f}%"
         lines.append(
-            f"| {r['name']} | {r['bits']} | {r['train']:.5f} | {rel} | {r['test']:.5f} | {10 * math.log10(1 / r['test']):.2f} dB "
+            f"| {r['name']} | {r['bits']} | {r['train']:.5f} | {rel} | {r['test']:.5f} "
+            f"| {10 * math.log10(1 / r['test']):.2f} dB "
             f"| {100 * r['usage']:.1f}% of {r['size']} | {r['ppl']:.1f} | {r['seconds']:.1f} s |"
         )
     lines += [
         "",
         f"Criterion (VectorQuantize vs faiss k-means, train MSE within 3% and >= 95% codes used): "
         f"{'PASS' if ok else 'FAIL'} (gap {100 * gap:+.2f}%, usage {100 * vq_row['usage']:.1f}%).",
-        "Usage and perplexity are per layer (ResidualVQ: the lower usage and the mean perplexity of its 2 layers).",
-        "FSQ, LFQ and LatentQuantize here code the affine image of a 4-d grid / 8-d hypercube (linear projections), "
-        "so at 8 bits they land near the best such lattice, well above k-means: they pay off behind a learned "
-        "non-linear encoder (see `vqcore demo --quantizer fsq`), not as drop-in vector codebooks.",
+        "Usage and perplexity are per layer "
+        "(ResidualVQ: the lower usage and the mean perplexity of its 2 layers).",
+        "FSQ, LFQ and LatentQuantize here code the affine image of a 4-d grid / 8-d hypercube "
+        "(linear projections), so at 8 bits they land near the best such lattice, well above k-means: "
+        "they pay off behind a learned non-linear encoder (see `vqcore demo --quantizer fsq`), "
+        "not as drop-in vector codebooks.",
     ]
     text = "\n".join(lines) + "\n"
     print()

@@ -202,7 +202,8 @@ def case_rpq(cfg):
                 None,
                 [
                     row.note,
-                    f"peak: forward {info['peak_above_baseline_mib']:.1f} MiB above setup RSS {info['baseline_mib']:.0f} MiB "
+                    f"peak: forward {info['peak_above_baseline_mib']:.1f} MiB above setup RSS "
+                    f"{info['baseline_mib']:.0f} MiB "
                     f"({info['method']}); whole-process peak RSS {info['peak_mib']:.0f} MiB; "
                     f"parameters+buffers {info['tensor_numel'] / 1e6:.1f}M values",
                 ],

@@ -47,7 +47,9 @@ MiB = 2**20
 # implementations
 # ---------------------------------------------------------------------------------------------------
 def build(lib: str, cls: str, **kwargs):
-    """``cls(**kwargs)`` from vqcore (``lib == "vqcore"``) or from the reference package (any other ``lib``)."""
+    """``cls(**kwargs)`` from vqcore (``lib == "vqcore"``) or from the reference package
+    (any other ``lib``).
+    """
     if lib == "vqcore":
         import vqcore as package
     else:
@@ -86,7 +88,9 @@ def floor_train(x: torch.Tensor, codes: torch.Tensor) -> None:
 
 
 def floor_kmeans(x: torch.Tensor, k: int, iters: int) -> torch.Tensor:
-    """Floor for k-means: ``iters`` x (floor assignment, bincount, index_add_ sums, mean), first k points as seeds."""
+    """Floor for k-means: ``iters`` x (floor assignment, bincount, index_add_ sums, mean),
+    first k points as seeds.
+    """
     means = x[:k].clone()
     for _ in range(iters):
         idx = floor_indices(x, means)
@@ -252,7 +256,9 @@ def rows_from_timing(case: str, timing: Timing, base: str = "vqcore") -> list[Ro
 def run_case(
     case: str, impls: list[Impl], cfg, reps: int, warmup: int, quick: tuple[int, int] = (2, 1)
 ) -> list[Row]:
-    """Time ``impls`` interleaved: ``reps`` rounds after ``warmup`` rounds (``quick`` = both under --quick)."""
+    """Time ``impls`` interleaved: ``reps`` rounds after ``warmup`` rounds
+    (``quick`` = both under --quick).
+    """
     reps, warmup = quick if cfg.quick else (reps, warmup)
     timing = interleaved(impls, reps, warmup, Noise(cfg.wait_budget_s))
     return rows_from_timing(case, timing)
@@ -492,7 +498,7 @@ def mem_child(name: str) -> None:
         module = make_reference(MEM_DIM, MEM_SIZE).eval()
     else:
         codes = _codes_of(make_vqcore(MEM_DIM, MEM_SIZE))
-        module = lambda t: floor_eval(t, codes)  # noqa: E731
+        module = lambda t: floor_eval(t, codes)
     x = torch.randn(*MEM_SHAPE)
     with torch.no_grad():
         module(torch.randn(1, 8, MEM_DIM))  # warm-up on a tiny input: lazy inits, kernels, thread pool
@@ -539,7 +545,8 @@ def table(rows: list[Row]) -> str:
         paired = "" if r.impl == "vqcore" or r.paired_ratio is None else f"{r.paired_ratio:.2f}"
         verdict = "" if r.passed is None else ("PASS" if r.passed else "FAIL")
         lines.append(
-            f"| {r.case} | {r.impl} | {_fmt_ms(r.median_ms)} | {ratio} | {paired} | {peak} | {r.target} | {verdict} |"
+            f"| {r.case} | {r.impl} | {_fmt_ms(r.median_ms)} | {ratio} | {paired} | {peak} "
+            f"| {r.target} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -559,8 +566,9 @@ def header(load_before, load_after, wall_s, quick) -> str:
             f"- load average before/after: {load_before:.2f} / {load_after:.2f}; rounds during which other "
             "processes used CPU are re-run (see the notes under the table)",
             f"- mode: {'quick (smoke)' if quick else 'full'}; wall time {wall_s:.0f} s",
-            "- ratio = impl median / vqcore median (> 1: vqcore faster); floor rows pass when vqcore / floor <= the "
-            "factor; `paired` = median over rounds of impl / vqcore within the same round",
+            "- ratio = impl median / vqcore median (> 1: vqcore faster); floor rows pass when "
+            "vqcore / floor <= the factor; `paired` = median over rounds of impl / vqcore "
+            "within the same round",
         ]
     )
 

@@ -1,4 +1,5 @@
-"""Correctness checks for vqcore.distance after performance work (run: .venv/bin/python benchmarks/check_distance.py).
+"""Correctness checks for vqcore.distance after performance work
+(run: .venv/bin/python benchmarks/check_distance.py).
 
 - ``nearest`` equals a float64 brute-force argmin on random data, tokens whose best and second-best
   scores are closer than 1e-4 (relative) excluded, for unchunked, chunked (several chunk sizes, a short

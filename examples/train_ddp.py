@@ -121,7 +121,8 @@ def main() -> None:
             x = shard_batch(10**6, 0, args.batch, features, device)
             val = (model(x)[0] - x).pow(2).mean().item()
         print(
-            f"ok: {world} ranks ({args.backend}, {device.type}), quantizer={args.quantizer}, steps={args.steps}, "
+            f"ok: {world} ranks ({args.backend}, {device.type}), quantizer={args.quantizer}, "
+            f"steps={args.steps}, "
             f"codebook state identical across ranks ({flat.numel()} values), validation mse {val:.4f}",
             flush=True,
         )

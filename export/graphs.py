@@ -155,10 +155,11 @@ def map_dynamic_axes(fn, example: Tensor, dims=None) -> dict[int, int | None]:
             out = _first(
                 fn(grow(example, axis, example.shape[axis] + 1, torch.Generator().manual_seed(axis)))
             )
-        except Exception as err:  # noqa: BLE001 - a rejected size marks a static axis
+        except Exception as err:  # a rejected size marks a static axis
             if dims is not None:
                 raise ValueError(
-                    f"axis {axis} of the example was declared dynamic but the module rejects another size: {err}"
+                    f"axis {axis} of the example was declared dynamic "
+                    f"but the module rejects another size: {err}"
                 ) from err
             continue
         if out.ndim != base.ndim:

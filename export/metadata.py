@@ -35,7 +35,7 @@ def method_name(quantizer: nn.Module) -> str | None:
         return config["name"]
     try:
         return get_registry().name_of(type(quantizer))
-    except Exception:  # noqa: BLE001 - an unregistered module simply has no method name
+    except Exception:  # an unregistered module simply has no method name
         return None
 
 
@@ -70,7 +70,7 @@ def quantizer_fields(q: nn.Module) -> dict:
     ):
         try:
             value = getattr(q, name)
-        except Exception:  # noqa: BLE001 - properties may raise on odd configurations
+        except Exception:  # properties may raise on odd configurations
             continue
         if value is None or callable(value) and not isinstance(value, Tensor):
             continue

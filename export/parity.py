@@ -68,7 +68,8 @@ class ParityReport:
         lines = [
             head,
             f"  input shapes checked: {', '.join(str(tuple(s)) for s in self.shapes)}",
-            f"  index entries: {self.index_entries}, mismatches: {self.index_mismatches} (float64-verified ties: {self.ties})",
+            f"  index entries: {self.index_entries}, mismatches: {self.index_mismatches} "
+            f"(float64-verified ties: {self.ties})",
             f"  max |float diff|: {self.max_abs_diff:.3g} (atol {ATOL}, rtol {RTOL})",
         ]
         lines += [f"  - {f}" for f in self.failures]
@@ -103,7 +104,8 @@ def compare(report: ParityReport, inp: Tensor, want, got, tie_check=None) -> Non
         bad = diff > ATOL + RTOL * w.double().abs()
         if bool(bad.any()):
             report.failures.append(
-                f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than atol+rtol*|ref| (max {float(diff.max()):.3g})"
+                f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than atol+rtol*|ref| "
+                f"(max {float(diff.max()):.3g})"
             )
 
 

@@ -99,7 +99,7 @@ class _Plan:
                     dynamic_shapes=graphs.dynamic_shapes(self.in_names),
                     strict=False,
                 )
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 raise ExportError(
                     f"torch.export of the {self.graph} graph failed: {type(err).__name__}: {err}"
                 ) from err
@@ -109,7 +109,8 @@ class _Plan:
         static = [self.in_names[a] for a in self.in_names if isinstance(shape[a], int)]
         if static:
             raise ExportError(
-                f"torch.export specialised the dynamic axes {static} of the {self.graph} graph to constants (shape {tuple(shape)})"
+                f"torch.export specialised the dynamic axes {static} of the {self.graph} graph "
+                f"to constants (shape {tuple(shape)})"
             )
         return ep
 
@@ -138,7 +139,7 @@ class _Plan:
                 with torch.no_grad():
                     self.module(dropped)
                 out.append(dropped)
-            except Exception:  # noqa: BLE001 - this method does not accept dropped codes
+            except Exception:  # this method does not accept dropped codes
                 pass
         return out
 
@@ -152,7 +153,7 @@ class _Plan:
             try:
                 with torch.no_grad():
                     got = run(probe)
-            except Exception as err:  # noqa: BLE001 - a runtime failure is a parity failure
+            except Exception as err:  # a runtime failure is a parity failure
                 report.shapes.append(tuple(probe.shape))
                 report.failures.append(
                     f"input {tuple(probe.shape)}: {runtime} failed: {type(err).__name__}: {str(err)[:300]}"
@@ -221,7 +222,7 @@ def to_onnx(
                 external_data=False,
                 verbose=False,
             )
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise ExportError(
                 f"ONNX export of the {plan.graph} graph failed: {type(err).__name__}: {err}"
             ) from err

@@ -234,7 +234,8 @@ class FSQ(QuantizerModule):
         check_float(codes, "codes")
         if codes.shape[-1] != self.codebook_dim:
             raise ValueError(
-                f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}"
+                f"codes must have {self.codebook_dim} features on the last axis, "
+                f"got shape {tuple(codes.shape)}"
             )
         return self.grid.digits_to_indices(self.grid.codes_to_digits(codes))
 
@@ -257,7 +258,10 @@ class FSQ(QuantizerModule):
         return FSQOutput(layout.from_tokens(out, spatial).to(x.dtype), indices)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, preserve_symmetry={self.preserve_symmetry}"
+        return (
+            f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, "
+            f"preserve_symmetry={self.preserve_symmetry}"
+        )
 
 
 class ResidualFSQ(Float32State, QuantizerModule):
@@ -288,7 +292,8 @@ class ResidualFSQ(Float32State, QuantizerModule):
         check_positive_int(quantize_dropout_cutoff_index, "quantize_dropout_cutoff_index", minimum=0)
         if quantize_dropout_cutoff_index >= num_quantizers:
             raise ValueError(
-                f"quantize_dropout_cutoff_index must be < num_quantizers ({num_quantizers}), got {quantize_dropout_cutoff_index}"
+                f"quantize_dropout_cutoff_index must be < num_quantizers ({num_quantizers}), "
+                f"got {quantize_dropout_cutoff_index}"
             )
         check_positive_int(quantize_dropout_multiple_of, "quantize_dropout_multiple_of")
         self.levels = levels
@@ -323,7 +328,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
         return self.grid.all_codes().unsqueeze(0).expand(self.num_quantizers, -1, -1)
 
     def _run(self, x: Tensor, kept: int | None, return_all_codes: bool = False):
-        """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes or None, layout, spatial)."""
+        """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes or None,
+        layout, spatial).
+        """
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with _float32(x.device.type):
@@ -390,7 +397,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
         )
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (..., Q') -> scaled per-layer codes (Q', b, n, len(levels)) before project_out; -1 gives zeros."""
+        """indices (..., Q') -> scaled per-layer codes (Q', b, n, len(levels)) before project_out;
+        -1 gives zeros.
+        """
         tokens, _, _ = self._index_tokens(indices)
         return self._layer_codes(tokens)
 
@@ -404,7 +413,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
         return torch.stack(out)
 
     def decode(self, indices: Tensor) -> Tensor:
-        """indices (b, *positions, Q') with Q' <= Q (a coarse prefix decodes too) -> quantized; -1 adds nothing."""
+        """indices (b, *positions, Q') with Q' <= Q (a coarse prefix decodes too) -> quantized;
+        -1 adds nothing.
+        """
         tokens, spatial, layout = self._index_tokens(indices)
         with _float32(tokens.device.type):
             dropped = tokens < 0

@@ -153,8 +153,9 @@ class LatentQuantize(QuantizerModule):
     def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
         """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
         digits = (z.detach().unsqueeze(-1) - table.detach()).abs().argmin(-1)
-        # z = +inf is as far from every value as from the +inf padding (inf - inf = NaN wins the argmin): clamp,
-        # or the digit points into the padding and the index aliases another code or leaves [0, codebook_size)
+        # z = +inf is as far from every value as from the +inf padding (inf - inf = NaN wins the argmin):
+        # clamp, or the digit points into the padding and the index aliases another code or leaves
+        # [0, codebook_size)
         return torch.minimum(digits, self.levels_tensor - 1)
 
     def _lookup(self, table: Tensor, digits: Tensor) -> Tensor:
@@ -177,7 +178,9 @@ class LatentQuantize(QuantizerModule):
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
 
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
-        """indices -> codes from the current tables (after project_out unless ``project_out=False``), input layout."""
+        """indices -> codes from the current tables (after project_out unless ``project_out=False``),
+        input layout.
+        """
         tokens, spatial, layout = index_tokens(
             indices,
             dim=self.dim,
@@ -199,7 +202,8 @@ class LatentQuantize(QuantizerModule):
         check_float(codes, "codes")
         if codes.shape[-1] != self.codebook_dim:
             raise ValueError(
-                f"codes must have {self.codebook_dim} features on the last axis, got shape {tuple(codes.shape)}"
+                f"codes must have {self.codebook_dim} features on the last axis, "
+                f"got shape {tuple(codes.shape)}"
             )
         return (self._nearest(self.value_table(), codes.float()) * self.basis).sum(-1)
 
@@ -237,7 +241,10 @@ class LatentQuantize(QuantizerModule):
         return LatentQuantizeOutput(quantized, indices, loss)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, optimize_values={self.optimize_values}"
+        return (
+            f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, "
+            f"optimize_values={self.optimize_values}"
+        )
 
 
 @hookimpl

@@ -101,7 +101,9 @@ def _table_product(a: Tensor, d_hi: int) -> Tensor:
 
 
 class _BatchCodeSum(torch.autograd.Function):
-    """Bit logits (C, N, d) -> sum_n prod_i p_{n,i}(c_i) as (C, 2^hi, 2^lo); chunked over tokens, tables recomputed in backward."""
+    """Bit logits (C, N, d) -> sum_n prod_i p_{n,i}(c_i) as (C, 2^hi, 2^lo); chunked over tokens,
+    tables recomputed in backward.
+    """
 
     @staticmethod
     def forward(ctx, a, d_hi, chunk):
@@ -133,7 +135,8 @@ class _BatchCodeSum(torch.autograd.Function):
 def batch_code_distribution(
     logits: Tensor, *, chunk_bytes: int = DEFAULT_ENTROPY_CHUNK_BYTES, sync: bool = False
 ) -> Tensor:
-    """Bit logits (C, N, d) -> (C, 2^d) batch-mean code distribution ``mean_n prod_i p_{n,i}(c_i)``, MSB-first code order.
+    """Bit logits (C, N, d) -> (C, 2^d) batch-mean code distribution ``mean_n prod_i p_{n,i}(c_i)``,
+    MSB-first code order.
 
     One token chunk: plain autograd (the small tables are kept for backward); otherwise chunked,
     recomputing the tables in backward so memory does not grow with N. Under ``sync`` the mean is over
@@ -173,9 +176,10 @@ def lfq_entropy_terms(
 ) -> tuple[Tensor, Tensor]:
     """x (N, C, d) -> per codebook (C,): (mean per-token entropy, entropy of the batch code distribution).
 
-    Both are the entropies of ``softmax(2 inv_temperature x . c)`` over the 2^d codes ``c in {-scale, +scale}^d``
-    (exactly for d <= max_exact_bits; above, the batch entropy is the sum over bit groups, see the module
-    docstring). ``scale``: a float, or a (C,) tensor (one code scale per codebook, e.g. residual layers).
+    Both are the entropies of ``softmax(2 inv_temperature x . c)`` over the 2^d codes
+    ``c in {-scale, +scale}^d`` (exactly for d <= max_exact_bits; above, the batch entropy is the sum
+    over bit groups, see the module docstring). ``scale``: a float, or a (C,) tensor (one code scale per
+    codebook, e.g. residual layers).
     """
     if isinstance(scale, Tensor):
         scale = scale.reshape(-1, 1)
@@ -193,7 +197,9 @@ def lfq_entropy_terms(
 
 
 def lfq_entropies(x: Tensor, inv_temperature: float, scale: float = 1.0, **kwargs) -> tuple[Tensor, Tensor]:
-    """x (N, C, d) -> (mean per-token entropy, mean over codebooks of the batch entropy); see :func:`lfq_entropy_terms`."""
+    """x (N, C, d) -> (mean per-token entropy, mean over codebooks of the batch entropy);
+    see :func:`lfq_entropy_terms`.
+    """
     per_sample, batch = lfq_entropy_terms(x, inv_temperature, scale, **kwargs)
     return per_sample.mean(), batch.mean()
 
@@ -203,7 +209,8 @@ def check_codebook_size(codebook_size, name: str = "codebook_size") -> int:
     if codebook_size & (codebook_size - 1):
         suggestion = 2 ** math.ceil(math.log2(codebook_size))
         raise ValueError(
-            f"{name} must be a power of 2 for lookup-free quantization, got {codebook_size} (try {suggestion})"
+            f"{name} must be a power of 2 for lookup-free quantization, got {codebook_size} "
+            f"(try {suggestion})"
         )
     return codebook_size
 
@@ -212,7 +219,8 @@ def check_codebook_size(codebook_size, name: str = "codebook_size") -> int:
 
 
 class LFQ(QuantizerModule):
-    """x (b, n, dim) -> quantized (b, n, dim), indices (b, n) int64, entropy_aux_loss () — see the module docstring.
+    """x (b, n, dim) -> quantized (b, n, dim), indices (b, n) int64, entropy_aux_loss ()
+    — see the module docstring.
 
     Give ``codebook_size`` (a power of 2; bits per codebook ``log2(codebook_size)``) and/or ``dim``
     (default ``bits * num_codebooks``; otherwise Linear projections in and out). Layouts (detected):
@@ -220,7 +228,8 @@ class LFQ(QuantizerModule):
     and video ``(b, dim, t, h, w)``; ``num_codebooks > 1`` adds a trailing codebook axis to the indices.
     ``forward(x, inv_temperature=100., return_loss_breakdown=False, mask=None)``; ``mask`` is ``(b,)``
     or shaped like the indices without the codebook axis, True = keep.
-    Loss (training only): ``entropy_loss_weight (per_sample - diversity_gamma batch) + commitment_loss_weight commitment``.
+    Loss (training only):
+    ``entropy_loss_weight (per_sample - diversity_gamma batch) + commitment_loss_weight commitment``.
     """
 
     def __init__(
@@ -269,7 +278,8 @@ class LFQ(QuantizerModule):
         self.has_projections = self.dim != inner if has_projections is None else bool(has_projections)
         if not self.has_projections and self.dim != inner:
             raise ValueError(
-                f"has_projections=False needs dim == log2(codebook_size) * num_codebooks = {inner}, got dim={self.dim}"
+                f"has_projections=False needs dim == log2(codebook_size) * num_codebooks = {inner}, "
+                f"got dim={self.dim}"
             )
         self.project_in, self.project_out = projection_pair(
             self.dim, inner, enabled=self.has_projections, bias=projection_has_bias
@@ -308,7 +318,8 @@ class LFQ(QuantizerModule):
     def quantize_tokens(
         self, z: Tensor, inv_temperature: float = 100.0, valid: Tensor | None = None, with_losses: bool = True
     ):
-        """Codebook space: z (b, n, C*bits) float32 -> (codes (b, n, C*bits) with STE, indices (b, n, C), loss, breakdown).
+        """Codebook space: z (b, n, C*bits) float32 -> (codes (b, n, C*bits) with STE, indices (b, n, C),
+        loss, breakdown).
 
         Losses are computed in training mode only (zeros otherwise), over the tokens where ``valid`` (b, n).
         """
@@ -336,7 +347,9 @@ class LFQ(QuantizerModule):
     def loss_terms(
         self, flat: Tensor, inv_temperature: float, scale: float | Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Valid tokens (M, C, d) float32 -> unweighted (per_sample, batch, commitment), each (C,); zeros when unused."""
+        """Valid tokens (M, C, d) float32 -> unweighted (per_sample, batch, commitment), each (C,);
+        zeros when unused.
+        """
         zeros = flat.new_zeros(flat.shape[1])
         sync = self.entropy_loss_weight != 0 and should_sync(self.sync_entropy)
         if (
@@ -390,7 +403,9 @@ class LFQ(QuantizerModule):
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
 
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
-        """indices -> codes (after project_out unless ``project_out=False``) in the input layout; -1 gives zeros."""
+        """indices -> codes (after project_out unless ``project_out=False``) in the input layout;
+        -1 gives zeros.
+        """
         tokens, spatial, layout = index_tokens(
             indices,
             dim=self.dim,
@@ -438,7 +453,10 @@ class LFQ(QuantizerModule):
         return LFQOutput(quantized, indices, loss)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, codebook_size={self._codebook_size}, num_codebooks={self._num_codebooks}, scale={self.codebook_scale}"
+        return (
+            f"dim={self.dim}, codebook_size={self._codebook_size}, num_codebooks={self._num_codebooks}, "
+            f"scale={self.codebook_scale}"
+        )
 
 
 # -- ResidualLFQ -----------------------------------------------------------------------------------
@@ -473,7 +491,8 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
         check_positive_int(quantize_dropout_multiple_of, "quantize_dropout_multiple_of")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ValueError(
-                f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
+                f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}), "
+                f"got {quantize_dropout_cutoff_index}"
             )
         for key in ("dim", "codebook_scale", "num_codebooks", "channel_first", "has_projections"):
             if key in lfq_kwargs:

@@ -49,7 +49,8 @@ def _layer_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
             check_positive_int(s, "codebook_size entries")
         if num_quantizers is not None and num_quantizers != len(sizes):
             raise ValueError(
-                f"codebook_size has {len(sizes)} per-layer sizes {sizes} but num_quantizers is {num_quantizers}"
+                f"codebook_size has {len(sizes)} per-layer sizes {sizes} "
+                f"but num_quantizers is {num_quantizers}"
             )
         return sizes
     check_positive_int(codebook_size, "codebook_size")
@@ -223,7 +224,9 @@ class ResidualVQ(QuantizerModule):
         )
 
     def decode(self, indices: Tensor) -> Tensor:
-        """indices (b, *positions, q), q <= Q, -1 allowed -> quantized in the input layout (after project_out)."""
+        """indices (b, *positions, q), q <= Q, -1 allowed -> quantized in the input layout
+        (after project_out).
+        """
         tokens, spatial = self._index_tokens(indices)
         return self.layout.from_tokens(self._decode_tokens(tokens), spatial)
 
@@ -278,7 +281,9 @@ class ResidualVQ(QuantizerModule):
         return ResidualVQOutputWithCodes(quantized, indices, losses, codes)
 
     def _forward_tokens(self, tokens, valid, kept, want_codes, temperature, freeze, accumulate=False):
-        """tokens (b, n, dim) -> (out (b, n, dim), indices (b, n, Q), losses (Q,), codes (Q, b, n, cd) or None)."""
+        """tokens (b, n, dim) -> (out (b, n, dim), indices (b, n, Q), losses (Q,),
+        codes (Q, b, n, cd) or None).
+        """
         raw = tokens
         if (
             valid is not None
@@ -369,7 +374,8 @@ class ResidualVQ(QuantizerModule):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_sizes={self.codebook_sizes}, "
-            f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, layout={self.layout.kind}"
+            f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, "
+            f"layout={self.layout.kind}"
         )
 
 

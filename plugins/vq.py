@@ -270,7 +270,9 @@ class VectorQuantize(QuantizerModule):
     get_output_from_indices = decode
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices -> codebook-space vectors (before project_out), heads concatenated: (..., heads * codebook_dim)."""
+        """indices -> codebook-space vectors (before project_out), heads concatenated:
+        (..., heads * codebook_dim).
+        """
         tokens, spatial = self._index_tokens(indices)
         b, n = tokens.shape[0], tokens.shape[1]
         books = self._book_indices(tokens.long())

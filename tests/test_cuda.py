@@ -1,4 +1,6 @@
-"""The CUDA path (skipped without a GPU; CI has none). Run on a GPU machine with `pytest tests/test_cuda.py`."""
+"""The CUDA path (skipped without a GPU; CI has none). Run on a GPU machine with
+`pytest tests/test_cuda.py`.
+"""
 
 from __future__ import annotations
 

@@ -91,7 +91,11 @@ for item in json.load(open(sys.argv[1])):
     with torch.no_grad():
         got = module(x)
     assert got.shape == want.shape and got.dtype == want.dtype, (item, got.shape, want.shape)
-    assert torch.equal(got, want) if not want.is_floating_point() else torch.allclose(got, want, atol=1e-5, rtol=1e-5), item
+    assert (
+        torch.equal(got, want)
+        if not want.is_floating_point()
+        else torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    ), item
 print("OK", len(json.load(open(sys.argv[1]))))
 """
 

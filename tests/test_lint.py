@@ -1,4 +1,6 @@
-"""ruff, including the banned-api rule: `import plugins` / `import export` (the bare folder names) are bugs."""
+"""ruff, including the banned-api rule: `import plugins` / `import export` (the bare folder names)
+are bugs; and ruff format: unformatted code fails the suite.
+"""
 
 import shutil
 import subprocess
@@ -18,6 +20,14 @@ def _ruff():
 @pytest.mark.skipif(_ruff() is None, reason="ruff is not installed (test extra)")
 def test_ruff_passes():
     result = subprocess.run([_ruff(), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(_ruff() is None, reason="ruff is not installed (test extra)")
+def test_ruff_format_passes():
+    result = subprocess.run(
+        [_ruff(), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,4 +1,6 @@
-"""The wheel carries plugins/ and export/ as vqcore.plugins / vqcore.export, and nothing top-level besides vqcore."""
+"""The wheel carries plugins/ and export/ as vqcore.plugins / vqcore.export, and nothing top-level
+besides vqcore.
+"""
 
 from __future__ import annotations
 

@@ -40,7 +40,9 @@ SCRIPT = Path(sys.executable).with_name("vqcore")
 
 
 def _vqcore(*args, env_extra=None, cwd=None):
-    """Run the installed console script in a fresh process (so discovery is real, not this process's registry)."""
+    """Run the installed console script in a fresh process (so discovery is real, not this
+    process's registry).
+    """
     env = {key: value for key, value in os.environ.items() if key != "VQCORE_STRICT_PLUGINS"}
     env.update(env_extra or {})
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "vqcore"]

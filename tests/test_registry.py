@@ -172,7 +172,10 @@ def test_register_plugin_at_run_time_and_create_checks_the_protocol(fresh_regist
     vqcore.register_plugin(RunTime(), name="runtime")
     with pytest.raises(
         TypeError,
-        match="does not follow vqcore.protocols.Quantizer: missing dim, codebook_size, num_codebooks, encode, decode",
+        match=(
+            "does not follow vqcore.protocols.Quantizer: "
+            "missing dim, codebook_size, num_codebooks, encode, decode"
+        ),
     ):
         vqcore.create("not_a_quantizer")
 

@@ -26,7 +26,9 @@ def brute_nearest(z, codes, cosine=False):
 
 
 def hand_chain(rvq, tokens, books=None):
-    """Greedy residual chain by hand on tokens (N, dim): returns indices (N, Q), codes list, residuals list."""
+    """Greedy residual chain by hand on tokens (N, dim): returns indices (N, Q), codes list,
+    residuals list.
+    """
     books = books or [layer.codebook.detach().clone() for layer in rvq.layers]
     with torch.no_grad():
         r = rvq.project_in(tokens).float()
@@ -419,7 +421,9 @@ def test_grouped_groups_are_independent_rvqs_and_decode(image):
 
 
 class BatchFirstGrouped(QuantizerModule):
-    """GroupedResidualVQ with indices moved to (b, n, groups, Q), so check_quantizer's batch-first rules apply."""
+    """GroupedResidualVQ with indices moved to (b, n, groups, Q), so check_quantizer's batch-first
+    rules apply.
+    """
 
     def __init__(self, **kwargs):
         super().__init__()

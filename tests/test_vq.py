@@ -113,7 +113,9 @@ def readme_expire():
     vq = VectorQuantize(
         dim=256,
         codebook_size=512,
-        threshold_ema_dead_code=2,  # should actively replace any codes that have an exponential moving average cluster size less than 2
+        # should actively replace any codes that have an exponential moving average cluster size
+        # less than 2
+        threshold_ema_dead_code=2,
     )
     x = torch.randn(1, 1024, 256)
     quantized, indices, commit_loss = vq(x)
@@ -127,8 +129,12 @@ def readme_orthogonal():
         codebook_size=256,
         accept_image_fmap=True,  # set this true to be able to pass in an image feature map
         orthogonal_reg_weight=10,  # in paper, they recommended a value of 10
-        orthogonal_reg_max_codes=128,  # this would randomly sample from the codebook for the orthogonal regularization loss, for limiting memory usage
-        orthogonal_reg_active_codes_only=False,  # set this to True if you have a very large codebook, and would only like to enforce the loss on the activated codes per batch
+        # this would randomly sample from the codebook for the orthogonal regularization loss,
+        # for limiting memory usage
+        orthogonal_reg_max_codes=128,
+        # set this to True if you have a very large codebook, and would only like to enforce the loss
+        # on the activated codes per batch
+        orthogonal_reg_active_codes_only=False,
     )
     img_fmap = torch.randn(1, 256, 32, 32)
     quantized, indices, loss = vq(img_fmap)  # (1, 256, 32, 32), (1, 32, 32), (1,)
@@ -141,7 +147,8 @@ def readme_multihead():
         dim=256,
         codebook_dim=32,  # a number of papers have shown smaller codebook dimension to be acceptable
         heads=8,  # number of heads to vector quantize, codebook shared across all heads
-        separate_codebook_per_head=True,  # whether to have a separate codebook per head. False would mean 1 shared codebook
+        # whether to have a separate codebook per head. False would mean 1 shared codebook
+        separate_codebook_per_head=True,
         codebook_size=8196,
         accept_image_fmap=True,
     )
@@ -1176,7 +1183,8 @@ def test_learnable_codebook_gets_the_codebook_loss_gradient_and_no_ema_step():
     _, indices, loss = vq(x)
     assert_same_state(vq, before)  # no EMA step, no statistics (expiry is off)
     loss.backward()
-    # loss = 0.5 * mean_{n,j} (x_nj - c_{i(n) j})^2 over N * d entries; d/dc_k = -(1/(N d)) sum_{i(n)=k} (x_n - c_k)
+    # loss = 0.5 * mean_{n,j} (x_nj - c_{i(n) j})^2 over N * d entries;
+    # d/dc_k = -(1/(N d)) sum_{i(n)=k} (x_n - c_k)
     flat, idx = x.detach().reshape(-1, 4), indices.reshape(-1)
     codes = book.embed.detach()[0]
     want = torch.zeros(6, 4)

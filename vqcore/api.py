@@ -27,7 +27,9 @@ def list_quantizers(pattern: str = "*") -> list[str]:
 
 
 def get_entry(name: str, kind: str = "quantizer") -> Entry:
-    """The registry entry (factory, plugin, aliases, summary) for ``name``; ``kind`` is quantizer/codebook/loss."""
+    """The registry entry (factory, plugin, aliases, summary) for ``name``; ``kind`` is
+    quantizer/codebook/loss.
+    """
     return get_registry().get_entry(name, kind)
 
 

@@ -1,4 +1,6 @@
-"""Command line: ``vqcore list``, ``vqcore plugins``, ``vqcore demo``, ``vqcore export`` (also ``python -m vqcore``)."""
+"""Command line: ``vqcore list``, ``vqcore plugins``, ``vqcore demo``, ``vqcore export``
+(also ``python -m vqcore``).
+"""
 
 from __future__ import annotations
 
@@ -129,7 +131,8 @@ def _cmd_export(args) -> int:
     parity = meta.get("parity") or {}
     print(
         f"wrote {result.path}: {meta['method']} {args.graph} ({args.format}), "
-        f"input {meta['input']['layout']} {meta['input']['dtype']} -> output {meta['output']['layout']} {meta['output']['dtype']}; "
+        f"input {meta['input']['layout']} {meta['input']['dtype']} -> "
+        f"output {meta['output']['layout']} {meta['output']['dtype']}; "
         f"parity {'ok' if parity.get('ok') else 'not checked'}"
         + (f" ({parity['index_mismatches']} index ties)" if parity.get("index_mismatches") else "")
     )
@@ -138,7 +141,7 @@ def _cmd_export(args) -> int:
 
 def _table(headers, rows) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     print(line(headers))
     print(line("-" * w for w in widths))
     for row in rows:
@@ -165,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train a conv VQ-VAE tokenizer on the scikit-learn digits, plot it, export and verify it (ONNX, TorchScript)",
+        help=(
+            "train a conv VQ-VAE tokenizer on the scikit-learn digits, plot it, export and verify it "
+            "(ONNX, TorchScript)"
+        ),
     )
     p.add_argument(
         "--quantizer",

@@ -50,7 +50,9 @@ _SEARCH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def float32_region(method):
-    """Run a codebook method with autocast off: distances, sampling and statistics stay float32 (DESIGN §5)."""
+    """Run a codebook method with autocast off: distances, sampling and statistics stay float32
+    (DESIGN §5).
+    """
 
     @functools.wraps(method)
     def run(self, x, *args, **kwargs):
@@ -363,7 +365,8 @@ class EMACodebook(Float32State):
         codes. Replacements are drawn from the GLOBAL batch: under ``sync`` rank 0 draws positions in the
         concatenation (rank order) of every rank's valid tokens, so every rank installs the same vectors,
         equal to those one process draws on the concatenated batch (see
-        :func:`vqcore.distributed.global_pool_draw`). A book without any valid token on any rank keeps its codes.
+        :func:`vqcore.distributed.global_pool_draw`). A book without any valid token on any rank keeps
+        its codes.
         """
         if self.threshold_ema_dead_code <= 0:
             return torch.zeros_like(self.cluster_size, dtype=torch.bool)

@@ -178,7 +178,8 @@ def _vq_layer_kwargs(ref: nn.Module, allow_training_differences: bool, shared_co
 
 
 def _layout_kwargs(image: bool, video: bool, channel_last: bool) -> dict:
-    # the reference ignores channel_last for image / video fmaps (always channel-first); vqcore rejects the pair
+    # the reference ignores channel_last for image / video fmaps (always channel-first);
+    # vqcore rejects the pair
     return dict(accept_image_fmap=image, accept_3d_fmap=video, channel_last=channel_last or image or video)
 
 
@@ -219,9 +220,10 @@ def reference_kwargs(ref: nn.Module, allow_training_differences: bool = False) -
         layer_kwargs = _vq_layer_kwargs(layer, allow_training_differences, shared_codebook=shared)
         layer_kwargs["kmeans_init"] = not all(bool(lay._codebook.initted) for lay in layers)
         dim = _linear(ref.project_in).in_features if ref.has_projections else int(ref.codebook_dim)
-        # the layout: accept_image_fmap is the RVQ's own option, accept_3d_fmap / channel_last reach the layers
-        # through **vq_kwargs. The reference's residual bookkeeping is channel-last only, so its forward breaks
-        # on these layouts (see the module docstring); vqcore quantizes every position as a token, as meant.
+        # the layout: accept_image_fmap is the RVQ's own option, accept_3d_fmap / channel_last reach the
+        # layers through **vq_kwargs. The reference's residual bookkeeping is channel-last only, so its
+        # forward breaks on these layouts (see the module docstring); vqcore quantizes every position as
+        # a token, as meant.
         layout = _layout_kwargs(
             bool(ref.accept_image_fmap) or bool(layer.accept_image_fmap),
             bool(layer.accept_3d_fmap),

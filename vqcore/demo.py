@@ -442,7 +442,10 @@ def run_demo(
     layers = [LayerStats(i, size, *code_statistics(ids, size)) for i, ids in enumerate(per_layer)]
     bits = tokens * len(per_layer) * math.log2(size)
 
-    title = f"{kwargs['name']}: {tokens} tokens x {len(per_layer)} layer(s) x {math.log2(size):.3g} bits = {bits:.0f} bits per image"
+    title = (
+        f"{kwargs['name']}: {tokens} tokens x {len(per_layer)} layer(s) x {math.log2(size):.3g} bits "
+        f"= {bits:.0f} bits per image"
+    )
     save_reconstructions(
         out / "reconstructions.png",
         test,
@@ -512,10 +515,12 @@ def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
             f"(token agreement / max |decoded diff| vs eager):"
         )
         print(
-            f"  onnxruntime                      {100 * onnx['token_agreement']:.2f}% / {onnx['detokenizer_max_abs_diff']:.2g}"
+            f"  onnxruntime                      {100 * onnx['token_agreement']:.2f}% / "
+            f"{onnx['detokenizer_max_abs_diff']:.2g}"
         )
         print(
-            f"  TorchScript (fresh process)      {100 * ts['token_agreement']:.2f}% / {ts['detokenizer_max_abs_diff']:.2g}"
+            f"  TorchScript (fresh process)      {100 * ts['token_agreement']:.2f}% / "
+            f"{ts['detokenizer_max_abs_diff']:.2g}"
         )
     print(f"wrote to {r.out}/:")
     for name in sorted(r.artifacts):

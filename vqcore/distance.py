@@ -17,10 +17,11 @@ symbolic number of tokens is not traceable.
 
 On the CPU (float32, eager) each block is one oneDNN GEMM with the code norms fused in as its bias
 (``x @ (-2c)^T + ||c||^2``; scaling by -2 is exact) on codes packed into oneDNN's blocked layout (once
-per call, or once per codebook state: :func:`prepare_codes`), through the ops inductor itself uses for CPU linear layers, and 4 MiB blocks that argmin reads
-from cache. Against ``baddbmm`` (MKL, which first broadcasts the bias into the block) that is about 25%
-less time per search at 4096 x 256 -> 1024 on 2 cores; the packed copy costs the codebook's size in
-memory once. Builds without the ops, other devices and traced graphs use ``baddbmm``.
+per call, or once per codebook state: :func:`prepare_codes`), through the ops inductor itself uses for
+CPU linear layers, and 4 MiB blocks that argmin reads from cache. Against ``baddbmm`` (MKL, which
+first broadcasts the bias into the block) that is about 25% less time per search at 4096 x 256 -> 1024
+on 2 cores; the packed copy costs the codebook's size in memory once. Builds without the ops, other
+devices and traced graphs use ``baddbmm``.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _fused_linear():
         got = linear(x, pack(w, 5), b, "none", [], "")
         if got.shape == (5, 7) and torch.allclose(got, torch.addmm(b, x, w.T), rtol=1e-4, atol=1e-4):
             return linear, pack
-    except Exception:  # noqa: BLE001 -- any failure of an internal op means: do not use it
+    except Exception:  # any failure of an internal op means: do not use it
         pass
     return None
 

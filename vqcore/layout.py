@@ -44,7 +44,8 @@ class TokenLayout:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
         if (accept_image_fmap or accept_3d_fmap) and not channel_last:
             raise ValueError(
-                "channel_last=False is for (batch, dim, seq) sequences; image/video fmaps are always channel-first"
+                "channel_last=False is for (batch, dim, seq) sequences; "
+                "image/video fmaps are always channel-first"
             )
         kind = (
             "image"
@@ -145,7 +146,9 @@ def auto_layout(ndim: int, dim: int, channel_first: bool | None = None, name: st
 def auto_index_layout(
     ndim: int, extra_dims: int, dim: int, channel_first: bool | None = None, name: str = "indices"
 ) -> TokenLayout:
-    """The :func:`auto_layout` of the input that gave indices of rank ``ndim`` with ``extra_dims`` trailing axes."""
+    """The :func:`auto_layout` of the input that gave indices of rank ``ndim`` with ``extra_dims``
+    trailing axes.
+    """
     spatial = ndim - 1 - extra_dims
     if spatial == 2:
         return TokenLayout("image", dim)
@@ -155,7 +158,8 @@ def auto_index_layout(
         return TokenLayout("channel_first" if channel_first and spatial == 1 else "sequence", dim)
     extra = f" + {extra_dims} trailing axes" if extra_dims else ""
     raise ValueError(
-        f"{name} must be (batch,), (batch, seq), (batch, height, width) or (batch, time, height, width){extra}; "
+        f"{name} must be (batch,), (batch, seq), (batch, height, width) or "
+        f"(batch, time, height, width){extra}; "
         f"got shape with {ndim} dims"
     )
 

@@ -25,7 +25,9 @@ class CommitmentLoss:
         self, x: Tensor, q: Tensor, valid: Tensor | None = None, train_codes: bool = False
     ) -> Tensor:
         """``train_codes``: q is not detached, so the same term also pulls the codes to the encoder's outputs
-        (the codebook loss of a gradient-trained codebook, VQ-VAE's ``||sg(x) - q||^2``, with equal weight)."""
+        (the codebook loss of a gradient-trained codebook, VQ-VAE's ``||sg(x) - q||^2``, with equal
+        weight).
+        """
         if not train_codes:
             q = q.detach()
         if valid is None:  # one fused kernel each way (~4x faster backward than sub + pow + mean on CPU)
@@ -49,8 +51,9 @@ class OrthogonalLoss:
 
     def __call__(self, codes: Tensor) -> Tensor:
         books, n, _ = codes.shape
-        # float32 like the codebook it regularises (DESIGN §5): under autocast this GEMM ran in bf16, which put
-        # ~2^-8 of rounding on every cosine (a bf16 loss, 0.2% off on random codes) and on the codes' gradient
+        # float32 like the codebook it regularises (DESIGN §5): under autocast this GEMM ran in bf16,
+        # which put ~2^-8 of rounding on every cosine (a bf16 loss, 0.2% off on random codes) and on the
+        # codes' gradient
         with torch.autocast(codes.device.type, enabled=False):
             normed = l2norm(codes.float())
             cosine = normed @ normed.transpose(1, 2)

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 def projection_pair(
     dim: int, inner: int, *, enabled: bool | None = None, bias: bool = True
 ) -> tuple[nn.Module, nn.Module]:
-    """``(project_in, project_out)``: Linear layers when ``enabled`` (default: ``dim != inner``), else identities."""
+    """``(project_in, project_out)``: Linear layers when ``enabled`` (default: ``dim != inner``),
+    else identities.
+    """
     if enabled is None:
         enabled = dim != inner
     if not enabled:

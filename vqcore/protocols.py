@@ -142,7 +142,9 @@ class FSQOutput(NamedTuple):
 
 
 class LFQLossBreakdown(NamedTuple):
-    """Unweighted LFQ terms (0-dim): mean per-token entropy, entropy of the batch code distribution, commitment."""
+    """Unweighted LFQ terms (0-dim): mean per-token entropy, entropy of the batch code distribution,
+    commitment.
+    """
 
     per_sample_entropy: Tensor
     batch_entropy: Tensor
@@ -165,7 +167,9 @@ class LFQOutputWithBreakdown(NamedTuple):
 
 
 class LatentLossBreakdown(NamedTuple):
-    """Unweighted latent-quantization terms (0-dim): commitment (trains the encoder), quantization (trains the values)."""
+    """Unweighted latent-quantization terms (0-dim): commitment (trains the encoder),
+    quantization (trains the values).
+    """
 
     commitment: Tensor
     quantization: Tensor

@@ -99,7 +99,7 @@ class Registry:
             return
         try:
             plugin = ep.load()
-        except Exception as err:  # noqa: BLE001 - any import-time failure of a third-party plugin
+        except Exception as err:  # any import-time failure of a third-party plugin
             reason = f"{type(err).__name__}: {err}"
             self._info[ep.name] = PluginInfo(ep.name, version, f"entry point {ep.value}", f"failed: {reason}")
             if _strict():

@@ -26,7 +26,8 @@ def quantizer_config(quantizer: torch.nn.Module) -> dict:
     config = get_config(quantizer)
     if config is None:
         raise ValueError(
-            f"{type(quantizer).__name__} does not record how it was built; create it with vqcore.create(name, ...)"
+            f"{type(quantizer).__name__} does not record how it was built; "
+            "create it with vqcore.create(name, ...)"
         )
     if config["name"] is None:
         config["name"] = get_registry().name_of(type(quantizer))

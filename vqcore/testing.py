@@ -65,10 +65,10 @@ def check_quantizer(
         from vqcore.api import create
 
         name = factory
-        build = lambda: create(name, **factory_kwargs)  # noqa: E731
+        build = lambda: create(name, **factory_kwargs)
     else:
         name = getattr(factory, "__name__", repr(factory))
-        build = lambda: factory(**factory_kwargs)  # noqa: E731
+        build = lambda: factory(**factory_kwargs)
     if not isinstance(example, Tensor) or not example.is_floating_point():
         raise TypeError("example must be a floating point tensor")
     report = ConformanceReport(name)
@@ -197,7 +197,7 @@ def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: C
         decode = torch.export.export(
             decode_module, (indices,), dynamic_shapes=dynamic_shapes(index_names), strict=False
         )
-    except Exception as err:  # noqa: BLE001 - report any exporter failure as a conformance failure
+    except Exception as err:  # report any exporter failure as a conformance failure
         raise ConformanceError(
             f"torch.export of encode/decode with dynamic axes {dims} failed: {type(err).__name__}: {err}"
         ) from err
