@@ -141,7 +141,7 @@ def main() -> int:
         "train",
     )
 
-    from vqcore.kmeans import kmeans
+    from vqcore.blocks.kmeans import kmeans
 
     data = torch.randn(1, 8192, 256, device=device)
     impls = {"vqcore": lambda: kmeans(data, 1024, 10)}

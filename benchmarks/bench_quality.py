@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vqcore import create
-from vqcore.demo import code_statistics, load_digits_vectors
+from vqcore.cli.demo import code_statistics, load_digits_vectors
 
 BITS = 8
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"

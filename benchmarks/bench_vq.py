@@ -428,7 +428,7 @@ def case_mem65536(cfg) -> list[Row]:
 def case_kmeans(cfg) -> list[Row]:
     from vector_quantize_pytorch.vector_quantize_pytorch import kmeans as reference_kmeans
 
-    import vqcore.kmeans as vqk
+    import vqcore.blocks.kmeans as vqk
 
     torch.manual_seed(0)
     x = torch.randn(8192, 256)
@@ -448,7 +448,9 @@ def case_kmeans(cfg) -> list[Row]:
         Impl("vqcore", lambda: vqk.kmeans(x[None], 1024, 10)),
         Impl("reference", lambda: reference_kmeans(x[None], 1024, 10)),
         Impl("floor (10 x GEMM+argmin, bincount, index_add_)", lambda: floor_kmeans(x, 1024, 10)),
-        Impl("info: vqcore seeding only (vqcore.kmeans.seed_means)", lambda: seed_means(x[None], 1024)),
+        Impl(
+            "info: vqcore seeding only (vqcore.blocks.kmeans.seed_means)", lambda: seed_means(x[None], 1024)
+        ),
         Impl("info: vqcore with random seeds (Lloyd iterations only)", lloyd_only),
     ]
     rows = run_case("d. k-means 10 iters, 8192 x 256 -> 1024", impls, cfg, reps=7, warmup=1)

@@ -1,4 +1,4 @@
-"""Correctness checks for vqcore.distance after performance work
+"""Correctness checks for vqcore.blocks.distance after performance work
 (run: .venv/bin/python benchmarks/check_distance.py).
 
 - ``nearest`` equals a float64 brute-force argmin on random data, tokens whose best and second-best
@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-import vqcore.distance as D
+import vqcore.blocks.distance as D
 
 
 def brute(x: torch.Tensor, codes: torch.Tensor, cosine: bool):
@@ -110,7 +110,7 @@ def main() -> None:
     tokens = check_against_brute_force()
     check_ties_and_modes()
     check_sliced_norms()
-    print(f"vqcore.distance OK ({tokens} tokens against float64 brute force)")
+    print(f"vqcore.blocks.distance OK ({tokens} tokens against float64 brute force)")
 
 
 if __name__ == "__main__":

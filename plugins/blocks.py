@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 
-from vqcore.codebook import EMACodebook
+from vqcore.blocks.codebooks import EMACodebook
+from vqcore.blocks.losses import CommitmentLoss, OrthogonalLoss
 from vqcore.hookspecs import hookimpl
-from vqcore.losses import CommitmentLoss, OrthogonalLoss
 
 
 @hookimpl

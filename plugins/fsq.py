@@ -23,14 +23,15 @@ import random
 import torch
 from torch import Tensor
 
-from vqcore.distributed import should_sync
-from vqcore.dropout import kept_layers
+from vqcore.blocks.distributed import should_sync
+from vqcore.blocks.layout import auto_layout, index_tokens
+from vqcore.blocks.precision import Float32State, float32_region
+from vqcore.blocks.projection import project_from, project_into, projection_pair
+from vqcore.blocks.residual import kept_layers
+from vqcore.blocks.validation import check_float, check_indices, check_positive_int
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import auto_layout, index_tokens
-from vqcore.module import Float32State, QuantizerModule
-from vqcore.projection import project_from, project_into, projection_pair
+from vqcore.module import QuantizerModule
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, FSQOutput
-from vqcore.validation import check_float, check_indices, check_positive_int
 
 
 def check_levels(levels, *, allow_two: bool, name: str = "levels") -> list[int]:
@@ -128,10 +129,6 @@ class FSQGrid(Float32State):
         return self.digits_to_codes(self.indices_to_digits(torch.arange(self.size, device=self.basis.device)))
 
 
-def _float32(device_type: str):
-    return torch.autocast(device_type, enabled=False)
-
-
 class FSQ(QuantizerModule):
     """x (b, n, dim) -> quantized (b, n, dim), indices (b, n) int64 — see the module docstring.
 
@@ -213,7 +210,7 @@ class FSQ(QuantizerModule):
         """x -> indices int64 in the input's layout; indices are computed even with return_indices=False."""
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with _float32(x.device.type):
+        with float32_region(x.device.type):
             _, digits = self.grid.quantize(self._split(project_into(self.project_in, tokens)))
             indices = self.grid.digits_to_indices(digits)
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
@@ -221,7 +218,7 @@ class FSQ(QuantizerModule):
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes (after project_out unless ``project_out=False``), in the input's layout."""
         tokens, spatial, layout = self._index_tokens(indices)
-        with _float32(tokens.device.type):
+        with float32_region(tokens.device.type):
             codes = self.grid.digits_to_codes(self.grid.indices_to_digits(tokens)).flatten(-2)
             out = project_from(self.project_out, codes) if project_out else codes
         return layout.from_tokens(out, spatial)
@@ -248,7 +245,7 @@ class FSQ(QuantizerModule):
     def forward(self, x: Tensor) -> FSQOutput:
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with _float32(x.device.type):
+        with float32_region(x.device.type):
             codes, digits = self.grid.quantize(self._split(project_into(self.project_in, tokens)))
             out = project_from(self.project_out, codes.flatten(-2))
             indices = None
@@ -333,7 +330,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
         """
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with _float32(x.device.type):
+        with float32_region(x.device.type):
             z = project_into(self.project_in, tokens)
             z = (z / self.soft_clamp).tanh() * self.soft_clamp
             residual, total, indices, all_codes = z, None, [], []
@@ -376,7 +373,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
                 device=x.device,
             )
         total, indices, all_codes, layout, spatial = self._run(x, kept, return_all_codes)
-        with _float32(x.device.type):
+        with float32_region(x.device.type):
             out = project_from(self.project_out, total)
         quantized = layout.from_tokens(out, spatial).to(x.dtype)
         indices = layout.indices_from_tokens(indices, spatial)
@@ -417,7 +414,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
         -1 adds nothing.
         """
         tokens, spatial, layout = self._index_tokens(indices)
-        with _float32(tokens.device.type):
+        with float32_region(tokens.device.type):
             dropped = tokens < 0
             digits = self.grid.indices_to_digits(tokens.clamp(min=0))
             total = None

@@ -32,19 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vqcore.blocks.layout import auto_layout, index_tokens
+from vqcore.blocks.losses import commitment_loss
+from vqcore.blocks.precision import float32_region
+from vqcore.blocks.projection import project_from, project_into, projection_pair
+from vqcore.blocks.validation import check_float, check_positive_int
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import auto_layout, index_tokens
-from vqcore.losses import commitment_loss
 from vqcore.module import QuantizerModule
 from vqcore.plugins.fsq import check_levels, mixed_radix_basis
-from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import (
     INDEX_DTYPE,
     LatentLossBreakdown,
     LatentQuantizeOutput,
     LatentQuantizeOutputWithBreakdown,
 )
-from vqcore.validation import check_float, check_positive_int
 
 
 def initial_values(level: int) -> Tensor:
@@ -172,7 +173,7 @@ class LatentQuantize(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             digits = self._nearest(self.value_table(), self._split(project_into(self.project_in, tokens)))
             indices = (digits * self.basis).sum(-1)
         return layout.indices_from_tokens(self._indices_out(indices), spatial)
@@ -189,7 +190,7 @@ class LatentQuantize(QuantizerModule):
             trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
             allow_dropped=False,
         )
-        with torch.autocast(tokens.device.type, enabled=False):
+        with float32_region(tokens.device.type):
             digits = (tokens.long().unsqueeze(-1) // self.basis) % self.levels_tensor
             codes = self._lookup(self.value_table(), digits).flatten(-2)
             out = project_from(self.project_out, codes) if project_out else codes
@@ -211,7 +212,7 @@ class LatentQuantize(QuantizerModule):
     def forward(self, x: Tensor, return_loss_breakdown: bool = False):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             z = self._split(project_into(self.project_in, tokens))
             table = self.value_table()
             digits = self._nearest(table, z)

@@ -45,15 +45,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqcore.distributed import all_reduce_sum_, differentiable_all_reduce_sum, should_sync
-from vqcore.dropout import kept_layers
-from vqcore.estimators import straight_through
+from vqcore.blocks.distributed import all_reduce_sum_, differentiable_all_reduce_sum, should_sync
+from vqcore.blocks.estimators import straight_through
+from vqcore.blocks.layout import TokenLayout, auto_layout, index_tokens
+from vqcore.blocks.precision import Float32State, float32_region
+from vqcore.blocks.projection import project_from, project_into, projection_pair
+from vqcore.blocks.residual import kept_layers
+from vqcore.blocks.validation import check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import TokenLayout, auto_layout, index_tokens
-from vqcore.module import Float32State, QuantizerModule
-from vqcore.projection import project_from, project_into, projection_pair
+from vqcore.module import QuantizerModule
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, LFQLossBreakdown, LFQOutput, LFQOutputWithBreakdown
-from vqcore.validation import check_positive_int, check_tensor
 
 DEFAULT_ENTROPY_CHUNK_BYTES = 32 * 2**20
 
@@ -396,7 +397,7 @@ class LFQ(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             z = project_into(self.project_in, tokens)
             z = z.reshape(z.shape[0], z.shape[1], self._num_codebooks, self.codebook_dim)
             indices = self._bits_to_indices(z > 0)
@@ -413,7 +414,7 @@ class LFQ(QuantizerModule):
             size=self._codebook_size,
             trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
         )
-        with torch.autocast(tokens.device.type, enabled=False):
+        with float32_region(tokens.device.type):
             codes = self._codes(self._indices_to_bits(tokens.clamp(min=0))).flatten(-2)
             out = project_from(self.project_out, codes) if project_out else codes
             out = out.masked_fill((tokens < 0).any(-1, keepdim=True), 0.0)
@@ -438,7 +439,7 @@ class LFQ(QuantizerModule):
         valid = self._token_mask(mask, layout, b, n, spatial)
         if valid is not None:
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             codes, indices, loss, breakdown = self.quantize_tokens(
                 project_into(self.project_in, tokens), inv_temperature, valid
             )
@@ -556,7 +557,7 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
     def encode(self, x: Tensor) -> Tensor:
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             _, indices, _, _ = self._run(project_into(self.project_in, tokens), None, 100.0, None)
         return layout.indices_from_tokens(indices, spatial)
 
@@ -589,7 +590,7 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
                 sync=should_sync(self.sync_quantize_dropout),
                 device=x.device,
             )
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             total, indices, losses, all_codes = self._run(
                 project_into(self.project_in, tokens), kept, inv_temperature, valid
             )
@@ -628,7 +629,7 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
     def decode(self, indices: Tensor) -> Tensor:
         """indices (b, *positions, Q') with Q' <= Q -> quantized in the input layout; -1 adds nothing."""
         tokens, spatial, layout = self._index_tokens(indices)
-        with torch.autocast(tokens.device.type, enabled=False):
+        with float32_region(tokens.device.type):
             total = None
             for q in range(tokens.shape[-1]):
                 codes = self._layer_codes(tokens, q)

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqcore.distance import l2norm, nearest
+from vqcore.blocks.distance import l2norm, nearest
+from vqcore.blocks.layout import TokenLayout
+from vqcore.blocks.precision import Float32State, float32_region
+from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import TokenLayout
-from vqcore.module import Float32State, QuantizerModule
-from vqcore.validation import check_indices, check_positive_int, check_tensor
+from vqcore.module import QuantizerModule
 
 
 class RandomProjectionQuantizer(Float32State, QuantizerModule):
@@ -81,9 +82,7 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
     def project(self, x: Tensor) -> Tensor:
         """x (b, n, dim) -> projected features (H, b*n, codebook_dim) float32 (LayerNorm, then P_h)."""
         tokens, _ = self.layout.to_tokens(x)
-        with torch.autocast(
-            x.device.type, enabled=False
-        ):  # under autocast the GEMM ran in bf16: other targets
+        with float32_region(x.device.type):  # under autocast the GEMM ran in bf16: other targets
             flat = tokens.reshape(-1, self.dim).float()
             if self.norm:
                 flat = F.layer_norm(flat, (self.dim,))
@@ -99,7 +98,7 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
 
     def encode(self, x: Tensor) -> Tensor:
         """x -> target indices (int64): the nearest (cosine) frozen code of each projection."""
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.no_grad(), float32_region(x.device.type):
             z = self.project(x)
             # argmax of the cosine similarity == argmin of -z.c over unit codes (|z| does not change it)
             return self._shape_indices(nearest(z, self.codebooks, cosine=True), x)
@@ -107,7 +106,7 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
     def logits(self, x: Tensor) -> Tensor:
         """Cosine similarities (b, n, H, K) (``(b, n, K)`` for one codebook) between projections and codes."""
         tokens, _ = self.layout.to_tokens(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with float32_region(x.device.type):
             sims = torch.matmul(l2norm(self.project(x)), self.codebooks.transpose(1, 2))  # (H, b*n, K)
         sims = sims.transpose(0, 1).reshape(tokens.shape[0], tokens.shape[1], self.heads, self.codebook_size)
         return sims.squeeze(2) if self.heads == 1 else sims

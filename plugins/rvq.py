@@ -25,17 +25,17 @@ import random
 import torch
 from torch import Tensor, nn
 
-from vqcore.distributed import should_sync
-from vqcore.dropout import kept_layers
-from vqcore.estimators import rotation_trick as rotation_trick_estimator
-from vqcore.estimators import straight_through
+from vqcore.blocks.distributed import should_sync
+from vqcore.blocks.estimators import rotation_trick as rotation_trick_estimator
+from vqcore.blocks.estimators import straight_through
+from vqcore.blocks.layout import TokenLayout
+from vqcore.blocks.projection import project_from, project_into, projection_pair
+from vqcore.blocks.residual import kept_layers
+from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import TokenLayout
 from vqcore.module import QuantizerModule
 from vqcore.plugins.vq import VectorQuantize, resolve_ema_update
-from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, ResidualVQOutput, ResidualVQOutputWithCodes
-from vqcore.validation import check_indices, check_positive_int, check_tensor
 
 
 def _layer_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:

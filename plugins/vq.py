@@ -33,17 +33,17 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from vqcore.codebook import EMACodebook
-from vqcore.distributed import should_sync
-from vqcore.estimators import rotation_trick as rotation_trick_estimator
-from vqcore.estimators import straight_through
+from vqcore.blocks.codebooks import EMACodebook
+from vqcore.blocks.distributed import should_sync
+from vqcore.blocks.estimators import rotation_trick as rotation_trick_estimator
+from vqcore.blocks.estimators import straight_through
+from vqcore.blocks.layout import TokenLayout
+from vqcore.blocks.losses import commitment_loss, orthogonal_loss
+from vqcore.blocks.projection import project_from, project_into, projection_pair
+from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
-from vqcore.layout import TokenLayout
-from vqcore.losses import commitment_loss, orthogonal_loss
 from vqcore.module import QuantizerModule
-from vqcore.projection import project_from, project_into, projection_pair
 from vqcore.protocols import DROPPED_INDEX, VQLossBreakdown, VQOutput, VQOutputWithBreakdown
-from vqcore.validation import check_indices, check_positive_int, check_tensor
 
 
 def resolve_ema_update(ema_update: bool | None, learnable_codebook: bool, use_cosine_sim: bool) -> bool:

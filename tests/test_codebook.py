@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqcore import distance
-from vqcore.codebook import EMACodebook
-from vqcore.estimators import rotation_trick, straight_through
-from vqcore.kmeans import bincount_per_book, kmeans, seed_means, sum_per_code
-from vqcore.losses import commitment_loss, orthogonal_loss
+from vqcore.blocks import distance
+from vqcore.blocks.codebooks import EMACodebook
+from vqcore.blocks.estimators import rotation_trick, straight_through
+from vqcore.blocks.kmeans import kmeans, seed_means
+from vqcore.blocks.losses import commitment_loss, orthogonal_loss
+from vqcore.blocks.stats import bincount_per_book, sum_per_code
 
 
 def _gen(seed=0):
@@ -620,7 +621,7 @@ def test_rotation_trick_forward_is_q_and_jacobian_is_lambda_r():
 
 def test_nearest_on_inputs_that_require_grad_in_chunks():
     """The chunked search writes into reused blocks (out=); inputs that require grad must still work."""
-    from vqcore.distance import nearest
+    from vqcore.blocks.distance import nearest
 
     torch.manual_seed(0)
     x = torch.randn(1, 300, 8, requires_grad=True)

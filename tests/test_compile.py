@@ -153,7 +153,7 @@ def test_dead_code_expiry_breaks_at_one_place():
     vq._codebook.cluster_size.fill_(10.0)  # nothing expires this step: only the host-side check breaks
     _, places = _explain_places(vq, torch.randn(2, 5, 8))
     sites = {place for _, place in places}
-    assert len(sites) == 1 and sites.pop().startswith("codebook.py"), places
+    assert len(sites) == 1 and sites.pop().startswith("codebooks.py"), places
 
 
 def test_quantize_dropout_breaks_at_one_place():
@@ -161,7 +161,7 @@ def test_quantize_dropout_breaks_at_one_place():
     rvq = vqcore.ResidualVQ(dim=8, codebook_size=16, num_quantizers=3, quantize_dropout=True).train()
     _, places = _explain_places(rvq, torch.randn(2, 5, 8))
     sites = {place for _, place in places}
-    assert len(sites) == 1 and sites.pop().startswith("dropout.py"), places
+    assert len(sites) == 1 and sites.pop().startswith("residual.py"), places
 
 
 def test_compiled_training_steps_match_eager():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vqcore.demo import (
+from vqcore.cli.demo import (
     GRID,
     code_statistics,
     layer_indices,

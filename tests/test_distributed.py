@@ -293,7 +293,7 @@ def test_eval_on_rank0_alone_does_not_hang(ranks):
 
 
 def test_sync_is_off_without_a_process_group():
-    from vqcore.distributed import should_sync
+    from vqcore.blocks.distributed import should_sync
 
     assert not should_sync(None) and not should_sync(True)
 

@@ -45,8 +45,8 @@ class Case:
 
     def exact(self, precision: Precision) -> bool:
         """Only the input rounding differs from the float32 twin (so everything else must be bit-equal):
-        no projection, or autocast (projections run with autocast off, vqcore.projection); a module cast
-        to low precision runs its projections in that precision."""
+        no projection, or autocast (projections run with autocast off, vqcore.blocks.projection); a module
+        cast to low precision runs its projections in that precision."""
         return not self.projections or precision.autocast
 
 

@@ -364,7 +364,7 @@ def test_kmeans_init_recovers_planted_blobs():
 
 
 def test_kmeans_does_not_run_in_eval_and_runs_once(monkeypatch):
-    import vqcore.codebook as codebook_module
+    import vqcore.blocks.codebooks as codebook_module
 
     calls = []
     original = codebook_module.kmeans

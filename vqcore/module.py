@@ -56,34 +56,3 @@ def get_config(module: nn.Module) -> dict | None:
 
 def set_config(module: nn.Module, name: str | None, kwargs: dict) -> None:
     object.__setattr__(module, CONFIG_ATTR, {"name": name, "kwargs": dict(kwargs)})
-
-
-class Float32State(nn.Module):
-    """Mixin: dtype casts (``.half()``, ``.bfloat16()``, ``.to(dtype)``) leave this module's OWN floating
-    buffers float32 — and its own parameters too when ``float32_parameters`` — while device moves apply to
-    everything and children (projections, say) are cast as usual.
-
-    Quantization runs in float32 (DESIGN §5): EMA statistics, grid constants and frozen tables rounded to
-    bf16 would move its decision boundaries (``FSQ([8, 5, 5]).bfloat16()`` rounded ``half_l`` 3.5035 ->
-    3.5 and changed ~0.4% of the indices; ``RandomProjectionQuantizer.half()`` failed outright).
-    """
-
-    float32_parameters = False
-
-    def _apply(self, fn, recurse=True):
-        if recurse:
-            for child in self.children():
-                child._apply(fn)
-        cast_as_usual = set()
-        if not self.float32_parameters:
-            for p in self._parameters.values():
-                if p is not None:
-                    cast_as_usual.update((id(p), id(p.grad)) if p.grad is not None else (id(p),))
-
-        def keep_float32(t):
-            out = fn(t)
-            if id(t) in cast_as_usual or not t.is_floating_point() or out.dtype == t.dtype:
-                return out
-            return t.to(device=out.device)
-
-        return super()._apply(keep_float32, recurse=False)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqcore.losses import CommitmentLoss
+from vqcore.blocks.losses import CommitmentLoss
 from vqcore.module import QuantizerModule
 
 

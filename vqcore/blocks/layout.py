@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqcore.validation import check_float, check_indices, check_tensor
+from vqcore.blocks.validation import check_float, check_indices, check_tensor
 
 _SPATIAL_RANK = {"sequence": 1, "channel_first": 1, "image": 2, "video": 3}
 _DESCRIBE = {

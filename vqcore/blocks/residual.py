@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from vqcore.distributed import broadcast_
+from vqcore.blocks.distributed import broadcast_
 
 
 def kept_layers(

@@ -65,7 +65,7 @@ def _parse_overrides(items) -> dict:
 def _cmd_demo(args) -> int:
     import torch
 
-    from vqcore.demo import run_demo
+    from vqcore.cli.demo import run_demo
 
     if args.threads:
         torch.set_num_threads(args.threads)

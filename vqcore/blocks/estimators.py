@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from vqcore.distance import l2norm
+from vqcore.blocks.distance import l2norm
 
 
 def straight_through(x: Tensor, q: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqcore.validation import is_tracing
+from vqcore.blocks.validation import is_tracing
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 # score block of the fused CPU search: small enough that argmin reads it from cache right after the GEMM

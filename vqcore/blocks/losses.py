@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqcore.distance import l2norm
+from vqcore.blocks.distance import l2norm
+from vqcore.blocks.precision import float32_region
 
 
 class CommitmentLoss:
@@ -54,7 +55,7 @@ class OrthogonalLoss:
         # float32 like the codebook it regularises (DESIGN §5): under autocast this GEMM ran in bf16,
         # which put ~2^-8 of rounding on every cosine (a bf16 loss, 0.2% off on random codes) and on the
         # codes' gradient
-        with torch.autocast(codes.device.type, enabled=False):
+        with float32_region(codes.device.type):
             normed = l2norm(codes.float())
             cosine = normed @ normed.transpose(1, 2)
             return cosine.pow(2).sum() / (books * n * n) - 1.0 / n

@@ -22,7 +22,6 @@ so a NaN in a batch never reaches the statistics.
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from typing import Callable
@@ -30,7 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from vqcore.distance import (
+from vqcore.blocks.distance import (
     DEFAULT_CHUNK_BYTES,
     PreparedCodes,
     fused_search_applies,
@@ -39,27 +38,15 @@ from vqcore.distance import (
     nearest,
     prepare_codes,
 )
-from vqcore.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, global_pool_draw
-from vqcore.distributed import rank as dist_rank
-from vqcore.kmeans import bincount_per_book, kmeans, sum_per_code
-from vqcore.module import Float32State
-from vqcore.validation import check_positive_int
+from vqcore.blocks.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, global_pool_draw
+from vqcore.blocks.distributed import rank as dist_rank
+from vqcore.blocks.kmeans import kmeans
+from vqcore.blocks.precision import Float32State, float32_method
+from vqcore.blocks.stats import bincount_per_book, sum_per_code
+from vqcore.blocks.validation import check_positive_int
 
 # EMACodebook -> (key, weakref to embed, PreparedCodes): the packed codes of the fused CPU search
 _SEARCH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def float32_region(method):
-    """Run a codebook method with autocast off: distances, sampling and statistics stay float32
-    (DESIGN §5).
-    """
-
-    @functools.wraps(method)
-    def run(self, x, *args, **kwargs):
-        with torch.autocast(x.device.type, enabled=False):
-            return method(self, x.float(), *args, **kwargs)
-
-    return run
 
 
 class EMACodebook(Float32State):
@@ -131,7 +118,7 @@ class EMACodebook(Float32State):
     def codes(self) -> Tensor:
         return self.embed
 
-    @float32_region
+    @float32_method
     def nearest(self, x: Tensor) -> Tensor:
         """x (B, N, d) float32 -> indices (B, N) int64."""
         codes = self.embed.detach()
@@ -150,7 +137,7 @@ class EMACodebook(Float32State):
             cached = _SEARCH_CACHE[self] = (key, weakref.ref(self.embed), prepared)
         return cached[2]
 
-    @float32_region
+    @float32_method
     def sample(self, x: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
         """Gumbel-sampled indices (B, N); ``temperature`` 0 means :meth:`nearest`."""
         if temperature <= 0:
@@ -188,7 +175,7 @@ class EMACodebook(Float32State):
         self._initted_seen = bool(self.initted)  # loading is eager: read the loaded flag here, not in forward
 
     @torch.no_grad()
-    @float32_region
+    @float32_method
     def init_(
         self, x: Tensor, valid: Tensor | None = None, sync: bool = False, sync_kmeans: bool = True
     ) -> bool:
@@ -235,7 +222,7 @@ class EMACodebook(Float32State):
         return True
 
     @torch.no_grad()
-    @float32_region
+    @float32_method
     def update(
         self,
         x: Tensor,
@@ -349,7 +336,7 @@ class EMACodebook(Float32State):
         self.embed.copy_(embed)  # in place under no_grad: bumps the version (the search cache sees it)
 
     @torch.no_grad()
-    @float32_region
+    @float32_method
     def expire_(
         self,
         x: Tensor,
@@ -365,7 +352,7 @@ class EMACodebook(Float32State):
         codes. Replacements are drawn from the GLOBAL batch: under ``sync`` rank 0 draws positions in the
         concatenation (rank order) of every rank's valid tokens, so every rank installs the same vectors,
         equal to those one process draws on the concatenated batch (see
-        :func:`vqcore.distributed.global_pool_draw`). A book without any valid token on any rank keeps
+        :func:`vqcore.blocks.distributed.global_pool_draw`). A book without any valid token on any rank keeps
         its codes.
         """
         if self.threshold_ema_dead_code <= 0:

@@ -9,8 +9,9 @@ tokenizer trained with mixed precision gives the token ids its float32 (or expor
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
+
+from vqcore.blocks.precision import float32_region
 
 
 def projection_pair(
@@ -29,7 +30,7 @@ def projection_pair(
 def project_into(layer: nn.Module, tokens: Tensor) -> Tensor:
     """``tokens`` through ``layer`` (in the layer's dtype), returned in float32 for quantization."""
     if isinstance(layer, nn.Linear):
-        with torch.autocast(tokens.device.type, enabled=False):
+        with float32_region(tokens.device.type):
             tokens = layer(tokens.to(layer.weight.dtype))
     return tokens.float()
 
@@ -37,6 +38,6 @@ def project_into(layer: nn.Module, tokens: Tensor) -> Tensor:
 def project_from(layer: nn.Module, codes: Tensor) -> Tensor:
     """``codes`` through ``layer`` in the layer's dtype (identity: unchanged)."""
     if isinstance(layer, nn.Linear):
-        with torch.autocast(codes.device.type, enabled=False):
+        with float32_region(codes.device.type):
             return layer(codes.to(layer.weight.dtype))
     return codes
