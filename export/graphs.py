@@ -94,7 +94,7 @@ def export_module(quantizer: nn.Module, graph: str) -> nn.Module:
         return quantizer
     from vqcore.registry import get_registry
 
-    supplied = get_registry().pm.hook.export_module(quantizer=quantizer, graph=graph)
+    supplied = get_registry().export_module(quantizer, graph)
     if supplied is not None:
         return supplied
     return export_module_default(quantizer, graph)

@@ -1,13 +1,10 @@
 """Export-time parity: the artifact, run by its own runtime, against the eager module.
 
-- Integer outputs (indices) must be equal. For distance-based methods (the VQ family: VectorQuantize,
-  ResidualVQ, GroupedResidualVQ, RandomProjectionQuantizer) a mismatch is accepted only when it is a
-  genuine tie: both candidates' distances are recomputed in float64 from the quantizer's own tensors and
-  must agree within ``tie_tolerance`` relative to ``(|z| + |c|)^2`` (fp32 cannot order them). Residual
-  methods are judged at the first layer where the two index tuples differ (later layers then
-  legitimately follow a different residual). A plugin may define ``export_tie_check(x, a, b)``
-  returning a bool tensor (True where index entries of ``a`` and ``b`` are equally good). Every other
-  method (FSQ, LFQ, LatentQuantize, plugins without the method) must match exactly.
+- Integer outputs (indices) must be equal, except where the quantizer judges a mismatch a genuine tie:
+  a quantizer with ``export_tie_check(x, a, b, tolerance)`` (:class:`vqcore.protocols.SupportsExportTieCheck`;
+  the distance-based built-ins have one) is asked, on a float64 copy of itself, which differing entries
+  are equally good codes (float32 cannot order them). More mismatches than ``MAX_TIE_FRACTION`` of the
+  entries is a broken graph, not ties. A quantizer without the method must match exactly.
 - Float outputs (decode graphs) must match within ``atol + rtol * |ref|`` (1e-5, 1e-5).
 
 A failure raises :class:`ParityError` carrying the :class:`ParityReport`.
@@ -19,8 +16,9 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from vqcore.protocols import SupportsExportTieCheck
 
 TIE_TOLERANCE = 1e-6
 ATOL = RTOL = 1e-5
@@ -133,126 +131,22 @@ def _compare_indices(report, out, inp, want, got, tie_check) -> None:
         )
 
 
-# -- tie checks of the VQ family ------------------------------------------------------------------
+# -- ties --------------------------------------------------------------------------------------------
 
 
 def tie_checker(quantizer, encoder=None, tolerance: float = TIE_TOLERANCE):
     """``fn(x, a, b) -> bool tensor like a`` (True: entry is a genuine tie or equal), or None when the
-    method must match exactly. ``encoder`` (Tokenizer) runs first, eagerly."""
-    custom = getattr(quantizer, "export_tie_check", None)
-    if custom is not None:
-        base = custom
-    else:
-        from vqcore.plugins.rpq import RandomProjectionQuantizer
-        from vqcore.plugins.rvq import GroupedResidualVQ, ResidualVQ
-        from vqcore.plugins.vq import VectorQuantize
+    method must match exactly. The quantizer's own ``export_tie_check``
+    (vqcore.protocols.SupportsExportTieCheck) runs on a float64 copy of it; ``encoder`` (Tokenizer) runs
+    first, eagerly."""
+    if not isinstance(quantizer, SupportsExportTieCheck):
+        return None
+    q64 = copy.deepcopy(quantizer).double().eval()
 
-        kinds = {
-            VectorQuantize: _vq_ties,
-            ResidualVQ: _rvq_ties,
-            GroupedResidualVQ: _grvq_ties,
-            RandomProjectionQuantizer: _rpq_ties,
-        }
-        judge = next((fn for cls, fn in kinds.items() if isinstance(quantizer, cls)), None)
-        if judge is None:
-            return None
-        q64 = copy.deepcopy(quantizer).double().eval()
-
-        def base(x, a, b):
-            with torch.no_grad():
-                return judge(q64, x.double(), a, b, tolerance)
-
-    if encoder is None:
-        return base
-
-    def chained(x, a, b):
+    def check(x, a, b):
         with torch.no_grad():
-            return base(encoder(x), a, b)
+            if encoder is not None:
+                x = encoder(x)
+            return q64.export_tie_check(x.double(), a, b, tolerance)
 
-    return chained
-
-
-def _is_tie(z: Tensor, ca: Tensor, cb: Tensor, cosine: bool, tol: float) -> bool:
-    if cosine:
-        da, db = -(z * ca).sum(), -(z * cb).sum()
-    else:
-        da, db = (z - ca).pow(2).sum(), (z - cb).pow(2).sum()
-    scale = (z.norm() + torch.maximum(ca.norm(), cb.norm())) ** 2
-    return bool((da - db).abs() <= tol * scale)
-
-
-def _vq_space(vq, tokens: Tensor) -> Tensor:
-    """float64 tokens (..., dim) -> codebook space (heads split by the caller), as VectorQuantize does."""
-    z = vq.norm_in(vq.project_in(tokens))
-    return z
-
-
-def _vq_ties(vq, x, a, b, tol):
-    tokens, _ = vq.layout.to_tokens(x)
-    bsz, n = tokens.shape[0], tokens.shape[1]
-    z = vq._split_heads(_vq_space(vq, tokens))
-    if vq.use_cosine_sim:
-        z = F.normalize(z, dim=-1)
-    extra = 1 if vq.heads > 1 else 0
-    ba = vq._book_indices(vq.layout.indices_to_tokens(a, extra)[0].long())
-    bb = vq._book_indices(vq.layout.indices_to_tokens(b, extra)[0].long())
-    codes = vq._codebook.embed
-    ok = ba == bb
-    for book, t in (~ok).nonzero().tolist():
-        ok[book, t] = _is_tie(
-            z[book, t], codes[book, ba[book, t]], codes[book, bb[book, t]], vq.use_cosine_sim, tol
-        )
-    return vq.layout.indices_from_tokens(vq._token_indices(ok, bsz, n), _spatial_of(vq, x)).reshape(a.shape)
-
-
-def _spatial_of(module, x):
-    return module.layout.to_tokens(x)[1]
-
-
-def _rvq_token_ties(rvq, z, ta, tb, tol):
-    """z (b, n, cd) float64 after project_in; ta, tb (b, n, Q) -> ok (b, n, Q)."""
-    ok = torch.ones_like(ta, dtype=torch.bool)
-    for bi, ni in (ta != tb).any(-1).nonzero().tolist():
-        r = z[bi, ni]
-        for q, layer in enumerate(rvq.layers):
-            codes = layer._codebook.embed[0]
-            zq = _vq_space(layer, r)
-            if layer.use_cosine_sim:
-                zq = F.normalize(zq, dim=-1)
-            ia, ib = int(ta[bi, ni, q]), int(tb[bi, ni, q])
-            if ia == ib:
-                r = r - codes[ia]
-                continue
-            ok[bi, ni, q:] = _is_tie(zq, codes[ia], codes[ib], layer.use_cosine_sim, tol)
-            break
-    return ok
-
-
-def _rvq_ties(rvq, x, a, b, tol):
-    tokens, spatial = rvq.layout.to_tokens(x)
-    ta, tb = (rvq.layout.indices_to_tokens(i, 1)[0].long() for i in (a, b))
-    ok = _rvq_token_ties(rvq, rvq.project_in(tokens), ta, tb, tol)
-    return rvq.layout.indices_from_tokens(ok, spatial).reshape(a.shape)
-
-
-def _grvq_ties(grvq, x, a, b, tol):
-    tokens, spatial = grvq.layout.to_tokens(x)
-    out = []
-    for g, (rvq, chunk) in enumerate(zip(grvq.rvqs, tokens.chunk(grvq.groups, dim=-1))):
-        ta, tb = (grvq.layout.indices_to_tokens(i[g], 1)[0].long() for i in (a, b))
-        ok = _rvq_token_ties(rvq, rvq.project_in(chunk), ta, tb, tol)
-        out.append(grvq.layout.indices_from_tokens(ok, spatial))
-    return torch.stack(out).reshape(a.shape)
-
-
-def _rpq_ties(rpq, x, a, b, tol):
-    tokens, _ = rpq.layout.to_tokens(x)
-    flat = tokens.reshape(-1, rpq.dim)
-    if rpq.norm:
-        flat = F.layer_norm(flat, (rpq.dim,))
-    z = F.normalize(torch.matmul(flat, rpq.rand_projs), dim=-1)  # (H, T, cd)
-    ha, hb = (i.reshape(-1, rpq.heads).transpose(0, 1).long() for i in (a, b))
-    ok = ha == hb
-    for h, t in (~ok).nonzero().tolist():
-        ok[h, t] = _is_tie(z[h, t], rpq.codebooks[h, ha[h, t]], rpq.codebooks[h, hb[h, t]], True, tol)
-    return ok.transpose(0, 1).reshape(a.shape)
+    return check

@@ -66,7 +66,7 @@ class _Plan:
         self.graph = graph
         if not isinstance(example, Tensor):
             raise TypeError("example must be a tensor (features for encode, indices for decode)")
-        example = example.detach()
+        example = example.detach().contiguous()  # a strided view would make torch.export guard its strides
         with torch.no_grad():
             axes = graphs.map_dynamic_axes(self.module, example, dynamic_dims)
         if not axes:

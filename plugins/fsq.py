@@ -18,7 +18,7 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 from __future__ import annotations
 
 import math
-import random
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,11 +27,18 @@ from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.layout import auto_layout, index_tokens
 from vqcore.blocks.precision import Float32State, float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
-from vqcore.blocks.residual import kept_layers
+from vqcore.blocks.residual import QuantizeDropout
 from vqcore.blocks.validation import check_float, check_indices, check_positive_int
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, FSQOutput
+from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE
+
+
+class FSQOutput(NamedTuple):
+    """FSQ / ResidualFSQ: ``quantized`` has the input's shape and dtype; ``indices`` int64 or None."""
+
+    quantized: Tensor
+    indices: Tensor | None
 
 
 def check_levels(levels, *, allow_two: bool, name: str = "levels") -> list[int]:
@@ -297,7 +304,10 @@ class ResidualFSQ(Float32State, QuantizerModule):
         self.codebook_dim = len(levels)
         self.dim = self.codebook_dim if dim is None else check_positive_int(dim, "dim")
         self.num_quantizers = num_quantizers
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.dropout = QuantizeDropout(
+            num_quantizers, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
+        )
+        self.quantize_dropout = self.dropout.enabled
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.sync_quantize_dropout = sync_quantize_dropout
@@ -357,21 +367,12 @@ class ResidualFSQ(Float32State, QuantizerModule):
     def forward(
         self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None
     ):
-        kept = None
-        if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            rng = (
-                None
-                if rand_quantize_dropout_fixed_seed is None
-                else random.Random(rand_quantize_dropout_fixed_seed)
-            )
-            kept = kept_layers(
-                self.num_quantizers,
-                cutoff_index=self.quantize_dropout_cutoff_index,
-                multiple_of=self.quantize_dropout_multiple_of,
-                rng=rng,
-                sync=should_sync(self.sync_quantize_dropout),
-                device=x.device,
-            )
+        kept = self.dropout.kept_layers(
+            self.training,
+            rand_quantize_dropout_fixed_seed,
+            sync=self.dropout.enabled and self.training and should_sync(self.sync_quantize_dropout),
+            device=x.device,
+        )
         total, indices, all_codes, layout, spatial = self._run(x, kept, return_all_codes)
         with float32_region(x.device.type):
             out = project_from(self.project_out, total)

@@ -27,25 +27,43 @@ channel-first; int64 indices from the argmin; the losses are taken in latent spa
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqcore.blocks.layout import auto_layout, index_tokens
-from vqcore.blocks.losses import commitment_loss
+from vqcore.blocks.losses import CodebookLoss
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_float, check_positive_int
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.plugins.fsq import check_levels, mixed_radix_basis
-from vqcore.protocols import (
-    INDEX_DTYPE,
-    LatentLossBreakdown,
-    LatentQuantizeOutput,
-    LatentQuantizeOutputWithBreakdown,
-)
+from vqcore.protocols import INDEX_DTYPE
+
+
+class LatentLossBreakdown(NamedTuple):
+    """Unweighted latent-quantization terms (0-dim): commitment (trains the encoder),
+    quantization (trains the values).
+    """
+
+    commitment: Tensor
+    quantization: Tensor
+
+
+class LatentQuantizeOutput(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+
+
+class LatentQuantizeOutputWithBreakdown(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    breakdown: LatentLossBreakdown
 
 
 def initial_values(level: int) -> Tensor:
@@ -227,7 +245,10 @@ class LatentQuantize(QuantizerModule):
                 out = torch.where(finite.unsqueeze(-1), zhat, zhat.detach())
                 out = out + (z - z.detach()) if z.requires_grad else out
                 commitment = F.mse_loss(z, zhat.detach())
-                quantization = commitment_loss(zhat, z, finite)  # mean ||sg(z) - zhat||^2 over finite tokens
+                d = z.shape[-1]  # mean ||sg(z) - zhat||^2 over finite tokens
+                quantization = CodebookLoss()(
+                    z.reshape(1, -1, d), zhat.reshape(1, -1, d), None, None, finite.reshape(1, -1)
+                )[0]
             else:
                 out = zhat
             out = project_from(self.project_out, out.flatten(-2))

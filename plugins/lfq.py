@@ -39,7 +39,7 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 from __future__ import annotations
 
 import math
-import random
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,37 @@ from vqcore.blocks.estimators import straight_through
 from vqcore.blocks.layout import TokenLayout, auto_layout, index_tokens
 from vqcore.blocks.precision import Float32State, float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
-from vqcore.blocks.residual import kept_layers
+from vqcore.blocks.residual import QuantizeDropout
 from vqcore.blocks.validation import check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, LFQLossBreakdown, LFQOutput, LFQOutputWithBreakdown
+from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE
+
+
+class LFQLossBreakdown(NamedTuple):
+    """Unweighted LFQ terms (0-dim): mean per-token entropy, entropy of the batch code distribution,
+    commitment.
+    """
+
+    per_sample_entropy: Tensor
+    batch_entropy: Tensor
+    commitment: Tensor
+
+
+class LFQOutput(NamedTuple):
+    """``entropy_aux_loss``: 0-dim for LFQ, (Q,) for ResidualLFQ."""
+
+    quantized: Tensor
+    indices: Tensor
+    entropy_aux_loss: Tensor
+
+
+class LFQOutputWithBreakdown(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    entropy_aux_loss: Tensor
+    breakdown: LFQLossBreakdown
+
 
 DEFAULT_ENTROPY_CHUNK_BYTES = 32 * 2**20
 
@@ -501,7 +527,10 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
         self.dim = dim
         self.codebook_dim = codebook_size.bit_length() - 1
         self.num_quantizers = num_quantizers
-        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.dropout = QuantizeDropout(
+            num_quantizers, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
+        )
+        self.quantize_dropout = self.dropout.enabled
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.sync_quantize_dropout = sync_quantize_dropout
@@ -575,21 +604,12 @@ class ResidualLFQ(Float32State, QuantizerModule):  # layer_scales stay float32
         valid = self.layers[0]._token_mask(mask, layout, b, n, spatial)
         if valid is not None:
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
-        kept = None
-        if self.training and self.quantize_dropout and torch.is_grad_enabled():
-            rng = (
-                None
-                if rand_quantize_dropout_fixed_seed is None
-                else random.Random(rand_quantize_dropout_fixed_seed)
-            )
-            kept = kept_layers(
-                self.num_quantizers,
-                cutoff_index=self.quantize_dropout_cutoff_index,
-                multiple_of=self.quantize_dropout_multiple_of,
-                rng=rng,
-                sync=should_sync(self.sync_quantize_dropout),
-                device=x.device,
-            )
+        kept = self.dropout.kept_layers(
+            self.training,
+            rand_quantize_dropout_fixed_seed,
+            sync=self.dropout.enabled and self.training and should_sync(self.sync_quantize_dropout),
+            device=x.device,
+        )
         with float32_region(x.device.type):
             total, indices, losses, all_codes = self._run(
                 project_into(self.project_in, tokens), kept, inv_temperature, valid

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vqcore.blocks.distance import l2norm, nearest
+from vqcore.blocks.distance import is_tie, l2norm, nearest
 from vqcore.blocks.layout import TokenLayout
 from vqcore.blocks.precision import Float32State, float32_region
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
@@ -79,14 +79,15 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
     def num_codebooks(self) -> int:
         return self.heads
 
-    def project(self, x: Tensor) -> Tensor:
-        """x (b, n, dim) -> projected features (H, b*n, codebook_dim) float32 (LayerNorm, then P_h)."""
+    def project(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """x (b, n, dim) -> projected features (H, b*n, codebook_dim) in ``dtype`` (float32; LayerNorm,
+        then P_h)."""
         tokens, _ = self.layout.to_tokens(x)
         with float32_region(x.device.type):  # under autocast the GEMM ran in bf16: other targets
-            flat = tokens.reshape(-1, self.dim).float()
+            flat = tokens.reshape(-1, self.dim).to(dtype)
             if self.norm:
                 flat = F.layer_norm(flat, (self.dim,))
-            return torch.matmul(flat, self.rand_projs)  # (H, b*n, cd)
+            return torch.matmul(flat, self.rand_projs.to(dtype))  # (H, b*n, cd)
 
     def _shape_indices(self, indices: Tensor, x: Tensor) -> Tensor:
         """(H, b*n) -> (b, n, H) or (b, n) (and (b, H) / (b,) for (b, dim) input)."""
@@ -149,6 +150,18 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
         if indices is None:
             return self.encode(x)
         return self.loss(self.logits(x), indices)
+
+    def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
+        """See vqcore.protocols.SupportsExportTieCheck: cosine scores of the projections in float64."""
+        z = l2norm(self.project(x, torch.float64))  # (H, T, cd)
+        codes = self.codebooks.double()
+        ha, hb = (i.reshape(-1, self.heads).transpose(0, 1).long() for i in (a, b))
+        ok = ha == hb
+        for h, t in (~ok).nonzero().tolist():
+            ok[h, t] = is_tie(
+                z[h, t], codes[h, ha[h, t]], codes[h, hb[h, t]], cosine=True, tolerance=tolerance
+            )
+        return ok.transpose(0, 1).reshape(a.shape)
 
     def extra_repr(self) -> str:
         return (

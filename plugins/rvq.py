@@ -8,9 +8,10 @@ are forwarded. RQ-VAE's shared codebook (arXiv 2203.01941), quantize dropout wit
 ``multiple_of`` variant, and grouped residual VQ (HiFi-Codec, arXiv 2305.02765) are built in.
 
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
-- ``shared_codebook=True`` holds ONE codebook: the EMA step runs once per training step on the residuals
-  and indices of all (kept) layers together (the reference decays Q times), dead codes expire once, and
-  the state_dict holds the codebook once (``_shared_codebook.*``);
+- ``shared_codebook=True`` holds ONE codebook object, passed to every layer: the EMA step runs once per
+  training step on the residuals and indices of all (kept) layers together (the reference decays Q
+  times) and dead codes expire once; as in the reference, the state_dict lists it under every layer
+  (``layers.{q}._codebook.*``, the same tensors; vqcore.save stores them once);
 - ``accept_image_fmap`` / ``accept_3d_fmap`` work (broken in the reference): indices ``(b, h, w, Q)``;
 - decode accepts indices with fewer than Q trailing entries (coarse codes): missing layers count as
   dropped, whether or not quantize dropout is on; -1 decodes to a zero contribution, and a token whose
@@ -20,22 +21,40 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
-import random
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from vqcore.blocks.distance import is_tie
 from vqcore.blocks.distributed import should_sync
-from vqcore.blocks.estimators import rotation_trick as rotation_trick_estimator
-from vqcore.blocks.estimators import straight_through
 from vqcore.blocks.layout import TokenLayout
 from vqcore.blocks.projection import project_from, project_into, projection_pair
-from vqcore.blocks.residual import kept_layers
-from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
+from vqcore.blocks.residual import QuantizeDropout, decode_layers, pad_layers, sum_layers, zero_dropped
+from vqcore.blocks.validation import check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.plugins.vq import VectorQuantize, resolve_ema_update
-from vqcore.protocols import DROPPED_INDEX, ResidualVQOutput, ResidualVQOutputWithCodes
+from vqcore.plugins.vq import CODEBOOK_OPTIONS, VectorQuantize, codebook_from_options
+from vqcore.protocols import DROPPED_INDEX
+
+
+class ResidualVQOutput(NamedTuple):
+    """ResidualVQ: indices (b, *positions, Q), losses (Q,); GroupedResidualVQ: indices (G, b, *positions, Q),
+    losses (G, Q). Dropped (quantize dropout) and masked positions have index -1 and zero loss."""
+
+    quantized: Tensor
+    indices: Tensor
+    losses: Tensor
+
+
+class ResidualVQOutputWithCodes(NamedTuple):
+    """``return_all_codes=True``: ``all_codes`` (Q, b, *positions, codebook_dim) in codebook space (before
+    project_out); GroupedResidualVQ gives a tuple of those, one per group."""
+
+    quantized: Tensor
+    indices: Tensor
+    losses: Tensor
+    all_codes: Tensor | tuple[Tensor, ...]
 
 
 def _layer_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
@@ -66,6 +85,10 @@ class ResidualVQ(QuantizerModule):
     Layouts as :class:`VectorQuantize`: ``(b, n, dim)`` / ``(b, dim)``, ``(b, dim, n)`` with
     ``channel_last=False``, ``(b, dim, h, w)`` with ``accept_image_fmap``, ``(b, dim, t, h, w)`` with
     ``accept_3d_fmap``; the indices keep the positions and gain a trailing Q axis.
+
+    The layers are VectorQuantize modules used through their public API only (``to_books``,
+    ``quantize_books``, ``estimate``, ``step_codebook_``, ``codebook_module``); a shared codebook is one
+    codebook object passed to every layer as its ``codebook``.
     """
 
     def __init__(
@@ -81,12 +104,11 @@ class ResidualVQ(QuantizerModule):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         channel_last: bool = True,
-        **vq_kwargs,
+        **vq_kwargs: Any,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
         sizes = _layer_sizes(codebook_size, num_quantizers)
-        q = len(sizes)
         if vq_kwargs.pop("heads", 1) != 1:
             raise ValueError("ResidualVQ layers have one head; heads must be 1")
         vq_kwargs.pop("separate_codebook_per_head", None)
@@ -94,15 +116,10 @@ class ResidualVQ(QuantizerModule):
         check_positive_int(codebook_dim, "codebook_dim")
         if shared_codebook and len(set(sizes)) > 1:
             raise ValueError(f"shared_codebook needs one codebook size for every layer, got {sizes}")
-        check_positive_int(quantize_dropout_cutoff_index, "quantize_dropout_cutoff_index", minimum=0)
-        if quantize_dropout_cutoff_index >= q:
-            raise ValueError(
-                f"quantize_dropout_cutoff_index must be in [0, {q}) (num_quantizers={q}), "
-                f"got {quantize_dropout_cutoff_index}"
-            )
-        check_positive_int(quantize_dropout_multiple_of, "quantize_dropout_multiple_of")
-
-        self.dim, self.codebook_dim, self.num_quantizers = dim, codebook_dim, q
+        self.dropout = QuantizeDropout(
+            len(sizes), quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
+        )
+        self.dim, self.codebook_dim, self.num_quantizers = dim, codebook_dim, len(sizes)
         self.codebook_sizes = sizes
         self.shared_codebook = shared_codebook
         self.quantize_dropout = quantize_dropout
@@ -114,24 +131,20 @@ class ResidualVQ(QuantizerModule):
         )
         self.has_projections = codebook_dim != dim
         self.project_in, self.project_out = projection_pair(dim, codebook_dim, enabled=self.has_projections)
-        self.ema_update = resolve_ema_update(
-            vq_kwargs.pop("ema_update", None),
-            vq_kwargs.get("learnable_codebook", False),
-            vq_kwargs.get("use_cosine_sim", False),
-        )
         self.return_zeros_for_masked_padding = vq_kwargs.pop("return_zeros_for_masked_padding", True)
-        self.layers = nn.ModuleList(
-            VectorQuantize(codebook_dim, size, ema_update=self.ema_update, **vq_kwargs) for size in sizes
-        )
-        for layer in self.layers:  # the shared codebook takes one step per batch, here (_shared_ema_step)
-            layer.steps_codebook = not shared_codebook
-        if shared_codebook:
-            # one codebook object, registered once (here): the layers reference it without owning it, so
-            # the state_dict holds each tensor once and .to()/.half() move it once
-            self._shared_codebook = self.layers[0]._codebook
-            for layer in self.layers:
-                del layer._modules["_codebook"]
-                object.__setattr__(layer, "_codebook", self._shared_codebook)
+        if shared_codebook:  # one codebook object, given to every layer (each registers it: no copies)
+            options = {k: vq_kwargs.pop(k) for k in CODEBOOK_OPTIONS if k in vq_kwargs}
+            vq_kwargs["codebook"] = codebook_from_options(
+                vq_kwargs.pop("codebook", None),
+                vq_kwargs.pop("codebook_kwargs", None),
+                size=sizes[0],
+                dim=codebook_dim,
+                books=1,
+                parameter=vq_kwargs.get("orthogonal_reg_weight", 0.0) > 0,
+                **options,
+            )
+        self.layers = nn.ModuleList(VectorQuantize(codebook_dim, size, **vq_kwargs) for size in sizes)
+        self.register_load_state_dict_pre_hook(_shared_codebook_keys)
 
     # -- properties --------------------------------------------------------------------------------
     @property
@@ -149,108 +162,75 @@ class ResidualVQ(QuantizerModule):
         books = tuple(layer.codebook for layer in self.layers)
         return torch.stack(books) if len(set(self.codebook_sizes)) == 1 else books
 
-    # -- shared pieces of every path -------------------------------------------------------------------
+    # -- token paths shared by encode, decode, forward and GroupedResidualVQ ----------------------------
+    def encode_tokens(self, tokens: Tensor, with_total: bool = False) -> Any:
+        """Features (b, n, dim) -> indices (b, n, Q): ``project_in``, then the greedy nearest code of each
+        residual.
 
-    def _encode_tokens(self, z: Tensor, with_total: bool = False):
-        """Codebook-space tokens (b, n, cd) float32 -> indices (b, n, Q): greedy nearest code per residual.
-
-        ``with_total``: also the sum of the chosen codes, added in layer order exactly as
-        :meth:`_decode_tokens` adds them (so ``project_out(total)`` is bit for bit the decode of indices
+        ``with_total``: also the sum of the chosen codes (codebook space), added in layer order exactly as
+        :meth:`decode_tokens` adds them (so ``project_out(total)`` is bit for bit the decode of indices
         without -1), which saves eval the second lookup of every code.
         """
+        z = project_into(self.project_in, tokens)
         b, n = z.shape[0], z.shape[1]
-        residual, indices, total = z, [], None
+        residual, indices, codes = z, [], []
         for layer in self.layers:
-            book = layer._codebook
-            idx = book.nearest(layer._to_codebook_space(residual))
+            book = layer.codebook_module
+            idx = book.nearest(layer.to_books(residual))
             indices.append(idx.reshape(b, n))
             code = book.lookup(idx).reshape(b, n, -1)
             residual = residual - code
-            if with_total:
-                total = code if total is None else total + code
-        indices = torch.stack(indices, -1)
-        return (indices, total) if with_total else indices
+            codes.append(code)
+        stacked = torch.stack(indices, -1)
+        return (stacked, sum_layers(codes)) if with_total else stacked
 
-    def _layer_codes(self, indices: Tensor) -> list[Tensor]:
+    def layer_codes(self, indices: Tensor) -> list[Tensor]:
         """(b, n, Q) indices, -1 allowed -> Q codebook-space tensors (b, n, cd); -1 gives zeros."""
         b, n = indices.shape[0], indices.shape[1]
         codes = []
         for q, layer in enumerate(self.layers):
             idx = indices[..., q]
-            code = layer._codebook.lookup(idx.clamp(min=0).reshape(1, -1)).reshape(b, n, -1)
-            codes.append(code.masked_fill((idx < 0).unsqueeze(-1), 0.0))
+            code = layer.codebook_module.lookup(idx.clamp(min=0).reshape(1, -1)).reshape(b, n, -1)
+            codes.append(zero_dropped(code, idx))
         return codes
 
-    def _decode_tokens(self, indices: Tensor) -> Tensor:
+    def decode_tokens(self, indices: Tensor) -> Tensor:
         """(b, n, Q) indices -> (b, n, dim); the one decode path of eval forward and ``decode``."""
-        codes = self._layer_codes(indices)
-        total = codes[0]
-        for code in codes[1:]:
-            total = total + code
-        out = project_from(self.project_out, total)
-        return out.masked_fill((indices < 0).all(-1).unsqueeze(-1), 0.0)
+        return decode_layers(self.layer_codes(indices), indices, self.project_out)
 
-    def _index_tokens(self, indices: Tensor, name: str = "indices") -> tuple[Tensor, tuple]:
+    def index_tokens(self, indices: Tensor, name: str = "indices") -> tuple[Tensor, tuple]:
         """Indices (b, *positions, q) with q <= Q -> checked tokens (b, n, Q) (missing layers: -1)."""
         check_tensor(indices, name)
         tokens, spatial = self.layout.indices_to_tokens(indices, 1, name)
-        tokens = self._pad_layers(tokens, name)
-        return tokens, spatial
-
-    def _pad_layers(self, tokens: Tensor, name: str = "indices") -> Tensor:
-        given, q = tokens.shape[-1], self.num_quantizers
-        if given > q or given < 1:
-            raise ValueError(
-                f"{name} must end with a quantizer axis of 1..{q} entries (num_quantizers={q}), "
-                f"got shape {tuple(tokens.shape)}"
-            )
-        if len(set(self.codebook_sizes)) == 1:
-            check_indices(tokens, self.codebook_sizes[0], name)
-        else:
-            for i in range(given):
-                check_indices(tokens[..., i], self.codebook_sizes[i], f"{name}[..., {i}]")
-        tokens = tokens.long()
-        if given < q:  # coarse codes: the missing (finer) layers count as dropped
-            pad = tokens.new_full((*tokens.shape[:-1], q - given), DROPPED_INDEX)
-            tokens = torch.cat((tokens, pad), -1)
-        return tokens
+        return pad_layers(tokens, self.codebook_sizes, name), spatial
 
     # -- inference paths (export-safe) --------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
         """x -> indices (b, *positions, Q) int64; no training state is touched."""
         tokens, spatial = self.layout.to_tokens(x)
-        return self.layout.indices_from_tokens(
-            self._encode_tokens(project_into(self.project_in, tokens)), spatial
-        )
+        return self.layout.indices_from_tokens(self.encode_tokens(tokens), spatial)
 
     def decode(self, indices: Tensor) -> Tensor:
-        """indices (b, *positions, q), q <= Q, -1 allowed -> quantized in the input layout
-        (after project_out).
-        """
-        tokens, spatial = self._index_tokens(indices)
-        return self.layout.from_tokens(self._decode_tokens(tokens), spatial)
+        """indices (b, *positions, q), q <= Q, -1 allowed -> quantized in the input layout (after
+        project_out)."""
+        tokens, spatial = self.index_tokens(indices)
+        return self.layout.from_tokens(self.decode_tokens(tokens), spatial)
 
     get_output_from_indices = decode
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices (b, *positions, q) -> per-layer codes (Q, b, *positions, codebook_dim), before project_out;
         -1 and missing layers give zero vectors (channel-last for every layout)."""
-        tokens, spatial = self._index_tokens(indices)
-        codes = torch.stack(self._layer_codes(tokens))
+        tokens, spatial = self.index_tokens(indices)
+        codes = torch.stack(self.layer_codes(tokens))
         return codes.reshape(codes.shape[0], codes.shape[1], *spatial, codes.shape[-1])
 
     # -- forward -----------------------------------------------------------------------------------
-    def draw_kept_layers(self, seed: int | None = None, device=None) -> int:
-        """How many leading layers run this training step (quantize dropout), synced over ranks."""
-        rng = None if seed is None else random.Random(seed)
-        return kept_layers(
-            self.num_quantizers,
-            cutoff_index=self.quantize_dropout_cutoff_index,
-            multiple_of=self.quantize_dropout_multiple_of,
-            rng=rng,
-            sync=should_sync(self.sync_codebook),
-            device=device or "cpu",
-        )
+    def kept_layers(self, seed: int | None = None, device: torch.device | str = "cpu") -> int:
+        """How many leading layers this forward runs (quantize dropout in training mode), agreed by every
+        rank."""
+        sync = self.training and self.dropout.enabled and should_sync(self.sync_codebook)
+        return self.dropout.kept_layers(self.training, seed, sync=sync, device=device)
 
     def forward(
         self,
@@ -267,10 +247,8 @@ class ResidualVQ(QuantizerModule):
         tokens, spatial = self.layout.to_tokens(x)
         b = tokens.shape[0]
         valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
-        kept = self.num_quantizers
-        if self.training and self.quantize_dropout:
-            kept = self.draw_kept_layers(rand_quantize_dropout_fixed_seed, x.device)
-        out, indices, losses, codes = self._forward_tokens(
+        kept = self.kept_layers(rand_quantize_dropout_fixed_seed, x.device)
+        out, indices, losses, codes = self.quantize_tokens(
             tokens, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook, accum_ema_update
         )
         quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
@@ -280,41 +258,48 @@ class ResidualVQ(QuantizerModule):
         codes = codes.reshape(codes.shape[0], b, *spatial, codes.shape[-1])
         return ResidualVQOutputWithCodes(quantized, indices, losses, codes)
 
-    def _forward_tokens(self, tokens, valid, kept, want_codes, temperature, freeze, accumulate=False):
-        """tokens (b, n, dim) -> (out (b, n, dim), indices (b, n, Q), losses (Q,),
-        codes (Q, b, n, cd) or None).
-        """
+    def quantize_tokens(
+        self,
+        tokens: Tensor,
+        valid: Tensor | None,
+        kept: int,
+        want_codes: bool = False,
+        temperature: float | None = None,
+        freeze: bool | None = None,
+        accumulate: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """tokens (b, n, dim) with ``kept`` layers running -> (out (b, n, dim), indices (b, n, Q),
+        losses (Q,), codes (Q, b, n, cd) or None); training-mode steps in training mode, plain encoding
+        otherwise."""
         raw = tokens
         if (
             valid is not None
         ):  # padding may hold anything (NaN too); it must reach neither values nor gradients
             tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
-        z = project_into(self.project_in, tokens)
         if not self.training:
             if valid is None:  # no -1 anywhere: the decode of the indices is project_out(sum of the codes)
-                indices, total = self._encode_tokens(z, with_total=True)
+                indices, total = self.encode_tokens(tokens, with_total=True)
                 out = project_from(self.project_out, total)
             else:
-                indices = self._encode_tokens(z).masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
-                out = self._decode_tokens(indices)
-            codes = torch.stack(self._layer_codes(indices)) if want_codes else None
-            result = out, indices, z.new_zeros(self.num_quantizers), codes
+                indices = self.encode_tokens(tokens).masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
+                out = self.decode_tokens(indices)
+            codes = torch.stack(self.layer_codes(indices)) if want_codes else None
+            result = out, indices, out.new_zeros(self.num_quantizers, dtype=torch.float32), codes
         else:
+            z = project_into(self.project_in, tokens)
             result = self._train_tokens(z, valid, kept, want_codes, temperature, freeze, accumulate)
         if valid is not None and not self.return_zeros_for_masked_padding:  # padding passes through unchanged
             result = (torch.where(valid.unsqueeze(-1), result[0], raw.to(result[0].dtype)), *result[1:])
         return result
 
     def _train_tokens(self, z, valid, kept, want_codes, temperature, freeze, accumulate=False):
-        """Training step over the kept layers. Each layer's code choice, losses, k-means and (own-codebook)
-        EMA step are the layer's own ``VectorQuantize._train_step``; the estimator is applied here."""
+        """Training step over the kept layers: each layer's ``quantize_books`` (code choice, losses,
+        k-means), its estimator, and its codebook step (once for all layers with a shared codebook)."""
         b, n = z.shape[0], z.shape[1]
         first = self.layers[0]
         # with the straight-through estimator and no normalisation, the sum of the layer outputs of a detached
         # chain is sum(codes) + kept * (z - sg(z)): the same values and gradient, without Q estimator graphs
-        fused = not (first.rotation_trick or first.use_cosine_sim)
-        estimator = rotation_trick_estimator if first.rotation_trick else straight_through
-        book_valid = None if valid is None else valid.reshape(1, -1)
+        fused = getattr(first.estimator, "identity_gradient", False) and not first.use_cosine_sim
         residual, total = z, None
         indices, losses, codes, seen = [], [], [], []
         for q, layer in enumerate(self.layers):
@@ -324,30 +309,39 @@ class ResidualVQ(QuantizerModule):
                 if want_codes:
                     codes.append(z.new_zeros(b, n, self.codebook_dim))
                 continue
-            zq = layer._to_codebook_space(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
-            idx, code, commitment, orthogonal = layer._train_step(
-                zq, book_valid, temperature, freeze, accumulate=accumulate
+            book_valid = None if valid is None else layer.book_mask(valid)
+            zq = layer.to_books(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
+            step = layer.quantize_books(
+                zq, book_valid, sample_codebook_temp=temperature, freeze_codebook=freeze
             )
-            if self.shared_codebook:
-                seen.append((zq.detach(), idx))
-            if book_valid is not None:
-                idx = idx.masked_fill(~book_valid, DROPPED_INDEX)
-            code = code.reshape(b, n, -1)
+            code = step.codes
             if valid is not None:  # padding: no code, residual unchanged
-                code = code.masked_fill(~valid.unsqueeze(-1), 0.0)
-            out = (
-                code
-                if fused or not zq.requires_grad
-                else estimator(zq, code.reshape(zq.shape)).reshape(b, n, -1)
-            )
+                code = code.masked_fill(~book_valid.unsqueeze(-1), 0.0)
+            out = code if fused else layer.estimate(zq, code, step.indices, temperature)
+            if self.shared_codebook:
+                seen.append((zq, step.indices))
+            else:
+                layer.step_codebook_(
+                    zq, step.indices, book_valid, freeze_codebook=freeze, accum_ema_update=accumulate
+                )
+            idx = step.indices if book_valid is None else step.indices.masked_fill(~book_valid, DROPPED_INDEX)
+            out = out.reshape(b, n, -1)
             total = out if total is None else total + out
-            residual = residual - code
+            residual = residual - code.reshape(b, n, -1)
             indices.append(idx.reshape(b, n))
-            losses.append(layer.commitment_weight * commitment + layer.orthogonal_reg_weight * orthogonal)
+            losses.append(step.loss)
             if want_codes:
                 codes.append(out)
-        if self.shared_codebook:
-            self._shared_ema_step(seen, book_valid, freeze, accumulate)
+        if self.shared_codebook:  # one step (decay applied once) and one expiry pass over every kept layer
+            ok = None if valid is None else valid.reshape(1, -1).repeat(1, len(seen))
+            z_all = torch.cat([zq for zq, _ in seen], 1)
+            first.step_codebook_(
+                z_all,
+                torch.cat([i for _, i in seen], 1),
+                ok,
+                freeze_codebook=freeze,
+                accum_ema_update=accumulate,
+            )
         if fused and z.requires_grad:
             total = total + min(kept, self.num_quantizers) * (z - z.detach())
             if want_codes:  # each layer's output carries the straight-through gradient of its residual
@@ -357,18 +351,33 @@ class ResidualVQ(QuantizerModule):
             out = torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
         return out, torch.stack(indices, -1), torch.stack(losses), torch.stack(codes) if want_codes else None
 
-    @torch.no_grad()
-    def _shared_ema_step(self, seen, valid, freeze, accumulate=False) -> None:
-        """One EMA step (decay applied once) and one expiry pass over every kept layer's residuals."""
-        frozen = self.layers[0].freeze_codebook if freeze is None else freeze
-        book = self._shared_codebook
-        if frozen or not (self.ema_update or book.threshold_ema_dead_code > 0):
-            return
-        z = torch.cat([zq for zq, _ in seen], 1)  # (1, kept * b * n, cd)
-        idx = torch.cat([i for _, i in seen], 1)
-        ok = None if valid is None else valid.repeat(1, len(seen))
-        book.train_step_(
-            z, idx, ok, sync=should_sync(self.sync_codebook), ema=self.ema_update, accumulate=accumulate
+    # -- export ------------------------------------------------------------------------------------
+    def token_ties(self, tokens: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
+        """Features (b, n, dim) and token indices a, b (b, n, Q) -> ok (b, n, Q): per token, the layers
+        before the first differing one agree and that layer's two codes are genuinely tied (float64
+        distances within ``tolerance``); the layers after it legitimately follow another residual."""
+        z = project_into(self.project_in, tokens, torch.float64)
+        ok = torch.ones_like(a, dtype=torch.bool)
+        for bi, ni in (a != b).any(-1).nonzero().tolist():
+            residual = z[bi, ni].reshape(1, 1, -1)
+            for q, layer in enumerate(self.layers):
+                codes = layer.codebook_module.codes.detach()[0].double()
+                ia, ib = int(a[bi, ni, q]), int(b[bi, ni, q])
+                if ia == ib:
+                    residual = residual - codes[ia]
+                    continue
+                zq = layer.to_books(residual, torch.float64).reshape(-1)
+                tied = is_tie(zq, codes[ia], codes[ib], cosine=layer.use_cosine_sim, tolerance=tolerance)
+                ok[bi, ni, q:] = tied
+                break
+        return ok
+
+    def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
+        """See vqcore.protocols.SupportsExportTieCheck: judged at the first layer where a and b differ."""
+        tokens, spatial = self.layout.to_tokens(x)
+        ta, tb = (self.layout.indices_to_tokens(i, 1)[0].long() for i in (a, b))
+        return self.layout.indices_from_tokens(self.token_ties(tokens, ta, tb, tolerance), spatial).reshape(
+            a.shape
         )
 
     def extra_repr(self) -> str:
@@ -379,13 +388,23 @@ class ResidualVQ(QuantizerModule):
         )
 
 
+def _shared_codebook_keys(module, state_dict, prefix, *args) -> None:
+    """Load pre-hook: checkpoints written before the shared codebook was passed to every layer hold it once
+    as ``_shared_codebook.*``; give every layer its copy of those tensors."""
+    old = f"{prefix}_shared_codebook."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        value = state_dict.pop(key)
+        for q in range(len(module.layers)):
+            state_dict[f"{prefix}layers.{q}._codebook.{key[len(old) :]}"] = value
+
+
 class GroupedResidualVQ(QuantizerModule):
     """x (b, n, d) -> quantized (b, n, d), indices (groups, b, n, Q), losses (groups, Q).
 
     The feature axis is split into ``groups`` equal chunks, each quantized by an independent
-    :class:`ResidualVQ` (``dim // groups`` features, every other keyword argument forwarded). Quantize
-    dropout is drawn once per step for all groups. ``return_all_codes`` adds a tuple (one entry per
-    group, as the reference) of ``(Q, b, *positions, codebook_dim)`` codes.
+    :class:`ResidualVQ` (``dim // groups`` features, every other keyword argument forwarded), through its
+    public token paths. Quantize dropout is drawn once per step for all groups. ``return_all_codes`` adds
+    a tuple (one entry per group, as the reference) of ``(Q, b, *positions, codebook_dim)`` codes.
     """
 
     def __init__(
@@ -395,7 +414,7 @@ class GroupedResidualVQ(QuantizerModule):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         channel_last: bool = True,
-        **rvq_kwargs,
+        **rvq_kwargs: Any,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
@@ -432,10 +451,7 @@ class GroupedResidualVQ(QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         """x -> indices (groups, b, *positions, Q) int64."""
         tokens, spatial = self.layout.to_tokens(x)
-        per_group = [
-            rvq._encode_tokens(project_into(rvq.project_in, t))
-            for rvq, t in zip(self.rvqs, self._chunks(tokens))
-        ]
+        per_group = [rvq.encode_tokens(t) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
         return torch.stack([self.layout.indices_from_tokens(i, spatial) for i in per_group])
 
     def _index_tokens(self, indices: Tensor) -> tuple[list[Tensor], tuple]:
@@ -448,13 +464,13 @@ class GroupedResidualVQ(QuantizerModule):
         tokens = []
         for g, rvq in enumerate(self.rvqs):
             t, spatial = self.layout.indices_to_tokens(indices[g], 1, f"indices[{g}]")
-            tokens.append(rvq._pad_layers(t, f"indices[{g}]"))
+            tokens.append(pad_layers(t, rvq.codebook_sizes, f"indices[{g}]"))
         return tokens, spatial
 
     def decode(self, indices: Tensor) -> Tensor:
         """indices (groups, b, *positions, q), q <= Q -> quantized in the input layout."""
         tokens, spatial = self._index_tokens(indices)
-        out = torch.cat([rvq._decode_tokens(t) for rvq, t in zip(self.rvqs, tokens)], -1)
+        out = torch.cat([rvq.decode_tokens(t) for rvq, t in zip(self.rvqs, tokens)], -1)
         return self.layout.from_tokens(out, spatial)
 
     get_output_from_indices = decode
@@ -462,7 +478,7 @@ class GroupedResidualVQ(QuantizerModule):
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices (groups, b, *positions, q) -> codes (groups, Q, b, *positions, codebook_dim)."""
         tokens, spatial = self._index_tokens(indices)
-        codes = [torch.stack(rvq._layer_codes(t)) for rvq, t in zip(self.rvqs, tokens)]
+        codes = [torch.stack(rvq.layer_codes(t)) for rvq, t in zip(self.rvqs, tokens)]
         return torch.stack([c.reshape(c.shape[0], c.shape[1], *spatial, c.shape[-1]) for c in codes])
 
     def forward(
@@ -480,13 +496,12 @@ class GroupedResidualVQ(QuantizerModule):
         tokens, spatial = self.layout.to_tokens(x)
         b = tokens.shape[0]
         valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
-        first = self.rvqs[0]
-        kept = first.num_quantizers
-        if self.training and first.quantize_dropout:  # one draw for every group
-            kept = first.draw_kept_layers(rand_quantize_dropout_fixed_seed, x.device)
+        kept = self.rvqs[0].kept_layers(
+            rand_quantize_dropout_fixed_seed, x.device
+        )  # one draw for every group
         outs, indices, losses, codes = [], [], [], []
         for rvq, chunk in zip(self.rvqs, self._chunks(tokens)):
-            out, idx, loss, code = rvq._forward_tokens(
+            out, idx, loss, code = rvq.quantize_tokens(
                 chunk, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook, accum_ema_update
             )
             outs.append(out)
@@ -499,6 +514,15 @@ class GroupedResidualVQ(QuantizerModule):
         if return_all_codes:
             return ResidualVQOutputWithCodes(*result, tuple(codes))
         return ResidualVQOutput(*result)
+
+    def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
+        """See vqcore.protocols.SupportsExportTieCheck: each group's residual stack judges its own indices."""
+        tokens, spatial = self.layout.to_tokens(x)
+        out = []
+        for g, (rvq, chunk) in enumerate(zip(self.rvqs, self._chunks(tokens))):
+            ta, tb = (self.layout.indices_to_tokens(i[g], 1)[0].long() for i in (a, b))
+            out.append(self.layout.indices_from_tokens(rvq.token_ties(chunk, ta, tb, tolerance), spatial))
+        return torch.stack(out).reshape(a.shape)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, groups={self.groups}, layout={self.layout.kind}"

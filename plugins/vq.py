@@ -28,22 +28,81 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from vqcore.blocks.codebooks import EMACodebook
+from vqcore.blocks.codebooks import build_codebook
+from vqcore.blocks.distance import is_tie
 from vqcore.blocks.distributed import should_sync
-from vqcore.blocks.estimators import rotation_trick as rotation_trick_estimator
-from vqcore.blocks.estimators import straight_through
-from vqcore.blocks.layout import TokenLayout
-from vqcore.blocks.losses import commitment_loss, orthogonal_loss
+from vqcore.blocks.estimators import GumbelStraightThrough, resolve_estimator
+from vqcore.blocks.layout import TokenLayout, token_mask
+from vqcore.blocks.losses import (
+    CommitmentLoss,
+    LossSpec,
+    OrthogonalLoss,
+    WeightedLosses,
+    extra_loss_pairs,
+)
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.protocols import DROPPED_INDEX, VQLossBreakdown, VQOutput, VQOutputWithBreakdown
+from vqcore.protocols import DROPPED_INDEX, Codebook, Estimator
+
+
+class VQLossBreakdown(NamedTuple):
+    """Unweighted terms of a VectorQuantize loss (0-dim tensors); ``extra``: the terms of
+    ``extra_losses`` by name."""
+
+    commitment: Tensor
+    orthogonal_reg: Tensor
+    extra: dict[str, Tensor]
+
+
+class VQOutput(NamedTuple):
+    """``quantized`` has the input's shape and dtype; ``indices`` int64; ``loss`` 0-dim."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+
+
+class VQOutputWithBreakdown(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    breakdown: VQLossBreakdown
+
+
+class BookStep(NamedTuple):
+    """One training-mode quantization of codebook-space books (:meth:`VectorQuantize.quantize_books`).
+
+    ``indices`` (B, N); ``codes`` (B, N, codebook_dim) the chosen codes before the codebook's step,
+    detached; ``loss`` 0-dim, weighted; ``terms``: every unweighted term (0-dim) by name.
+    """
+
+    indices: Tensor
+    codes: Tensor
+    loss: Tensor
+    terms: dict[str, Tensor]
+
+
+# The seed keyword arguments that configure the default codebook (``codebook=None``), with their defaults.
+CODEBOOK_OPTIONS: dict[str, Any] = {
+    "decay": 0.8,
+    "eps": 1e-5,
+    "kmeans_init": False,
+    "kmeans_iters": 10,
+    "sync_kmeans": True,
+    "threshold_ema_dead_code": 0,
+    "use_cosine_sim": False,
+    "ema_update": None,
+    "learnable_codebook": False,
+}
 
 
 def resolve_ema_update(ema_update: bool | None, learnable_codebook: bool, use_cosine_sim: bool) -> bool:
@@ -61,12 +120,65 @@ def resolve_ema_update(ema_update: bool | None, learnable_codebook: bool, use_co
     return not learnable_codebook if ema_update is None else bool(ema_update)
 
 
+def codebook_from_options(
+    codebook: str | Codebook | None,
+    codebook_kwargs: dict[str, Any] | None,
+    *,
+    size: int,
+    dim: int,
+    books: int,
+    parameter: bool = False,
+    **options: Any,
+) -> Codebook:
+    """The codebook that VectorQuantize's arguments ask for.
+
+    ``codebook=None``: a registered built-in chosen by the seed ``options`` (:data:`CODEBOOK_OPTIONS`):
+    ``learnable`` (``learnable_codebook``), ``cosine`` (``use_cosine_sim``) or ``euclidean``, whose codes
+    are an ``nn.Parameter`` when ``parameter`` (for the orthogonal loss). Otherwise a registered name
+    (built with ``codebook_kwargs``) or a :class:`~vqcore.protocols.Codebook` object; the seed options
+    must then be left at their defaults (they configure the built-in codebooks only).
+    """
+    options = {**CODEBOOK_OPTIONS, **options}
+    if codebook is not None:
+        given = [k for k, v in options.items() if v != CODEBOOK_OPTIONS[k]]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} configure the built-in codebooks (codebook=None); with "
+                f"codebook={codebook!r} pass the codebook's own options in codebook_kwargs"
+            )
+        return build_codebook(codebook, size=size, dim=dim, books=books, **(codebook_kwargs or {}))
+    if codebook_kwargs:
+        raise ValueError(
+            "codebook_kwargs are the options of a codebook given by name: pass codebook=<name> too"
+        )
+    learnable = bool(options["learnable_codebook"])
+    ema = resolve_ema_update(options["ema_update"], learnable, options["use_cosine_sim"])
+    kwargs = {k: options[k] for k in ("decay", "eps", "kmeans_init", "kmeans_iters", "sync_kmeans")}
+    kwargs["threshold_ema_dead_code"] = options["threshold_ema_dead_code"]
+    if learnable:
+        name = "learnable"
+    else:
+        name = "cosine" if options["use_cosine_sim"] else "euclidean"
+        kwargs.update(ema=ema, learnable=parameter)
+    return build_codebook(name, size=size, dim=dim, books=books, **kwargs)
+
+
 class VectorQuantize(QuantizerModule):
     """x (b, n, d) -> quantized (b, n, d), indices (b, n) int64, loss () — see the module docstring.
 
     Layouts: ``(b, n, dim)`` (or ``(b, dim)``, one token), ``(b, dim, n)`` with ``channel_last=False``,
     ``(b, dim, h, w)`` with ``accept_image_fmap``, ``(b, dim, t, h, w)`` with ``accept_3d_fmap``.
     With ``heads > 1`` the indices gain a trailing ``heads`` axis.
+
+    Parts (extension points, each a registered name or an object):
+
+    - ``codebook``: a :class:`~vqcore.protocols.Codebook` (default: the EMA ``euclidean`` / ``cosine`` or
+      the gradient-trained ``learnable`` codebook, configured by the seed arguments); ``codebook_kwargs``
+      are the options of a codebook given by name. :attr:`codebook_module` is the codebook object.
+    - ``estimator``: the gradient estimator (default ``straight_through``; ``rotation_trick=True`` and
+      ``straight_through=True`` (Gumbel straight-through) select the others).
+    - ``extra_losses``: ``{"name": weight}`` or ``[(name or Loss, weight), ...]``, added to the loss and
+      reported in the breakdown's ``extra``.
     """
 
     def __init__(
@@ -94,11 +206,16 @@ class VectorQuantize(QuantizerModule):
         orthogonal_reg_max_codes: int | None = None,
         stochastic_sample_codes: bool = False,
         sample_codebook_temp: float = 1.0,
+        straight_through: bool = False,
         rotation_trick: bool = False,
         sync_codebook: bool | None = None,
         ema_update: bool | None = None,
         learnable_codebook: bool = False,
         return_zeros_for_masked_padding: bool = True,
+        codebook: str | Codebook | None = None,
+        codebook_kwargs: dict[str, Any] | None = None,
+        estimator: str | Estimator | None = None,
+        extra_losses: LossSpec = None,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
@@ -122,46 +239,76 @@ class VectorQuantize(QuantizerModule):
             )
         if orthogonal_reg_max_codes is not None:
             check_positive_int(orthogonal_reg_max_codes, "orthogonal_reg_max_codes")
-        ema_update = resolve_ema_update(ema_update, learnable_codebook, use_cosine_sim)
 
         self.dim, self.heads, self.codebook_dim = dim, heads, codebook_dim
         self.separate_codebook_per_head = separate
-        self.use_cosine_sim = use_cosine_sim
         self.freeze_codebook = freeze_codebook
-        self.sync_kmeans, self.sync_codebook = sync_kmeans, sync_codebook
-        self.commitment_weight = float(commitment_weight)
-        self.orthogonal_reg_weight = float(orthogonal_reg_weight)
-        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
-        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.sync_codebook = sync_codebook
         self.stochastic_sample_codes = stochastic_sample_codes
         self.sample_codebook_temp = float(sample_codebook_temp)
-        self.rotation_trick = rotation_trick
-        self.ema_update, self.learnable_codebook = ema_update, learnable_codebook
-        # False for the layers of a shared-codebook ResidualVQ, which takes one step for all of them
-        self.steps_codebook = True
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.layout = TokenLayout.from_flags(
             dim, accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap, channel_last=channel_last
         )
-
         inner = codebook_dim * heads
         self.has_projections = inner != dim
         self.project_in, self.project_out = projection_pair(dim, inner)
         self.norm_in = nn.LayerNorm(inner) if layernorm_after_project_in else nn.Identity()
-        self._codebook = EMACodebook(
-            codebook_size,
-            codebook_dim,
+        # registered as ``_codebook``: vector-quantize-pytorch's state_dict keys (``_codebook.embed``, ...)
+        self._codebook = codebook_from_options(
+            codebook,
+            codebook_kwargs,
+            size=codebook_size,
+            dim=codebook_dim,
             books=heads if separate else 1,
-            cosine=use_cosine_sim,
+            parameter=orthogonal_reg_weight > 0,
             decay=decay,
             eps=eps,
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
+            sync_kmeans=sync_kmeans,
             threshold_ema_dead_code=threshold_ema_dead_code,
-            learnable=learnable_codebook or orthogonal_reg_weight > 0,
+            use_cosine_sim=use_cosine_sim,
+            ema_update=ema_update,
+            learnable_codebook=learnable_codebook,
+        )
+        self.estimator = self._estimator(estimator, rotation_trick, straight_through)
+        self.commitment_weight = float(commitment_weight)
+        self.orthogonal_reg_weight = float(orthogonal_reg_weight)
+        self.losses = WeightedLosses(
+            [
+                (CommitmentLoss(train_codes=self._codebook.trained_by_gradient), commitment_weight),
+                (
+                    OrthogonalLoss(orthogonal_reg_active_codes_only, orthogonal_reg_max_codes),
+                    orthogonal_reg_weight,
+                ),
+                *extra_loss_pairs(extra_losses, reserved=(CommitmentLoss.name, OrthogonalLoss.name)),
+            ]
         )
 
+    def _estimator(self, estimator: str | Estimator | None, rotation_trick: bool, straight_through: bool):
+        if estimator is not None:
+            if rotation_trick or straight_through:
+                raise ValueError("pass either estimator or rotation_trick / straight_through, not both")
+            return resolve_estimator(estimator)
+        if rotation_trick and straight_through:
+            raise ValueError(
+                "rotation_trick and straight_through (Gumbel straight-through) exclude each other"
+            )
+        if rotation_trick:
+            return resolve_estimator("rotation_trick")
+        if straight_through and self.sample_codebook_temp > 0:
+            return GumbelStraightThrough(temperature=self.sample_codebook_temp)
+        return resolve_estimator("straight_through")
+
     # -- properties --------------------------------------------------------------------------------
+    @property
+    def codebook_module(self) -> Codebook:
+        """The :class:`~vqcore.protocols.Codebook` object: its ``parameters()`` are the trainable
+        codebook parameters (for the built-ins, ``codes`` is the ``(books, K, codebook_dim)`` tensor whose
+        ``.grad`` a gradient-trained codebook fills)."""
+        return self._codebook
+
     @property
     def codebook_size(self) -> int:
         return self._codebook.size
@@ -171,72 +318,69 @@ class VectorQuantize(QuantizerModule):
         return self._codebook.books
 
     @property
+    def use_cosine_sim(self) -> bool:
+        return bool(self._codebook.cosine)
+
+    @property
     def codebook(self) -> Tensor:
         """Codes (K, codebook_dim), or (heads, K, codebook_dim) with separate codebooks per head."""
-        embed = self._codebook.embed
-        return embed if self.separate_codebook_per_head else embed[0]
+        codes = self._codebook.codes
+        return codes if self.separate_codebook_per_head else codes[0]
 
     @codebook.setter
     def codebook(self, codes: Tensor) -> None:
         expected = tuple(self.codebook.shape)
         if tuple(codes.shape) != expected:
             raise ValueError(f"codebook must have shape {expected}, got {tuple(codes.shape)}")
-        book = self._codebook
-        with torch.no_grad():
-            book.embed.copy_(codes.reshape(book.embed.shape))
-            book.embed_avg.copy_(book.embed * book.cluster_size.unsqueeze(-1))
-            book.initted.fill_(True)
+        set_codes = getattr(self._codebook, "set_codes_", None)
+        if set_codes is None:
+            raise TypeError(
+                f"{type(self._codebook).__name__} does not support assigning its codes (set_codes_)"
+            )
+        set_codes(codes.reshape(self._codebook.codes.shape))
 
-    # -- head bookkeeping: (b, n, heads * cd) <-> codebook books (B, N, cd) ---------------------------
-    def _split_heads(self, z: Tensor) -> Tensor:
+    # -- books: (b, n, heads * cd) <-> codebook books (B, N, cd) --------------------------------------
+    def to_books(self, tokens: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Features (b, n, dim) -> codebook space (B, N, codebook_dim) in ``dtype`` (float32): ``project_in``,
+        the LayerNorm (``layernorm_after_project_in``, in ``dtype``), heads split into books (B = heads with
+        separate codebooks, else 1 book of b * n * heads tokens), l2-normalised for cosine codebooks."""
+        z = project_into(self.project_in, tokens, dtype)
+        if isinstance(self.norm_in, nn.LayerNorm):  # in dtype like the quantization, whatever the module's
+            norm = self.norm_in
+            weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
+            z = nn.functional.layer_norm(z, norm.normalized_shape, weight, bias, norm.eps)
         h, cd = self.heads, self.codebook_dim
-        if self.separate_codebook_per_head:
-            return z.reshape(-1, h, cd).transpose(0, 1)
-        return z.reshape(1, -1, cd)
+        z = z.reshape(-1, h, cd).transpose(0, 1) if self.separate_codebook_per_head else z.reshape(1, -1, cd)
+        return nn.functional.normalize(z, dim=-1, eps=1e-12) if self.use_cosine_sim else z
 
-    def _merge_heads(self, q: Tensor, b, n) -> Tensor:
+    def from_books(self, q: Tensor, b: int, n: int) -> Tensor:
+        """Codes (B, N, codebook_dim) -> output tokens (b, n, dim): heads merged, ``project_out``."""
         if self.separate_codebook_per_head:
             q = q.transpose(0, 1)
-        return q.reshape(b, n, self.heads * self.codebook_dim)
+        return project_from(self.project_out, q.reshape(b, n, self.heads * self.codebook_dim))
 
-    def _token_indices(self, indices: Tensor, b, n) -> Tensor:
-        """Book indices (B, N) -> (b, n) or (b, n, heads)."""
+    def token_indices(self, indices: Tensor, b: int, n: int) -> Tensor:
+        """Book indices (B, N) -> (b, n), or (b, n, heads)."""
         if self.separate_codebook_per_head:
             indices = indices.transpose(0, 1)
         return indices.reshape(b, n, self.heads) if self.heads > 1 else indices.reshape(b, n)
 
-    def _book_indices(self, indices: Tensor) -> Tensor:
+    def book_indices(self, indices: Tensor) -> Tensor:
         """(b, n[, heads]) -> book indices (B, N)."""
         flat = indices.reshape(-1, self.heads)
         return flat.transpose(0, 1) if self.separate_codebook_per_head else flat.reshape(1, -1)
 
-    def _book_mask(self, valid: Tensor) -> Tensor:
+    def book_mask(self, valid: Tensor) -> Tensor:
         """Token mask (b, n) -> book mask (B, N)."""
         flat = valid.reshape(-1, 1).expand(-1, self.heads)
         return flat.transpose(0, 1) if self.separate_codebook_per_head else flat.reshape(1, -1)
 
-    def _to_codebook_space(self, tokens: Tensor) -> Tensor:
-        z = project_into(self.project_in, tokens)
-        if isinstance(
-            self.norm_in, nn.LayerNorm
-        ):  # in float32 like the quantization, whatever the module's dtype
-            norm = self.norm_in
-            z = nn.functional.layer_norm(
-                z, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
-            )
-        z = self._split_heads(z)
-        return nn.functional.normalize(z, dim=-1, eps=1e-12) if self.use_cosine_sim else z
-
-    def _output(self, q: Tensor, b, n) -> Tensor:
-        q = self._merge_heads(q, b, n)
-        return project_from(self.project_out, q)
-
-    def _decode_books(self, indices: Tensor, b, n) -> Tensor:
+    def _decode_books(self, indices: Tensor, b: int, n: int) -> Tensor:
         """Book indices (B, N), -1 allowed -> output tokens (b, n, dim); -1 tokens decode to zero."""
         dropped = indices < 0
         q = self._codebook.lookup(indices.clamp(min=0)).masked_fill(dropped.unsqueeze(-1), 0.0)
-        out = self._output(q, b, n)
-        token_dropped = self._token_indices(dropped, b, n)
+        out = self.from_books(q, b, n)
+        token_dropped = self.token_indices(dropped, b, n)
         if self.heads > 1:
             token_dropped = token_dropped.all(-1)
         return out.masked_fill(token_dropped.unsqueeze(-1), 0.0)
@@ -246,8 +390,8 @@ class VectorQuantize(QuantizerModule):
         """x -> indices (int64), in the input's layout; no training state is touched."""
         tokens, spatial = self.layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
-        indices = self._codebook.nearest(self._to_codebook_space(tokens))
-        return self.layout.indices_from_tokens(self._token_indices(indices, b, n), spatial)
+        indices = self._codebook.nearest(self.to_books(tokens))
+        return self.layout.indices_from_tokens(self.token_indices(indices, b, n), spatial)
 
     def _index_tokens(self, indices: Tensor) -> tuple[Tensor, tuple]:
         """Checked indices (b, *spatial[, heads]) -> tokens (b, n[, heads]) and the spatial shape."""
@@ -264,7 +408,7 @@ class VectorQuantize(QuantizerModule):
         """indices -> quantized vectors (after project_out), in the input layout; -1 decodes to zero."""
         tokens, spatial = self._index_tokens(indices)
         b, n = tokens.shape[0], tokens.shape[1]
-        out = self._decode_books(self._book_indices(tokens.long()), b, n)
+        out = self._decode_books(self.book_indices(tokens.long()), b, n)
         return self.layout.from_tokens(out, spatial)
 
     get_output_from_indices = decode
@@ -275,9 +419,78 @@ class VectorQuantize(QuantizerModule):
         """
         tokens, spatial = self._index_tokens(indices)
         b, n = tokens.shape[0], tokens.shape[1]
-        books = self._book_indices(tokens.long())
+        books = self.book_indices(tokens.long())
         q = self._codebook.lookup(books.clamp(min=0)).masked_fill((books < 0).unsqueeze(-1), 0.0)
-        return self.layout.from_tokens(self._merge_heads(q, b, n), spatial)
+        if self.separate_codebook_per_head:
+            q = q.transpose(0, 1)
+        return self.layout.from_tokens(q.reshape(b, n, self.heads * self.codebook_dim), spatial)
+
+    # -- training step on books (used by forward and by the residual stacks) -------------------------
+    def quantize_books(
+        self,
+        z: Tensor,
+        valid: Tensor | None = None,
+        *,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool | None = None,
+    ) -> BookStep:
+        """Training-mode quantization of books z (B, N, codebook_dim): the codebook's ``prepare_``
+        (k-means), the code choice (nearest, or Gumbel-sampled with ``stochastic_sample_codes``), the
+        lookup and the losses over ``valid`` (B, N) tokens. The codebook's own step is
+        :meth:`step_codebook_`; the estimator is :meth:`estimate`."""
+        book = self._codebook
+        zd = z.detach()
+        book.prepare_(zd, valid, sync=should_sync(self.sync_codebook))
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        if self.stochastic_sample_codes and temperature > 0:
+            indices = book.sample(zd, temperature)  # type: ignore[attr-defined]
+        else:
+            indices = book.nearest(zd)
+        q = book.lookup(indices)
+        train_codes = book.trained_by_gradient and not self._frozen(freeze_codebook)
+        total, terms = self.losses(z, q if train_codes else q.detach(), indices, book, valid)
+        return BookStep(indices, q.detach(), total.mean(), {name: t.mean() for name, t in terms.items()})
+
+    def step_codebook_(
+        self,
+        z: Tensor,
+        indices: Tensor,
+        valid: Tensor | None = None,
+        *,
+        freeze_codebook: bool | None = None,
+        ema_update_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        accum_ema_update: bool = False,
+    ) -> None:
+        """The codebook's training step for books z (B, N, codebook_dim) that chose ``indices``, unless
+        frozen (``freeze_codebook``, default: the module's). ``ema_update_weight`` and ``accum_ema_update``
+        are passed on as the EMA codebooks' ``step_weight`` and ``accumulate`` (see :meth:`forward`)."""
+        if self._frozen(freeze_codebook):
+            return
+        options: dict[str, Any] = {}
+        if ema_update_weight is not None:
+            options["step_weight"] = self._ema_weight(ema_update_weight)
+        if accum_ema_update:
+            options["accumulate"] = True
+        self._codebook.train_step_(
+            z.detach(), indices, valid, sync=should_sync(self.sync_codebook), **options
+        )
+
+    def estimate(
+        self, z: Tensor, codes: Tensor, indices: Tensor, sample_codebook_temp: float | None = None
+    ) -> Tensor:
+        """The estimator's output for books z and their chosen codes (equal to the codes, with the
+        estimator's gradient to z); the codes themselves when z carries no gradient."""
+        if not z.requires_grad:
+            return codes
+        estimator = self.estimator
+        if sample_codebook_temp is not None and isinstance(estimator, GumbelStraightThrough):
+            if sample_codebook_temp <= 0:  # no soft assignment at temperature 0: straight-through
+                return resolve_estimator("straight_through")(z, codes, indices, self._codebook)
+            estimator = dataclasses.replace(estimator, temperature=sample_codebook_temp)
+        return estimator(z, codes, indices, self._codebook)
+
+    def _frozen(self, freeze_codebook: bool | None) -> bool:
+        return self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(
@@ -299,37 +512,45 @@ class VectorQuantize(QuantizerModule):
         only accumulate this batch's EMA statistics; the next call without it takes one step from all of
         them (gradient accumulation).
         """
-        step_weight = self._ema_weight(ema_update_weight)
+        step_weight = self._ema_weight(ema_update_weight)  # checked before any state changes
         tokens, spatial = self.layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
-        valid = self._token_mask(mask, lens, b, n, spatial)
-        book_valid = None if valid is None else self._book_mask(valid)
+        valid = token_mask(self.layout, b, n, spatial, mask, lens)
+        book_valid = None if valid is None else self.book_mask(valid)
         if (
             valid is not None
         ):  # padding may hold anything (NaN too); it must reach neither values nor gradients
-            z = self._to_codebook_space(torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(())))
+            z = self.to_books(torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(())))
         else:
-            z = self._to_codebook_space(tokens)
+            z = self.to_books(tokens)
 
-        zero = torch.zeros((), device=x.device)
-        commitment, orthogonal = zero, zero
         if self.training:
-            indices, q, commitment, orthogonal = self._train_step(
-                z, book_valid, sample_codebook_temp, freeze_codebook, step_weight, accum_ema_update
+            step = self.quantize_books(
+                z, book_valid, sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook
             )
-            estimator = rotation_trick_estimator if self.rotation_trick else straight_through
-            if z.requires_grad:
-                q = estimator(z, q)
+            q = self.estimate(z, step.codes, step.indices, sample_codebook_temp)
+            self.step_codebook_(
+                z,
+                step.indices,
+                book_valid,
+                freeze_codebook=freeze_codebook,
+                ema_update_weight=step_weight,
+                accum_ema_update=accum_ema_update,
+            )
+            indices = step.indices
             if book_valid is not None:
                 indices = indices.masked_fill(~book_valid, DROPPED_INDEX)
-            out = self._output(q, b, n)
+            out = self.from_books(q, b, n)
+            loss, terms = step.loss, step.terms
         else:
             indices = self._codebook.nearest(z)
             if book_valid is not None:
                 indices = indices.masked_fill(~book_valid, DROPPED_INDEX)
                 out = self._decode_books(indices, b, n)
-            else:  # no -1 to handle: skip decode's two masked copies (same values, ~12% faster eval)
-                out = self._output(self._codebook.lookup(indices), b, n)
+            else:  # no -1 to handle: skip decode's two masked copies (same values)
+                out = self.from_books(self._codebook.lookup(indices), b, n)
+            loss = torch.zeros((), device=x.device)
+            terms = dict.fromkeys(self.losses.names, loss)
 
         if valid is not None:
             fill = (
@@ -339,10 +560,12 @@ class VectorQuantize(QuantizerModule):
             )
             out = torch.where(valid.unsqueeze(-1), out, fill)
         quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
-        indices = self.layout.indices_from_tokens(self._token_indices(indices, b, n), spatial)
-        loss = self.commitment_weight * commitment + self.orthogonal_reg_weight * orthogonal
+        indices = self.layout.indices_from_tokens(self.token_indices(indices, b, n), spatial)
         if return_loss_breakdown:
-            return VQOutputWithBreakdown(quantized, indices, loss, VQLossBreakdown(commitment, orthogonal))
+            commitment, orthogonal = terms.pop(CommitmentLoss.name), terms.pop(OrthogonalLoss.name)
+            return VQOutputWithBreakdown(
+                quantized, indices, loss, VQLossBreakdown(commitment, orthogonal, terms)
+            )
         return VQOutput(quantized, indices, loss)
 
     def _ema_weight(self, weight):
@@ -361,76 +584,26 @@ class VectorQuantize(QuantizerModule):
             raise ValueError("ema_update_weight must be finite and >= 0")
         return weight.float().reshape(-1, book.size).expand(book.books, book.size)
 
-    def _train_step(
-        self, z, valid, sample_codebook_temp, freeze_codebook, step_weight=None, accumulate=False
-    ):
-        """Training-mode quantization: k-means init, code choice, losses, then the EMA update and expiry.
-
-        The codes returned (and the losses) come from the codebook before this step's update.
-        """
-        book = self._codebook
-        sync = should_sync(self.sync_codebook)
-        zd = z.detach()
-        if book.kmeans_init and book.needs_init():
-            book.init_(zd, valid, sync=sync, sync_kmeans=self.sync_kmeans)
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        if self.stochastic_sample_codes and temperature > 0:
-            indices = book.sample(zd, temperature)
-        else:
-            indices = book.nearest(zd)
-        q = book.lookup(indices)
-        frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        train_codes = self.learnable_codebook and not frozen  # the commitment term is the codebook loss too
-        commitment = (
-            commitment_loss(z, q, valid, train_codes) if self.commitment_weight > 0 else z.new_zeros(())
-        )
-        orthogonal = (
-            self._orthogonal_loss(indices, valid) if self.orthogonal_reg_weight > 0 else z.new_zeros(())
-        )
-        if self.steps_codebook and not frozen:
-            book.train_step_(
-                zd,
-                indices,
-                valid,
-                sync=sync,
-                ema=self.ema_update,
-                step_weight=step_weight,
-                accumulate=accumulate,
-            )
-        return indices, q.detach(), commitment, orthogonal
-
-    def _orthogonal_loss(self, indices: Tensor, valid: Tensor | None) -> Tensor:
-        codes = self._codebook.embed
-        if self.orthogonal_reg_active_codes_only:
-            used = indices if valid is None else indices[valid]
-            codes = codes[:, torch.unique(used)]
-        else:
-            codes = codes.clone()  # the EMA step rewrites embed in place; keep the loss's view of it
-        if self.orthogonal_reg_max_codes is not None and codes.shape[1] > self.orthogonal_reg_max_codes:
-            pick = torch.randperm(codes.shape[1], device=codes.device)[: self.orthogonal_reg_max_codes]
-            codes = codes[:, pick]
-        return orthogonal_loss(codes)
-
-    def _token_mask(self, mask, lens, b, n, spatial) -> Tensor | None:
-        if mask is not None and lens is not None:
-            raise ValueError("pass either mask or lens, not both")
-        if lens is not None:
-            check_tensor(lens, "lens")
-            if self.layout.kind == "image" or self.layout.kind == "video" or len(spatial) != 1:
-                raise ValueError("lens is for (batch, seq, dim) sequences; use mask for other layouts")
-            if lens.shape != (b,) or lens.is_floating_point():
-                raise ValueError(
-                    f"lens must be an integer tensor of shape ({b},), got {tuple(lens.shape)} {lens.dtype}"
-                )
-            return torch.arange(n, device=lens.device) < lens.unsqueeze(1)
-        if mask is None:
-            return None
-        return self.layout.mask_to_tokens(mask, b, spatial)
+    # -- export ------------------------------------------------------------------------------------
+    def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
+        """Where the indices ``a`` and ``b`` of ``x`` are equal or genuinely tied codes (float64 distances
+        within ``tolerance``): the export layer's parity check (see vqcore.protocols)."""
+        tokens, spatial = self.layout.to_tokens(x)
+        bsz, n = tokens.shape[0], tokens.shape[1]
+        z = self.to_books(tokens, torch.float64)
+        extra = 1 if self.heads > 1 else 0
+        ba, bb = (self.book_indices(self.layout.indices_to_tokens(i, extra)[0].long()) for i in (a, b))
+        codes = self._codebook.codes.detach().double()
+        ok = ba == bb
+        for book, t in (~ok).nonzero().tolist():
+            ca, cb = codes[book, ba[book, t]], codes[book, bb[book, t]]
+            ok[book, t] = is_tie(z[book, t], ca, cb, cosine=self.use_cosine_sim, tolerance=tolerance)
+        return self.layout.indices_from_tokens(self.token_indices(ok, bsz, n), spatial).reshape(a.shape)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
-            f"heads={self.heads}, layout={self.layout.kind}"
+            f"heads={self.heads}, layout={self.layout.kind}, estimator={self.estimator.name}"
         )
 
 

@@ -1,7 +1,7 @@
 """Core building blocks, checked against hand computations.
 
 EMACodebook (EMA step, Laplace smoothing, dead-code expiry, k-means init), the batched k-means,
-per-code statistics, the commitment / orthogonal losses and the two gradient estimators.
+per-code statistics. Losses: test_losses.py; estimators: test_estimators.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import torch.nn.functional as F
 
 from vqcore.blocks import distance
 from vqcore.blocks.codebooks import EMACodebook
-from vqcore.blocks.estimators import rotation_trick, straight_through
 from vqcore.blocks.kmeans import kmeans, seed_means
-from vqcore.blocks.losses import commitment_loss, orthogonal_loss
 from vqcore.blocks.stats import bincount_per_book, sum_per_code
 
 
@@ -526,97 +524,6 @@ def test_codebook_constructor_rejects_bad_arguments(kwargs, exc, msg):
     size, dim = kwargs.pop("size"), kwargs.pop("dim")
     with pytest.raises(exc, match=msg):
         EMACodebook(size, dim, **kwargs)
-
-
-# -- losses --------------------------------------------------------------------------------------
-
-
-def test_commitment_loss_hand_computation_and_mask():
-    x = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [0.0, 0.0]]], requires_grad=True)
-    q = torch.tensor([[[0.0, 2.0], [1.0, 1.0], [5.0, 5.0]]], requires_grad=True)
-    loss = commitment_loss(x, q)
-    assert loss.shape == ()
-    torch.testing.assert_close(loss, torch.tensor((1 + 0 + 4 + 4 + 25 + 25) / 6))
-    masked = commitment_loss(x, q, torch.tensor([[True, True, False]]))
-    torch.testing.assert_close(masked, torch.tensor((1 + 0 + 4 + 4) / 4))
-    masked.backward()
-    assert q.grad is None, "the codes are detached"
-    torch.testing.assert_close(x.grad, torch.tensor([[[0.5, 0.0], [1.0, -1.0], [0.0, 0.0]]]))
-    # a NaN in a masked token stays out of the loss
-    xn = x.detach().clone()
-    xn[0, 2, 0] = float("nan")
-    torch.testing.assert_close(commitment_loss(xn, q, torch.tensor([[True, True, False]])), masked.detach())
-    # nothing valid -> 0, not NaN
-    assert commitment_loss(x, q, torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
-
-
-def _hand_orthogonal(codes):
-    """codes: list (books) of list (n) of vectors."""
-    books, n = len(codes), len(codes[0])
-    total = 0.0
-    for book in codes:
-        normed = [[v / math.sqrt(sum(u * u for u in c)) for v in c] for c in book]
-        for a in normed:
-            for b in normed:
-                total += sum(p * q for p, q in zip(a, b)) ** 2
-    return total / (books * n * n) - 1.0 / n
-
-
-def test_orthogonal_loss_hand_computation():
-    codes = [
-        [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]],
-        [[0.0, 0.0, 3.0], [1.0, -1.0, 1.0], [2.0, 0.0, 0.0]],
-    ]
-    got = orthogonal_loss(torch.tensor(codes))
-    assert got.shape == ()
-    torch.testing.assert_close(got, torch.tensor(_hand_orthogonal(codes)))
-    # orthogonal codes -> 0 ; identical codes -> 1 - 1/n
-    assert orthogonal_loss(torch.eye(4).unsqueeze(0) * 3).abs().item() < 1e-6
-    torch.testing.assert_close(orthogonal_loss(torch.ones(1, 4, 2)), torch.tensor(1 - 1 / 4))
-
-
-# -- estimators ----------------------------------------------------------------------------------
-
-
-def test_straight_through_forward_is_q_and_gradient_is_identity():
-    torch.manual_seed(0)
-    x = torch.randn(4, 5, requires_grad=True)
-    q = torch.randn(4, 5)
-    out = straight_through(x, q)
-    assert torch.equal(out, q)
-    g = torch.randn(4, 5)
-    out.backward(g)
-    assert torch.equal(x.grad, g)
-
-
-def _rotation_matrix(x, q):
-    u = x / x.norm()
-    v = q / q.norm()
-    w = (u + v) / (u + v).norm()
-    eye = torch.eye(len(x), dtype=x.dtype)
-    return (q.norm() / x.norm()) * (eye - 2 * torch.outer(w, w) + 2 * torch.outer(v, u))
-
-
-def test_rotation_trick_forward_is_q_and_jacobian_is_lambda_r():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, dtype=torch.float64)
-    q = torch.randn(2, 3, dtype=torch.float64)
-    out = rotation_trick(x.clone().requires_grad_(), q)
-    assert torch.equal(out.detach(), q)
-    for t in range(2):
-        lam_r = _rotation_matrix(x[t], q[t])
-        # λR maps x onto q
-        torch.testing.assert_close(lam_r @ x[t], q[t])
-        jac = torch.autograd.functional.jacobian(
-            lambda z, t=t: rotation_trick(z, q[t : t + 1])[0], x[t : t + 1]
-        )[:, 0]
-        torch.testing.assert_close(jac, lam_r)
-    xg = x.clone().requires_grad_()
-    g = torch.randn(2, 3, dtype=torch.float64)
-    rotation_trick(xg, q).backward(g)
-    want = torch.stack([_rotation_matrix(x[t], q[t]).T @ g[t] for t in range(2)])
-    torch.testing.assert_close(xg.grad, want)
-    assert not torch.allclose(xg.grad, g)
 
 
 def test_nearest_on_inputs_that_require_grad_in_chunks():

@@ -389,7 +389,11 @@ def test_options_are_mapped():
     assert kw["sync_codebook"] is True and kw["sync_kmeans"] is False and kw["rotation_trick"] is False
     assert kw["stochastic_sample_codes"] is True and kw["sample_codebook_temp"] == 0.3
     mine = from_reference(ref)
-    assert mine.sync_codebook is True and mine.sync_kmeans is False and mine.stochastic_sample_codes
+    assert (
+        mine.sync_codebook is True
+        and mine.codebook_module.sync_kmeans is False
+        and mine.stochastic_sample_codes
+    )
     _, kw = reference_kwargs(vqp.ResidualVQ(**RVQ_BASE, sync_codebook=True, rotation_trick=False))
     assert kw["sync_codebook"] is True and kw["rotation_trick"] is False
 
@@ -518,7 +522,7 @@ def test_learnable_codebook_converts_to_a_gradient_trained_codebook():
         vqp.VectorQuantize(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False), (2, 32, 8)
     )
     mine = from_reference(ref)
-    assert mine.learnable_codebook and not mine.ema_update
+    assert mine.codebook_module.trained_by_gradient
     assert isinstance(mine._codebook.embed, torch.nn.Parameter)
     _compare(ref, mine, torch.randn(2, 20, 8))
     # training continues by gradient: the commitment term reaches the codes

@@ -144,16 +144,42 @@ def test_ema_steps_match_a_single_vq_on_the_same_residual():
 # -- shared codebook -----------------------------------------------------------------------------
 
 
-def test_shared_codebook_is_one_object_stored_once():
+def test_shared_codebook_is_one_object_given_to_every_layer(tmp_path):
     rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16, shared_codebook=True)
-    assert all(layer._codebook is rvq._shared_codebook for layer in rvq.layers)
-    keys = list(rvq.state_dict())
-    assert sorted(keys) == sorted(
-        f"_shared_codebook.{k}" for k in ("embed", "cluster_size", "embed_avg", "initted")
-    )
+    book = rvq.layers[0].codebook_module
+    assert all(layer.codebook_module is book for layer in rvq.layers)
+    assert len(list(rvq.parameters())) == 0 and len({id(t) for t in rvq.buffers()}) == 4  # registered once
+    state = rvq.state_dict()  # as vector-quantize-pytorch: under every layer, the same tensors
+    names = ("embed", "cluster_size", "embed_avg", "initted")
+    assert sorted(state) == sorted(f"layers.{q}._codebook.{k}" for q in range(4) for k in names)
+    embed = state["layers.0._codebook.embed"]
+    assert all(state[f"layers.{q}._codebook.embed"].data_ptr() == embed.data_ptr() for q in range(4))
     assert torch.equal(rvq.codebooks[0], rvq.codebooks[3])
     clone = copy.deepcopy(rvq)
-    assert all(layer._codebook is clone._shared_codebook for layer in clone.layers)
+    assert all(layer.codebook_module is clone.layers[0].codebook_module for layer in clone.layers)
+    # vqcore.save stores the shared tensors once; load rebuilds the sharing
+    path = tmp_path / "rvq.safetensors"
+    vqcore.save(vqcore.create("rvq", dim=8, num_quantizers=4, codebook_size=16, shared_codebook=True), path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert len([k for k in f.keys() if k.endswith("embed")]) == 1
+    loaded = vqcore.load(path)
+    assert all(layer.codebook_module is loaded.layers[0].codebook_module for layer in loaded.layers)
+
+
+def test_shared_codebook_loads_checkpoints_that_hold_it_once():
+    """State dicts written before the codebook object was passed to every layer hold it once, as
+    ``_shared_codebook.*``."""
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True)
+    old = {
+        f"_shared_codebook.{k[len('layers.0._codebook.') :]}": v.clone() + 1
+        for k, v in rvq.state_dict().items()
+        if k.startswith("layers.0.")
+    }
+    fresh = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.layers[2].codebook_module.embed, old["_shared_codebook.embed"])
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -163,7 +189,7 @@ def test_shared_codebook_ema_decay_applied_once(masked):
     rvq = ResidualVQ(
         dim=d, num_quantizers=q, codebook_size=k, shared_codebook=True, decay=decay, eps=eps
     ).train()
-    book = rvq._shared_codebook
+    book = rvq.layers[0].codebook_module
     cs, ea = book.cluster_size[0].clone(), book.embed_avg[0].clone()
     codes = book.embed[0].clone()
     x = torch.randn(1, 12, d)
@@ -219,7 +245,7 @@ def test_quantize_dropout_cutoff_and_multiple_of_over_many_draws():
         seen.add(kept)
     assert seen == {4, 6}  # last in [2, 5] -> kept in {3..6}, rounded up to a multiple of 2
     # the draw follows the seed
-    assert rvq.draw_kept_layers(7) == rvq.draw_kept_layers(7)
+    assert rvq.kept_layers(7) == rvq.kept_layers(7)
 
 
 def test_quantize_dropout_only_in_training_and_coarse_indices_decode():
@@ -227,8 +253,8 @@ def test_quantize_dropout_only_in_training_and_coarse_indices_decode():
     rvq = ResidualVQ(dim=6, num_quantizers=5, codebook_size=8, codebook_dim=4, quantize_dropout=True)
     x = torch.randn(2, 7, 6)
     rvq.train()
-    seed = next(s for s in range(100) if rvq.draw_kept_layers(s) < 5)
-    kept = rvq.draw_kept_layers(seed)
+    seed = next(s for s in range(100) if rvq.kept_layers(s) < 5)
+    kept = rvq.kept_layers(seed)
     _, indices, _ = rvq(x, rand_quantize_dropout_fixed_seed=seed)
     assert (indices[..., kept:] == -1).all()
     rvq.eval()
@@ -576,8 +602,8 @@ def test_learnable_codebooks_get_each_layers_codebook_loss(shared):
         shared_codebook=shared,
         threshold_ema_dead_code=0.5 if shared else 0.0,
     )
-    assert rvq.ema_update is False and all(layer.ema_update is False for layer in rvq.layers)
-    books = [rvq._shared_codebook] if shared else [layer._codebook for layer in rvq.layers]
+    assert all(layer.codebook_module.trained_by_gradient for layer in rvq.layers)
+    books = [layer.codebook_module for layer in rvq.layers[: 1 if shared else None]]
     before = {name: t.clone() for name, t in rvq.state_dict().items()}
     x = torch.randn(2, 16, 4)
     _, indices, losses = rvq(x)

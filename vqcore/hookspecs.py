@@ -31,12 +31,26 @@ def register_quantizers(register):
 
 @hookspec
 def register_codebooks(register):
-    """Register codebook factories (see :class:`vqcore.protocols.Codebook`)."""
+    """Register codebook factories (see :class:`vqcore.protocols.Codebook`): called as
+    ``factory(size=..., dim=..., books=..., **codebook_kwargs)`` by quantizers that take a codebook."""
 
 
 @hookspec
 def register_losses(register):
-    """Register auxiliary losses (see :class:`vqcore.protocols.Loss`)."""
+    """Register auxiliary loss factories (see :class:`vqcore.protocols.Loss`); quantizers take extra
+    losses by these names."""
+
+
+@hookspec
+def register_estimators(register):
+    """Register gradient estimator factories (see :class:`vqcore.protocols.Estimator`)."""
+
+
+@hookspec
+def register_converters(register):
+    """Register converters from vector-quantize-pytorch modules, under the reference's class name
+    (``register("VectorQuantize", factory)``); the factory builds a
+    :class:`vqcore.protocols.ReferenceConverter` (see :mod:`vqcore.compat`)."""
 
 
 @hookspec(firstresult=True)

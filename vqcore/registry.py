@@ -24,11 +24,13 @@ from vqcore._version import __version__
 from vqcore.errors import DuplicateNameError, PluginError, PluginLoadWarning, UnknownNameError
 
 ENTRY_POINT_GROUP = "vqcore"
-KINDS = ("quantizer", "codebook", "loss")
+KINDS = ("quantizer", "codebook", "loss", "estimator", "converter")
 _HOOK_OF_KIND = {
     "quantizer": "register_quantizers",
     "codebook": "register_codebooks",
     "loss": "register_losses",
+    "estimator": "register_estimators",
+    "converter": "register_converters",
 }
 
 
@@ -206,6 +208,11 @@ class Registry:
             if entry.factory is factory:
                 return entry.name
         return None
+
+    def export_module(self, quantizer: Any, graph: str) -> Any:
+        """The first plugin's answer to the ``export_module(quantizer, graph)`` hook, or None."""
+        self._ensure_loaded()
+        return self.pm.hook.export_module(quantizer=quantizer, graph=graph)
 
     def plugins(self) -> list[PluginInfo]:
         self._ensure_loaded()

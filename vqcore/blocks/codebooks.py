@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from vqcore.blocks.distance import (
     l2norm,
     nearest,
     prepare_codes,
+    similarity,
 )
 from vqcore.blocks.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, global_pool_draw
 from vqcore.blocks.distributed import rank as dist_rank
@@ -44,6 +45,7 @@ from vqcore.blocks.kmeans import kmeans
 from vqcore.blocks.precision import Float32State, float32_method
 from vqcore.blocks.stats import bincount_per_book, sum_per_code
 from vqcore.blocks.validation import check_positive_int
+from vqcore.protocols import Codebook
 
 # EMACodebook -> (key, weakref to embed, PreparedCodes): the packed codes of the fused CPU search
 _SEARCH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -66,7 +68,9 @@ class EMACodebook(Float32State):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 0.0,
+        ema: bool = True,
         learnable: bool = False,
+        sync_kmeans: bool = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):
         super().__init__()
@@ -81,7 +85,8 @@ class EMACodebook(Float32State):
         if threshold_ema_dead_code < 0:
             raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
         self.cosine, self.decay, self.eps = cosine, float(decay), float(eps)
-        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.kmeans_init, self.kmeans_iters, self.sync_kmeans = kmeans_init, kmeans_iters, sync_kmeans
+        self.ema = bool(ema)
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
         self.chunk_bytes = chunk_bytes
 
@@ -116,7 +121,29 @@ class EMACodebook(Float32State):
 
     @property
     def codes(self) -> Tensor:
+        """(books, size, dim): ``embed`` itself (an ``nn.Parameter`` when learnable: its ``.grad`` is the
+        codebook's gradient)."""
         return self.embed
+
+    @property
+    def trained_by_gradient(self) -> bool:
+        """Learnable codes without EMA steps: the quantizer's losses train them."""
+        return isinstance(self.embed, nn.Parameter) and not self.ema
+
+    @float32_method
+    def logits(self, x: Tensor) -> Tensor:
+        """Similarities (B, N, size), higher is nearer: ``-||x - c||`` (``x . c`` for cosine codebooks),
+        differentiable with respect to x; a full (tokens x codes) tensor (for soft assignments)."""
+        return similarity(x, self.embed.detach(), cosine=self.cosine)
+
+    def set_codes_(self, codes: Tensor) -> None:
+        """Replace the codes (books, size, dim); the EMA statistics follow (``embed_avg = codes *
+        cluster_size``) and k-means counts as done."""
+        with torch.no_grad():
+            self.embed.copy_(codes.reshape(self.embed.shape))
+            self.embed_avg.copy_(self.embed * self.cluster_size.unsqueeze(-1))
+            self.initted.fill_(True)
+        self._initted_seen = True
 
     @float32_method
     def nearest(self, x: Tensor) -> Tensor:
@@ -173,6 +200,11 @@ class EMACodebook(Float32State):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted_seen = bool(self.initted)  # loading is eager: read the loaded flag here, not in forward
+
+    def prepare_(self, x: Tensor, valid: Tensor | None = None, *, sync: bool = False) -> None:
+        """Before a training batch's search: k-means initialisation, once (see :meth:`init_`)."""
+        if self.kmeans_init and self.needs_init():
+            self.init_(x, valid, sync=sync, sync_kmeans=self.sync_kmeans)
 
     @torch.no_grad()
     @float32_method
@@ -303,19 +335,18 @@ class EMACodebook(Float32State):
         x: Tensor,
         indices: Tensor,
         valid: Tensor | None = None,
-        sync: bool = False,
         *,
-        ema: bool = True,
+        sync: bool = False,
         step_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
         accumulate: bool = False,
     ) -> None:
         """What a training batch does to the codebook: the EMA step (``ema``; otherwise, with expiry on,
         only the usage counts expiry reads), then dead-code expiry. An ``accumulate`` batch only adds to
         the pending statistics (see :meth:`update`); codes frozen by a zero ``step_weight`` never expire."""
-        if not ema and self.threshold_ema_dead_code <= 0:
+        if not self.ema and self.threshold_ema_dead_code <= 0:
             return
         frozen = self.update(
-            x, indices, valid, sync, codes=ema, step_weight=step_weight, accumulate=accumulate
+            x, indices, valid, sync, codes=self.ema, step_weight=step_weight, accumulate=accumulate
         )
         if not accumulate:
             self.expire_(x, valid, sync=sync, protect=frozen)
@@ -383,7 +414,10 @@ class EMACodebook(Float32State):
 
     def extra_repr(self) -> str:
         kind = "cosine" if self.cosine else "euclidean"
-        return f"books={self.books}, size={self.size}, dim={self.dim}, {kind}, decay={self.decay}"
+        training = (
+            "gradient" if self.trained_by_gradient else f"ema, decay={self.decay}" if self.ema else "frozen"
+        )
+        return f"books={self.books}, size={self.size}, dim={self.dim}, {kind}, {training}"
 
 
 def _finite_tokens(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -396,3 +430,37 @@ def _finite_tokens(x: Tensor, valid: Tensor | None) -> Tensor:
     """
     finite = torch.isfinite(x.sum(-1))
     return finite if valid is None else finite & valid
+
+
+def build_codebook(
+    codebook: str | Codebook, *, size: int, dim: int, books: int = 1, **kwargs: Any
+) -> Codebook:
+    """The codebook a quantizer uses: a registered name built with ``size``, ``dim``, ``books`` and
+    ``kwargs``, or a :class:`~vqcore.protocols.Codebook` object (no kwargs), checked against the protocol
+    and the quantizer's sizes."""
+    if isinstance(codebook, str):
+        from vqcore.registry import get_registry
+
+        built = (
+            get_registry().get_entry(codebook, "codebook").create(size=size, dim=dim, books=books, **kwargs)
+        )
+        origin = f"codebook {codebook!r}"
+    else:
+        if kwargs:
+            raise ValueError(
+                f"codebook_kwargs {sorted(kwargs)} are for a codebook given by name, not an object"
+            )
+        built, origin = codebook, f"codebook {type(codebook).__name__}"
+    if not isinstance(built, Codebook):
+        members = ("size", "dim", "books", "codes", "cosine", "trained_by_gradient", "nearest", "lookup")
+        missing = [m for m in (*members, "prepare_", "train_step_") if not hasattr(built, m)]
+        raise TypeError(f"{origin} does not follow vqcore.protocols.Codebook: missing {', '.join(missing)}")
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"{origin} must be an nn.Module (its state saves and moves with the quantizer)")
+    got, want = (built.size, built.dim, built.books), (size, dim, books)
+    if got != want:
+        raise ValueError(
+            f"{origin} has (size, dim, books) = {got}; the quantizer needs {want} "
+            "(codebook_size, codebook_dim, one book per head with separate codebooks)"
+        )
+    return built

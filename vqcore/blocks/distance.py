@@ -229,3 +229,25 @@ def gumbel_sample(
             gumbel = -torch.log((-torch.log(uniform.clamp_(min=1e-20))).clamp_(min=1e-20))
             indices[:, start : start + chunk] = (gumbel - scores / temperature).argmax(-1)
     return indices
+
+
+def similarity(x: Tensor, codes: Tensor, *, cosine: bool) -> Tensor:
+    """Similarities (B, N, K) of x (B, N, d) to codes (B, K, d), higher is nearer: ``-||x - c||`` (the
+    distance, as Gumbel sampling uses it) or ``x . c`` for cosine codebooks. Differentiable with respect to
+    x (the squared distance is clamped away from 0 before the square root); one full block."""
+    dots = torch.bmm(x, codes.transpose(1, 2))
+    if cosine:
+        return dots
+    squared = x.pow(2).sum(-1, keepdim=True) - 2 * dots + codes.pow(2).sum(-1).unsqueeze(1)
+    return -squared.clamp(min=1e-12).sqrt()
+
+
+def is_tie(z: Tensor, a: Tensor, b: Tensor, *, cosine: bool, tolerance: float) -> bool:
+    """Whether codes ``a`` and ``b`` are equally near ``z`` (vectors, float64): their scores differ by at
+    most ``tolerance * (|z| + max(|a|, |b|))^2``, the rounding that float32 arithmetic can put on them."""
+    if cosine:
+        da, db = -(z * a).sum(), -(z * b).sum()
+    else:
+        da, db = (z - a).pow(2).sum(), (z - b).pow(2).sum()
+    scale = (z.norm() + torch.maximum(a.norm(), b.norm())) ** 2
+    return bool((da - db).abs() <= tolerance * scale)

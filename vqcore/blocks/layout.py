@@ -194,3 +194,40 @@ def index_tokens(
     if not extra:
         tokens = tokens.unsqueeze(-1)
     return tokens.long(), spatial, layout
+
+
+def token_mask(
+    layout: TokenLayout,
+    batch: int,
+    n: int,
+    spatial: tuple,
+    mask: Tensor | None = None,
+    lens: Tensor | None = None,
+    *,
+    per_sample: bool = False,
+) -> Tensor | None:
+    """The (batch, n) bool mask of the tokens that count, or None when all do.
+
+    ``mask``: bool, shaped like the indices without trailing axes ``(batch, *positions)`` (True = keep),
+    or ``(batch,)`` where ``per_sample``; ``lens``: int ``(batch,)`` lengths of (batch, seq, dim) sequences.
+    """
+    if mask is not None and lens is not None:
+        raise ValueError("pass either mask or lens, not both")
+    if lens is not None:
+        check_tensor(lens, "lens")
+        if layout.kind in ("image", "video") or len(spatial) != 1:
+            raise ValueError("lens is for (batch, seq, dim) sequences; use mask for other layouts")
+        if lens.shape != (batch,) or lens.is_floating_point():
+            raise ValueError(
+                f"lens must be an integer tensor of shape ({batch},), got {tuple(lens.shape)} {lens.dtype}"
+            )
+        return torch.arange(n, device=lens.device) < lens.unsqueeze(1)
+    if mask is None:
+        return None
+    if per_sample and isinstance(mask, Tensor) and mask.ndim == 1:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+        if mask.shape[0] != batch:
+            raise ValueError(f"a per-sample mask must have shape ({batch},), got {tuple(mask.shape)}")
+        return mask.unsqueeze(1).expand(batch, n)
+    return layout.mask_to_tokens(mask, batch, spatial)

@@ -1,65 +1,177 @@
-"""Auxiliary losses: named, unweighted terms (the quantizer owns the weights).
+"""Auxiliary losses: named, unweighted terms following :class:`vqcore.protocols.Loss`.
 
-Each loss is a small callable object with a ``name`` (the :class:`vqcore.protocols.Loss` protocol),
-registered by the ``blocks`` built-in plugin so that plugins can look them up by name.
+Every loss takes ``(x, q, indices, codebook, valid)`` (books first, see :mod:`vqcore.protocols`) and
+returns one value per book, ``(B,)``. The quantizer owns the weights: :class:`WeightedLosses` holds
+``(loss, weight)`` pairs, evaluates them together and gives the weighted total plus each unweighted
+term for the loss breakdown. Losses are registered by name (the built-in ``blocks`` plugin), so a
+quantizer accepts extra losses as ``{"name": weight}`` as well as objects.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vqcore.blocks.distance import l2norm
 from vqcore.blocks.precision import float32_region
+from vqcore.protocols import Codebook, Loss
 
 
+def masked_mse(x: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
+    """``mean ||x - q||^2`` over the valid tokens and the features of each book: (B, N, d) -> (B,).
+
+    Without a mask, one fused ``mse_loss`` per call (its backward is ~4x faster than sub + pow + mean
+    on the CPU). With one, ``where`` before the square keeps a NaN in a masked token out of the sum and
+    out of the gradient (masking after the square would back-propagate 0 * 2 * NaN = NaN into it).
+    """
+    if valid is None:
+        if x.shape[0] == 1:
+            return F.mse_loss(x, q).reshape(1)
+        return F.mse_loss(x, q, reduction="none").mean((1, 2))
+    diff = torch.where(valid.unsqueeze(-1), x - q, torch.zeros((), dtype=x.dtype, device=x.device))
+    count = valid.sum(-1).to(diff.dtype) * diff.shape[-1]
+    return diff.pow(2).sum((1, 2)) / count.clamp(min=1)
+
+
+@dataclass(frozen=True)
 class CommitmentLoss:
     """``mean ||x - sg(q)||^2`` over valid tokens (VQ-VAE, arXiv 1711.00937): pulls the encoder to its codes.
 
-    x, q: (..., N, d) in codebook space; ``valid`` (..., N) bool or None. Returns a 0-dim tensor.
+    ``train_codes``: q is not detached, so the same term also pulls the codes to the encoder's outputs
+    (the codebook loss of a gradient-trained codebook, with equal weight, as vector-quantize-pytorch).
     """
 
-    name = "commitment"
+    train_codes: bool = False
+    name: ClassVar[str] = "commitment"
 
     def __call__(
-        self, x: Tensor, q: Tensor, valid: Tensor | None = None, train_codes: bool = False
+        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
     ) -> Tensor:
-        """``train_codes``: q is not detached, so the same term also pulls the codes to the encoder's outputs
-        (the codebook loss of a gradient-trained codebook, VQ-VAE's ``||sg(x) - q||^2``, with equal
-        weight).
-        """
-        if not train_codes:
-            q = q.detach()
-        if valid is None:  # one fused kernel each way (~4x faster backward than sub + pow + mean on CPU)
-            return F.mse_loss(x, q)
-        diff = x - q
-        weight = valid.unsqueeze(-1).to(diff.dtype)
-        # where() before the square keeps a NaN in a masked token out of the sum and out of the gradient
-        # (masking after the square would back-propagate 0 * 2 * NaN = NaN into the masked token)
-        diff = torch.where(valid.unsqueeze(-1), diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
-        return diff.pow(2).sum() / (weight.sum() * diff.shape[-1]).clamp(min=1)
+        return masked_mse(x, q if self.train_codes else q.detach(), valid)
 
 
+@dataclass(frozen=True)
+class CodebookLoss:
+    """``mean ||sg(x) - q||^2`` over valid tokens (VQ-VAE's codebook term): pulls codes to their inputs."""
+
+    name: ClassVar[str] = "codebook"
+
+    def __call__(
+        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
+    ) -> Tensor:
+        return masked_mse(x.detach(), q, valid)
+
+
+@dataclass(frozen=True)
 class OrthogonalLoss:
     """Orthogonal codebook regulariser (arXiv 2112.00384): mean squared cosine similarity between codes.
 
-    ``codes (B, n, d) -> Σ (Ĉ Ĉᵀ)² / (B n²) - 1/n`` where Ĉ are the l2-normalised codes; 0 when the
-    codes are orthogonal (the diagonal's contribution, 1/n, is removed).
+    Per book, ``Σ (Ĉ Ĉᵀ)² / n² - 1/n`` over the l2-normalised codes Ĉ (n of them): 0 when the codes
+    are orthogonal (the diagonal's contribution, 1/n, is removed). ``active_codes_only``: only the codes
+    this batch chose (one book only); ``max_codes``: at most that many codes, drawn at random.
+    Computed in float32 whatever the autocast context: the codebook it regularises is float32.
     """
 
-    name = "orthogonal_reg"
+    active_codes_only: bool = False
+    max_codes: int | None = None
+    name: ClassVar[str] = "orthogonal_reg"
 
-    def __call__(self, codes: Tensor) -> Tensor:
-        books, n, _ = codes.shape
-        # float32 like the codebook it regularises (DESIGN §5): under autocast this GEMM ran in bf16,
-        # which put ~2^-8 of rounding on every cosine (a bf16 loss, 0.2% off on random codes) and on the
-        # codes' gradient
+    def __call__(
+        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
+    ) -> Tensor:
+        if codebook is None:
+            raise ValueError("the orthogonal loss needs the quantizer's codebook")
+        codes = codebook.codes
+        if self.active_codes_only:
+            used = indices if valid is None else indices[valid]
+            codes = codes[:, torch.unique(used)]
+        else:
+            codes = codes.clone()  # the codebook's step rewrites its codes in place; keep this loss's view
+        if self.max_codes is not None and codes.shape[1] > self.max_codes:
+            pick = torch.randperm(codes.shape[1], device=codes.device)[: self.max_codes]
+            codes = codes[:, pick]
+        n = codes.shape[1]
         with float32_region(codes.device.type):
             normed = l2norm(codes.float())
             cosine = normed @ normed.transpose(1, 2)
-            return cosine.pow(2).sum() / (books * n * n) - 1.0 / n
+            return cosine.pow(2).sum((1, 2)) / (n * n) - 1.0 / n
 
 
-commitment_loss = CommitmentLoss()
-orthogonal_loss = OrthogonalLoss()
+LossSpec = Mapping[str, float] | Iterable[tuple["str | Loss", float]] | None
+
+
+class WeightedLosses(nn.Module):
+    """``(loss, weight)`` pairs evaluated together: ``(total (B,), {name: unweighted term (B,)})`` with
+    ``total = Σ weight · term``. A term of weight 0 is not computed (reported as zeros). Losses that are
+    ``nn.Module`` s (with parameters or buffers) are registered here, so they train, move and save with
+    their quantizer (state_dict keys ``<attribute>.modules.<i>.*``).
+    """
+
+    def __init__(self, pairs: Iterable[tuple[Loss, float]]):
+        super().__init__()
+        self.pairs = tuple((loss, float(weight)) for loss, weight in pairs)
+        names = [loss.name for loss, _ in self.pairs]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"loss names must be unique within a quantizer, got {duplicated} more than once")
+        self.modules_with_state = nn.ModuleList(loss for loss, _ in self.pairs if isinstance(loss, nn.Module))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(loss.name for loss, _ in self.pairs)
+
+    def forward(
+        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        zeros = x.new_zeros(x.shape[0])
+        total, terms = zeros, {}
+        for loss, weight in self.pairs:
+            if weight == 0:
+                terms[loss.name] = zeros
+                continue
+            term = loss(x, q, indices, codebook, valid)
+            terms[loss.name] = term
+            total = total + weight * term
+        return total, terms
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{loss.name}={weight}" for loss, weight in self.pairs)
+
+
+def resolve_loss(loss: str | Loss) -> Loss:
+    """A Loss object, or one built from its registry name (``vqcore list --all`` shows the names)."""
+    if isinstance(loss, str):
+        from vqcore.registry import get_registry
+
+        return get_registry().get_entry(loss, "loss").create()
+    if not isinstance(loss, Loss):
+        raise TypeError(
+            f"a loss must be a registered name or follow vqcore.protocols.Loss (a callable with a name), "
+            f"got {type(loss).__name__}"
+        )
+    return loss
+
+
+def extra_loss_pairs(spec: LossSpec, reserved: Iterable[str] = ()) -> list[tuple[Loss, float]]:
+    """``{"name": weight}`` or ``[(name or Loss, weight), ...]`` -> checked (Loss, weight) pairs."""
+    if spec is None:
+        return []
+    items = spec.items() if isinstance(spec, Mapping) else spec
+    pairs = []
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(f"extra_losses entries must be (loss, weight) pairs, got {item!r}")
+        loss, weight = item
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"the weight of extra loss {loss!r} must be a finite number, got {weight!r}")
+        pairs.append((resolve_loss(loss), float(weight)))
+    clash = sorted({loss.name for loss, _ in pairs} & set(reserved))
+    if clash:
+        raise ValueError(f"extra_losses {clash} clash with the quantizer's own loss terms {sorted(reserved)}")
+    return pairs

@@ -9,6 +9,7 @@ tokenizer trained with mixed precision gives the token ids its float32 (or expor
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.precision import float32_region
@@ -27,12 +28,13 @@ def projection_pair(
     return nn.Linear(dim, inner, bias=bias), nn.Linear(inner, dim, bias=bias)
 
 
-def project_into(layer: nn.Module, tokens: Tensor) -> Tensor:
-    """``tokens`` through ``layer`` (in the layer's dtype), returned in float32 for quantization."""
+def project_into(layer: nn.Module, tokens: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``tokens`` through ``layer`` (in the layer's dtype), returned in ``dtype`` (float32 for quantization;
+    float64 where the export layer verifies ties)."""
     if isinstance(layer, nn.Linear):
         with float32_region(tokens.device.type):
             tokens = layer(tokens.to(layer.weight.dtype))
-    return tokens.float()
+    return tokens.to(dtype)
 
 
 def project_from(layer: nn.Module, codes: Tensor) -> Tensor:
