@@ -163,6 +163,10 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
             )
         return ok.transpose(0, 1).reshape(a.shape)
 
+    def export_metadata(self) -> dict[str, object]:
+        """Hyper-parameters embedded in exported artifacts (vqcore.protocols.SupportsExportMetadata)."""
+        return {"codebook_dim": self.codebook_dim, "heads": self.heads, "layout": self.layout.kind}
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_codebooks={self.heads}, codebook_dim={self.codebook_dim}, "

@@ -132,6 +132,11 @@ class ResidualVQ(QuantizerModule):
         self.has_projections = codebook_dim != dim
         self.project_in, self.project_out = projection_pair(dim, codebook_dim, enabled=self.has_projections)
         self.return_zeros_for_masked_padding = vq_kwargs.pop("return_zeros_for_masked_padding", True)
+        if not shared_codebook and not isinstance(vq_kwargs.get("codebook"), (str, type(None))):
+            raise ValueError(
+                "a codebook object is one codebook: pass shared_codebook=True to share it between layers, "
+                "or its registered name so that every layer builds its own"
+            )
         if shared_codebook:  # one codebook object, given to every layer (each registers it: no copies)
             options = {k: vq_kwargs.pop(k) for k in CODEBOOK_OPTIONS if k in vq_kwargs}
             vq_kwargs["codebook"] = codebook_from_options(
@@ -380,6 +385,15 @@ class ResidualVQ(QuantizerModule):
             a.shape
         )
 
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters embedded in exported artifacts (vqcore.protocols.SupportsExportMetadata)."""
+        return {
+            "codebook_dim": self.codebook_dim,
+            "codebook_sizes": list(self.codebook_sizes),
+            "num_quantizers": self.num_quantizers,
+            "layout": self.layout.kind,
+        }
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_quantizers={self.num_quantizers}, codebook_sizes={self.codebook_sizes}, "
@@ -523,6 +537,10 @@ class GroupedResidualVQ(QuantizerModule):
             ta, tb = (self.layout.indices_to_tokens(i[g], 1)[0].long() for i in (a, b))
             out.append(self.layout.indices_from_tokens(rvq.token_ties(chunk, ta, tb, tolerance), spatial))
         return torch.stack(out).reshape(a.shape)
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters embedded in exported artifacts (vqcore.protocols.SupportsExportMetadata)."""
+        return {"num_quantizers": self.num_quantizers, "groups": self.groups, "layout": self.layout.kind}
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, groups={self.groups}, layout={self.layout.kind}"

@@ -23,7 +23,8 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``.half()`` / ``.to(bfloat16)`` cast the projections only; the codebook state stays float32;
 - ``sync_codebook=None`` is decided at every call, not at construction;
 - dead-code expiry also works without EMA (``ema_update=False``, learnable codebooks): usage counts are
-  still tracked; a learnable codebook with cosine similarity is refused (the reference's is broken, #197).
+  still tracked; a learnable codebook with cosine similarity is refused (the reference's is broken: its
+  issue #197).
 """
 
 from __future__ import annotations
@@ -599,6 +600,16 @@ class VectorQuantize(QuantizerModule):
             ca, cb = codes[book, ba[book, t]], codes[book, bb[book, t]]
             ok[book, t] = is_tie(z[book, t], ca, cb, cosine=self.use_cosine_sim, tolerance=tolerance)
         return self.layout.indices_from_tokens(self.token_indices(ok, bsz, n), spatial).reshape(a.shape)
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters embedded in exported artifacts (vqcore.protocols.SupportsExportMetadata)."""
+        return {
+            "codebook_dim": self.codebook_dim,
+            "heads": self.heads,
+            "separate_codebook_per_head": self.separate_codebook_per_head,
+            "use_cosine_sim": self.use_cosine_sim,
+            "layout": self.layout.kind,
+        }
 
     def extra_repr(self) -> str:
         return (

@@ -51,7 +51,7 @@ def test_cuda_training_matches_cpu_statistics():
     _, idx_gpu, loss_gpu = gpu(x.cuda())
     assert (idx_gpu.cpu() == idx_cpu).float().mean() > 0.99
     assert torch.isfinite(gpu.codebook).all() and (gpu.codebook.norm(dim=-1) > 0).all()
-    assert gpu._codebook.cluster_size.dtype == torch.float32
+    assert gpu.codebook_module.cluster_size.dtype == torch.float32
 
 
 def test_cuda_bf16_autocast_keeps_quantization_and_statistics_in_float32():
@@ -68,7 +68,10 @@ def test_cuda_bf16_autocast_keeps_quantization_and_statistics_in_float32():
     vq.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         vq(x)
-    assert vq._codebook.embed_avg.dtype == torch.float32 and torch.isfinite(vq._codebook.embed_avg).all()
+    assert (
+        vq.codebook_module.embed_avg.dtype == torch.float32
+        and torch.isfinite(vq.codebook_module.embed_avg).all()
+    )
 
 
 def test_cuda_large_codebook_memory_is_bounded():

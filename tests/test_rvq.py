@@ -77,7 +77,7 @@ def test_seed_examples():
     residual_vq = ResidualVQ(dim=256, codebook_size=256, num_quantizers=4, kmeans_init=True, kmeans_iters=10)
     quantized, indices, commit_loss = residual_vq(x)
     assert (quantized.shape, indices.shape, commit_loss.shape) == ((1, 1024, 256), (1, 1024, 4), (4,))
-    assert all(bool(layer._codebook.initted) for layer in residual_vq.layers)
+    assert all(bool(layer.codebook_module.initted) for layer in residual_vq.layers)
 
 
 # -- the residual chain ----------------------------------------------------------------------------
@@ -137,8 +137,10 @@ def test_ema_steps_match_a_single_vq_on_the_same_residual():
     for q in range(2):
         layer = before.layers[q]
         layer(residuals[q].reshape(1, -1, 4))  # the same VectorQuantize step, by itself
-        torch.testing.assert_close(rvq.layers[q]._codebook.embed, layer._codebook.embed)
-        torch.testing.assert_close(rvq.layers[q]._codebook.cluster_size, layer._codebook.cluster_size)
+        torch.testing.assert_close(rvq.layers[q].codebook_module.embed, layer.codebook_module.embed)
+        torch.testing.assert_close(
+            rvq.layers[q].codebook_module.cluster_size, layer.codebook_module.cluster_size
+        )
 
 
 # -- shared codebook -----------------------------------------------------------------------------
@@ -412,10 +414,10 @@ def test_training_state_untouched_by_eval_and_kmeans_only_in_training():
     rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=4, kmeans_init=True).eval()
     x = torch.randn(2, 6, 8)
     rvq(x)
-    assert not any(bool(layer._codebook.initted) for layer in rvq.layers)
+    assert not any(bool(layer.codebook_module.initted) for layer in rvq.layers)
     rvq.train()
     rvq(x)
-    assert all(bool(layer._codebook.initted) for layer in rvq.layers)
+    assert all(bool(layer.codebook_module.initted) for layer in rvq.layers)
 
 
 # -- grouped -------------------------------------------------------------------------------------
@@ -614,7 +616,7 @@ def test_learnable_codebooks_get_each_layers_codebook_loss(shared):
     # layer q's term: mean ||r_q - c||^2 over its residuals, gradient -(2/(N d)) sum (r_q - c_k) at its codes
     residual, want = x.reshape(-1, 4), [torch.zeros(8, 4) for _ in books]
     for q, layer in enumerate(rvq.layers):
-        codes = layer._codebook.embed.detach()[0]
+        codes = layer.codebook_module.embed.detach()[0]
         idx = indices[..., q].reshape(-1)
         g = want[0 if shared else q]
         for n in range(residual.shape[0]):

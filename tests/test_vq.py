@@ -36,7 +36,7 @@ def assert_close_state(a, b, **tol):
 
 
 def set_state(vq, embed, cluster_size, embed_avg):
-    book = vq._codebook
+    book = vq.codebook_module
     with torch.no_grad():
         book.embed.data.copy_(torch.as_tensor(embed, dtype=torch.float32).reshape(book.embed.shape))
         book.cluster_size.copy_(
@@ -206,7 +206,7 @@ def test_ema_step_matches_hand_computation_and_output_uses_old_codebook():
     counts = [1, 2, 1]
     sums = [xs[0], [xs[1][0] + xs[2][0], xs[1][1] + xs[2][1]], xs[3]]
     cs2, ea2, emb2 = hand_ema(cs, ea, counts, sums, decay, eps)
-    book = vq._codebook
+    book = vq.codebook_module
     torch.testing.assert_close(book.cluster_size[0], torch.tensor(cs2))
     torch.testing.assert_close(book.embed_avg[0], torch.tensor(ea2))
     torch.testing.assert_close(vq.codebook, torch.tensor(emb2))
@@ -237,8 +237,8 @@ def test_ema_step_cosine_renormalises():
     counts = [2, 1, 1]
     sums = [[xn[0][0] + xn[3][0], xn[0][1] + xn[3][1]], xn[1], xn[2]]
     cs2, ea2, emb2 = hand_ema(cs, ea, counts, sums, decay, eps, cosine=True)
-    torch.testing.assert_close(vq._codebook.cluster_size[0], torch.tensor(cs2))
-    torch.testing.assert_close(vq._codebook.embed_avg[0], torch.tensor(ea2))
+    torch.testing.assert_close(vq.codebook_module.cluster_size[0], torch.tensor(cs2))
+    torch.testing.assert_close(vq.codebook_module.embed_avg[0], torch.tensor(ea2))
     torch.testing.assert_close(vq.codebook, torch.tensor(emb2))
     torch.testing.assert_close(vq.codebook.norm(dim=-1), torch.ones(3))
 
@@ -254,9 +254,9 @@ def test_ema_step_separate_heads_use_their_own_chunks():
     for h in range(2):
         chunk = x[0, :, 2 * h : 2 * h + 2].tolist()
         sums = [chunk[0], chunk[1]]
-        cs2, ea2, emb2 = hand_ema(cs[h], embed[h], [1, 1], sums, 0.5, vq._codebook.eps)
+        cs2, ea2, emb2 = hand_ema(cs[h], embed[h], [1, 1], sums, 0.5, vq.codebook_module.eps)
         torch.testing.assert_close(vq.codebook[h], torch.tensor(emb2))
-        torch.testing.assert_close(vq._codebook.embed_avg[h], torch.tensor(ea2))
+        torch.testing.assert_close(vq.codebook_module.embed_avg[h], torch.tensor(ea2))
 
 
 # -- dead-code expiry ----------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_dead_codes_replaced_by_batch_vectors_live_codes_follow_ema():
     twin(x)
     assert idx.tolist() == [[0, 0, 0, 2, 2, 2]]
     assert torch.equal(q[0], torch.tensor(embed)[idx[0]]), "output uses the codes before expiry"
-    book = vq._codebook
+    book = vq.codebook_module
     # after EMA: cluster_size = [4.6, 0.8, 4.6, 0.8] -> codes 1 and 3 are below 1.5
     rows = {tuple(r) for r in x[0].tolist()}
     new = [tuple(book.embed[0, k].tolist()) for k in (1, 3)]
@@ -284,9 +284,9 @@ def test_dead_codes_replaced_by_batch_vectors_live_codes_follow_ema():
         assert book.cluster_size[0, k].item() == 1.5
         assert torch.equal(book.embed_avg[0, k], book.embed[0, k] * 1.5)
     for k in (0, 2):
-        assert torch.equal(book.embed[0, k], twin._codebook.embed[0, k])
-        assert torch.equal(book.embed_avg[0, k], twin._codebook.embed_avg[0, k])
-        assert torch.equal(book.cluster_size[0, k], twin._codebook.cluster_size[0, k])
+        assert torch.equal(book.embed[0, k], twin.codebook_module.embed[0, k])
+        assert torch.equal(book.embed_avg[0, k], twin.codebook_module.embed_avg[0, k])
+        assert torch.equal(book.cluster_size[0, k], twin.codebook_module.cluster_size[0, k])
     torch.testing.assert_close(book.cluster_size[0, [0, 2]], torch.tensor([4.6, 4.6]))
 
 
@@ -302,7 +302,7 @@ def test_dead_code_replacements_are_codebook_space_inputs(cosine):
         if cosine:
             z = F.normalize(z, dim=-1)
     vq(x)
-    book = vq._codebook
+    book = vq.codebook_module
     # every code is dead (threshold 100): each is now one of the 8 projected (normalised) tokens
     dist = torch.cdist(book.embed[0], z, compute_mode="donot_use_mm_for_euclid_dist")
     assert dist.min(1).values.max() < 1e-6
@@ -319,7 +319,7 @@ def test_dead_codes_per_head_replaced_from_that_heads_chunks():
     before = snapshot(vq)
     x = torch.randn(1, 6, 4)
     vq(x)
-    book = vq._codebook
+    book = vq.codebook_module
     # head 0: 0.8 * 10 + 0.2 count >= 8, nothing dead; head 1: 0.8 * 0.5 + 0.2 count <= 1.6 < 2, all dead
     assert not torch.isin(book.embed[0], x[0, :, :2]).all(-1).any()
     head1 = {tuple(r) for r in x[0, :, 2:].tolist()}
@@ -336,7 +336,7 @@ def test_kmeans_init_fewer_points_than_codes():
     vq = VectorQuantize(dim=8, codebook_size=64, kmeans_init=True)
     x = torch.randn(1, 20, 8)
     quantized, indices, _ = vq(x)
-    assert bool(vq._codebook.initted)
+    assert bool(vq.codebook_module.initted)
     codes = vq.codebook
     assert torch.isfinite(codes).all()
     assert codes.norm(dim=-1).min() > 0.05, "no zero-vector codes"
@@ -345,7 +345,7 @@ def test_kmeans_init_fewer_points_than_codes():
     assert len(set(indices[0].tolist())) == 20
     torch.testing.assert_close(quantized, x, atol=1e-4, rtol=0)
     for name in ("cluster_size", "embed_avg"):
-        assert torch.isfinite(getattr(vq._codebook, name)).all()
+        assert torch.isfinite(getattr(vq.codebook_module, name)).all()
 
 
 def test_kmeans_init_recovers_planted_blobs():
@@ -382,13 +382,13 @@ def test_kmeans_does_not_run_in_eval_and_runs_once(monkeypatch):
     x = torch.randn(2, 10, 4)
     vq(x)
     vq.encode(x)
-    assert not bool(vq._codebook.initted) and calls == []
+    assert not bool(vq.codebook_module.initted) and calls == []
     assert_same_state(vq, before)
     vq.train()
     vq.encode(x)  # encode never initialises, even in train mode
     assert calls == []
     vq(x)
-    assert bool(vq._codebook.initted) and len(calls) == 1
+    assert bool(vq.codebook_module.initted) and len(calls) == 1
     vq(torch.randn(2, 10, 4))
     vq(torch.randn(2, 10, 4))
     assert len(calls) == 1
@@ -398,9 +398,11 @@ def test_codebook_setter_counts_as_initialised():
     vq = VectorQuantize(dim=2, codebook_size=3, kmeans_init=True, decay=0.5)
     codes = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
     vq.codebook = codes
-    assert bool(vq._codebook.initted)
+    assert bool(vq.codebook_module.initted)
     assert torch.equal(vq.codebook, codes)
-    assert torch.equal(vq._codebook.embed_avg[0], codes * vq._codebook.cluster_size[0].unsqueeze(-1))
+    assert torch.equal(
+        vq.codebook_module.embed_avg[0], codes * vq.codebook_module.cluster_size[0].unsqueeze(-1)
+    )
     q, idx, _ = vq(torch.tensor([[[0.1, 0.1], [3.9, 0.2], [0.2, 4.1]]]))
     assert idx.tolist() == [[0, 1, 2]], "k-means did not overwrite the user's codebook"
     assert torch.equal(q[0], codes)
@@ -419,7 +421,7 @@ def _ortho_vq(**kwargs):
 
 def test_orthogonal_loss_value_on_pre_update_codebook_and_gradient():
     vq = _ortho_vq()
-    assert isinstance(vq._codebook.embed, nn.Parameter)
+    assert isinstance(vq.codebook_module.embed, nn.Parameter)
     x = torch.tensor([[[0.9, 0.1, 0.0], [0.1, 1.9, 0.9], [1.0, 1.1, 0.1]]])
     _, _, loss, parts = vq(x, return_loss_breakdown=True)
     assert not torch.allclose(vq.codebook, torch.tensor(ORTHO_CODES)), "EMA ran"
@@ -430,7 +432,7 @@ def test_orthogonal_loss_value_on_pre_update_codebook_and_gradient():
     ref = torch.tensor(ORTHO_CODES, dtype=torch.float64, requires_grad=True)
     normed = F.normalize(ref, dim=-1)
     (2.0 * ((normed @ normed.T).pow(2).sum() / 25 - 1 / 5)).backward()
-    torch.testing.assert_close(vq._codebook.embed.grad[0], ref.grad.float())
+    torch.testing.assert_close(vq.codebook_module.embed.grad[0], ref.grad.float())
 
 
 def test_orthogonal_loss_active_codes_only():
@@ -443,7 +445,7 @@ def test_orthogonal_loss_active_codes_only():
         parts.orthogonal_reg, torch.tensor(hand_orthogonal([ORTHO_CODES[i] for i in used]))
     )
     loss.backward()
-    grad = vq._codebook.embed.grad[0]
+    grad = vq.codebook_module.embed.grad[0]
     assert (grad[[1, 3, 4]] == 0).all() and (grad[[0, 2]] != 0).any()
 
 
@@ -753,7 +755,7 @@ def test_state_dict_round_trip():
     torch.manual_seed(123)
     fresh = VectorQuantize(**cfg)
     fresh.load_state_dict(sd)
-    assert bool(fresh._codebook.initted)
+    assert bool(fresh.codebook_module.initted)
     x = torch.randn(3, 7, 8)
     vq.eval(), fresh.eval()
     a, b = vq(x), fresh(x)
@@ -808,7 +810,7 @@ def test_freeze_codebook_constructor_and_forward_argument():
     assert loss.item() > 0
     assert_same_state(frozen, before)
     frozen(x, freeze_codebook=False)  # the forward argument overrides the constructor
-    assert not torch.equal(frozen._codebook.cluster_size, before["_codebook.cluster_size"])
+    assert not torch.equal(frozen.codebook_module.cluster_size, before["_codebook.cluster_size"])
 
     live = VectorQuantize(dim=4, codebook_size=6)
     before = snapshot(live)
@@ -828,7 +830,7 @@ def test_training_under_no_grad_still_updates_ema():
     with torch.no_grad():
         vq(x)
     twin(x)
-    assert not torch.equal(vq._codebook.cluster_size, before["_codebook.cluster_size"])
+    assert not torch.equal(vq.codebook_module.cluster_size, before["_codebook.cluster_size"])
     assert_same_state(vq, snapshot(twin))
 
 
@@ -843,14 +845,14 @@ def test_low_precision_input_keeps_float32_statistics(cfg):
     # .half() casts the projections, never the codebook state (DESIGN: statistics stay float32)
     half = VectorQuantize(dim=4, codebook_size=6, **cfg).half()
     for name in ("embed", "cluster_size", "embed_avg"):
-        assert getattr(half._codebook, name).dtype == torch.float32
+        assert getattr(half.codebook_module, name).dtype == torch.float32
     if half.has_projections:
         assert half.project_in.weight.dtype == torch.float16
     xh = x.half()
     q, idx, loss = half(xh)
     assert q.dtype == torch.float16 and torch.isfinite(loss)
     for name in ("embed", "cluster_size", "embed_avg"):
-        assert getattr(half._codebook, name).dtype == torch.float32
+        assert getattr(half.codebook_module, name).dtype == torch.float32
     half.eval()
     out = half(xh)
     # decode cannot know the caller's dtype: it returns the projection's dtype (float32 codes without one)
@@ -1009,7 +1011,7 @@ def test_bad_forward_raises_and_leaves_state_unchanged(name):
         with pytest.raises(exc, match=msg):
             vq.encode(*args())
         assert_same_state(vq, before)
-    assert not bool(vq._codebook.initted)
+    assert not bool(vq.codebook_module.initted)
 
 
 BAD_DECODES = {
@@ -1113,7 +1115,7 @@ def test_non_finite_tokens_never_reach_the_codebook(cfg):
         torch.manual_seed(10 + step)
         ref(x[keep].unsqueeze(0))
         for name in ("embed", "cluster_size", "embed_avg"):
-            assert torch.isfinite(getattr(vq._codebook, name)).all(), name
+            assert torch.isfinite(getattr(vq.codebook_module, name)).all(), name
         assert_close_state(vq, ref, rtol=0, atol=0)
 
 
@@ -1121,12 +1123,12 @@ def test_all_non_finite_batch_leaves_kmeans_pending_and_state_unchanged():
     vq = VectorQuantize(dim=4, codebook_size=6, kmeans_init=True, threshold_ema_dead_code=1.0)
     before = snapshot(vq)
     vq(torch.full((1, 5, 4), float("nan")))
-    assert not bool(vq._codebook.initted)
+    assert not bool(vq.codebook_module.initted)
     assert_same_state(vq, before)
     vq(torch.randn(1, 10, 4))
-    assert bool(vq._codebook.initted)
+    assert bool(vq.codebook_module.initted)
     for name in ("embed", "cluster_size", "embed_avg"):
-        assert torch.isfinite(getattr(vq._codebook, name)).all()
+        assert torch.isfinite(getattr(vq.codebook_module, name)).all()
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.8])
@@ -1149,12 +1151,12 @@ def test_kmeans_waits_until_every_head_has_a_finite_token():
     x[..., 0] = float("nan")  # head 0 sees only non-finite chunks; head 1 is fine
     before = snapshot(vq)
     vq(x)  # used to raise "k-means needs at least one valid token"
-    assert not bool(vq._codebook.initted)
+    assert not bool(vq.codebook_module.initted)
     assert torch.equal(vq.codebook[0], before["_codebook.embed"][0]), "head 0 had nothing to learn from"
     assert not torch.equal(vq.codebook[1], before["_codebook.embed"][1])
     assert torch.isfinite(vq.codebook).all()
     vq(torch.randn(1, 6, 4))
-    assert bool(vq._codebook.initted)
+    assert bool(vq.codebook_module.initted)
 
 
 @pytest.mark.parametrize("codebook_dim", [None, 8])
@@ -1176,7 +1178,7 @@ def test_half_module_with_layernorm_after_project_in(codebook_dim):
 def test_learnable_codebook_gets_the_codebook_loss_gradient_and_no_ema_step():
     torch.manual_seed(0)
     vq = VectorQuantize(dim=4, codebook_size=6, learnable_codebook=True, commitment_weight=0.5)
-    book = vq._codebook
+    book = vq.codebook_module
     assert isinstance(book.embed, nn.Parameter) and book.trained_by_gradient and not book.ema
     x = torch.randn(2, 5, 4, requires_grad=True)
     before = snapshot(vq)
@@ -1219,7 +1221,7 @@ def test_learnable_codebook_trains_by_gradient_and_freezes_on_request():
     _, _, loss = vq(data, freeze_codebook=True)
     assert loss.item() > 0 and not loss.requires_grad
     _, _, loss = vq(data.requires_grad_())
-    (grad,) = torch.autograd.grad(loss, vq._codebook.embed)
+    (grad,) = torch.autograd.grad(loss, vq.codebook_module.embed)
     assert grad.abs().sum() > 0
 
 
@@ -1228,7 +1230,7 @@ def test_learnable_codebook_expiry_counts_usage_without_ema():
     vq = VectorQuantize(
         dim=4, codebook_size=8, learnable_codebook=True, threshold_ema_dead_code=0.5, decay=0.5
     )
-    book = vq._codebook
+    book = vq.codebook_module
     embed_avg = book.embed_avg.clone()
     x = torch.randn(1, 64, 4) * 0.01  # tiny inputs: a few codes take everything, the others go unused
     _, indices, _ = vq(x)
@@ -1263,7 +1265,7 @@ def test_learnable_codebook_invalid_combinations():
 def test_ema_update_weight_scales_each_codes_step_and_zero_freezes():
     torch.manual_seed(0)
     vq = VectorQuantize(dim=4, codebook_size=6, decay=0.8, threshold_ema_dead_code=5.0)
-    book = vq._codebook
+    book = vq.codebook_module
     x = torch.randn(2, 30, 4)
     before = snapshot(vq)
     indices = book.nearest(x.reshape(1, -1, 4))
@@ -1303,9 +1305,11 @@ def test_ema_update_weight_callable_sees_the_batch_statistics():
     unused = torch.bincount(indices.reshape(-1), minlength=16) == 0
     assert unused.sum() >= 10
     for name in ("cluster_size", "embed_avg", "embed"):
-        assert torch.equal(getattr(vq._codebook, name)[0, unused], before[f"_codebook.{name}"][0, unused])
+        assert torch.equal(
+            getattr(vq.codebook_module, name)[0, unused], before[f"_codebook.{name}"][0, unused]
+        )
         assert not torch.equal(
-            getattr(vq._codebook, name)[0, ~unused], before[f"_codebook.{name}"][0, ~unused]
+            getattr(vq.codebook_module, name)[0, ~unused], before[f"_codebook.{name}"][0, ~unused]
         )
 
 
@@ -1324,4 +1328,4 @@ def test_accum_ema_update_takes_one_step_for_all_micro_batches():
     twin(torch.cat(parts, 1))  # the same tokens in one batch: one step
     for name, t in snapshot(twin).items():
         torch.testing.assert_close(snapshot(vq)[name], t, msg=name)
-    assert not vq._codebook.pending_counts.any()  # folded in and cleared
+    assert not vq.codebook_module.pending_counts.any()  # folded in and cleared

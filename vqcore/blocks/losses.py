@@ -26,9 +26,10 @@ from vqcore.protocols import Codebook, Loss
 def masked_mse(x: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
     """``mean ||x - q||^2`` over the valid tokens and the features of each book: (B, N, d) -> (B,).
 
-    Without a mask, one fused ``mse_loss`` per call (its backward is ~4x faster than sub + pow + mean
-    on the CPU). With one, ``where`` before the square keeps a NaN in a masked token out of the sum and
-    out of the gradient (masking after the square would back-propagate 0 * 2 * NaN = NaN into it).
+    Without a mask, one fused ``mse_loss`` per call (its backward is one kernel, unlike sub + pow +
+    mean; benchmarks/README.md has the measurement). With one, ``where`` before the square keeps a NaN
+    in a masked token out of the sum and out of the gradient (masking after the square would
+    back-propagate 0 * 2 * NaN = NaN into it).
     """
     if valid is None:
         if x.shape[0] == 1:
