@@ -1,10 +1,10 @@
 """RandomProjectionQuantizer: seed example, indices against an explicit LayerNorm -> projection -> cosine
 argmax, the cross-entropy paths against F.cross_entropy, buffers only, determinism, state_dict, export.
 
-check_quantizer does not apply as is: forward returns the indices (DESIGN §2), not (quantized, indices),
-and decode returns codebook vectors in the projected space, not the input's shape. The same properties
-(encode == forward, decode(encode(x)) == the chosen codes, state untouched, state_dict round trip,
-torch.export with dynamic axes) are checked explicitly below.
+check_quantizer does not apply as is: forward returns the indices (as the reference), not (quantized,
+indices), and decode returns codebook vectors in the projected space, not the input's shape. The same
+properties (encode == forward, decode(encode(x)) == the chosen codes, state untouched, state_dict round
+trip, torch.export with dynamic axes) are checked explicitly below.
 """
 
 from __future__ import annotations

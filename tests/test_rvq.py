@@ -47,7 +47,7 @@ def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-# -- seed README examples (only the import changed; losses (Q,) and (G, Q), DESIGN §2) ------------
+# -- seed README examples (only the import changed; losses (Q,) and (G, Q)) ------------------------
 
 
 def test_seed_examples():

@@ -842,7 +842,7 @@ def test_low_precision_input_keeps_float32_statistics(cfg):
     vq = VectorQuantize(dim=4, codebook_size=6, **cfg)
     q, idx, loss = vq(x)  # a float32 module fed bf16
     assert q.dtype == torch.bfloat16 and idx.dtype == torch.int64
-    # .half() casts the projections, never the codebook state (DESIGN: statistics stay float32)
+    # .half() casts the projections, never the codebook state (statistics stay float32)
     half = VectorQuantize(dim=4, codebook_size=6, **cfg).half()
     for name in ("embed", "cluster_size", "embed_avg"):
         assert getattr(half.codebook_module, name).dtype == torch.float32
