@@ -12,4 +12,6 @@ BUILTIN_PLUGINS = (
     "vqcore.plugins.fsq",
     "vqcore.plugins.lfq",
     "vqcore.plugins.latent",
+    "vqcore.plugins.reference_vq",
+    "vqcore.plugins.reference_scalar",
 )

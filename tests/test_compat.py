@@ -9,7 +9,22 @@ import torch
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
-from vqcore.compat import from_reference, load_reference_state_dict, reference_kwargs  # noqa: E402
+import vqcore  # noqa: E402
+from vqcore.blocks.conversion import (  # noqa: E402
+    CHANGES_EVAL,
+    TRAINING_ONLY,
+    UnsupportedOptions,
+    linear_of,
+    list_entries,
+    map_projections,
+    raise_unsupported,
+)
+from vqcore.compat import (  # noqa: E402
+    converter_for,
+    from_reference,
+    load_reference_state_dict,
+    reference_kwargs,
+)
 
 warnings.filterwarnings("ignore", module="vector_quantize_pytorch")
 
@@ -210,8 +225,13 @@ def test_training_only_option_needs_opt_in():
 
 
 def test_unknown_class_raises():
-    with pytest.raises(ValueError, match="no conversion"):
+    # the supported classes are the registry's converters, sorted
+    supported = "FSQ, GroupedResidualVQ, LFQ, LatentQuantize, ResidualVQ, VectorQuantize"
+    with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
+    assert str(err.value) == (
+        f"vqcore.compat: no conversion for reference class 'Linear'; supported: {supported}"
+    )
 
 
 # -- layouts: RVQ / GRVQ with image, video and channel-first feature maps ----------------------------------
@@ -443,24 +463,8 @@ def test_latent_quantize_channel_first_sequence(optimize_values):
     "make, match, x",
     [
         (
-            lambda: vqp.VectorQuantize(
-                dim=8,
-                codebook_size=16,
-                stochastic_sample_codes=True,
-                straight_through=True,
-                rotation_trick=False,
-            ),
-            "straight_through",
-            (2, 5, 8),
-        ),
-        (
             lambda: vqp.VectorQuantize(dim=8, codebook_size=16, manual_ema_update=True),
             "manual_ema_update",
-            (2, 5, 8),
-        ),
-        (
-            lambda: vqp.ResidualVQ(**RVQ_BASE, straight_through=True, rotation_trick=False),
-            "straight_through",
             (2, 5, 8),
         ),
         (
@@ -481,9 +485,7 @@ def test_latent_quantize_channel_first_sequence(optimize_values):
         ),
     ],
     ids=[
-        "vq_gumbel_straight_through",
         "vq_manual_ema",
-        "rvq_gumbel_straight_through",
         "lfq_activation",
         "lfq_f32",
         "fsq_f32",
@@ -530,3 +532,235 @@ def test_learnable_codebook_converts_to_a_gradient_trained_codebook():
     _, _, loss = mine(torch.randn(2, 20, 8))
     (grad,) = torch.autograd.grad(loss, mine._codebook.embed)
     assert grad.abs().sum() > 0
+
+
+# -- Gumbel straight-through ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cls_name, kwargs", [("VectorQuantize", dict(dim=8, codebook_size=16)), ("ResidualVQ", RVQ_BASE)]
+)
+def test_gumbel_straight_through_converts_to_the_straight_through_estimator(cls_name, kwargs):
+    # the reference's codebook returns the soft assignment's output, but its forward replaces it by
+    # x + sg(q - x): the gradient reaching its input is the identity per layer, vqcore's straight-through
+    torch.manual_seed(19)
+    options = dict(kwargs, straight_through=True, rotation_trick=False, sample_codebook_temp=0.5)
+    ref = _train(getattr(vqp, cls_name)(**options), (4, 32, 8))
+    _, kw = reference_kwargs(ref)  # no allow_training_differences needed
+    assert kw["rotation_trick"] is False and "straight_through" not in kw
+    mine = from_reference(ref)
+    layers = list(mine.layers) if cls_name == "ResidualVQ" else [mine]
+    assert [layer.estimator.name for layer in layers] == ["straight_through"] * len(layers)
+    _compare(ref, mine, torch.randn(3, 20, 8))
+
+    x, weight = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    outputs, grads = [], []
+    for module in (ref, mine):
+        xg = x.clone().requires_grad_()
+        out = module.train()(xg)
+        (out[0] * weight).sum().backward()
+        outputs.append(out)
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], weight * len(layers))  # the identity, once per layer
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(outputs[1][1], outputs[0][1].long())
+
+
+# -- the driver and the registry ----------------------------------------------------------------------
+def test_compat_imports_no_plugin_module():
+    import ast
+    from pathlib import Path
+
+    import vqcore.compat
+
+    imported = []
+    for path in Path(vqcore.compat.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported.append(node.module or "")
+    assert imported and not [
+        name for name in imported if name == "vqcore" or name.startswith("vqcore.plugins")
+    ]
+
+
+def test_converters_are_registered_under_the_reference_class_names():
+    from vqcore.registry import get_registry
+
+    entries = get_registry().entries("converter")
+    assert {e.name: e.plugin for e in entries} == {
+        "VectorQuantize": "vqcore.plugins.reference_vq",
+        "ResidualVQ": "vqcore.plugins.reference_vq",
+        "GroupedResidualVQ": "vqcore.plugins.reference_vq",
+        "FSQ": "vqcore.plugins.reference_scalar",
+        "LFQ": "vqcore.plugins.reference_scalar",
+        "LatentQuantize": "vqcore.plugins.reference_scalar",
+    }
+    # each builds the quantizer registered under the same class name (an alias of the canonical name)
+    for entry in entries:
+        converter = converter_for(entry.name)
+        assert vqcore.get_entry(converter.quantizer).factory.__name__ == entry.name
+
+
+def test_shared_codebook_state_is_mapped_layer_by_layer():
+    torch.manual_seed(21)
+    ref = _train(vqp.ResidualVQ(**RVQ_BASE, shared_codebook=True), (4, 32, 8))
+    mine = from_reference(ref)
+    assert mine.layers[0].codebook_module is mine.layers[1].codebook_module
+    state = converter_for("ResidualVQ").state_dict(mine, ref.state_dict())
+    names = ("embed", "cluster_size", "embed_avg", "initted")
+    assert set(state) == {f"layers.{q}._codebook.{name}" for q in range(2) for name in names}
+    torch.testing.assert_close(mine.layers[1].codebook_module.codes, ref.layers[1]._codebook.embed)
+
+
+def test_load_reference_state_dict_errors():
+    with pytest.raises(ValueError, match="no reference mapping for vqcore class 'Linear'"):
+        load_reference_state_dict(torch.nn.Linear(2, 2), {})
+    rpq = vqcore.create("rpq", dim=8, codebook_size=16, codebook_dim=4)  # registered, without a converter
+    with pytest.raises(ValueError, match="no reference mapping for vqcore class 'RandomProjectionQuantizer'"):
+        load_reference_state_dict(rpq, {})
+    vq = vqcore.VectorQuantize(dim=8, codebook_size=16)
+    with pytest.raises(ValueError) as err:
+        load_reference_state_dict(vq, {})
+    assert str(err.value) == (
+        "vqcore.compat: the reference state_dict has no key '_codebook.initted' needed by VectorQuantize"
+    )
+    with pytest.raises(ValueError, match="the converter for reference 'FSQ' builds 'FSQ', not 'vq'"):
+        load_reference_state_dict(vq, {}, reference="FSQ")
+
+
+class SimVQConverter:
+    """A third-party converter: the reference's SimVQ (codes = code_transform(frozen_codebook), a linear
+    map trained by gradient) as a vqcore VectorQuantize whose gradient-trained codebook holds those codes."""
+
+    quantizer = "vq"
+
+    def kwargs(self, ref, allow_training_differences=False):
+        if not allow_training_differences:
+            raise ValueError("SimVQ trains a map of a frozen codebook: pass allow_training_differences=True")
+        return dict(
+            dim=int(ref.codebook.shape[-1]),
+            codebook_size=int(ref.codebook_size),
+            learnable_codebook=True,
+            rotation_trick=bool(ref.rotation_trick),
+        )
+
+    def state_dict(self, module, ref_state_dict):
+        state = module.state_dict()
+        codes = ref_state_dict["frozen_codebook"] @ ref_state_dict["code_transform.weight"].T
+        state["_codebook.embed"] = codes.unsqueeze(0)
+        return state
+
+
+class SimVQConverterPlugin:
+    @vqcore.hookimpl
+    def register_converters(self, register):
+        register("SimVQ", SimVQConverter, summary="SimVQ as a VectorQuantize with its implicit codes")
+
+
+def test_a_plugin_registers_a_converter_at_run_time(fresh_registry):
+    vqcore.register_plugin(SimVQConverterPlugin(), name="simvq-converter")
+    torch.manual_seed(20)
+    ref = _train(vqp.SimVQ(dim=8, codebook_size=16), (2, 32, 8))
+    with pytest.raises(ValueError, match="allow_training_differences"):
+        from_reference(ref)
+    assert reference_kwargs(ref, allow_training_differences=True)[0] == "vq"
+    mine = from_reference(ref, allow_training_differences=True)
+    assert mine.config["name"] == "vq" and mine.codebook_module.trained_by_gradient
+    assert not mine.training
+    _compare(ref, mine, torch.randn(3, 20, 8))
+    with pytest.raises(ValueError, match="supported: FSQ, .*, SimVQ, VectorQuantize$"):
+        from_reference(torch.nn.Linear(2, 2))
+
+    # two reference classes now convert to "vq": a prebuilt module needs to be told which one
+    prebuilt = vqcore.create("vq", dim=8, codebook_size=16, learnable_codebook=True)
+    with pytest.raises(
+        ValueError, match=r"several reference classes convert to 'vq' \(SimVQ, VectorQuantize\)"
+    ):
+        load_reference_state_dict(prebuilt, ref.state_dict())
+    load_reference_state_dict(prebuilt, ref.state_dict(), reference="SimVQ")
+    _compare(ref, prebuilt.eval(), torch.randn(3, 20, 8))
+
+
+def test_a_converter_must_follow_the_protocol(fresh_registry):
+    class NoStateDict:
+        quantizer = "vq"
+
+        def kwargs(self, ref, allow_training_differences=False):
+            return dict(dim=2, codebook_size=4)
+
+    class Plugin:
+        @vqcore.hookimpl
+        def register_converters(self, register):
+            register("Linear", NoStateDict)
+
+    vqcore.register_plugin(Plugin(), name="broken-converter")
+    with pytest.raises(TypeError) as err:
+        from_reference(torch.nn.Linear(2, 2))
+    assert str(err.value) == (
+        "converter 'Linear' (plugin 'broken-converter') built NoStateDict, which does not follow "
+        "vqcore.protocols.ReferenceConverter: missing state_dict"
+    )
+
+
+# -- the conversion building blocks --------------------------------------------------------------------------
+def test_unsupported_options_findings_and_error():
+    table = UnsupportedOptions(eval=(("spherical", False),), train=(("noise", 0.0), ("absent", None)))
+    ref = torch.nn.Module()
+    ref.spherical, ref.noise = False, torch.tensor(0.5)
+    assert table.findings(ref) == [(TRAINING_ONLY, "noise=0.5")]  # a 0-dim tensor reads as its number
+    with pytest.raises(ValueError) as err:
+        raise_unsupported(table.findings(ref), False, "Thing")
+    assert str(err.value) == (
+        "vqcore.compat: reference Thing uses options vqcore does not support: noise=0.5 (training only); "
+        "pass allow_training_differences=True to convert anyway (eval outputs agree, training differs)"
+    )
+    raise_unsupported(table.findings(ref), True, "Thing")  # the opt-in lets training-only options through
+    ref.spherical = True
+    findings = table.findings(ref)
+    assert findings == [(CHANGES_EVAL, "spherical=True"), (TRAINING_ONLY, "noise=0.5")]
+    with pytest.raises(ValueError) as err:
+        raise_unsupported(findings, True, "Thing")
+    assert str(err.value) == (  # no opt-in hint where the opt-in would not help
+        "vqcore.compat: reference Thing uses options vqcore does not support: spherical=True (changes eval "
+        "outputs)"
+    )
+
+
+def test_linear_of_and_list_entries():
+    linear = torch.nn.Linear(2, 3)
+    assert linear_of(linear) is linear
+    assert linear_of(torch.nn.Sequential(linear, torch.nn.LayerNorm(3))) is linear
+    assert linear_of(torch.nn.Identity()) is None
+    state = dict.fromkeys(["layers.0.a", "layers.10.b", "layers.2.c", "layers.2.d", "norm.weight"])
+    assert list_entries(state, "layers.") == [0, 2, 10]
+
+
+def test_map_projections_keys():
+    ref_sd = {
+        name: torch.full((1,), float(i))
+        for i, name in enumerate(
+            [
+                "g.project_in.0.weight",
+                "g.project_in.0.bias",
+                "g.project_in.1.weight",
+                "g.project_in.1.bias",
+                "g.project_out.weight",
+                "g._codebook.embed",
+            ]
+        )
+    }
+    own = dict.fromkeys(["h.project_in.weight", "h.project_in.bias", "h.project_out.weight"])
+    out = {}
+    map_projections(own, ref_sd, out, "g.", "h.", layernorm_to="h.norm_in.")
+    assert out == {
+        "h.project_in.weight": ref_sd["g.project_in.0.weight"],
+        "h.project_in.bias": ref_sd["g.project_in.0.bias"],
+        "h.norm_in.weight": ref_sd["g.project_in.1.weight"],
+        "h.norm_in.bias": ref_sd["g.project_in.1.bias"],
+        "h.project_out.weight": ref_sd["g.project_out.weight"],
+    }
+    with pytest.raises(ValueError, match="unexpected key 'g.project_in.1.weight'"):
+        map_projections(own, ref_sd, {}, "g.", "h.")  # a LayerNorm where the method has none
+    with pytest.raises(ValueError, match="has project_out weights but the vqcore module has no project_out"):
+        map_projections({"h.project_in.weight": None}, ref_sd, {}, "g.", "h.", layernorm_to="h.norm_in.")

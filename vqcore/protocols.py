@@ -170,11 +170,13 @@ class ReferenceConverter(Protocol):
     Registered under the reference's class name (hook ``register_converters``); :mod:`vqcore.compat`
     looks converters up by ``type(ref).__name__`` and builds ``vqcore.create(quantizer, **kwargs(ref))``.
 
-    - ``quantizer``: the vqcore registry name the converter builds;
+    - ``quantizer``: the vqcore registry name (or alias) the converter builds;
     - ``kwargs(ref, allow_training_differences)``: the vqcore constructor arguments equivalent to the
       reference module's options; raises ValueError naming every reference option vqcore lacks
       (training-only ones pass when ``allow_training_differences``);
-    - ``state_dict(module, ref_state_dict)``: the reference's trained state as ``module``'s state_dict.
+    - ``state_dict(module, ref_state_dict)``: the reference's trained state as ``module``'s state_dict
+      (``module`` built from ``kwargs``); a reference key it needs and does not find raises KeyError,
+      which :mod:`vqcore.compat` reports as a ValueError naming the key.
     """
 
     quantizer: str

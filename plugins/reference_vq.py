@@ -1,0 +1,273 @@
+"""Converters from vector-quantize-pytorch 1.32.0 VectorQuantize, ResidualVQ and GroupedResidualVQ.
+
+Each follows :class:`vqcore.protocols.ReferenceConverter` and is registered under the reference's class
+name (``vqcore.compat.from_reference`` finds it there). The options are read from the reference module's
+public attributes, its codebook's through ``ref.get_submodule("_codebook")``; the state is mapped key by
+key, so the vqcore modules are only built (by the driver) and never inspected beyond their ``state_dict``.
+
+Mapping rules (the module docstring of :mod:`vqcore.compat` lists the user-visible ones):
+
+- the reference's codebook lives at ``_codebook.*`` (``embed``, ``cluster_size``, ``embed_avg``,
+  ``initted``), vqcore's too; a residual stack's layer ``q`` at ``layers.{q}._codebook.*``, also with a
+  shared codebook (one codebook listed under every layer, in the reference and in vqcore alike), and a
+  grouped stack's under ``rvqs.{g}.``;
+- Gumbel straight-through (``straight_through=True``): the reference's codebook returns the soft
+  assignment's output, but its ``VectorQuantize.forward`` then replaces it by ``x + sg(q - x)`` before
+  returning, so the gradient that reaches its input is the identity: it converts to vqcore's default
+  straight-through estimator (vqcore's ``straight_through=True`` would pass the soft assignment's
+  gradient on, which the reference never does);
+- the reference's default estimator is the rotation trick (``rotation_trick`` is read back as it is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from vqcore.blocks.conversion import (
+    TRAINING_ONLY,
+    UnsupportedOptions,
+    linear_of,
+    list_entries,
+    map_projections,
+    raise_unsupported,
+)
+from vqcore.hookspecs import hookimpl
+
+# Reference options that vqcore does not implement. (``manual_ema_update`` is checked separately: the
+# reference's shared RVQ codebook sets it on its layers.)
+VQ_UNSUPPORTED = UnsupportedOptions(
+    eval=(("directional_reparam", False),),
+    train=(
+        ("commitment_use_cross_entropy_loss", False),
+        ("codebook_diversity_loss_weight", 0.0),
+        ("in_place_codebook_optimizer", None),
+        ("sync_update_v", 0.0),
+        ("route_gradients_to_input", True),
+    ),
+)
+CODEBOOK_UNSUPPORTED = UnsupportedOptions(eval=(("affine_param", False), ("vq_bridge", None)))
+RVQ_UNSUPPORTED = UnsupportedOptions(
+    eval=(
+        ("implicit_neural_codebook", False),
+        ("diveq", False),
+        ("beam_size", None),
+        ("eval_beam_size", None),
+    ),
+    train=(("quant_grad_frac", 0.0),),
+)
+
+CODEBOOK_KEYS = ("embed", "cluster_size", "embed_avg", "initted")
+
+
+def _gumbel_keywords(book: nn.Module) -> dict[str, Any]:
+    """The options the reference bound into its codebook's ``gumbel_sample`` (a ``functools.partial``)."""
+    fn = getattr(book, "gumbel_sample", None)
+    return dict(getattr(fn, "keywords", None) or {})
+
+
+def _sync_options(book: nn.Module) -> dict[str, Any]:
+    """``sync_codebook`` / ``sync_kmeans`` from the reference codebook's resolved DDP functions."""
+    if not bool(getattr(book, "use_ddp", False)):
+        # resolved at construction: False also when the module was merely built outside a process group.
+        # vqcore's None decides at every call (and sync_kmeans is unobservable here: keep the default)
+        return dict(sync_codebook=None)
+    sample_fn = getattr(book, "sample_fn", None)
+    return dict(
+        sync_codebook=True, sync_kmeans=getattr(sample_fn, "__name__", "") == "sample_vectors_distributed"
+    )
+
+
+def _initted(layer: nn.Module) -> bool:
+    """Whether a reference VectorQuantize's codebook has run k-means (or never needed it)."""
+    return bool(layer.get_submodule("_codebook").get_buffer("initted"))
+
+
+def layer_kwargs(ref: nn.Module, allow_training_differences: bool, shared_codebook: bool = False) -> dict:
+    """The options a reference VectorQuantize shares with the layers of its ResidualVQ."""
+    book = ref.get_submodule("_codebook")
+    findings = VQ_UNSUPPORTED.findings(ref) + CODEBOOK_UNSUPPORTED.findings(book)
+    if bool(getattr(book, "manual_ema_update", False)) and not shared_codebook:
+        findings.append((TRAINING_ONLY, "manual_ema_update=True"))
+    raise_unsupported(findings, allow_training_differences, type(ref).__name__)
+    orthogonal = float(ref.orthogonal_reg_weight)
+    # the reference's codebook is learnable with orthogonal regularisation too (vqcore's is, internally);
+    # a user's learnable_codebook=True is a gradient-trained codebook, without EMA (the reference skips it)
+    learnable = bool(ref.learnable_codebook) and orthogonal <= 0
+    gumbel = _gumbel_keywords(book)
+    return dict(
+        decay=float(book.decay),
+        eps=float(book.eps),
+        kmeans_init=not _initted(ref),
+        kmeans_iters=int(book.kmeans_iters),
+        use_cosine_sim=bool(ref.use_cosine_sim),
+        threshold_ema_dead_code=float(book.threshold_ema_dead_code),
+        commitment_weight=float(ref.commitment_weight),
+        orthogonal_reg_weight=orthogonal,
+        orthogonal_reg_active_codes_only=bool(ref.orthogonal_reg_active_codes_only),
+        orthogonal_reg_max_codes=ref.orthogonal_reg_max_codes,
+        stochastic_sample_codes=bool(gumbel.get("stochastic", False)),
+        sample_codebook_temp=float(book.sample_codebook_temp),
+        # straight_through=True (Gumbel) leaves rotation_trick False: vqcore's straight-through default
+        rotation_trick=bool(ref.rotation_trick),
+        ema_update=bool(book.ema_update) and not learnable,
+        learnable_codebook=learnable,
+        freeze_codebook=bool(ref.freeze_codebook),
+        return_zeros_for_masked_padding=bool(ref.return_zeros_for_masked_padding),
+        **_sync_options(book),
+    )
+
+
+def layout_kwargs(image: bool, video: bool, channel_last: bool) -> dict:
+    """vqcore's layout options for the reference's flags: the reference ignores ``channel_last`` for
+    image / video fmaps (always channel-first), where vqcore rejects the pair."""
+    return dict(accept_image_fmap=image, accept_3d_fmap=video, channel_last=channel_last or image or video)
+
+
+def map_codebook(
+    own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor], src: str, dst: str, out: dict
+) -> None:
+    """One EMA codebook: reference keys ``{src}{name}`` -> ``out[{dst}{name}]``.
+
+    A reference k-means codebook that never saw a batch (``initted`` False) holds zeros as placeholder codes
+    (and cluster sizes of 1): that is no trained state. The vqcore module keeps its own placeholders (random
+    codes, never zeros) and loads ``initted = False``, so k-means runs on its first training batch.
+    """
+    initted = bool(ref_state_dict[f"{src}initted"])
+    for name in CODEBOOK_KEYS:
+        if name != "initted" and not initted and f"{dst}{name}" in own:
+            out[f"{dst}{name}"] = own[f"{dst}{name}"]
+        else:
+            out[f"{dst}{name}"] = ref_state_dict[f"{src}{name}"]
+
+
+def map_residual(own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor], prefix: str, out: dict):
+    """A ResidualVQ at ``prefix``: its projections and every layer's codebook (the same keys in both)."""
+    map_projections(own, ref_state_dict, out, prefix, prefix)
+    for q in list_entries(own, f"{prefix}layers."):
+        codebook = f"{prefix}layers.{q}._codebook."
+        map_codebook(own, ref_state_dict, codebook, codebook, out)
+
+
+class VectorQuantizeConverter:
+    """Reference ``VectorQuantize`` -> vqcore ``VectorQuantize`` (see the module docstring)."""
+
+    quantizer = "VectorQuantize"
+
+    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+        embed = ref.get_submodule("_codebook").embed  # a buffer, or a Parameter when learnable
+        return dict(
+            dim=int(ref.dim),
+            codebook_size=int(ref.codebook_size),
+            codebook_dim=int(embed.shape[-1]),
+            heads=int(ref.heads),
+            separate_codebook_per_head=bool(ref.separate_codebook_per_head),
+            layernorm_after_project_in=isinstance(ref.project_in, nn.Sequential),  # (Linear, LayerNorm)
+            **layout_kwargs(bool(ref.accept_image_fmap), bool(ref.accept_3d_fmap), bool(ref.channel_last)),
+            **layer_kwargs(ref, allow_training_differences),
+        )
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        own = module.state_dict()
+        out: dict[str, Tensor] = {}
+        map_codebook(own, ref_state_dict, "_codebook.", "_codebook.", out)
+        map_projections(own, ref_state_dict, out, layernorm_to="norm_in.")
+        return out
+
+
+class ResidualVQConverter:
+    """Reference ``ResidualVQ`` -> vqcore ``ResidualVQ``: the layers share every option (the reference
+    passes one ``**vq_kwargs`` to all of them), not their k-means state."""
+
+    quantizer = "ResidualVQ"
+
+    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+        what = type(ref).__name__
+        raise_unsupported(RVQ_UNSUPPORTED.findings(ref), allow_training_differences, what)
+        layers = list(ref.layers)
+        layer = layers[0]
+        if any(bool(getattr(lay, "has_projections", False)) for lay in layers):
+            raise ValueError(
+                "vqcore.compat: reference ResidualVQ layers with their own projections are not supported"
+            )
+        sizes = tuple(int(s) for s in ref.codebook_sizes)
+        shared = bool(ref.shared_codebook)
+        options = layer_kwargs(layer, allow_training_differences, shared_codebook=shared)
+        # quantize dropout (or a layer called on its own) can leave later layers un-initialised while the
+        # first one has run k-means
+        options["kmeans_init"] = not all(_initted(lay) for lay in layers)
+        dim = linear_of(ref.project_in).in_features if ref.has_projections else int(ref.codebook_dim)
+        # the layout: accept_image_fmap is the RVQ's own option, accept_3d_fmap / channel_last reach the
+        # layers through **vq_kwargs. The reference's residual bookkeeping is channel-last only, so its
+        # forward breaks on these layouts; vqcore quantizes every position as a token, as meant.
+        layout = layout_kwargs(
+            bool(ref.accept_image_fmap) or bool(layer.accept_image_fmap),
+            bool(layer.accept_3d_fmap),
+            bool(layer.channel_last),
+        )
+        return dict(
+            dim=dim,
+            num_quantizers=int(ref.num_quantizers),
+            codebook_size=sizes[0] if len(set(sizes)) == 1 else sizes,
+            codebook_dim=int(ref.codebook_dim),
+            shared_codebook=shared,
+            quantize_dropout=bool(ref.quantize_dropout),
+            quantize_dropout_cutoff_index=int(ref.quantize_dropout_cutoff_index),
+            quantize_dropout_multiple_of=int(ref.quantize_dropout_multiple_of),
+            **layout,
+            **options,
+        )
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        map_residual(module.state_dict(), ref_state_dict, "", out)
+        return out
+
+
+class GroupedResidualVQConverter:
+    """Reference ``GroupedResidualVQ`` -> vqcore ``GroupedResidualVQ``: one ResidualVQ per group."""
+
+    quantizer = "GroupedResidualVQ"
+
+    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+        rvqs = list(ref.rvqs)
+        options = ResidualVQConverter().kwargs(rvqs[0], allow_training_differences)
+        for key in ("dim", "accept_image_fmap", "accept_3d_fmap", "channel_last"):
+            options.pop(key)
+        options["kmeans_init"] = not all(_initted(lay) for rvq in rvqs for lay in rvq.layers)
+        layer = rvqs[0].layers[0]
+        # the reference splits the groups on axis 1 for image fmaps and on the last axis otherwise, also for
+        # video / channel-first inputs (where that axis is a position, not the channels: its forward breaks);
+        # vqcore always splits the channel axis, which is what the grouping means
+        layout = layout_kwargs(
+            bool(ref.accept_image_fmap), bool(layer.accept_3d_fmap), bool(layer.channel_last)
+        )
+        return dict(dim=int(ref.dim), groups=int(ref.groups), **layout, **options)
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        own = module.state_dict()
+        out: dict[str, Tensor] = {}
+        for g in list_entries(own, "rvqs."):
+            map_residual(own, ref_state_dict, f"rvqs.{g}.", out)
+        return out
+
+
+@hookimpl
+def register_converters(register):
+    register(
+        "VectorQuantize",
+        VectorQuantizeConverter,
+        summary="EMA / learnable codebooks, k-means state, heads, projections, layouts",
+    )
+    register(
+        "ResidualVQ",
+        ResidualVQConverter,
+        summary="per-layer codebooks (shared too), quantize dropout, projections, layouts",
+    )
+    register(
+        "GroupedResidualVQ",
+        GroupedResidualVQConverter,
+        summary="one residual stack per group of channels",
+    )
