@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 from vqcore.blocks.codebooks import EMACodebook
+from vqcore.blocks.entropy import BatchEntropyLoss, PerSampleEntropyLoss
 from vqcore.blocks.estimators import GumbelStraightThrough, RotationTrick, StraightThrough
 from vqcore.blocks.losses import CodebookLoss, CommitmentLoss, OrthogonalLoss
 from vqcore.hookspecs import hookimpl
@@ -43,6 +44,16 @@ def register_losses(register):
         CodebookLoss.name, CodebookLoss, summary="mean ||sg(x) - q||^2 over valid tokens (trains the codes)"
     )
     register(OrthogonalLoss.name, OrthogonalLoss, summary="mean squared cosine similarity between codes")
+    register(
+        PerSampleEntropyLoss.name,
+        PerSampleEntropyLoss,
+        summary="mean entropy of each token's binary code distribution (lookup-free quantization)",
+    )
+    register(
+        BatchEntropyLoss.name,
+        BatchEntropyLoss,
+        summary="entropy of the batch-mean binary code distribution (codebook usage; to be maximised)",
+    )
 
 
 @hookimpl

@@ -9,9 +9,11 @@ with the FIRST dimension least significant, ``index = sum_i digit_i * basis_i`` 
 
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - indices are int64 (the reference uses int32 and float arithmetic);
-- quantization always runs in float32 with autocast off (bf16 cannot hold the levels: #114);
+- quantization always runs in float32 with autocast off (bf16 cannot hold the levels: it rounds the
+  bound's constants and moves decision boundaries);
 - ``codebook_size`` exists with ``return_indices=False`` too;
-- ResidualFSQ accepts image/video inputs (detected, channel-first) and its indices decode;
+- ResidualFSQ accepts image/video inputs (detected, channel-first) and its indices decode, from a coarse
+  prefix of the layers too;
 - no ``noise_dropout`` / ``orthogonal_rotation`` / unused ``scale`` options.
 """
 
@@ -24,10 +26,17 @@ import torch
 from torch import Tensor
 
 from vqcore.blocks.distributed import should_sync
-from vqcore.blocks.layout import auto_layout, index_tokens
+from vqcore.blocks.grid import check_levels, digits_to_indices, indices_to_digits, mixed_radix_basis
+from vqcore.blocks.layout import CodebookAxis, auto_layout, index_tokens
 from vqcore.blocks.precision import Float32State, float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
-from vqcore.blocks.residual import QuantizeDropout
+from vqcore.blocks.residual import (
+    QuantizeDropout,
+    decode_layers,
+    detected_layer_tokens,
+    sum_layers,
+    zero_dropped,
+)
 from vqcore.blocks.validation import check_float, check_indices, check_positive_int
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
@@ -41,31 +50,13 @@ class FSQOutput(NamedTuple):
     indices: Tensor | None
 
 
-def check_levels(levels, *, allow_two: bool, name: str = "levels") -> list[int]:
-    """Levels: a non-empty list of ints >= 2 (2 only where ``allow_two``, else >= 3)."""
-    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
-        raise TypeError(f"{name} must be a list of ints, got {type(levels).__name__} ({levels!r})")
-    levels = list(levels)
-    if not levels:
-        raise ValueError(f"{name} must not be empty")
-    for value in levels:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must contain ints, got {value!r} ({type(value).__name__}) in {levels}")
-        if value < 2:
-            raise ValueError(f"{name} must be ints >= 2, got {value} in {levels}")
-    if not allow_two and 2 in levels:
-        raise ValueError(
-            f"{name} contains 2 ({levels}): use preserve_symmetry=True for 2 levels, or a level >= 3"
-        )
-    return levels
+class FSQOutputWithCodes(NamedTuple):
+    """``ResidualFSQ(..., return_all_codes=True)``: ``all_codes`` (Q, *input layout with len(levels)
+    features): each layer's scaled codes before project_out, zeros for dropped layers."""
 
-
-def mixed_radix_basis(levels: list[int]) -> list[int]:
-    basis, acc = [], 1
-    for level in levels:
-        basis.append(acc)
-        acc *= level
-    return basis
+    quantized: Tensor
+    indices: Tensor
+    all_codes: Tensor
 
 
 class FSQGrid(Float32State):
@@ -127,10 +118,10 @@ class FSQGrid(Float32State):
         return digits.long()
 
     def digits_to_indices(self, digits: Tensor) -> Tensor:
-        return (digits.to(INDEX_DTYPE) * self.basis).sum(-1)
+        return digits_to_indices(digits, self.basis)
 
     def indices_to_digits(self, indices: Tensor) -> Tensor:
-        return (indices.to(INDEX_DTYPE).unsqueeze(-1) // self.basis) % self.levels
+        return indices_to_digits(indices, self.basis, self.levels)
 
     def all_codes(self) -> Tensor:
         return self.digits_to_codes(self.indices_to_digits(torch.arange(self.size, device=self.basis.device)))
@@ -160,17 +151,11 @@ class FSQ(QuantizerModule):
     ):
         super().__init__()
         levels = check_levels(levels, allow_two=preserve_symmetry)
-        check_positive_int(num_codebooks, "num_codebooks")
-        if keep_num_codebooks_dim is None:
-            keep_num_codebooks_dim = num_codebooks > 1
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1")
+        self.codebook_axis = CodebookAxis(num_codebooks, len(levels), keep_num_codebooks_dim)
         self.levels = levels
         self.codebook_dim = len(levels)
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
         self.dim = self.effective_codebook_dim if dim is None else check_positive_int(dim, "dim")
-        self._num_codebooks = num_codebooks
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
         self.return_indices = return_indices
         self.preserve_symmetry = preserve_symmetry
         self.channel_first = channel_first
@@ -187,20 +172,16 @@ class FSQ(QuantizerModule):
 
     @property
     def num_codebooks(self) -> int:
-        return self._num_codebooks
+        return self.codebook_axis.num_codebooks
+
+    @property
+    def keep_num_codebooks_dim(self) -> bool:
+        return self.codebook_axis.keep
 
     @property
     def implicit_codebook(self) -> Tensor:
         """All codes (codebook_size, len(levels)) in index order (computed on demand)."""
         return self.grid.all_codes()
-
-    # -- shared pieces -------------------------------------------------------------------------------
-
-    def _split(self, z: Tensor) -> Tensor:
-        return z.reshape(*z.shape[:-1], self._num_codebooks, self.codebook_dim)
-
-    def _indices_out(self, indices: Tensor) -> Tensor:
-        return indices if self.keep_num_codebooks_dim else indices.squeeze(-1)
 
     def _index_tokens(self, indices: Tensor):
         return index_tokens(
@@ -208,7 +189,7 @@ class FSQ(QuantizerModule):
             dim=self.dim,
             channel_first=self.channel_first,
             size=self.codebook_size,
-            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
+            trailing=self.codebook_axis.trailing,
             allow_dropped=False,
         )
 
@@ -217,10 +198,11 @@ class FSQ(QuantizerModule):
         """x -> indices int64 in the input's layout; indices are computed even with return_indices=False."""
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
+        axis = self.codebook_axis
         with float32_region(x.device.type):
-            _, digits = self.grid.quantize(self._split(project_into(self.project_in, tokens)))
+            _, digits = self.grid.quantize(axis.split(project_into(self.project_in, tokens)))
             indices = self.grid.digits_to_indices(digits)
-        return layout.indices_from_tokens(self._indices_out(indices), spatial)
+        return layout.indices_from_tokens(axis.indices_out(indices), spatial)
 
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes (after project_out unless ``project_out=False``), in the input's layout."""
@@ -252,18 +234,32 @@ class FSQ(QuantizerModule):
     def forward(self, x: Tensor) -> FSQOutput:
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
+        axis = self.codebook_axis
         with float32_region(x.device.type):
-            codes, digits = self.grid.quantize(self._split(project_into(self.project_in, tokens)))
+            codes, digits = self.grid.quantize(axis.split(project_into(self.project_in, tokens)))
             out = project_from(self.project_out, codes.flatten(-2))
             indices = None
             if self.return_indices:
                 indices = self.grid.digits_to_indices(digits.detach())
-                indices = layout.indices_from_tokens(self._indices_out(indices), spatial)
+                indices = layout.indices_from_tokens(axis.indices_out(indices), spatial)
         return FSQOutput(layout.from_tokens(out, spatial).to(x.dtype), indices)
+
+    def export_metadata(self) -> dict:
+        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
+        meta = {
+            "dim": self.dim,
+            "codebook_dim": self.codebook_dim,
+            "codebook_size": self.codebook_size,
+            "num_codebooks": self.num_codebooks,
+            "levels": list(self.levels),
+        }
+        if self.channel_first is not None:
+            meta["channel_first"] = self.channel_first
+        return meta
 
     def extra_repr(self) -> str:
         return (
-            f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, "
+            f"levels={self.levels}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
             f"preserve_symmetry={self.preserve_symmetry}"
         )
 
@@ -274,8 +270,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
     Layer q quantizes ``residual / scale_q`` with the symmetric FSQ grid (hard clamp) and adds back
     ``code * scale_q``, ``scale_q = L_i^(-q)`` per dimension (as the reference); the input is first
     soft-clamped with ``tanh(x / c) c``, ``c = 1 + 1 / (L - 1)``. Quantize dropout (SoundStream,
-    arXiv 2107.03312) keeps the first layers only, in training with gradients enabled; dropped
-    layers give index -1, which decodes to nothing.
+    arXiv 2107.03312) keeps the first layers only, in training mode (whatever the grad mode); dropped
+    layers give index -1, which decodes to nothing, and indices with fewer than Q layers (a coarse
+    prefix) decode too. ``return_all_codes=True`` returns :class:`FSQOutputWithCodes`.
     """
 
     def __init__(
@@ -292,21 +289,13 @@ class ResidualFSQ(Float32State, QuantizerModule):
     ):
         super().__init__()
         levels = check_levels(levels, allow_two=True)
-        check_positive_int(num_quantizers, "num_quantizers")
-        check_positive_int(quantize_dropout_cutoff_index, "quantize_dropout_cutoff_index", minimum=0)
-        if quantize_dropout_cutoff_index >= num_quantizers:
-            raise ValueError(
-                f"quantize_dropout_cutoff_index must be < num_quantizers ({num_quantizers}), "
-                f"got {quantize_dropout_cutoff_index}"
-            )
-        check_positive_int(quantize_dropout_multiple_of, "quantize_dropout_multiple_of")
+        self.dropout = QuantizeDropout(
+            num_quantizers, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
+        )
         self.levels = levels
         self.codebook_dim = len(levels)
         self.dim = self.codebook_dim if dim is None else check_positive_int(dim, "dim")
         self.num_quantizers = num_quantizers
-        self.dropout = QuantizeDropout(
-            num_quantizers, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
-        )
         self.quantize_dropout = self.dropout.enabled
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
@@ -334,34 +323,30 @@ class ResidualFSQ(Float32State, QuantizerModule):
         """(Q, codebook_size, len(levels)): every layer's codes, unscaled (all layers share the grid)."""
         return self.grid.all_codes().unsqueeze(0).expand(self.num_quantizers, -1, -1)
 
-    def _run(self, x: Tensor, kept: int | None, return_all_codes: bool = False):
-        """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes or None,
-        layout, spatial).
-        """
+    def _run(self, x: Tensor, kept: int):
+        """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes (Q of
+        (b, n, D), zeros for dropped layers), layout, spatial)."""
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
         with float32_region(x.device.type):
             z = project_into(self.project_in, tokens)
             z = (z / self.soft_clamp).tanh() * self.soft_clamp
-            residual, total, indices, all_codes = z, None, [], []
-            for q in range(self.num_quantizers):
-                if kept is not None and q >= kept:
-                    indices.append(
-                        torch.full(z.shape[:-1], DROPPED_INDEX, dtype=INDEX_DTYPE, device=z.device)
-                    )
-                    all_codes.append(torch.zeros_like(z))
-                    continue
+            residual, layer_codes, indices = z, [], []
+            for q in range(kept):
                 scale = self.scales[q]
                 codes, digits = self.grid.quantize(residual / scale)
                 scaled = codes * scale
                 residual = residual - scaled.detach()
-                total = scaled if total is None else total + scaled
                 indices.append(self.grid.digits_to_indices(digits))
-                all_codes.append(scaled)
-        return total, torch.stack(indices, -1), all_codes if return_all_codes else None, layout, spatial
+                layer_codes.append(scaled)
+            total = sum_layers(layer_codes)
+            for _ in range(kept, self.num_quantizers):
+                indices.append(torch.full(z.shape[:-1], DROPPED_INDEX, dtype=INDEX_DTYPE, device=z.device))
+                layer_codes.append(torch.zeros_like(z))
+        return total, torch.stack(indices, -1), layer_codes, layout, spatial
 
     def encode(self, x: Tensor) -> Tensor:
-        _, indices, _, layout, spatial = self._run(x, None)
+        _, indices, _, layout, spatial = self._run(x, self.num_quantizers)
         return layout.indices_from_tokens(indices, spatial)
 
     def forward(
@@ -373,62 +358,65 @@ class ResidualFSQ(Float32State, QuantizerModule):
             sync=self.dropout.enabled and self.training and should_sync(self.sync_quantize_dropout),
             device=x.device,
         )
-        total, indices, all_codes, layout, spatial = self._run(x, kept, return_all_codes)
+        total, indices, layer_codes, layout, spatial = self._run(x, kept)
         with float32_region(x.device.type):
             out = project_from(self.project_out, total)
         quantized = layout.from_tokens(out, spatial).to(x.dtype)
         indices = layout.indices_from_tokens(indices, spatial)
         if return_all_codes:
-            codes = torch.stack([layout.from_tokens(c, spatial) for c in all_codes])
-            return quantized, indices, codes
+            codes = torch.stack([layout.from_tokens(c, spatial) for c in layer_codes])
+            return FSQOutputWithCodes(quantized, indices, codes)
         return FSQOutput(quantized, indices)
 
-    def _index_tokens(self, indices: Tensor):
-        return index_tokens(
+    def _layer_tokens(self, indices: Tensor):
+        return detected_layer_tokens(
             indices,
+            [self.codebook_size] * self.num_quantizers,
             dim=self.dim,
             channel_first=self.channel_first,
-            size=self.codebook_size,
-            trailing=self.num_quantizers,
-            axis="quantizer",
-            at_most=True,
         )
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (..., Q') -> scaled per-layer codes (Q', b, n, len(levels)) before project_out;
-        -1 gives zeros.
-        """
-        tokens, _, _ = self._index_tokens(indices)
-        return self._layer_codes(tokens)
+    def _layer_codes(self, tokens: Tensor) -> list[Tensor]:
+        """Tokens (b, n, Q), -1 allowed -> Q scaled codes (b, n, len(levels)); -1 gives zeros."""
+        digits = self.grid.indices_to_digits(tokens.clamp(min=0))
+        return [
+            zero_dropped(self.grid.digits_to_codes(digits[..., q, :]) * self.scales[q], tokens[..., q])
+            for q in range(self.num_quantizers)
+        ]
 
-    def _layer_codes(self, tokens: Tensor) -> Tensor:
-        dropped = tokens < 0
-        codes = self.grid.digits_to_codes(self.grid.indices_to_digits(tokens.clamp(min=0)))
-        out = []
-        for q in range(tokens.shape[-1]):
-            scaled = codes[..., q, :] * self.scales[q]
-            out.append(scaled.masked_fill(dropped[..., q].unsqueeze(-1), 0.0))
-        return torch.stack(out)
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """indices (b, *positions, q), q <= Q -> scaled per-layer codes (Q, b, *positions, len(levels))
+        before project_out; -1 and missing layers give zeros (channel-last for every layout)."""
+        tokens, spatial, _ = self._layer_tokens(indices)
+        with float32_region(tokens.device.type):
+            codes = torch.stack(self._layer_codes(tokens))
+        return codes.reshape(codes.shape[0], codes.shape[1], *spatial, codes.shape[-1])
 
     def decode(self, indices: Tensor) -> Tensor:
-        """indices (b, *positions, Q') with Q' <= Q (a coarse prefix decodes too) -> quantized;
-        -1 adds nothing.
+        """indices (b, *positions, q) with q <= Q (a coarse prefix decodes too) -> quantized;
+        -1 adds nothing, and a token whose layers are all -1 decodes to zero (after project_out too).
         """
-        tokens, spatial, layout = self._index_tokens(indices)
+        tokens, spatial, layout = self._layer_tokens(indices)
         with float32_region(tokens.device.type):
-            dropped = tokens < 0
-            digits = self.grid.indices_to_digits(tokens.clamp(min=0))
-            total = None
-            for q in range(tokens.shape[-1]):
-                scaled = self.grid.digits_to_codes(digits[..., q, :]) * self.scales[q]
-                scaled = scaled.masked_fill(dropped[..., q].unsqueeze(-1), 0.0)
-                total = scaled if total is None else total + scaled
-            out = project_from(self.project_out, total)
-            # a token with every layer dropped decodes to zero, after project_out too (as RVQ and ResidualLFQ)
-            out = out.masked_fill(dropped.all(-1, keepdim=True), 0.0)
+            out = decode_layers(self._layer_codes(tokens), tokens, self.project_out)
         return layout.from_tokens(out, spatial)
 
     get_output_from_indices = decode
+
+    def export_metadata(self) -> dict:
+        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
+        meta = {
+            "dim": self.dim,
+            "codebook_dim": self.codebook_dim,
+            "codebook_size": self.codebook_size,
+            "num_codebooks": 1,
+            "num_quantizers": self.num_quantizers,
+            "levels": list(self.levels),
+            "scales": self.scales.tolist(),
+        }
+        if self.channel_first is not None:
+            meta["channel_first"] = self.channel_first
+        return meta
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, num_quantizers={self.num_quantizers}, dim={self.dim}"

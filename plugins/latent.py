@@ -6,12 +6,15 @@ to the nearest value, ``zhat_i = v_i[argmin_k |z_i - v_i[k]|]``, against the CUR
 is the mixed-radix number of the argmin digits, first dimension least significant (as FSQ), so
 ``indices_to_codes`` stays consistent after the tables have learned.
 
-Gradients, as the paper intends (the reference's tables never receive one, §7.9):
+Gradients, as the paper intends (the reference's tables never receive one):
 - the output is ``zhat + (z - sg(z))``: its value is exactly the chosen table entries, the decoder's
   gradient reaches the encoder (straight-through) AND the chosen values;
 - ``commitment = mse(z, sg(zhat))`` trains the encoder only, ``quantization = mse(sg(z), zhat)`` the
   values only; ``loss = commitment_loss_weight commitment + quantization_loss_weight quantization``,
-  both in latent (codebook) space, 0 in eval;
+  both in latent (codebook) space, 0 in eval. They are the shared Loss objects
+  (:class:`~vqcore.blocks.losses.CommitmentLoss`, :class:`~vqcore.blocks.losses.CodebookLoss`) on one
+  book of ``b * n * num_codebooks`` tokens; ``extra_losses`` are added weighted (over finite tokens,
+  with the quantizer's codebook ``None``) and reported in the breakdown's ``extra``;
 - non-finite tokens (NaN/Inf anywhere in one codebook group of a token) never reach the tables: they are
   left out of ``quantization`` and of the straight-through path to the chosen values, as the EMA
   codebooks leave them out of their statistics; ``commitment`` and the input's gradient still show them.
@@ -33,24 +36,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqcore.blocks.layout import auto_layout, index_tokens
-from vqcore.blocks.losses import CodebookLoss
+from vqcore.blocks.grid import check_levels, digits_to_indices, indices_to_digits, mixed_radix_basis
+from vqcore.blocks.layout import CodebookAxis, auto_layout, index_tokens
+from vqcore.blocks.losses import CodebookLoss, CommitmentLoss, LossSpec, WeightedLosses, extra_loss_pairs
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_float, check_positive_int
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.plugins.fsq import check_levels, mixed_radix_basis
 from vqcore.protocols import INDEX_DTYPE
 
 
 class LatentLossBreakdown(NamedTuple):
-    """Unweighted latent-quantization terms (0-dim): commitment (trains the encoder),
-    quantization (trains the values).
-    """
+    """Unweighted latent-quantization terms (0-dim): commitment (trains the encoder), quantization
+    (trains the values); ``extra``: the terms of ``extra_losses`` by name."""
 
     commitment: Tensor
     quantization: Tensor
+    extra: dict[str, Tensor]
 
 
 class LatentQuantizeOutput(NamedTuple):
@@ -78,6 +81,7 @@ class LatentQuantize(QuantizerModule):
     ``levels``: a list (one table per latent dimension), or an int repeated ``codebook_dim`` times.
     ``dim`` defaults to ``len(levels) * num_codebooks``; otherwise Linear projections in and out.
     The ``num_codebooks`` groups share the value tables; indices gain a trailing codebook axis.
+    ``extra_losses``: ``{"name": weight}`` or ``[(name or Loss, weight), ...]``.
     Layouts (detected): ``(b, n, dim)``, ``(b, dim)``, ``(b, dim, n)`` with ``channel_first=True``,
     images ``(b, dim, h, w)``, video ``(b, dim, t, h, w)``.
     """
@@ -94,6 +98,7 @@ class LatentQuantize(QuantizerModule):
         optimize_values: bool = True,
         channel_first: bool | None = None,
         projection_has_bias: bool = True,
+        extra_losses: LossSpec = None,
     ):
         super().__init__()
         if codebook_dim == -1:  # the reference's "not given"
@@ -108,17 +113,15 @@ class LatentQuantize(QuantizerModule):
         levels = check_levels(levels, allow_two=True)
         if codebook_dim is not None and codebook_dim != len(levels):
             raise ValueError(f"codebook_dim ({codebook_dim}) must equal len(levels) ({len(levels)})")
-        check_positive_int(num_codebooks, "num_codebooks")
-        if keep_num_codebooks_dim is None:
-            keep_num_codebooks_dim = num_codebooks > 1
-        if num_codebooks > 1 and not keep_num_codebooks_dim:
-            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks == 1")
+        self.codebook_axis = CodebookAxis(num_codebooks, len(levels), keep_num_codebooks_dim)
         if commitment_loss_weight < 0 or quantization_loss_weight < 0:
             raise ValueError("commitment_loss_weight and quantization_loss_weight must be >= 0")
+        self.commitment = CommitmentLoss()
+        self.quantization = CodebookLoss()
+        reserved = (CommitmentLoss.name, CodebookLoss.name)
+        self.extra_losses = WeightedLosses(extra_loss_pairs(extra_losses, reserved=reserved))
         self.levels = levels
         self.codebook_dim = len(levels)
-        self._num_codebooks = num_codebooks
-        self.keep_num_codebooks_dim = keep_num_codebooks_dim
         inner = self.codebook_dim * num_codebooks
         self.dim = inner if dim is None else check_positive_int(dim, "dim")
         self.channel_first = channel_first
@@ -148,7 +151,11 @@ class LatentQuantize(QuantizerModule):
 
     @property
     def num_codebooks(self) -> int:
-        return self._num_codebooks
+        return self.codebook_axis.num_codebooks
+
+    @property
+    def keep_num_codebooks_dim(self) -> bool:
+        return self.codebook_axis.keep
 
     def value_table(self) -> Tensor:
         """(len(levels), max(levels)) float32, rows padded with +inf (never the nearest value)."""
@@ -162,10 +169,10 @@ class LatentQuantize(QuantizerModule):
     @property
     def implicit_codebook(self) -> Tensor:
         """All codes (codebook_size, len(levels)) in index order, from the current tables."""
-        digits = (
-            torch.arange(self._codebook_size, device=self.basis.device).unsqueeze(-1) // self.basis
-        ) % self.levels_tensor
-        return self._lookup(self.value_table().detach(), digits)
+        every = torch.arange(self._codebook_size, device=self.basis.device)
+        return self._lookup(
+            self.value_table().detach(), indices_to_digits(every, self.basis, self.levels_tensor)
+        )
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -181,20 +188,15 @@ class LatentQuantize(QuantizerModule):
         """digits (..., D) -> values (..., D), differentiable w.r.t. the table."""
         return table.flatten()[digits + self.row_offset]
 
-    def _split(self, z: Tensor) -> Tensor:
-        return z.reshape(*z.shape[:-1], self._num_codebooks, self.codebook_dim)
-
-    def _indices_out(self, indices: Tensor) -> Tensor:
-        return indices if self.keep_num_codebooks_dim else indices.squeeze(-1)
-
     # -- inference paths --------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
+        axis = self.codebook_axis
         with float32_region(x.device.type):
-            digits = self._nearest(self.value_table(), self._split(project_into(self.project_in, tokens)))
-            indices = (digits * self.basis).sum(-1)
-        return layout.indices_from_tokens(self._indices_out(indices), spatial)
+            digits = self._nearest(self.value_table(), axis.split(project_into(self.project_in, tokens)))
+            indices = digits_to_indices(digits, self.basis)
+        return layout.indices_from_tokens(axis.indices_out(indices), spatial)
 
     def decode(self, indices: Tensor, project_out: bool = True) -> Tensor:
         """indices -> codes from the current tables (after project_out unless ``project_out=False``),
@@ -205,11 +207,11 @@ class LatentQuantize(QuantizerModule):
             dim=self.dim,
             channel_first=self.channel_first,
             size=self._codebook_size,
-            trailing=self._num_codebooks if self.keep_num_codebooks_dim else None,
+            trailing=self.codebook_axis.trailing,
             allow_dropped=False,
         )
         with float32_region(tokens.device.type):
-            digits = (tokens.long().unsqueeze(-1) // self.basis) % self.levels_tensor
+            digits = indices_to_digits(tokens, self.basis, self.levels_tensor)
             codes = self._lookup(self.value_table(), digits).flatten(-2)
             out = project_from(self.project_out, codes) if project_out else codes
         return layout.from_tokens(out, spatial)
@@ -224,18 +226,22 @@ class LatentQuantize(QuantizerModule):
                 f"codes must have {self.codebook_dim} features on the last axis, "
                 f"got shape {tuple(codes.shape)}"
             )
-        return (self._nearest(self.value_table(), codes.float()) * self.basis).sum(-1)
+        return digits_to_indices(self._nearest(self.value_table(), codes.float()), self.basis)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, return_loss_breakdown: bool = False):
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
         tokens, spatial = layout.to_tokens(x)
+        axis = self.codebook_axis
         with float32_region(x.device.type):
-            z = self._split(project_into(self.project_in, tokens))
+            z = axis.split(project_into(self.project_in, tokens))
             table = self.value_table()
             digits = self._nearest(table, z)
             zhat = self._lookup(table, digits)
-            commitment = quantization = z.new_zeros(())
+            indices = digits_to_indices(digits, self.basis)
+            zero = z.new_zeros(())
+            commitment = quantization = extra_total = zero
+            extra = dict.fromkeys(self.extra_losses.names, zero)
             if self.training:
                 # the value tables learn from finite tokens only (per token and codebook group, as the EMA
                 # codebooks): a NaN/Inf token reaches them neither through the quantization loss nor through
@@ -244,27 +250,48 @@ class LatentQuantize(QuantizerModule):
                 finite = torch.isfinite(z.sum(-1))  # any NaN/Inf (or an overflowing sum) in the group
                 out = torch.where(finite.unsqueeze(-1), zhat, zhat.detach())
                 out = out + (z - z.detach()) if z.requires_grad else out
-                commitment = F.mse_loss(z, zhat.detach())
-                d = z.shape[-1]  # mean ||sg(z) - zhat||^2 over finite tokens
-                quantization = CodebookLoss()(
-                    z.reshape(1, -1, d), zhat.reshape(1, -1, d), None, None, finite.reshape(1, -1)
-                )[0]
+                d = z.shape[-1]  # one book of every token and codebook group
+                bz, bq, bi, valid = (
+                    z.reshape(1, -1, d),
+                    zhat.reshape(1, -1, d),
+                    indices.reshape(1, -1),
+                    finite.reshape(1, -1),
+                )
+                commitment = self.commitment(bz, bq, bi, None, None)[0]  # every token, non-finite ones too
+                quantization = self.quantization(bz, bq, bi, None, valid)[0]  # finite tokens only
+                if self.extra_losses.pairs:
+                    extra_total, extra = self.extra_losses(bz, bq, bi, None, valid)
+                    extra_total, extra = extra_total[0], {k: t[0] for k, t in extra.items()}
             else:
                 out = zhat
             out = project_from(self.project_out, out.flatten(-2))
-            indices = (digits * self.basis).sum(-1)
         loss = self.commitment_loss_weight * commitment + self.quantization_loss_weight * quantization
+        if self.extra_losses.pairs:
+            loss = loss + extra_total
         quantized = layout.from_tokens(out, spatial).to(x.dtype)
-        indices = layout.indices_from_tokens(self._indices_out(indices), spatial)
+        indices = layout.indices_from_tokens(axis.indices_out(indices), spatial)
         if return_loss_breakdown:
             return LatentQuantizeOutputWithBreakdown(
-                quantized, indices, loss, LatentLossBreakdown(commitment, quantization)
+                quantized, indices, loss, LatentLossBreakdown(commitment, quantization, extra)
             )
         return LatentQuantizeOutput(quantized, indices, loss)
 
+    def export_metadata(self) -> dict:
+        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
+        meta = {
+            "dim": self.dim,
+            "codebook_dim": self.codebook_dim,
+            "codebook_size": self.codebook_size,
+            "num_codebooks": self.num_codebooks,
+            "levels": list(self.levels),
+        }
+        if self.channel_first is not None:
+            meta["channel_first"] = self.channel_first
+        return meta
+
     def extra_repr(self) -> str:
         return (
-            f"levels={self.levels}, dim={self.dim}, num_codebooks={self._num_codebooks}, "
+            f"levels={self.levels}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
             f"optimize_values={self.optimize_values}"
         )
 

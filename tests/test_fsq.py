@@ -1,14 +1,17 @@
 """FSQ / ResidualFSQ: seed examples, index layout (hand computation, exhaustive, reference parity),
-layouts and the encode/decode contract, float32 quantization, quantize dropout, errors."""
+layouts and the encode/decode contract, float32 quantization, quantize dropout, coarse and per-layer
+codes, return_all_codes, export metadata, errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from vqcore import FSQ, ResidualFSQ
+from vqcore.plugins.fsq import FSQOutputWithCodes
 from vqcore.testing import check_quantizer
 
 # -- seed README examples (only the import changed) ----------------------------------------------
@@ -298,7 +301,7 @@ def test_bad_inputs_and_indices():
     with pytest.raises(ValueError, match="codebook axis of size 2"):
         FSQ([5, 5], num_codebooks=2).decode(torch.zeros(1, 3, 3, dtype=torch.long))
     r = ResidualFSQ(levels=[5, 5], num_quantizers=2)
-    with pytest.raises(ValueError, match="size <= 2"):
+    with pytest.raises(ValueError, match="quantizer axis of 1..2 entries"):
         r.decode(torch.zeros(1, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 25\)"):
         r.decode(torch.full((1, 3, 2), 25))
@@ -314,3 +317,69 @@ def test_residual_fsq_all_dropped_token_decodes_to_zero_after_projection():
     out = rfsq.decode(indices)
     assert torch.equal(out[0, 1], torch.zeros(8))
     assert not torch.equal(rfsq.decode(indices[..., :1])[0, 0], torch.zeros(8))
+
+
+def test_residual_fsq_dropout_arguments_are_checked_once():
+    with pytest.raises(ValueError, match="quantize_dropout_cutoff_index must be in"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, quantize_dropout_cutoff_index=2)
+    with pytest.raises(ValueError, match="quantize_dropout_multiple_of must be >= 1"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, quantize_dropout_multiple_of=0)
+    with pytest.raises(ValueError, match="num_quantizers must be >= 1"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=0)
+
+
+def test_residual_fsq_return_all_codes():
+    q = ResidualFSQ(levels=[5, 4, 3], num_quantizers=3, dim=6, quantize_dropout=True)
+    x = torch.randn(2, 7, 6)
+    out = q(x, return_all_codes=True, rand_quantize_dropout_fixed_seed=0)
+    assert isinstance(out, FSQOutputWithCodes)
+    quantized, indices, all_codes = out  # unpacks as before
+    assert all_codes.shape == (3, 2, 7, 3)
+    kept = int((indices[0, 0] >= 0).sum())
+    assert torch.all(all_codes[kept:] == 0)
+    torch.testing.assert_close(q.project_out(all_codes.sum(0)), quantized)
+    q.eval()
+    out = q(torch.randn(2, 6, 3, 4), return_all_codes=True)  # images: codes in the input's layout
+    assert out.all_codes.shape == (3, 2, 3, 3, 4)
+    assert torch.equal(q.get_codes_from_indices(out.indices), out.all_codes.movedim(2, -1))
+
+
+def test_residual_fsq_per_layer_codes_by_hand_and_padded():
+    q = ResidualFSQ(levels=[3, 5], num_quantizers=3)  # symmetric levels: 3 -> (-1, 0, 1), 5 -> step 0.5
+    # index 7 = digits (1, 2): codes (0, 0); index 14 = digits (2, 4): codes (1, 1); scales 1/L^q
+    codes = q.get_codes_from_indices(torch.tensor([[[14, 14], [7, -1]]]))  # (b=1, n=2, q=2)
+    assert codes.shape == (3, 1, 2, 2)
+    assert codes[0, 0, 0].tolist() == [1.0, 1.0]
+    assert codes[1, 0, 0].tolist() == pytest.approx([1 / 3, 1 / 5])
+    assert codes[0, 0, 1].tolist() == [0.0, 0.0] and torch.all(codes[1, 0, 1] == 0)
+    assert torch.all(codes[2] == 0)  # the missing layer
+    decoded = q.decode(torch.tensor([[[14, 14], [7, -1]]]))
+    torch.testing.assert_close(decoded, codes.sum(0))
+
+
+def test_export_metadata():
+    meta = FSQ([8, 5, 5, 5], dim=16, num_codebooks=2).export_metadata()
+    assert meta == dict(dim=16, codebook_dim=4, codebook_size=1000, num_codebooks=2, levels=[8, 5, 5, 5])
+    assert FSQ([5, 5], channel_first=True).export_metadata()["channel_first"] is True
+    meta = ResidualFSQ(levels=[5, 4], num_quantizers=2, dim=6).export_metadata()
+    scales = meta.pop("scales")  # float32 values, as lists
+    assert [row == pytest.approx(want) for row, want in zip(scales, ([1.0, 1.0], [0.2, 0.25]))] == [True] * 2
+    assert meta == dict(
+        dim=6,
+        codebook_dim=2,
+        codebook_size=20,
+        num_codebooks=1,
+        num_quantizers=2,
+        levels=[5, 4],
+    )
+    json.dumps(meta)
+
+
+def test_residual_fsq_state_dict_keys():
+    assert ResidualFSQ(levels=[5, 5], num_quantizers=2).state_dict() == {}
+    assert set(ResidualFSQ(levels=[5, 5], num_quantizers=2, dim=6).state_dict()) == {
+        "project_in.weight",
+        "project_in.bias",
+        "project_out.weight",
+        "project_out.bias",
+    }

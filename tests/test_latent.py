@@ -1,8 +1,12 @@
 """LatentQuantize: seed examples, initial tables, nearest-value quantization and mixed-radix indices,
-the value tables learning (and the round trip holding after), which loss trains what, layouts and
-the encode/decode contract, errors."""
+the value tables learning (and the round trip holding after), which loss trains what, extra losses,
+layouts and the encode/decode contract, export metadata, state_dict keys, errors."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -92,7 +96,8 @@ def test_commitment_trains_encoder_quantization_trains_values():
     q = LatentQuantize(levels=[5, 5], dim=2)
     x = torch.randn(2, 10, 2, requires_grad=True)
     out = q(x, return_loss_breakdown=True)
-    commitment, quantization = out.breakdown
+    commitment, quantization, extra = out.breakdown
+    assert extra == {}
     gx = torch.autograd.grad(commitment, x, retain_graph=True)[0]
     assert gx.abs().sum() > 0
     assert all(
@@ -176,3 +181,61 @@ def test_learned_tables_survive_save_and_load(tmp_path):
     x = torch.randn(2, 10, 6)
     assert torch.equal(loaded(x).quantized, q.eval()(x).quantized)
     assert torch.equal(loaded.values_per_latent[0], q.values_per_latent[0])
+
+
+@dataclass(frozen=True)
+class FiniteShare:
+    """A Loss: the fraction of tokens that count, and whether a codebook came (latent has none)."""
+
+    name: ClassVar[str] = "finite_share"
+
+    def __call__(self, x, q, indices, codebook, valid):
+        assert codebook is None and indices.shape == x.shape[:2]
+        return valid.float().mean(-1)
+
+
+def test_extra_losses_are_added_and_reported():
+    torch.manual_seed(0)
+    plain = LatentQuantize(levels=[5, 5], dim=2)
+    q = LatentQuantize(levels=[5, 5], dim=2, extra_losses=[(FiniteShare(), 0.5)])
+    x = torch.randn(2, 10, 2)
+    x[0, 3, 1] = float("nan")  # one non-finite token of 20
+    out = q(x, return_loss_breakdown=True)
+    base = plain(x, return_loss_breakdown=True)
+    assert out.breakdown.extra["finite_share"].item() == pytest.approx(19 / 20)
+    torch.testing.assert_close(out.breakdown.quantization, base.breakdown.quantization)
+    # the commitment term still shows the NaN token, so compare the finite parts by hand
+    finite = torch.isfinite(x).all(-1)
+    zhat = q.eval()(x).quantized
+    want_quantization = (x[finite] - zhat[finite]).pow(2).mean()
+    torch.testing.assert_close(out.breakdown.quantization, want_quantization)
+    assert torch.isnan(out.loss)  # commitment (weight 0.1) sees the NaN token, as documented
+    clean = torch.randn(2, 10, 2)
+    q.train()
+    out = q(clean, return_loss_breakdown=True)
+    want = 0.1 * out.breakdown.commitment + 0.1 * out.breakdown.quantization + 0.5 * 1.0
+    torch.testing.assert_close(out.loss, want)
+    q.eval()
+    assert q(clean, return_loss_breakdown=True).breakdown.extra["finite_share"].item() == 0.0
+
+
+def test_extra_losses_name_clash():
+    with pytest.raises(ValueError, match="clash"):
+        LatentQuantize(levels=[5, 5], dim=2, extra_losses={"codebook": 1.0})
+
+
+def test_export_metadata_and_state_dict_keys():
+    q = LatentQuantize(levels=[4, 8, 16], dim=9, num_codebooks=3)
+    meta = q.export_metadata()
+    assert meta == dict(dim=9, codebook_dim=3, codebook_size=512, num_codebooks=3, levels=[4, 8, 16])
+    json.dumps(meta)
+    assert LatentQuantize(levels=[3, 5], channel_first=True).export_metadata()["channel_first"] is True
+    assert set(LatentQuantize(levels=[4, 8, 16], dim=10, num_codebooks=3).state_dict()) == {
+        "values_per_latent.0",
+        "values_per_latent.1",
+        "values_per_latent.2",
+        "project_in.weight",
+        "project_in.bias",
+        "project_out.weight",
+        "project_out.bias",
+    }

@@ -1,14 +1,21 @@
-"""LFQ / ResidualLFQ: seed examples, MSB-first indices, the exact factorized entropies against a
-brute-force float64 softmax over all codes (values and gradients, temperatures, masks), reference loss
-parity where the reference's log clamp is inactive, layouts and the encode/decode contract, errors."""
+"""LFQ / ResidualLFQ: seed examples, MSB-first indices, the loss wiring (the entropy Loss objects, whose
+maths tests/test_entropy.py pins against brute force; commitment; extra losses), reference loss parity
+where the reference's log clamp is inactive, masks, layouts and the encode/decode contract, the residual
+stack through its layers' public API, return_all_codes, export metadata, state_dict keys, errors."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 
 from vqcore import LFQ, ResidualLFQ
-from vqcore.plugins.lfq import batch_code_distribution, lfq_entropies
+from vqcore.blocks.entropy import BatchEntropyLoss, PerSampleEntropyLoss
+from vqcore.blocks.grid import BinaryCodebook
+from vqcore.plugins.lfq import LFQOutputWithCodes
 from vqcore.testing import check_quantizer
 
 # -- seed README examples (only the import changed) ----------------------------------------------
@@ -76,51 +83,16 @@ def test_indices_match_reference():
     assert torch.equal(i, j) and torch.equal(a, b)
 
 
-# -- entropy terms vs brute force ---------------------------------------------------------------------
+# -- the loss --------------------------------------------------------------------------------------------
 
 
-def all_codes(d, scale):
-    bits = (torch.arange(2**d).unsqueeze(-1) >> torch.arange(d - 1, -1, -1)) & 1
-    return (bits * 2 - 1).double() * scale
-
-
-def brute_entropies(x, tau, scale, weights=None):
-    """x (N, C, d) float64: entropies of softmax(2 tau x.c) materialised over all 2^d codes."""
-    logits = 2 * tau * torch.einsum("ncd,kd->nck", x, all_codes(x.shape[-1], scale))
-    logp = logits.log_softmax(-1)  # log space throughout: no 0 * log 0 in values or gradients
-    log_avg = logp.logsumexp(0) - torch.log(torch.tensor(float(x.shape[0]), dtype=x.dtype))
-    return -(logp.exp() * logp).sum(-1).mean(), -(log_avg.exp() * log_avg).sum(-1).mean()
-
-
-@pytest.mark.parametrize("tau", [0.05, 1.0, 10.0, 100.0])
-@pytest.mark.parametrize("d, books, scale", [(1, 1, 1.0), (5, 2, 0.5), (8, 1, 1.0)])
-def test_entropies_match_brute_force(tau, d, books, scale):
-    torch.manual_seed(d)
-    x = torch.randn(300, books, d, dtype=torch.float64, requires_grad=True)
-    per_sample, batch = lfq_entropies(x, tau, scale, chunk_bytes=4096)  # several chunks
-    want_ps, want_b = brute_entropies(x, tau, scale)
-    torch.testing.assert_close(per_sample, want_ps, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(batch, want_b, rtol=1e-9, atol=1e-9)
-    got = torch.autograd.grad(per_sample - 0.7 * batch, x)[0]
-    want = torch.autograd.grad(want_ps - 0.7 * want_b, x)[0]
-    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
-
-
-def test_batch_distribution_is_in_code_order():
-    x = torch.randn(50, 1, 6, dtype=torch.float64)
-    avg = batch_code_distribution((4 * 0.3 * x).transpose(0, 1))[0]
-    want = (2 * 0.3 * torch.einsum("nd,kd->nk", x[:, 0], all_codes(6, 1.0))).softmax(-1).mean(0)
-    torch.testing.assert_close(avg, want, rtol=1e-10, atol=1e-12)
-
-
-def test_entropy_groups_above_max_exact_bits():
-    x = torch.randn(200, 1, 6, dtype=torch.float64)
-    _, batch = lfq_entropies(x, 0.5, 1.0, max_exact_bits=3)
-    _, first = brute_entropies(x[..., :3], 0.5, 1.0)
-    _, second = brute_entropies(x[..., 3:], 0.5, 1.0)
-    torch.testing.assert_close(batch, first + second)
-    _, exact = brute_entropies(x, 0.5, 1.0)
-    assert batch >= exact - 1e-12  # an upper bound on the joint entropy
+def entropies(tokens, tau, scale):
+    """tokens (M, d) float64 -> (per-sample, batch) entropies of one book, by the Loss objects."""
+    x = tokens.double().unsqueeze(0)
+    codebook = BinaryCodebook(x.shape[-1], scale)
+    indices, q = codebook.quantize(x)
+    per_sample = PerSampleEntropyLoss(inv_temperature=tau)(x, q, indices, codebook, None)
+    return per_sample[0], BatchEntropyLoss(inv_temperature=tau)(x, q, indices, codebook, None)[0]
 
 
 def test_module_loss_is_weighted_entropies_plus_commitment():
@@ -134,7 +106,7 @@ def test_module_loss_is_weighted_entropies_plus_commitment():
     )
     x = torch.randn(2, 40, 5)
     out = q(x, inv_temperature=3.0, return_loss_breakdown=True)
-    ps, b = brute_entropies(x.double().reshape(80, 1, 5), 3.0, 0.5)
+    ps, b = entropies(x.reshape(80, 5), 3.0, 0.5)
     commitment = (x - torch.where(x > 0, 0.5, -0.5)).pow(2).mean()
     torch.testing.assert_close(out.breakdown.per_sample_entropy.double(), ps, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.breakdown.batch_entropy.double(), b, rtol=1e-5, atol=1e-6)
@@ -167,7 +139,7 @@ def test_masks_keep_the_batch_entropy(per_sample_mask):
     token_mask = mask.unsqueeze(1).expand(3, 20) if per_sample_mask else mask
     x = x.masked_fill(~token_mask.unsqueeze(-1), float("nan")).requires_grad_()  # padding may hold NaN
     out = q(x, inv_temperature=0.5, mask=mask, return_loss_breakdown=True)
-    ps, b = brute_entropies(x.detach()[token_mask].double().unsqueeze(1), 0.5, 1.0)
+    ps, b = entropies(x.detach()[token_mask], 0.5, 1.0)
     torch.testing.assert_close(out.breakdown.per_sample_entropy.double(), ps, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.breakdown.batch_entropy.double(), b, rtol=1e-5, atol=1e-6)
     assert b > ps + 0.5  # the reference's (b, n) masks collapse the batch term to the per-sample one
@@ -176,16 +148,6 @@ def test_masks_keep_the_batch_entropy(per_sample_mask):
     (out.quantized.sum() + out.entropy_aux_loss).backward()
     assert torch.isfinite(x.grad).all() and torch.all(x.grad[~token_mask] == 0)
     assert torch.equal(q.decode(out.indices), q.eval()(x.detach(), mask=mask).quantized)
-
-
-def test_chunking_does_not_change_values_or_gradients():
-    x = torch.randn(500, 2, 12, requires_grad=True)
-    a = lfq_entropies(x, 2.0, chunk_bytes=50_000)
-    ga = torch.autograd.grad(a[0] - a[1], x)[0]
-    b = lfq_entropies(x, 2.0, chunk_bytes=2**30)
-    gb = torch.autograd.grad(b[0] - b[1], x)[0]
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(ga, gb)
 
 
 @pytest.mark.slow
@@ -296,11 +258,82 @@ def test_bad_arguments():
         q(torch.randn(2, 10, 16), mask=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         q(torch.randn(2, 10, 16), mask=torch.ones(2, 10))
-    with pytest.raises(ValueError, match=r"size <= 2"):
+    with pytest.raises(ValueError, match=r"quantizer axis of 1..2 entries"):
         ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2).decode(torch.zeros(1, 4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="quantize_dropout_cutoff_index must be in"):
+        ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2, quantize_dropout_cutoff_index=2)
+    with pytest.raises(TypeError, match="sets codebook_scale of its layers"):
+        ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2, codebook_scale=0.5)
+    with pytest.raises(ValueError, match="clash"):
+        LFQ(codebook_size=16, extra_losses={"commitment": 1.0})
+    with pytest.raises(ValueError, match="max_exact_entropy_bits must be >= 1"):
+        LFQ(codebook_size=16, max_exact_entropy_bits=0)
 
 
-def test_residual_lfq_batched_losses_equal_per_layer_losses():
+# -- extra losses -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BookScale:
+    """A Loss that reports each book's code scale: shows which codebook the quantizer passes."""
+
+    name: ClassVar[str] = "book_scale"
+
+    def __call__(self, x, q, indices, codebook, valid):
+        return codebook.scales.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class TokensSeen:
+    """A Loss: how many tokens count (LFQ applies its mask before the losses: valid is None)."""
+
+    name: ClassVar[str] = "tokens_seen"
+
+    def __call__(self, x, q, indices, codebook, valid):
+        assert valid is None and q.shape == x.shape and indices.shape == x.shape[:2]
+        return x.new_full((x.shape[0],), float(x.shape[1]))
+
+
+def test_extra_losses_are_added_and_reported():
+    torch.manual_seed(0)
+    kwargs = dict(codebook_size=32, entropy_loss_weight=0.3, commitment_loss_weight=0.25, codebook_scale=0.5)
+    plain = LFQ(**kwargs)
+    q = LFQ(**kwargs, extra_losses=[("codebook", 2.0), (BookScale(), 0.1), (TokensSeen(), 0.01)])
+    x = torch.randn(2, 40, 5)
+    mask = torch.arange(40) < torch.tensor([[40], [10]])
+    base = plain(x, inv_temperature=3.0, mask=mask)
+    out = q(x, inv_temperature=3.0, mask=mask, return_loss_breakdown=True)
+    extra = out.breakdown.extra
+    assert set(extra) == {"codebook", "book_scale", "tokens_seen"}
+    # the codebook term mean ||sg(x) - q||^2 over the 50 valid tokens equals the commitment term by hand
+    valid = x[mask]
+    want = (valid - torch.where(valid > 0, 0.5, -0.5)).pow(2).mean()
+    torch.testing.assert_close(extra["codebook"], want)
+    torch.testing.assert_close(out.breakdown.commitment, want)
+    assert extra["book_scale"].item() == 0.5  # the implicit binary codebook is passed to the losses
+    assert extra["tokens_seen"].item() == 50  # the valid tokens only
+    torch.testing.assert_close(
+        out.entropy_aux_loss, base.entropy_aux_loss + 2.0 * want + 0.1 * 0.5 + 0.01 * 50
+    )
+    q.eval()
+    out = q(x, return_loss_breakdown=True)
+    assert out.entropy_aux_loss.item() == 0.0 and all(t.item() == 0.0 for t in out.breakdown.extra.values())
+
+
+def test_residual_lfq_forwards_extra_losses_with_layers_as_books():
+    torch.manual_seed(0)
+    kwargs = dict(dim=6, codebook_size=16, num_quantizers=3, commitment_loss_weight=0.2)
+    plain = ResidualLFQ(**kwargs)
+    q = ResidualLFQ(**kwargs, extra_losses=[(BookScale(), 1.0)])
+    q.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 6)
+    diff = q(x).entropy_aux_loss - plain(x).entropy_aux_loss
+    torch.testing.assert_close(diff, torch.tensor([1.0, 0.5, 0.25]))  # one value per layer: scale 2^-q
+
+
+def test_residual_lfq_losses_through_the_layers_public_api():
+    """Every kept layer's losses, computed at once with the layers as books, equal each layer's own
+    losses on its residual, obtained through the LFQ public API only."""
     torch.manual_seed(0)
     q = ResidualLFQ(
         dim=12, codebook_size=32, num_quantizers=3, commitment_loss_weight=0.3, diversity_gamma=1.5
@@ -310,6 +343,79 @@ def test_residual_lfq_batched_losses_equal_per_layer_losses():
     _, _, losses = q(x, mask=mask, inv_temperature=2.0)
     residual = q.project_in(torch.where(mask.unsqueeze(-1), x, 0.0))
     for layer, loss in zip(q.layers, losses):
-        codes, _, want, _ = layer.quantize_tokens(residual, 2.0, mask)
-        torch.testing.assert_close(loss, want)
-        residual = residual - codes.detach()
+        books = layer.to_books(residual)
+        indices, codes = layer.codebook_module.quantize(books)
+        terms, extra = layer.book_losses(books, codes, indices, mask.reshape(1, -1), inv_temperature=2.0)
+        torch.testing.assert_close(loss, layer.weighted_loss(terms, extra)[0])
+        residual = residual - layer.from_books(codes, 2, 25)
+    assert isinstance(q.layers[0].codebook_module, BinaryCodebook)
+    assert q.layer_codebooks.scales.tolist() == [1.0, 0.5, 0.25]
+
+
+# -- residual stack: dropout rule, all codes, coarse codes -------------------------------------------------
+
+
+def test_residual_lfq_dropout_in_training_mode_whatever_the_grad_mode():
+    q = ResidualLFQ(dim=6, codebook_size=16, num_quantizers=4, quantize_dropout=True)
+    x = torch.randn(2, 5, 6)
+    seed = next(s for s in range(20) if q.dropout.kept_layers(True, s) < 4)
+    with torch.no_grad():
+        assert (q(x, rand_quantize_dropout_fixed_seed=seed).indices == -1).any()
+    assert torch.all(q.eval()(x, rand_quantize_dropout_fixed_seed=seed).indices >= 0)
+
+
+def test_residual_lfq_return_all_codes():
+    q = ResidualLFQ(dim=6, codebook_size=16, num_quantizers=3, quantize_dropout=True)
+    x = torch.randn(2, 5, 6)
+    out = q(x, return_all_codes=True, rand_quantize_dropout_fixed_seed=0)
+    assert isinstance(out, LFQOutputWithCodes)
+    quantized, indices, losses, all_codes = out  # unpacks as before
+    assert all_codes.shape == (3, 2, 5, 4)
+    kept = int((indices[0, 0] >= 0).sum())
+    assert torch.all(all_codes[kept:] == 0)
+    torch.testing.assert_close(q.project_out(all_codes.sum(0)), quantized)
+    q.eval()
+    out = q(torch.randn(2, 6, 3, 4), return_all_codes=True)  # images: codes in the input's layout
+    assert out.all_codes.shape == (3, 2, 4, 3, 4)
+    assert torch.equal(q.get_codes_from_indices(out.indices), out.all_codes.movedim(2, -1))
+
+
+def test_residual_lfq_coarse_codes_are_padded_with_zeros():
+    q = ResidualLFQ(dim=4, codebook_size=16, num_quantizers=3)
+    codes = q.get_codes_from_indices(torch.tensor([[[15, 0], [-1, 3]]]))  # (b=1, n=2, q=2)
+    assert codes.shape == (3, 1, 2, 4)
+    assert codes[0, 0, 0].tolist() == [1.0] * 4 and codes[1, 0, 0].tolist() == [-0.5] * 4
+    assert torch.all(codes[0, 0, 1] == 0) and torch.all(codes[2] == 0)
+    assert codes[1, 0, 1].tolist() == [-0.5, -0.5, 0.5, 0.5]
+
+
+# -- export metadata, state -------------------------------------------------------------------------------
+
+
+def test_export_metadata():
+    meta = LFQ(dim=16, codebook_size=256, num_codebooks=2, codebook_scale=0.5).export_metadata()
+    assert meta == dict(dim=16, codebook_dim=8, codebook_size=256, num_codebooks=2, codebook_scale=0.5)
+    meta = LFQ(codebook_size=16, channel_first=True).export_metadata()
+    assert meta["channel_first"] is True and meta["dim"] == 4
+    meta = ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2).export_metadata()
+    assert meta == dict(dim=8, codebook_dim=4, codebook_size=16, num_codebooks=1, num_quantizers=2)
+    json.dumps(meta)
+
+
+def test_state_dict_keys():
+    projections = {"project_in.weight", "project_in.bias", "project_out.weight", "project_out.bias"}
+    assert LFQ(codebook_size=16).state_dict() == {}
+    assert set(LFQ(dim=16, codebook_size=256).state_dict()) == projections
+    assert set(LFQ(dim=16, codebook_size=256, extra_losses={"codebook": 1.0}).state_dict()) == projections
+    assert set(ResidualLFQ(dim=8, codebook_size=16, num_quantizers=3).state_dict()) == projections
+    assert ResidualLFQ(dim=4, codebook_size=16, num_quantizers=3).state_dict() == {}
+
+
+def test_a_batch_without_valid_tokens_gives_zero_loss():
+    q = LFQ(codebook_size=16, commitment_loss_weight=0.5, extra_losses={"codebook": 1.0})
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    out = q(x, mask=torch.zeros(2, dtype=torch.bool), return_loss_breakdown=True)
+    assert out.entropy_aux_loss.item() == 0.0 and torch.all(out.indices == -1)
+    assert [t.item() for t in out.breakdown[:3]] == [0.0, 0.0, 0.0] and out.breakdown.extra["codebook"] == 0
+    (out.quantized.sum() + out.entropy_aux_loss).backward()
+    assert torch.all(x.grad == 0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqcore.blocks.validation import check_float, check_indices, check_tensor
+from vqcore.blocks.validation import check_float, check_indices, check_positive_int, check_tensor
 
 _SPATIAL_RANK = {"sequence": 1, "channel_first": 1, "image": 2, "video": 3}
 _DESCRIBE = {
@@ -231,3 +231,42 @@ def token_mask(
             raise ValueError(f"a per-sample mask must have shape ({batch},), got {tuple(mask.shape)}")
         return mask.unsqueeze(1).expand(batch, n)
     return layout.mask_to_tokens(mask, batch, spatial)
+
+
+class CodebookAxis:
+    """The codebook groups of the scalar quantizers (FSQ, LFQ, latent quantization): ``num_codebooks``
+    groups of ``codebook_dim`` features, each quantized on its own.
+
+    Features ``(..., C * d) <-> (..., C, d)`` (:meth:`split`); indices ``(..., C)`` keep their trailing
+    codebook axis only with ``keep`` (default ``C > 1``; ``keep=False`` needs ``C == 1``), see
+    :meth:`indices_out`; :attr:`trailing` is that axis for :func:`index_tokens`.
+    """
+
+    def __init__(self, num_codebooks: int, codebook_dim: int, keep: bool | None = None):
+        check_positive_int(num_codebooks, "num_codebooks")
+        check_positive_int(codebook_dim, "codebook_dim")
+        if keep is None:
+            keep = num_codebooks > 1
+        if num_codebooks > 1 and not keep:
+            raise ValueError(
+                f"keep_num_codebooks_dim=False needs num_codebooks == 1, got num_codebooks={num_codebooks}"
+            )
+        self.num_codebooks, self.codebook_dim, self.keep = num_codebooks, codebook_dim, bool(keep)
+
+    @property
+    def trailing(self) -> int | None:
+        return self.num_codebooks if self.keep else None
+
+    def split(self, z: Tensor) -> Tensor:
+        """``(..., C * d) -> (..., C, d)``."""
+        return z.reshape(*z.shape[:-1], self.num_codebooks, self.codebook_dim)
+
+    def indices_out(self, indices: Tensor) -> Tensor:
+        """``(..., C)`` -> ``(..., C)``, or ``(...)`` without the codebook axis."""
+        return indices if self.keep else indices.squeeze(-1)
+
+    def __repr__(self) -> str:
+        return (
+            f"CodebookAxis(num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
+            f"keep={self.keep})"
+        )

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.distributed import broadcast_
+from vqcore.blocks.layout import TokenLayout, auto_index_layout
 from vqcore.blocks.projection import project_from
-from vqcore.blocks.validation import check_indices, check_positive_int
+from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
 from vqcore.protocols import DROPPED_INDEX
 
 
@@ -92,6 +93,18 @@ def pad_layers(tokens: Tensor, sizes: Sequence[int], name: str = "indices") -> T
         pad = tokens.new_full((*tokens.shape[:-1], q - given), DROPPED_INDEX)
         tokens = torch.cat((tokens, pad), -1)
     return tokens
+
+
+def detected_layer_tokens(
+    indices: Tensor, sizes: Sequence[int], *, dim: int, channel_first: bool | None
+) -> tuple[Tensor, tuple, TokenLayout]:
+    """Indices ``(b, *positions, q)`` of a residual stack that detects its input's layout
+    (:func:`~vqcore.blocks.layout.auto_layout`) -> ``(tokens (b, n, Q) int64 padded by`` :func:`pad_layers`
+    ``, spatial, layout)``."""
+    check_tensor(indices, "indices")
+    layout = auto_index_layout(indices.ndim, 1, dim, channel_first)
+    tokens, spatial = layout.indices_to_tokens(indices, 1)
+    return pad_layers(tokens, sizes), spatial, layout
 
 
 def zero_dropped(code: Tensor, indices: Tensor) -> Tensor:
