@@ -66,22 +66,31 @@ def _cmd_demo(args) -> int:
     import torch
 
     from vqcore.cli.demo import run_demo
+    from vqcore.errors import MissingArgumentsError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_demo(
-        args.quantizer,
-        args.steps,
-        args.out,
-        dim=args.dim,
-        width=args.width,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        overrides=_parse_overrides(args.set),
-        export=not args.no_export,
-        quiet=args.quiet,
-    )
+    try:
+        run_demo(
+            args.quantizer,
+            args.steps,
+            args.out,
+            dim=args.dim,
+            width=args.width,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            overrides=_parse_overrides(args.set),
+            export=not args.no_export,
+            quiet=args.quiet,
+        )
+    except MissingArgumentsError as err:
+        needed = " ".join(f"--set {name}=VALUE" for name in err.missing)
+        print(
+            f"vqcore demo: quantizer {err.quantizer!r} needs arguments the demo does not give: {needed}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
