@@ -94,32 +94,22 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def default_example_shape(quantizer) -> tuple[int, ...]:
-    """Features shape for export examples: (2, 16, dim) for sequences, (2, dim, 16) channel-first,
-    (2, dim, 8, 6) images, (2, dim, 3, 4, 5) video (from the quantizer's layout or channel_first flag)."""
-    dim = quantizer.dim
-    layout = getattr(getattr(quantizer, "layout", None), "kind", None)
-    if layout is None and getattr(quantizer, "channel_first", None):
-        layout = "channel_first"
-    return {
-        "channel_first": (2, dim, 16),
-        "image": (2, dim, 8, 6),
-        "video": (2, dim, 3, 4, 5),
-    }.get(layout, (2, 16, dim))
-
-
 def _cmd_export(args) -> int:
     import torch
 
     from vqcore import export
     from vqcore.serialization import load
 
-    quantizer = load(args.checkpoint).eval()
-    shape = (
-        tuple(int(s) for s in args.example_shape.replace("x", ",").split(","))
-        if args.example_shape
-        else default_example_shape(quantizer)
-    )
+    quantizer = load(args.checkpoint)  # in eval mode
+    try:
+        shape = (
+            tuple(int(s) for s in args.example_shape.replace("x", ",").split(","))
+            if args.example_shape
+            else export.default_example_shape(quantizer)
+        )
+    except ValueError as err:
+        print(f"vqcore export: no example shape: {err} (--example-shape 2,16,DIM)", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     features = torch.randn(shape)
     with torch.no_grad():
