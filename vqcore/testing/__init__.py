@@ -27,8 +27,9 @@ It raises :class:`ConformanceError` naming the first broken rule, and returns a
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -146,7 +147,7 @@ def check_quantizer(
     return report
 
 
-def _check_outputs(quantizer, example, quantized, indices, where: str) -> None:
+def _check_outputs(quantizer: nn.Module, example: Tensor, quantized: Any, indices: Any, where: str) -> None:
     _require(isinstance(quantized, Tensor), f"{where}: the first output must be the quantized tensor")
     _require(
         quantized.shape == example.shape,
@@ -239,7 +240,13 @@ def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
     return dims_of(example)
 
 
-def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: ConformanceReport) -> None:
+def _check_export(
+    quantizer: nn.Module,
+    x: Tensor,
+    indices: Tensor,
+    dynamic_dims: tuple[int, ...] | None,
+    report: ConformanceReport,
+) -> None:
     # the dynamic-axes logic (which index axes follow the input's, named Dims) is vqcore.export's
     from vqcore.export.graphs import DecodeGraph, EncodeGraph, axis_names, dynamic_shapes, map_dynamic_axes
 
@@ -315,7 +322,7 @@ def _run_exported(program: nn.Module, graph: str, inp: Tensor, dims: tuple[int, 
         ) from err
 
 
-def _grown(shape, dims, size):
+def _grown(shape: Sequence[int], dims: Sequence[int], size: int | None) -> tuple[int, ...]:
     """The example's shape with dynamic axes set to ``size`` (None: example + 3)."""
     return tuple((s + 3 if size is None else size) if i in dims else s for i, s in enumerate(shape))
 
