@@ -60,6 +60,9 @@ def quantizer_config(quantizer: torch.nn.Module) -> dict[str, Any]:
 def save(quantizer: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write ``quantizer``'s config and weights (state_dict) to ``path`` (safetensors).
 
+    The config records every constructor argument, defaults included, and the method's config version;
+    arguments a constructor forwards through ``**kwargs`` (ResidualVQ's options for its VectorQuantize
+    layers) are recorded as passed, without the receiving constructor's defaults.
     The file gets the mode a newly created file usually gets (``0o666`` less the process umask, e.g.
     0644), not the owner-only 0600 that safetensors writes.
     """
