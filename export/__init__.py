@@ -12,10 +12,20 @@ Installed as ``vqcore.export`` (pyproject maps this folder); import it by that n
   :class:`Tokenizer` / :class:`Detokenizer` chain a user's encoder / decoder with the quantizer.
 - Batch and sequence / spatial axes are dynamic (found by probing the module) and checked after export.
 - Parity is verified at export time (``verify=True``): see :mod:`vqcore.export.parity`.
-- Metadata (JSON) is embedded in every artifact: :func:`read_metadata`.
+- Metadata (JSON) is embedded in every artifact: :func:`read_metadata`; the quantizer's part comes
+  through the protocol (``dim``, ``codebook_size``, ``num_codebooks``, its saved config, and
+  ``export_metadata()`` where it has one).
+- :func:`default_example_shape`: a features shape for an example when none is given (the CLI's).
 """
 
-from vqcore.export.graphs import DecodeGraph, Detokenizer, EncodeGraph, Tokenizer, export_module
+from vqcore.export.graphs import (
+    DecodeGraph,
+    Detokenizer,
+    EncodeGraph,
+    Tokenizer,
+    default_example_shape,
+    export_module,
+)
 from vqcore.export.parity import ParityError, ParityReport
 from vqcore.export.writers import (
     DEFAULT_OPSET,
@@ -37,6 +47,7 @@ __all__ = [
     "ParityError",
     "ParityReport",
     "Tokenizer",
+    "default_example_shape",
     "export_module",
     "read_metadata",
     "to_onnx",

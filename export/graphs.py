@@ -12,13 +12,27 @@ it (feature, quantizer, heads and groups axes are rejected by the module's own c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from vqcore.protocols import SupportsExportMetadata
+
 GRAPHS = ("encode", "decode")
+# features shapes of export examples, by input layout (see default_example_shape)
+EXAMPLE_SHAPES: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "sequence": lambda dim: (2, 16, dim),
+    "channel_first": lambda dim: (2, dim, 16),
+    "image": lambda dim: (2, dim, 8, 6),
+    "video": lambda dim: (2, dim, 3, 4, 5),
+}
+
+ModuleOutput = Tensor | tuple[Tensor, ...]
 
 
-def _plain(out):
+def _plain(out: Any) -> ModuleOutput:
     """Namedtuples and lists -> plain tuples (torch.export.save cannot serialise namedtuple specs)."""
     if isinstance(out, Tensor):
         return out
@@ -34,7 +48,7 @@ class EncodeGraph(nn.Module):
         super().__init__()
         self.quantizer = quantizer
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor) -> ModuleOutput:
         return _plain(self.quantizer.encode(x))
 
 
@@ -47,7 +61,7 @@ class DecodeGraph(nn.Module):
         super().__init__()
         self.quantizer = quantizer
 
-    def forward(self, indices: Tensor):
+    def forward(self, indices: Tensor) -> ModuleOutput:
         return _plain(self.quantizer.decode(indices))
 
 
@@ -60,7 +74,7 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.encoder, self.quantizer = encoder, quantizer
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor) -> ModuleOutput:
         return _plain(self.quantizer.encode(self.encoder(x)))
 
 
@@ -73,11 +87,11 @@ class Detokenizer(nn.Module):
         super().__init__()
         self.quantizer, self.decoder = quantizer, decoder
 
-    def forward(self, indices: Tensor):
+    def forward(self, indices: Tensor) -> ModuleOutput:
         return _plain(self.decoder(self.quantizer.decode(indices)))
 
 
-def is_wrapper(module) -> bool:
+def is_wrapper(module: object) -> bool:
     return isinstance(module, (EncodeGraph, DecodeGraph, Tokenizer, Detokenizer))
 
 
@@ -114,7 +128,40 @@ def quantizer_of(module: nn.Module) -> nn.Module:
     return getattr(module, "quantizer", module) if is_wrapper(module) else module
 
 
-# -- dynamic axes ---------------------------------------------------------------------------------
+# -- examples and dynamic axes ---------------------------------------------------------------------
+
+
+def default_example_shape(quantizer: nn.Module) -> tuple[int, ...]:
+    """Features shape for an export example of ``quantizer`` (its ``dim`` features, batch 2).
+
+    The input layout the quantizer declares as ``export_metadata()["layout"]`` (``sequence``,
+    ``channel_first``, ``image`` or ``video``) when it declares one; otherwise the first of
+    ``(2, 16, dim)``, ``(2, dim, 16)``, ``(2, dim, 8, 6)``, ``(2, dim, 3, 4, 5)`` that its ``encode``
+    accepts. Raises a ValueError when it accepts none of them.
+    """
+    dim = quantizer.dim
+    if not isinstance(dim, int) or dim < 1:
+        raise TypeError(f"{type(quantizer).__name__}.dim must be a positive int, got {dim!r}")
+    if isinstance(quantizer, SupportsExportMetadata):
+        declared = quantizer.export_metadata().get("layout")
+        if declared in EXAMPLE_SHAPES:
+            return EXAMPLE_SHAPES[declared](dim)
+    tried = []
+    tensors = [*quantizer.parameters(), *quantizer.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    for shape in (make(dim) for make in EXAMPLE_SHAPES.values()):
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+        try:
+            with torch.no_grad():
+                quantizer.encode(probe)
+        except Exception as err:  # this layout is not the quantizer's: try the next one
+            tried.append(f"{shape}: {type(err).__name__}: {err}")
+            continue
+        return shape
+    raise ValueError(
+        f"{type(quantizer).__name__}.encode accepts none of the example shapes; give the example's shape. "
+        "Tried: " + "; ".join(tried)
+    )
 
 
 def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
@@ -137,12 +184,14 @@ def grow(t: Tensor, axis: int, size: int, generator: torch.Generator | None = No
     return t.index_select(axis, pick)
 
 
-def _first(out) -> Tensor:
+def _first(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
 @torch.no_grad()
-def map_dynamic_axes(fn, example: Tensor, dims=None) -> dict[int, int | None]:
+def map_dynamic_axes(
+    fn: Callable[[Tensor], Any], example: Tensor, dims: Iterable[int] | None = None
+) -> dict[int, int | None]:
     """``{input axis: output axis}`` for the axes of ``example`` that ``fn`` accepts at another size.
 
     With ``dims`` given these axes are required (an error if ``fn`` rejects one); otherwise every axis
@@ -172,7 +221,7 @@ def map_dynamic_axes(fn, example: Tensor, dims=None) -> dict[int, int | None]:
     return found
 
 
-def axis_names(example: Tensor, dims) -> dict[int, str]:
+def axis_names(example: Tensor, dims: Iterable[int]) -> dict[int, str]:
     """Readable names for dynamic axes: batch, then seq | height, width | time, height, width."""
     dims = sorted(dims)
     if not dims:
@@ -184,7 +233,7 @@ def axis_names(example: Tensor, dims) -> dict[int, str]:
     return {dims[0]: "batch", **dict(zip(rest, labels))}
 
 
-def export_example(example: Tensor, dims) -> Tensor:
+def export_example(example: Tensor, dims: Iterable[int]) -> Tensor:
     """The example with each dynamic axis >= 2 and all dynamic sizes distinct (torch.export
     specialises sizes 0/1 and merges equal sizes)."""
     used: set[int] = set()
@@ -198,7 +247,7 @@ def export_example(example: Tensor, dims) -> Tensor:
     return example
 
 
-def dynamic_shapes(names: dict[int, str]):
+def dynamic_shapes(names: dict[int, str]) -> tuple[dict[int, Any]]:
     """``dynamic_shapes`` for torch.export (positional, so any forward signature works): one named
     ``Dim`` per dynamic axis of the single input."""
     from torch.export import Dim

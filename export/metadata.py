@@ -1,17 +1,49 @@
 """The JSON embedded in every artifact (ONNX metadata_props, TorchScript / pt2 extra file "vqcore.json",
-AOTInductor package metadata)."""
+AOTInductor package metadata).
+
+Two parts: what vqcore writes about the artifact (schema, graph, format, input / output names, dtypes
+and layouts, dynamic axes, versions, weights hash, parity summary) and what the artifact's quantizer
+declares through the protocol (:func:`quantizer_fields`: the Quantizer fields, its saved config, and
+``export_metadata()`` where it has one).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vqcore.module import get_config
+from vqcore.protocols import SupportsExportMetadata
+
 SCHEMA = "vqcore.export/1"
 EXTRA_FILE = "vqcore.json"
 METADATA_KEY = "vqcore"
+# the keys vqcore writes itself (about the artifact, and the quantizer's config); a quantizer's
+# export_metadata() may not set them
+RESERVED_KEYS = (
+    "schema",
+    "vqcore_version",
+    "method",
+    "class",
+    "module",
+    "graph",
+    "format",
+    "input",
+    "output",
+    "index_dtype",
+    "index_layout",
+    "dropped_index",
+    "dynamic_axes",
+    "opset",
+    "torch_version",
+    "weights_sha256",
+    "parity",
+    "config",
+)
 
 
 def weights_sha256(module: nn.Module) -> str:
@@ -27,7 +59,7 @@ def weights_sha256(module: nn.Module) -> str:
 
 
 def method_name(quantizer: nn.Module) -> str | None:
-    from vqcore.module import get_config
+    """The registry name the quantizer was built under (its config), else its class's registered name."""
     from vqcore.registry import get_registry
 
     config = get_config(quantizer)
@@ -39,45 +71,58 @@ def method_name(quantizer: nn.Module) -> str | None:
         return None
 
 
-def _jsonable(value):
+def _jsonable(value: Any, key: str) -> Any:
+    """``value`` as JSON types (tensors as lists, tuples as lists); a TypeError names ``key`` otherwise."""
     if isinstance(value, Tensor):
         return value.tolist()
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, key) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
-    return str(value)
+    raise TypeError(
+        f"export metadata {key!r} must be JSON-serialisable (numbers, strings, lists, dicts, tensors), "
+        f"got {type(value).__name__}"
+    )
 
 
-def quantizer_fields(q: nn.Module) -> dict:
-    """Method hyper-parameters present on the quantizer (absent ones are left out)."""
-    fields = {}
-    for name in (
-        "dim",
-        "codebook_dim",
-        "codebook_size",
-        "codebook_sizes",
-        "num_codebooks",
-        "num_quantizers",
-        "groups",
-        "heads",
-        "separate_codebook_per_head",
-        "use_cosine_sim",
-        "levels",
-        "scales",
-        "codebook_scale",
-        "channel_first",
-    ):
+def quantizer_fields(quantizer: nn.Module) -> dict[str, Any]:
+    """What an artifact records about its quantizer.
+
+    - ``dim``, ``codebook_size``, ``num_codebooks`` (:class:`vqcore.protocols.Quantizer`);
+    - ``config``: the saved config (``{"name", "version", "kwargs"}``, see :mod:`vqcore.module`) when the
+      quantizer records one whose arguments are JSON-serialisable;
+    - everything ``quantizer.export_metadata()`` returns
+      (:class:`vqcore.protocols.SupportsExportMetadata`), which may refine the three protocol fields but
+      not the keys vqcore writes itself (:data:`RESERVED_KEYS`).
+    """
+    fields: dict[str, Any] = {}
+    for name in ("dim", "codebook_size", "num_codebooks"):
+        value = getattr(quantizer, name, None)
+        if value is not None:
+            fields[name] = _jsonable(value, name)
+    config = get_config(quantizer)
+    if config is not None and config["kwargs"] is not None:
         try:
-            value = getattr(q, name)
-        except Exception:  # properties may raise on odd configurations
-            continue
-        if value is None or callable(value) and not isinstance(value, Tensor):
-            continue
-        fields[name] = _jsonable(value)
-    layout = getattr(q, "layout", None)
-    if layout is not None and hasattr(layout, "kind"):
-        fields["layout"] = layout.kind
+            kwargs = json.loads(json.dumps(config["kwargs"]))
+        except (TypeError, ValueError):  # built from objects (a codebook instance, ...): no config to show
+            kwargs = None
+        if kwargs is not None:
+            fields["config"] = {
+                "name": method_name(quantizer),
+                "version": config["version"],
+                "kwargs": kwargs,
+            }
+    if isinstance(quantizer, SupportsExportMetadata):
+        declared = quantizer.export_metadata()
+        origin = f"{type(quantizer).__name__}.export_metadata()"
+        if not isinstance(declared, dict) or not all(isinstance(k, str) for k in declared):
+            raise TypeError(f"{origin} must return a dict with str keys, got {type(declared).__name__}")
+        reserved = sorted(set(declared) & set(RESERVED_KEYS))
+        if reserved:
+            raise ValueError(f"{origin} returned keys that vqcore writes itself: {reserved}")
+        fields.update({key: _jsonable(value, key) for key, value in declared.items()})
     return fields
 
 
@@ -91,14 +136,15 @@ def build(
     output_name: str,
     example_in: Tensor,
     example_out: Tensor,
-    in_names: dict,
-    out_names: dict,
-    opset=None,
-    parity=None,
-) -> dict:
+    in_names: dict[int, str],
+    out_names: dict[int, str],
+    opset: int | None = None,
+    parity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metadata of one artifact: what vqcore writes about it and :func:`quantizer_fields`."""
     from vqcore._version import __version__
 
-    def layout_of(t: Tensor, names: dict) -> str:
+    def layout_of(t: Tensor, names: dict[int, str]) -> str:
         return ",".join(names.get(i, str(t.shape[i])) for i in range(t.ndim))
 
     meta = {
@@ -134,11 +180,11 @@ def build(
     return meta
 
 
-def dumps(meta: dict) -> str:
+def dumps(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True)
 
 
-def flat(meta: dict) -> dict[str, str]:
+def flat(meta: dict[str, Any]) -> dict[str, str]:
     """String key/values (AOTInductor metadata, ONNX convenience keys): the JSON under "vqcore" plus
     top-level scalars as strings."""
     out = {METADATA_KEY: dumps(meta)}

@@ -13,12 +13,17 @@ A failure raises :class:`ParityError` carrying the :class:`ParityReport`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vqcore.protocols import SupportsExportTieCheck
+
+# fn(x, a, b) -> bool tensor shaped like a: True where the indices a and b agree or are genuine ties
+TieCheck = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 TIE_TOLERANCE = 1e-6
 ATOL = RTOL = 1e-5
@@ -37,19 +42,19 @@ class ParityError(AssertionError):
 class ParityReport:
     graph: str
     runtime: str
-    shapes: list = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
     index_entries: int = 0
     index_mismatches: int = 0
     ties: int = 0
     max_abs_diff: float = 0.0
     tie_tolerance: float | None = None
-    failures: list = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {
             "runtime": self.runtime,
             "shapes": [list(s) for s in self.shapes],
@@ -74,12 +79,19 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def as_tuple(out) -> tuple:
+def as_tuple(out: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return (out,) if isinstance(out, Tensor) else tuple(out)
 
 
-def compare(report: ParityReport, inp: Tensor, want, got, tie_check=None) -> None:
-    """Add one input's comparison to ``report``."""
+def compare(
+    report: ParityReport,
+    inp: Tensor,
+    want: Tensor | Sequence[Tensor],
+    got: Any,
+    tie_check: TieCheck | None = None,
+) -> None:
+    """Add one input's comparison to ``report``: ``want`` the eager outputs, ``got`` the runtime's
+    (tensors or arrays)."""
     want, got = as_tuple(want), tuple(torch.as_tensor(g) for g in as_tuple(got))
     report.shapes.append(tuple(inp.shape))
     where = f"input {tuple(inp.shape)}"
@@ -107,7 +119,9 @@ def compare(report: ParityReport, inp: Tensor, want, got, tie_check=None) -> Non
             )
 
 
-def _compare_indices(report, out, inp, want, got, tie_check) -> None:
+def _compare_indices(
+    report: ParityReport, out: str, inp: Tensor, want: Tensor, got: Tensor, tie_check: TieCheck | None
+) -> None:
     report.index_entries += want.numel()
     mismatch = want != got
     count = int(mismatch.sum())
@@ -134,7 +148,9 @@ def _compare_indices(report, out, inp, want, got, tie_check) -> None:
 # -- ties --------------------------------------------------------------------------------------------
 
 
-def tie_checker(quantizer, encoder=None, tolerance: float = TIE_TOLERANCE):
+def tie_checker(
+    quantizer: nn.Module, encoder: nn.Module | None = None, tolerance: float = TIE_TOLERANCE
+) -> TieCheck | None:
     """``fn(x, a, b) -> bool tensor like a`` (True: entry is a genuine tie or equal), or None when the
     method must match exactly. The quantizer's own ``export_tie_check``
     (vqcore.protocols.SupportsExportTieCheck) runs on a float64 copy of it; ``encoder`` (Tokenizer) runs
@@ -143,7 +159,7 @@ def tie_checker(quantizer, encoder=None, tolerance: float = TIE_TOLERANCE):
         return None
     q64 = copy.deepcopy(quantizer).double().eval()
 
-    def check(x, a, b):
+    def check(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         with torch.no_grad():
             if encoder is not None:
                 x = encoder(x)

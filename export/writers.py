@@ -13,12 +13,18 @@ import copy
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vqcore.export import graphs, metadata, parity
+
+PathLike = str | os.PathLike[str]
+# run(input) -> the artifact's outputs, on its own runtime
+Runner = Callable[[Tensor], Any]
 
 DEFAULT_OPSET = 20
 
@@ -29,13 +35,15 @@ class ExportError(RuntimeError):
 
 @dataclass
 class ExportResult:
+    """The artifact's path, its embedded metadata, and the parity report (None with ``verify=False``)."""
+
     path: str
-    metadata: dict
+    metadata: dict[str, Any]
     parity: parity.ParityReport | None
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """Silence the exporters' known noise (treespec FutureWarning, torch.jit deprecation, tracer warnings,
     onnx progress logs)."""
     loggers = [
@@ -60,7 +68,9 @@ def _quiet():
 class _Plan:
     """Everything the writers share: module, example, dynamic axes, probes, eager references."""
 
-    def __init__(self, obj: nn.Module, graph: str, example: Tensor, dynamic_dims=None, encoder=None):
+    def __init__(
+        self, obj: nn.Module, graph: str, example: Tensor, dynamic_dims: Sequence[int] | None = None
+    ):
         self.module = graphs.export_module(obj, graph).eval()
         self.quantizer = graphs.quantizer_of(self.module) if graphs.is_wrapper(self.module) else obj
         self.graph = graph
@@ -90,7 +100,7 @@ class _Plan:
             else graphs.export_module_default(self.quantizer, graph)
         )
 
-    def export_program(self):
+    def export_program(self) -> torch.export.ExportedProgram:
         with _quiet():
             try:
                 ep = torch.export.export(
@@ -143,7 +153,7 @@ class _Plan:
                 pass
         return out
 
-    def verify(self, run, runtime: str) -> parity.ParityReport:
+    def verify(self, run: Runner, runtime: str) -> parity.ParityReport:
         report = parity.ParityReport(
             self.graph, runtime, tie_tolerance=parity.TIE_TOLERANCE if self.tie_check else None
         )
@@ -162,7 +172,9 @@ class _Plan:
             parity.compare(report, probe, want, got, self.tie_check)
         return report
 
-    def metadata(self, fmt: str, opset=None, report=None) -> dict:
+    def metadata(
+        self, fmt: str, opset: int | None = None, report: parity.ParityReport | None = None
+    ) -> dict[str, Any]:
         return metadata.build(
             self.module,
             self.quantizer,
@@ -179,12 +191,12 @@ class _Plan:
         )
 
 
-def _finish(report, verify: bool):
+def _finish(report: parity.ParityReport, verify: bool) -> None:
     if verify and not report.ok:
         raise parity.ParityError(report)
 
 
-def _graph_of(obj, graph):
+def _graph_of(obj: nn.Module, graph: str | None) -> str:
     if graph is None:
         graph = getattr(obj, "graph", None) if graphs.is_wrapper(obj) else "encode"
     return graph
@@ -192,14 +204,14 @@ def _graph_of(obj, graph):
 
 def to_onnx(
     obj: nn.Module,
-    path,
+    path: PathLike,
     *,
     graph: str | None = None,
     example: Tensor,
     opset: int = DEFAULT_OPSET,
     verify: bool = True,
-    dynamic_dims=None,
-    providers=None,
+    dynamic_dims: Sequence[int] | None = None,
+    providers: Sequence[str] | None = None,
 ) -> ExportResult:
     """Write an ONNX file (dynamo exporter, single file, ``opset``) of ``graph`` of ``obj`` (a quantizer,
     Tokenizer or Detokenizer). The input is named "features" (encode) or "indices" (decode), the output
@@ -252,24 +264,31 @@ def to_onnx(
     return ExportResult(path, meta, report)
 
 
-def onnxruntime_runner(model, providers=None):
+def onnxruntime_runner(model: bytes | PathLike, providers: Sequence[str] | None = None) -> Runner:
     """``run(tensor) -> tuple of tensors`` on an onnxruntime session (CUDA provider first when present)."""
     import onnxruntime as ort
 
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    session = ort.InferenceSession(model, providers=providers)
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    session = ort.InferenceSession(source, providers=list(providers))
     name = session.get_inputs()[0].name
 
-    def run(x: Tensor):
+    def run(x: Tensor) -> tuple[Tensor, ...]:
         return tuple(torch.from_numpy(o) for o in session.run(None, {name: x.cpu().numpy()}))
 
     return run
 
 
 def to_torchscript(
-    obj: nn.Module, path, *, graph: str | None = None, example: Tensor, verify: bool = True, dynamic_dims=None
+    obj: nn.Module,
+    path: PathLike,
+    *,
+    graph: str | None = None,
+    example: Tensor,
+    verify: bool = True,
+    dynamic_dims: Sequence[int] | None = None,
 ) -> ExportResult:
     """Write a ``torch.jit.trace`` of ``graph`` (TorchScript is deprecated upstream but still the artifact
     existing libtorch consumers load). The dynamic axes are checked by running the reloaded module at
@@ -296,12 +315,12 @@ def to_torchscript(
 
 def to_pt2(
     obj: nn.Module,
-    path,
+    path: PathLike,
     *,
     graph: str | None = None,
     example: Tensor,
     verify: bool = True,
-    dynamic_dims=None,
+    dynamic_dims: Sequence[int] | None = None,
     aoti: bool = False,
 ) -> ExportResult:
     """Write a ``torch.export`` program (``torch.export.save``, extra file "vqcore.json"); with
@@ -326,10 +345,10 @@ def to_pt2(
     return ExportResult(path, meta, report)
 
 
-def _to_aoti(plan, ep, path, verify):
+def _to_aoti(plan: _Plan, ep: torch.export.ExportedProgram, path: str, verify: bool) -> ExportResult:
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    def package(meta):
+    def package(meta: dict[str, Any]) -> None:
         with _quiet():
             aoti_compile_and_package(
                 ep, package_path=path, inductor_configs={"aot_inductor.metadata": metadata.flat(meta)}
@@ -349,7 +368,7 @@ def _to_aoti(plan, ep, path, verify):
     return ExportResult(path, meta, report)
 
 
-def read_metadata(path) -> dict:
+def read_metadata(path: PathLike) -> dict[str, Any]:
     """The vqcore metadata of an artifact written by this module (ONNX, TorchScript or pt2)."""
     import json
     import zipfile

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import vqcore
 from vqcore.cli import main
 
 
@@ -52,3 +54,42 @@ def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit) as info:
         main(["nope"])
     assert info.value.code == 2
+
+
+class NeedsSizes(torch.nn.Module):
+    """A plugin quantizer with required arguments the demo has no preset for."""
+
+    def __init__(self, dim: int, codebook_size: int, levels: list, scale: float = 1.0):
+        super().__init__()
+        self.dim, self.codebook_size, self.num_codebooks = dim, codebook_size, 1
+
+    def encode(self, x):
+        return x.argmax(-1)
+
+    def decode(self, indices):
+        return indices.float()
+
+
+class NeedsSizesPlugin:
+    @vqcore.hookimpl
+    def register_quantizers(self, register):
+        register("needs_sizes", NeedsSizes)
+
+
+@pytest.mark.parametrize(
+    "given, needed",
+    [
+        ([], "--set codebook_size=VALUE --set levels=VALUE"),
+        (["--set", "codebook_size=8"], "--set levels=VALUE"),
+    ],
+)
+def test_demo_reports_missing_quantizer_arguments_as_set_options(
+    capsys, fresh_registry, tmp_path, given, needed
+):
+    fresh_registry.register_plugin(NeedsSizesPlugin(), name="needs-sizes")
+    out = tmp_path / "demo"
+    argv = ["demo", "--quantizer", "needs_sizes", *given, "--steps", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vqcore demo: quantizer 'needs_sizes' needs arguments the demo does not give: {needed}\n")
+    assert not out.exists()  # nothing written

@@ -20,11 +20,13 @@ from vqcore.export import (
     ExportError,
     ParityError,
     Tokenizer,
+    default_example_shape,
     read_metadata,
     to_onnx,
     to_pt2,
     to_torchscript,
 )
+from vqcore.export import metadata as metadata_mod
 from vqcore.export import parity as parity_mod
 
 pytest.importorskip("onnxruntime")
@@ -225,6 +227,112 @@ def test_protocol_plugin_exports_for_free(tmp_path):
     )
     r = to_torchscript(q, tmp_path / "s.pt", graph="decode", example=q.encode(x))
     assert r.parity.ok and r.metadata["output"]["layout"] == "batch,seq,4"
+
+
+class DeclaresMetadata(SignQuantizer):
+    """A plugin quantizer that declares its export metadata through the protocol."""
+
+    levels = [2, 2, 2, 2]  # an attribute, not declared: must not be picked up
+
+    def export_metadata(self):
+        return {"bits": 4, "scale": self.scale.detach(), "layout": "sequence", "signs": (-1, 1)}
+
+
+class DeclaresPlugin:
+    @vqcore.hookimpl
+    def register_quantizers(self, register):
+        register("declares", DeclaresMetadata)
+        register("sign", SignQuantizer)
+
+
+def test_metadata_comes_through_the_protocol(fresh_registry, tmp_path):
+    fresh_registry.register_plugin(DeclaresPlugin(), name="declares-plugin")
+    q = vqcore.create("declares", dim=4).eval()
+    meta = to_torchscript(q, tmp_path / "d.pt", graph="encode", example=torch.randn(2, 5, 4)).metadata
+    assert read_metadata(tmp_path / "d.pt") == meta
+    assert (meta["dim"], meta["codebook_size"], meta["num_codebooks"]) == (4, 16, 1)
+    assert meta["method"] == "declares" and meta["class"] == "DeclaresMetadata"
+    assert meta["config"] == {"name": "declares", "version": 1, "kwargs": {"dim": 4}}
+    assert (meta["bits"], meta["scale"], meta["layout"], meta["signs"]) == (4, [1.0] * 4, "sequence", [-1, 1])
+    assert "levels" not in meta
+
+    # without export_metadata: the protocol fields and the config only
+    plain = vqcore.create("sign", dim=3).eval()
+    meta = to_torchscript(plain, tmp_path / "s.pt", graph="encode", example=torch.randn(2, 5, 3)).metadata
+    quantizer_keys = set(meta) - set(metadata_mod.RESERVED_KEYS)
+    assert quantizer_keys == {"dim", "codebook_size", "num_codebooks"} and meta["config"]["kwargs"] == {
+        "dim": 3
+    }
+    # built outside the registry: no config, no method
+    meta = metadata_mod.quantizer_fields(SignQuantizer(dim=2))
+    assert meta == {"dim": 2, "codebook_size": 4, "num_codebooks": 1}
+
+
+@pytest.mark.parametrize(
+    "declared, error, message",
+    [
+        (
+            {"graph": "mine"},
+            ValueError,
+            r"DeclaresMetadata.export_metadata\(\) returned keys that vqcore writes "
+            r"itself: \['graph'\]",
+        ),
+        (
+            {"dtype": torch.float32},
+            TypeError,
+            "export metadata 'dtype' must be JSON-serialisable .*got dtype",
+        ),
+        ([("bits", 4)], TypeError, "must return a dict with str keys, got list"),
+    ],
+)
+def test_bad_export_metadata_is_a_clear_error(declared, error, message, monkeypatch):
+    monkeypatch.setattr(DeclaresMetadata, "export_metadata", lambda self: declared)
+    with pytest.raises(error, match=message):
+        metadata_mod.quantizer_fields(DeclaresMetadata())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, shape",
+    [
+        ("fsq", dict(levels=[3, 5, 4]), (2, 16, 3)),
+        ("fsq", dict(levels=[3, 5, 4], dim=8, channel_first=True), (2, 8, 16)),
+        ("vq", dict(dim=8, codebook_size=16, channel_last=False), (2, 8, 16)),
+        ("vq", dict(dim=8, codebook_size=16, accept_image_fmap=True), (2, 8, 8, 6)),
+        ("rvq", dict(dim=8, codebook_size=16, num_quantizers=2, accept_3d_fmap=True), (2, 8, 3, 4, 5)),
+    ],
+)
+def test_default_example_shape_is_what_encode_accepts(name, kwargs, shape):
+    q = vqcore.create(name, **kwargs).eval()
+    assert default_example_shape(q) == shape
+    q.encode(torch.randn(shape))
+
+
+def test_default_example_shape_prefers_the_declared_layout(monkeypatch):
+    monkeypatch.setattr(DeclaresMetadata, "export_metadata", lambda self: {"layout": "image"})
+    assert default_example_shape(DeclaresMetadata(dim=4)) == (2, 4, 8, 6)  # declared: not probed
+
+    class Rejects(SignQuantizer):
+        def encode(self, x):
+            raise ValueError(f"no layout fits {tuple(x.shape)}")
+
+    with pytest.raises(
+        ValueError, match=r"Rejects.encode accepts none of the example shapes.*no layout fits"
+    ):
+        default_example_shape(Rejects())
+
+
+def test_non_contiguous_example_exports(tmp_path):
+    """A strided view as the example made torch.export guard its strides (the seq axis then failed
+    "Constraints violated"); the writers export a contiguous copy."""
+    q = vqcore.create("vq", dim=8, codebook_size=16).eval()
+    example = torch.randn(4, 10, 8)[::2, ::2]  # (2, 5, 8), every other batch item and token
+    assert not example.is_contiguous()
+    result = to_pt2(q, tmp_path / "v.pt2", graph="encode", example=example)
+    assert result.parity.ok and (5, 8, 8) in result.parity.shapes  # ran at another shape
+    assert result.metadata["input"]["layout"] == "batch,seq,8"
+    indices = q.encode(torch.randn(4, 10, 8))[::2, ::2]
+    assert not indices.is_contiguous()
+    assert to_onnx(q, tmp_path / "v.onnx", graph="decode", example=indices).parity.ok
 
 
 class TracingBroken(SignQuantizer):

@@ -83,7 +83,11 @@ def test_create_builds_it_from_the_entry_point(fresh_registry):
     assert entry.name == "simvq" and entry.plugin == PLUGIN
     q = vqcore.create("simvq", dim=16, codebook_size=32, beta=0.5)
     assert isinstance(q, SimVQ) and (q.dim, q.codebook_size, q.num_codebooks) == (16, 32, 1)
-    assert q.config == {"name": "simvq", "kwargs": {"dim": 16, "codebook_size": 32, "beta": 0.5}}
+    assert q.config == {
+        "name": "simvq",
+        "version": 1,
+        "kwargs": {"dim": 16, "codebook_size": 32, "beta": 0.5},
+    }
     quantized, indices, loss = q(torch.randn(2, 8, 16))
     assert quantized.shape == (2, 8, 16) and indices.dtype == torch.int64 and loss.shape == ()
     assert "simvq" in vqcore.list_quantizers("sim*")

@@ -13,7 +13,13 @@ import torch
 import vqcore
 import vqcore.module
 from vqcore import registry as registry_module
-from vqcore.errors import DuplicateNameError, PluginError, PluginLoadWarning, UnknownNameError
+from vqcore.errors import (
+    DuplicateNameError,
+    MissingArgumentsError,
+    PluginError,
+    PluginLoadWarning,
+    UnknownNameError,
+)
 
 
 def write_dist(tmp_path, dist_name, module_name, module_source, entry_name=None, version="1.2.3"):
@@ -77,7 +83,7 @@ def test_entry_point_plugin_is_discovered_and_created(fresh_registry, on_sys_pat
     q = vqcore.create("toy_sign", dim=3)
     x = torch.tensor([[[1.0, -2.0, 3.0]]])
     assert q.encode(x).tolist() == [[1 + 4]]
-    assert vqcore.module.get_config(q) == {"name": "toy_sign", "kwargs": {"dim": 3}}
+    assert vqcore.module.get_config(q) == {"name": "toy_sign", "version": 1, "kwargs": {"dim": 3}}
     info = {p.name: p for p in vqcore.plugins_info()}["toy"]
     assert (info.version, info.status, info.hooks) == ("1.2.3", "ok", ["register_quantizers"])
     assert info.registered == {"quantizer": ["toy_sign"]}
@@ -192,14 +198,31 @@ def test_register_rejects_bad_entries(fresh_registry):
 
 def test_create_records_config_and_bad_kwargs_fail_clearly(fresh_registry):
     q = vqcore.create("vq", dim=8, codebook_size=16, decay=0.9)
-    assert q.config == {"name": "vq", "kwargs": {"dim": 8, "codebook_size": 16, "decay": 0.9}}
-    with pytest.raises(TypeError, match="unexpected keyword argument 'codebook_sise'"):
+    assert q.config["name"] == "vq" and q.config["version"] == 1
+    kwargs = q.config["kwargs"]
+    assert (kwargs["dim"], kwargs["codebook_size"], kwargs["decay"]) == (8, 16, 0.9)
+    assert kwargs["eps"] == 1e-5 and kwargs["heads"] == 1  # defaults recorded too
+    with pytest.raises(TypeError, match="quantizer 'vq': got an unexpected keyword argument 'codebook_sise'"):
         vqcore.create("vq", dim=8, codebook_sise=16)
+
+
+def test_create_names_every_missing_required_argument(fresh_registry):
+    with pytest.raises(MissingArgumentsError) as info:
+        vqcore.create("rpq", dim=8)
+    assert isinstance(info.value, TypeError)
+    assert info.value.quantizer == "rpq" and info.value.missing == ["codebook_size", "codebook_dim"]
+    assert str(info.value) == "quantizer 'rpq' is missing required arguments: codebook_size, codebook_dim"
 
 
 def test_direct_construction_records_config():
     q = vqcore.VectorQuantize(8, 16, heads=2)
-    assert q.config == {"name": None, "kwargs": {"dim": 8, "codebook_size": 16, "heads": 2}}
+    assert q.config["name"] is None and q.config["version"] == vqcore.VectorQuantize.config_version == 1
+    assert (q.config["kwargs"]["dim"], q.config["kwargs"]["codebook_size"], q.config["kwargs"]["heads"]) == (
+        8,
+        16,
+        2,
+    )
+    assert q.config["kwargs"]["codebook_dim"] is None
 
 
 def test_import_vqcore_is_light():

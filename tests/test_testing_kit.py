@@ -48,7 +48,8 @@ class SignQuantizer(nn.Module):
         return ((x > 0).long() * self.weights).sum(-1)
 
     def decode(self, indices):
-        return ((indices.unsqueeze(-1) // self.weights) % 2).float() * 2 - 1
+        signs = ((indices.unsqueeze(-1) // self.weights) % 2).float() * 2 - 1
+        return signs * (indices >= 0).unsqueeze(-1)  # -1 (dropped) decodes to zeros
 
     def forward(self, x):
         indices = self.encode(x)
@@ -101,6 +102,63 @@ class OutOfRange(SignQuantizer):
         return q, indices + self.codebook_size
 
 
+class LossCarriesTheOnlyGradient(SignQuantizer):
+    """quantized is detached; only the commitment loss reaches x (passed the old gradient check)."""
+
+    def forward(self, x):
+        indices = self.encode(x)
+        q = self.decode(indices).to(x.dtype)
+        return q, indices, (x - q).pow(2).mean()
+
+
+class ZeroGradient(SignQuantizer):
+    def forward(self, x):
+        indices = self.encode(x)
+        return self.decode(indices).to(x.dtype) + 0 * x, indices
+
+
+class DroppedDecodesToACode(SignQuantizer):
+    def decode(self, indices):
+        return super().decode(indices % self.codebook_size)  # -1 becomes the last code
+
+
+class DroppedCrashes(SignQuantizer):
+    def decode(self, indices):
+        table = SignQuantizer.decode(self, torch.arange(self.codebook_size))
+        return nn.functional.embedding(indices, table)  # IndexError on -1
+
+
+class DroppedOnlyWhenAllAre(SignQuantizer):
+    """Zeros only when every index is -1; a partly dropped batch decodes -1 as code 0."""
+
+    def decode(self, indices):
+        out = super().decode(indices.clamp(min=0))
+        return torch.where((indices < 0).all(), torch.zeros_like(out), out)
+
+
+class DroppedScalesTheOthers(SignQuantizer):
+    """-1 decodes to zeros, but the other batch items depend on how many codes were dropped."""
+
+    def decode(self, indices):
+        return super().decode(indices) * (1 + (indices < 0).float().mean())
+
+
+class DroppedRejected(SignQuantizer):
+    def decode(self, indices):
+        if bool((indices < 0).any()):
+            raise ValueError("indices must be in [0, 16), got -1")
+        return super().decode(indices)
+
+
+class CdistEncode(SignQuantizer):
+    """Nearest sign code by torch.cdist: exports, but the program guards the token count (cdist picks
+    its algorithm by size), so it fails at a larger shape."""
+
+    def encode(self, x):
+        codes = SignQuantizer.decode(self, torch.arange(self.codebook_size, device=x.device))
+        return torch.cdist(x.reshape(-1, self.dim), codes).argmin(-1).reshape(x.shape[:-1])
+
+
 class NotAModule:
     dim = codebook_size = num_codebooks = 1
 
@@ -116,7 +174,21 @@ def test_correct_plugin_passes_through_the_protocol_alone():
         (DecodeDiffers, "decode(encode(x)) differs from the eval forward"),
         (Int32Indices, "indices must be torch.int64, got torch.int32"),
         (EncodeTouchesState, "changed the module's state"),
-        (NoGradient, "no gradient reached the input"),
+        (NoGradient, "training forward (step 0): quantized carries no gradient to the input"),
+        (LossCarriesTheOnlyGradient, "quantized carries no gradient to the input (it is detached from x)"),
+        (ZeroGradient, "training forward (step 0): quantized's gradient to the input is zero everywhere"),
+        (
+            DroppedDecodesToACode,
+            "decode maps -1 to a code: indices all -1 decoded to values up to 1; -1 must decode to zeros",
+        ),
+        (DroppedCrashes, "decode of indices all -1 raised IndexError: index out of range"),
+        (DroppedOnlyWhenAllAre, "decode maps -1 to a code: batch item 0 all -1 decoded to values up to 1"),
+        (DroppedScalesTheOthers, "decode of batch item 0 all -1 changed the other batch items' vectors"),
+        (
+            CdistEncode,
+            "the exported encode graph must run at other sizes of its dynamic axes (0, 1): it failed at "
+            "input shape (5, 8, 4): AssertionError: Guard failed",
+        ),
         (BranchOnValues, "torch.export of encode/decode with dynamic axes (0, 1) failed"),
         (OutOfRange, "indices out of range [0, 16)"),
         (NotAModule, "must build an nn.Module"),
@@ -126,6 +198,15 @@ def test_broken_quantizers_fail_with_the_rule_they_break(factory, message):
     with pytest.raises((ConformanceError, TypeError)) as info:
         check_quantizer(factory, torch.randn(2, 5, 4))
     assert message in str(info.value)
+
+
+def test_decode_that_rejects_dropped_indices_passes():
+    report = check_quantizer(DroppedRejected, torch.randn(2, 5, 4), check_export=False)
+    assert "decode rejects -1 (ValueError/TypeError)" in report.checks[2]
+    report = check_quantizer(SignQuantizer, torch.randn(2, 5, 4), check_export=False)
+    assert "-1 decodes to zeros (all indices, one batch item)" in report.checks[2]
+    report = check_quantizer(SignQuantizer, torch.randn(1, 5, 4), dynamic_dims=(1,), check_export=False)
+    assert "-1 decodes to zeros," in report.checks[2]  # one batch item: no other item to compare
 
 
 def test_dynamic_axes_need_examples_larger_than_one():

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from vqcore.registry import Entry, PluginInfo, get_registry
 
 
-def create(name: str, /, **kwargs):
+def create(name: str, /, **kwargs: Any) -> Any:
     """Build the quantizer registered as ``name`` (or one of its aliases) with ``kwargs``.
 
-    The instance is checked against :class:`vqcore.protocols.Quantizer` and remembers
-    ``(name, kwargs)``, so :func:`vqcore.save` / :func:`vqcore.load` can rebuild it.
+    The instance is checked against :class:`vqcore.protocols.Quantizer` and records its config
+    (registry name, config version and every constructor argument, defaults included; see
+    :mod:`vqcore.module`), so :func:`vqcore.save` / :func:`vqcore.load` can rebuild it. Arguments the
+    factory requires but ``kwargs`` lacks raise :class:`~vqcore.errors.MissingArgumentsError` (a
+    TypeError) naming all of them, and unknown arguments a TypeError naming the quantizer, before the
+    factory runs.
     """
-    from vqcore.module import set_config
+    from vqcore.module import bind_keyword_call, config_version_of, factory_signature, set_config
     from vqcore.protocols import check_quantizer_instance
 
     entry = get_registry().get_entry(name, "quantizer")
+    signature = factory_signature(entry.factory)
+    arguments = dict(kwargs) if signature is None else bind_keyword_call(signature, kwargs, entry.name)
     quantizer = entry.create(**kwargs)
     check_quantizer_instance(quantizer, origin=f"quantizer {entry.name!r} (plugin {entry.plugin!r})")
-    set_config(quantizer, entry.name, kwargs)
+    set_config(quantizer, entry.name, arguments, config_version_of(entry.factory))
     return quantizer
 
 

@@ -33,3 +33,32 @@ class UnknownNameError(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class MissingArgumentsError(TypeError):
+    """A quantizer was created without arguments its constructor requires; ``missing`` names them."""
+
+    def __init__(self, quantizer: str, missing: Iterable[str]):
+        self.quantizer, self.missing = quantizer, list(missing)
+        super().__init__(f"quantizer {quantizer!r} is missing required arguments: {', '.join(self.missing)}")
+
+
+class ConfigVersionError(ValueError):
+    """A checkpoint's config version is one the installed plugin cannot read.
+
+    ``method`` is the registry name; ``saved`` the version in the checkpoint; ``installed`` the version
+    the installed plugin builds.
+    """
+
+    def __init__(self, method: str, saved: object, installed: int):
+        self.method, self.saved, self.installed = method, saved, installed
+        if isinstance(saved, int) and saved > installed:
+            hint = "the checkpoint is newer than the installed plugin: upgrade the plugin that provides it"
+        elif isinstance(saved, int) and saved >= 1:
+            hint = f"the installed plugin declares no upgrade from version {saved} (upgrade_config)"
+        else:
+            hint = "a config version is a positive int"
+        super().__init__(
+            f"checkpoint of quantizer {method!r} has config version {saved!r}, the installed plugin "
+            f"builds version {installed}: {hint}"
+        )

@@ -66,37 +66,32 @@ def _cmd_demo(args) -> int:
     import torch
 
     from vqcore.cli.demo import run_demo
+    from vqcore.errors import MissingArgumentsError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_demo(
-        args.quantizer,
-        args.steps,
-        args.out,
-        dim=args.dim,
-        width=args.width,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        overrides=_parse_overrides(args.set),
-        export=not args.no_export,
-        quiet=args.quiet,
-    )
+    try:
+        run_demo(
+            args.quantizer,
+            args.steps,
+            args.out,
+            dim=args.dim,
+            width=args.width,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            overrides=_parse_overrides(args.set),
+            export=not args.no_export,
+            quiet=args.quiet,
+        )
+    except MissingArgumentsError as err:
+        needed = " ".join(f"--set {name}=VALUE" for name in err.missing)
+        print(
+            f"vqcore demo: quantizer {err.quantizer!r} needs arguments the demo does not give: {needed}",
+            file=sys.stderr,
+        )
+        return 2
     return 0
-
-
-def default_example_shape(quantizer) -> tuple[int, ...]:
-    """Features shape for export examples: (2, 16, dim) for sequences, (2, dim, 16) channel-first,
-    (2, dim, 8, 6) images, (2, dim, 3, 4, 5) video (from the quantizer's layout or channel_first flag)."""
-    dim = quantizer.dim
-    layout = getattr(getattr(quantizer, "layout", None), "kind", None)
-    if layout is None and getattr(quantizer, "channel_first", None):
-        layout = "channel_first"
-    return {
-        "channel_first": (2, dim, 16),
-        "image": (2, dim, 8, 6),
-        "video": (2, dim, 3, 4, 5),
-    }.get(layout, (2, 16, dim))
 
 
 def _cmd_export(args) -> int:
@@ -105,12 +100,16 @@ def _cmd_export(args) -> int:
     from vqcore import export
     from vqcore.serialization import load
 
-    quantizer = load(args.checkpoint).eval()
-    shape = (
-        tuple(int(s) for s in args.example_shape.replace("x", ",").split(","))
-        if args.example_shape
-        else default_example_shape(quantizer)
-    )
+    quantizer = load(args.checkpoint)  # in eval mode
+    try:
+        shape = (
+            tuple(int(s) for s in args.example_shape.replace("x", ",").split(","))
+            if args.example_shape
+            else export.default_example_shape(quantizer)
+        )
+    except ValueError as err:
+        print(f"vqcore export: no example shape: {err} (--example-shape 2,16,DIM)", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     features = torch.randn(shape)
     with torch.no_grad():

@@ -220,6 +220,9 @@ class VQVAE(nn.Module):
 
 
 def build_quantizer(name: str, dim: int, overrides: dict | None = None) -> tuple[nn.Module, dict]:
+    """The bottleneck: ``vqcore.create(name, dim=dim, **preset, **overrides)`` and its kwargs (with the
+    canonical name). Raises :class:`vqcore.errors.MissingArgumentsError` naming the arguments a
+    quantizer without a preset requires."""
     from vqcore import create, get_entry
 
     canonical = get_entry(name).name
@@ -405,10 +408,10 @@ def run_demo(
     """Train, evaluate, plot and export; see the module docstring. Returns the numbers it printed."""
     start = time.perf_counter()
     torch.manual_seed(seed)
+    q, kwargs = build_quantizer(quantizer, dim, overrides)  # bad arguments fail before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_digits_images(seed)
-    q, kwargs = build_quantizer(quantizer, dim, overrides)
     model = VQVAE(q, dim, width)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(

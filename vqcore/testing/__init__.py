@@ -12,24 +12,29 @@ It raises :class:`ConformanceError` naming the first broken rule, and returns a
 
 1. the factory builds an ``nn.Module`` following :class:`vqcore.protocols.Quantizer`;
 2. training-mode forward: ``quantized`` has the input's shape and dtype, indices are int64 and in
-   ``[0, codebook_size)``, the losses are finite, and a gradient reaches the input;
+   ``[0, codebook_size)``, the losses are finite, and ``quantized`` itself carries a non-zero gradient
+   to the input (a gradient through the losses alone does not count);
 3. eval: ``encode(x)`` equals the forward's indices, ``decode(encode(x))`` equals the eval forward's
-   ``quantized`` bit for bit, and encode/decode/eval forward leave the state_dict unchanged;
+   ``quantized`` bit for bit, ``-1`` (a dropped or masked position) decodes to zeros: every index -1 ->
+   all zeros, and one batch item all -1 -> that item zeros, the others unchanged (a decode that
+   rejects -1 with a ValueError/TypeError passes; one that maps it to a code fails); encode, decode
+   and the eval forward leave the state_dict unchanged;
 4. state_dict round trip into a freshly built module gives identical eval outputs;
 5. ``torch.export.export(strict=False)`` of encode and decode with dynamic batch and sequence axes;
-   the exported programs match eager on a larger shape and at size 1.
+   the exported programs run (no guard fails) and match eager on a larger shape and at size 1.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vqcore.protocols import INDEX_DTYPE, check_quantizer_instance
+from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, check_quantizer_instance
 
 
 class ConformanceError(AssertionError):
@@ -92,13 +97,14 @@ def check_quantizer(
         losses = [t for t in tuple(out)[2:] if isinstance(t, Tensor) and t.is_floating_point()]
         for loss in losses:
             _require(bool(torch.isfinite(loss).all()), f"training loss is not finite: {loss}")
-        total = quantized.float().pow(2).sum() + sum(loss.sum() for loss in losses)
-        _require(total.requires_grad, "no gradient reached the input in training mode (outputs are detached)")
+        _check_quantized_gradient(x, quantized, step, seed)
+        total = sum((loss.sum() for loss in losses if loss.requires_grad), quantized.float().sum())
         total.backward()
         _require(x.grad is not None, "no gradient reached the input in training mode")
         _require(bool(torch.isfinite(x.grad).all()), "the input's gradient is not finite")
-        _require(bool(x.grad.abs().sum() > 0), "the gradient that reached the input is zero everywhere")
-    report.passed("training forward: shapes, dtypes, index range, finite losses, gradient to the input")
+    report.passed(
+        "training forward: shapes, dtypes, index range, finite losses, quantized's gradient to the input"
+    )
 
     # -- eval: encode / decode / forward agree, no state touched ----------------------------------------
     quantizer.eval()
@@ -115,10 +121,13 @@ def check_quantizer(
         decoded.shape == out[0].shape and torch.equal(decoded.to(out[0].dtype), out[0]),
         "decode(encode(x)) differs from the eval forward's quantized output (must be bit for bit equal)",
     )
+    dropped = _check_dropped_indices(quantizer, indices, decoded)
     _require(
         _same_state(state, _snapshot(quantizer)), "encode/decode/eval forward changed the module's state"
     )
-    report.passed("eval: encode == forward indices, decode(encode(x)) == forward quantized, state untouched")
+    report.passed(
+        f"eval: encode == forward indices, decode(encode(x)) == forward quantized, {dropped}, state untouched"
+    )
 
     # -- state_dict round trip ------------------------------------------------------------------------
     torch.manual_seed(seed + 1)
@@ -138,7 +147,7 @@ def check_quantizer(
     return report
 
 
-def _check_outputs(quantizer, example, quantized, indices, where: str) -> None:
+def _check_outputs(quantizer: nn.Module, example: Tensor, quantized: Any, indices: Any, where: str) -> None:
     _require(isinstance(quantized, Tensor), f"{where}: the first output must be the quantized tensor")
     _require(
         quantized.shape == example.shape,
@@ -159,6 +168,71 @@ def _check_outputs(quantizer, example, quantized, indices, where: str) -> None:
         )
 
 
+def _check_quantized_gradient(x: Tensor, quantized: Tensor, step: int, seed: int) -> None:
+    """``quantized`` alone carries a finite, non-zero gradient to ``x`` (losses excluded)."""
+    where = f"training forward (step {step})"
+    _require(
+        quantized.requires_grad,
+        f"{where}: quantized carries no gradient to the input (it is detached from x); "
+        "a gradient through the losses alone does not count",
+    )
+    # a random direction: a plain sum of squares would vanish where the codes are zero
+    generator = torch.Generator().manual_seed(seed + step)
+    direction = torch.randn(quantized.shape, generator=generator).to(quantized.device)
+    (grad,) = torch.autograd.grad(
+        (quantized.float() * direction).sum(), x, retain_graph=True, allow_unused=True
+    )
+    _require(
+        grad is not None,
+        f"{where}: quantized carries no gradient to the input; a gradient through the losses alone "
+        "does not count",
+    )
+    _require(bool(torch.isfinite(grad).all()), f"{where}: quantized's gradient to the input is not finite")
+    _require(bool(grad.abs().sum() > 0), f"{where}: quantized's gradient to the input is zero everywhere")
+
+
+def _check_dropped_indices(quantizer: nn.Module, indices: Tensor, decoded: Tensor) -> str:
+    """-1 decodes to zeros, or decode rejects it with a ValueError/TypeError; returns what was checked."""
+    rule = "-1 must decode to zeros (or be rejected with a ValueError/TypeError)"
+    everywhere = torch.full_like(indices, DROPPED_INDEX)
+    try:
+        with torch.no_grad():
+            out = quantizer.decode(everywhere)
+    except (ValueError, TypeError):
+        return "decode rejects -1 (ValueError/TypeError)"
+    except Exception as err:  # any other failure breaks the rule
+        raise ConformanceError(
+            f"decode of indices all -1 raised {type(err).__name__}: {err}; {rule}"
+        ) from err
+    _require(
+        isinstance(out, Tensor) and out.shape == decoded.shape,
+        f"decode of indices all -1 gave shape {tuple(getattr(out, 'shape', ()))}, "
+        f"expected {tuple(decoded.shape)}",
+    )
+    _require(
+        not bool(out.any()),
+        f"decode maps -1 to a code: indices all -1 decoded to values up to "
+        f"{float(out.abs().max()):.3g}; {rule}",
+    )
+    if indices.shape[0] < 2:  # one batch item: nothing else to stay unchanged
+        return "-1 decodes to zeros"
+    # indices keep the batch axis first (checked on the forward's outputs), like the features
+    one_item = indices.clone()
+    one_item[0] = DROPPED_INDEX
+    with torch.no_grad():
+        out = quantizer.decode(one_item)
+    _require(
+        not bool(out[0].any()),
+        f"decode maps -1 to a code: batch item 0 all -1 decoded to values up to "
+        f"{float(out[0].abs().max()):.3g}; {rule}",
+    )
+    _require(
+        torch.equal(out[1:], decoded[1:]),
+        "decode of batch item 0 all -1 changed the other batch items' vectors",
+    )
+    return "-1 decodes to zeros (all indices, one batch item)"
+
+
 def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
     """Batch plus the sequence / spatial axes (shared with :mod:`vqcore.export`)."""
     from vqcore.export.graphs import default_dynamic_dims as dims_of
@@ -166,7 +240,13 @@ def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
     return dims_of(example)
 
 
-def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: ConformanceReport) -> None:
+def _check_export(
+    quantizer: nn.Module,
+    x: Tensor,
+    indices: Tensor,
+    dynamic_dims: tuple[int, ...] | None,
+    report: ConformanceReport,
+) -> None:
     # the dynamic-axes logic (which index axes follow the input's, named Dims) is vqcore.export's
     from vqcore.export.graphs import DecodeGraph, EncodeGraph, axis_names, dynamic_shapes, map_dynamic_axes
 
@@ -210,16 +290,18 @@ def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: C
             not static, f"exported {graph} specialised axes {static} to constants (shape {tuple(shape)})"
         )
 
+    encode_program, decode_program = encode.module(), decode.module()
     for shape in (_grown(x.shape, dims, 1), _grown(x.shape, dims, None)):
         probe = torch.randn(shape, dtype=x.dtype, device=x.device)
         with torch.no_grad():
             want_idx = quantizer.encode(probe)
-            got_idx = encode.module()(probe)
+            got_idx = _run_exported(encode_program, "encode", probe, dims)
             _require(
                 torch.equal(got_idx, want_idx), f"exported encode differs from eager at shape {tuple(shape)}"
             )
+            got = _run_exported(decode_program, "decode", want_idx, index_dims)
             _require(
-                torch.equal(decode.module()(want_idx), quantizer.decode(want_idx)),
+                torch.equal(got, quantizer.decode(want_idx)),
                 f"exported decode differs from eager at shape {tuple(shape)}",
             )
     report.passed(
@@ -227,7 +309,20 @@ def _check_export(quantizer, x: Tensor, indices: Tensor, dynamic_dims, report: C
     )
 
 
-def _grown(shape, dims, size):
+def _run_exported(program: nn.Module, graph: str, inp: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Run an exported program; a failure (e.g. a guard on a dynamic size) is a ConformanceError."""
+    try:
+        return program(inp)
+    except Exception as err:  # torch raises AssertionError/RuntimeError/ValueError for failed guards
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConformanceError(
+            f"the exported {graph} graph must run at other sizes of its dynamic axes {dims}: it failed at "
+            f"input shape {tuple(inp.shape)}: {type(err).__name__}: {detail} (a guard on a size means "
+            f"{graph} branches on a shape when traced, e.g. torch.cdist chooses its algorithm by size)"
+        ) from err
+
+
+def _grown(shape: Sequence[int], dims: Sequence[int], size: int | None) -> tuple[int, ...]:
     """The example's shape with dynamic axes set to ``size`` (None: example + 3)."""
     return tuple((s + 3 if size is None else size) if i in dims else s for i, s in enumerate(shape))
 
