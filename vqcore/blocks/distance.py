@@ -55,7 +55,7 @@ def _scores(x: Tensor, codes_t: Tensor, code_sq_norms: Tensor | None, out: Tenso
 def _sq_norms(codes: Tensor) -> Tensor:
     """``codes.pow(2).sum(-1)`` (B, K), over slices of codes so that the temporary stays about 1 MiB
     instead of the codebook's size (64 MiB for 65536 x 256). Each row is reduced on its own, so the
-    values are those of the one-shot expression (bitwise: benchmarks/check_distance.py)."""
+    values are those of the one-shot expression (bitwise: the slow tests of tests/test_distance.py)."""
     books, size, dim = codes.shape
     step = max(256, _NORM_SLICE_BYTES // (codes.element_size() * books * dim))
     if step >= size:
