@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import generator, snapshot
+from helpers import assert_same_state, generator, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -163,8 +163,7 @@ def eval_on_rank0_only(rank):
     rvq(x)
     rvq.decode(rvq.encode(x))
     LFQ(dim=8, codebook_size=16, sync_entropy=True).eval()(x)
-    after = snapshot(vq)
-    assert all(torch.equal(before[k], after[k]) for k in before), "an eval forward touched the codebook"
+    assert_same_state(vq, before, "an eval forward touched the codebook: ")
 
 
 SCENARIOS = {

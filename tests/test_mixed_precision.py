@@ -21,6 +21,7 @@ from typing import Callable
 
 import pytest
 import torch
+from helpers import assert_same_state, snapshot
 
 import vqcore
 from vqcore import (
@@ -320,14 +321,13 @@ def test_float32_input_under_autocast_gives_float32_outputs(case, dtype):
 def test_module_cast_keeps_ema_statistics_float32_and_unrounded(dtype):
     vq = VectorQuantize(dim=4, codebook_size=8)
     vq.train()(torch.randn(2, 16, 4))  # statistics that bf16 cannot hold exactly
-    before = {k: v.clone() for k, v in vq.codebook_module.state_dict().items()}
+    before = snapshot(vq.codebook_module)
     cast = vq.half() if dtype == torch.float16 else vq.bfloat16()
     for name, value in cast.codebook_module.state_dict().items():
-        assert value.dtype == before[name].dtype
-        assert torch.equal(value, before[name]), f"{name} was rounded by the cast"
+        assert value.dtype == before[name].dtype, name
+    assert_same_state(cast.codebook_module, before, "rounded by the cast: ")
     cast.float()  # and back: nothing was lost
-    for name, value in cast.codebook_module.state_dict().items():
-        assert torch.equal(value, before[name])
+    assert_same_state(cast.codebook_module, before, "after casting back: ")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
