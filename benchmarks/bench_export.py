@@ -1,7 +1,8 @@
 """onnxruntime encode of VectorQuantize(dim=256, codebook_size=1024) on (8, 1024, 256) against vqcore's
 eager eval encode and the reference's (vector-quantize-pytorch) eager eval forward.
 
-Interleaved runs (one of each implementation per round, order rotated), median per implementation.
+Interleaved runs (one of each implementation per round, order rotated; harness.py), median per
+implementation.
 Target: onnxruntime no slower than vqcore eager, and >= 3x faster than the reference.
 
     .venv/bin/python benchmarks/bench_export.py [--reps 25] [--threads N]
@@ -14,9 +15,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
+from harness import Impl, interleaved
 
 
 def main(argv=None) -> int:
@@ -72,15 +73,8 @@ def main(argv=None) -> int:
         print("vector-quantize-pytorch not installed: no reference column", file=sys.stderr)
 
     same = (torch.from_numpy(impls["onnxruntime encode"]()) != eager()).sum().item()
-    times = {k: [] for k in impls}
-    order = list(impls)
-    for rep in range(args.warmup + args.reps):
-        for k in order[rep % len(order) :] + order[: rep % len(order)]:
-            start = time.perf_counter()
-            impls[k]()
-            if rep >= args.warmup:
-                times[k].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    timing = interleaved([Impl(k, call) for k, call in impls.items()], args.reps, args.warmup)
+    med = {k: statistics.median(v) for k, v in timing.times.items()}
     base = med["onnxruntime encode"]
     print(
         f"VectorQuantize(dim={dim}, codebook_size={args.codebook_size}) encode on {shape}, "

@@ -57,6 +57,18 @@ def _codebooks(module):
     ]
 
 
+def eval_reconstruct(quantizer):
+    """``x -> (reconstruction, indices)`` by the trained quantizer's eval forward."""
+    quantizer.eval()
+
+    def reconstruct(x):
+        with torch.no_grad():
+            out = quantizer(x)
+        return out[0], out[1]
+
+    return reconstruct
+
+
 def fit_ema(quantizer, train: torch.Tensor, steps: int, polish: int):
     """Full-batch training-mode forwards (EMA + expiry), then ``polish`` steps with expiry off so that
     freshly re-seeded codes settle (an expired code replaced on the last step would sit unused)."""
@@ -67,14 +79,7 @@ def fit_ema(quantizer, train: torch.Tensor, steps: int, polish: int):
                 for book in _codebooks(quantizer):
                     book.threshold_ema_dead_code = 0.0
             quantizer(train)
-    quantizer.eval()
-
-    def reconstruct(x):
-        with torch.no_grad():
-            out = quantizer(x)
-        return out[0], out[1]
-
-    return reconstruct
+    return eval_reconstruct(quantizer)
 
 
 def fit_adam(quantizer, train: torch.Tensor, steps: int, lr: float = 1e-2, seed: int = 0):
@@ -94,14 +99,7 @@ def fit_adam(quantizer, train: torch.Tensor, steps: int, lr: float = 1e-2, seed:
         loss.backward()
         opt.step()
         sched.step()
-    quantizer.eval()
-
-    def reconstruct(x):
-        with torch.no_grad():
-            out = quantizer(x)
-        return out[0], out[1]
-
-    return reconstruct
+    return eval_reconstruct(quantizer)
 
 
 def layer_stats(indices: torch.Tensor, size: int, n: int) -> tuple[float, float]:

@@ -8,7 +8,6 @@ of blocking CI: the workers run under a subprocess timeout and a 30 s process-gr
 from __future__ import annotations
 
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_state, generator, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -33,16 +33,12 @@ def shard(x, rank, world):
 
 
 def data(seed, steps, shape, centres=None):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     xs = torch.randn(steps, *shape, generator=g)
     if centres is not None:  # clustered data: k-means seeds are far from ties
         c = torch.randn(centres, shape[-1], generator=g) * 4
         xs = xs * 0.3 + c[torch.randint(centres, shape[:-1], generator=g)]
     return xs
-
-
-def state(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def scenario_ema(rank, world, vq=None):
@@ -54,7 +50,7 @@ def scenario_ema(rank, world, vq=None):
     vq.train()
     for x in data(1, STEPS, (8, 10, 8)):
         vq(shard(x, rank, world))
-    return state(vq)
+    return snapshot(vq)
 
 
 def scenario_kmeans_expire(rank, world):
@@ -72,14 +68,12 @@ def scenario_kmeans_expire(rank, world):
         decay=0.8,
     ).train()
     xs = data(2, STEPS, (8, 12, 8), centres=6)
-    g = torch.Generator().manual_seed(3)
+    g = generator(3)
     masks = torch.rand(STEPS, 8, 12, generator=g) > 0.3
     masks[0, :4] = False  # the first step: no valid token on rank 0's shard
-    expired = []
     for x, m in zip(xs, masks):
         vq(shard(x, rank, world), mask=shard(m, rank, world))
-        expired.append(vq._codebook.cluster_size.clone())
-    return state(vq)
+    return snapshot(vq)
 
 
 def scenario_rvq_dropout(rank, world):
@@ -98,8 +92,7 @@ def scenario_rvq_dropout(rank, world):
         shared_codebook=True,
         kmeans_init=True,
     )
-    rvq._rng = random.Random(100 + rank)  # different on every rank: only the broadcast makes the draws agree
-    grvq.rvqs[0]._rng = random.Random(200 + rank)
+    torch.manual_seed(100 + rank)  # different on every rank: only the broadcast makes the draws agree
     rvq.train()
     grvq.train()
     kept = []
@@ -107,7 +100,7 @@ def scenario_rvq_dropout(rank, world):
         _, idx, _ = rvq(shard(x, rank, world))
         _, gidx, _ = grvq(shard(x, rank, world))
         kept.append(((idx[0, 0] >= 0).sum().item(), (gidx[0, 0, 0] >= 0).sum().item()))
-    return {"rvq": state(rvq), "grvq": state(grvq), "kept": kept}
+    return {"rvq": snapshot(rvq), "grvq": snapshot(grvq), "kept": kept}
 
 
 def scenario_lfq(rank, world):
@@ -148,7 +141,7 @@ def scenario_ddp(rank, world):
         (out.quantized.pow(2).mean() + out.loss).backward()
         opt.step()
         opt.zero_grad()
-    return state(model)
+    return snapshot(model)
 
 
 def eval_on_rank0_only(rank):
@@ -161,7 +154,7 @@ def eval_on_rank0_only(rank):
     vq = VectorQuantize(
         dim=8, codebook_size=16, sync_codebook=True, kmeans_init=True, threshold_ema_dead_code=2
     ).eval()
-    before = state(vq)
+    before = snapshot(vq)
     vq(x)
     vq.decode(vq.encode(x))
     rvq = ResidualVQ(
@@ -170,8 +163,7 @@ def eval_on_rank0_only(rank):
     rvq(x)
     rvq.decode(rvq.encode(x))
     LFQ(dim=8, codebook_size=16, sync_entropy=True).eval()(x)
-    after = state(vq)
-    assert all(torch.equal(before[k], after[k]) for k in before), "an eval forward touched the codebook"
+    assert_same_state(vq, before, "an eval forward touched the codebook: ")
 
 
 SCENARIOS = {
@@ -218,7 +210,9 @@ def free_port() -> int:
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # the workers import vqcore as installed and `helpers` from this folder (sys.path[0] of a script); the
+    # repository root stays off sys.path, where plugins/ and export/ would shadow vqcore.plugins / .export
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, str(r), str(WORLD), str(port), str(out)],

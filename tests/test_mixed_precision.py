@@ -1,4 +1,4 @@
-"""Mixed precision (DESIGN §5), for every built-in method: bf16 / fp16 autocast on CPU and modules cast
+"""Mixed precision for every built-in method: bf16 / fp16 autocast on CPU and modules cast
 with ``.half()`` / ``.bfloat16()``, in training and eval mode.
 
 The contract checked against a float32 twin fed the same low-precision input cast to float32:
@@ -21,6 +21,7 @@ from typing import Callable
 
 import pytest
 import torch
+from helpers import assert_same_state, snapshot
 
 import vqcore
 from vqcore import (
@@ -34,6 +35,7 @@ from vqcore import (
     ResidualVQ,
     VectorQuantize,
 )
+from vqcore.blocks.codebooks import EMACodebook
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,17 @@ CASES = [
     Case(
         "vq_projection",
         lambda: VectorQuantize(dim=8, codebook_size=16, codebook_dim=4),
+        8,
+        projections=True,
+    ),
+    Case(
+        "vq_layernorm",  # the LayerNorm after project_in runs in float32 with the codebook
+        lambda: VectorQuantize(dim=8, codebook_size=16, layernorm_after_project_in=True),
+        8,
+    ),
+    Case(
+        "vq_projection_layernorm",
+        lambda: VectorQuantize(dim=8, codebook_size=16, codebook_dim=4, layernorm_after_project_in=True),
         8,
         projections=True,
     ),
@@ -187,11 +200,21 @@ def buffer_names(module):
     return {k for k, v in module.named_buffers() if v.is_floating_point()}
 
 
+def ema_codebook_names(module):
+    """Names of the tensors (parameters and buffers) that belong to an EMA codebook of ``module``."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        if isinstance(sub, EMACodebook)
+        for name, _ in [*sub.named_parameters(), *sub.named_buffers()]
+    }
+
+
 def check_dtypes(module, precision):
     """Buffers stay float32; parameters follow a module cast, except an EMA codebook's."""
-    buffers = buffer_names(module)
+    buffers, codebooks = buffer_names(module), ema_codebook_names(module)
     for name, t in floating_state(module).items():
-        keeps_float32 = precision.autocast or name in buffers or "_codebook." in name
+        keeps_float32 = precision.autocast or name in buffers or name in codebooks
         want = torch.float32 if keeps_float32 else precision.dtype
         assert t.dtype == want, f"{name} is {t.dtype}, expected {want}"
 
@@ -254,10 +277,11 @@ def test_low_precision_matches_a_float32_twin(case, precision, training):
         check_dtypes(module, precision)
         state, ref_state = floating_state(module), floating_state(twin)
         assert state.keys() == ref_state.keys()
+        codebooks = ema_codebook_names(module)
         for name, t in state.items():
             assert torch.isfinite(t).all(), name
             # forward changes only the EMA codebooks; with low-precision projections their input differs
-            if exact or "_codebook." not in name:
+            if exact or name not in codebooks:
                 torch.testing.assert_close(t.float(), ref_state[name], rtol=0, atol=0, msg=name)
 
     if not training and quantized is not None:
@@ -297,14 +321,13 @@ def test_float32_input_under_autocast_gives_float32_outputs(case, dtype):
 def test_module_cast_keeps_ema_statistics_float32_and_unrounded(dtype):
     vq = VectorQuantize(dim=4, codebook_size=8)
     vq.train()(torch.randn(2, 16, 4))  # statistics that bf16 cannot hold exactly
-    before = {k: v.clone() for k, v in vq._codebook.state_dict().items()}
+    before = snapshot(vq.codebook_module)
     cast = vq.half() if dtype == torch.float16 else vq.bfloat16()
-    for name, value in cast._codebook.state_dict().items():
-        assert value.dtype == before[name].dtype
-        assert torch.equal(value, before[name]), f"{name} was rounded by the cast"
+    for name, value in cast.codebook_module.state_dict().items():
+        assert value.dtype == before[name].dtype, name
+    assert_same_state(cast.codebook_module, before, "rounded by the cast: ")
     cast.float()  # and back: nothing was lost
-    for name, value in cast._codebook.state_dict().items():
-        assert torch.equal(value, before[name])
+    assert_same_state(cast.codebook_module, before, "after casting back: ")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -1,4 +1,4 @@
-"""Non-finite input (NaN / ±Inf tokens) never corrupts the state of a stateful method (DESIGN §6).
+"""Non-finite input (NaN / ±Inf tokens) never corrupts the state of a stateful method.
 
 Policy (what these tests pin down):
 - non-finite values are data, not an argument error: no method raises on them (a check would cost a
@@ -7,7 +7,8 @@ Policy (what these tests pin down):
   dead-code expiry): a token with any non-finite feature (in codebook space, per group / per layer's
   residual) is left out of every statistic. The training step on a batch with such tokens equals the
   step on the batch without them, and the step with them masked; a batch without any finite token
-  leaves the state bit for bit (k-means stays pending);
+  leaves the state bit for bit (k-means stays pending), and so does a batch whose every token is masked
+  (with any decay); k-means waits until every separate codebook has a finite token;
 - LatentQuantize: forward never changes a parameter, and the value tables learn from finite tokens
   only (per token and codebook group): no quantization-loss term and no straight-through gradient from
   a non-finite token reaches ``values_per_latent``, so their gradient equals the one of the batch
@@ -21,6 +22,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_state, assert_state_finite, snapshot
 
 from vqcore import (
     FSQ,
@@ -35,23 +37,6 @@ from vqcore import (
 )
 
 NAN, INF = float("nan"), float("inf")
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_state_equal(module, reference, what=""):
-    state, ref = module.state_dict(), reference if isinstance(reference, dict) else reference.state_dict()
-    assert state.keys() == ref.keys()
-    for name in state:
-        assert torch.equal(state[name], ref[name]), f"{what}{name} differs"
-
-
-def assert_state_finite(module):
-    for name, t in module.state_dict().items():
-        if t.is_floating_point():
-            assert torch.isfinite(t).all(), f"{name} is not finite"
 
 
 def with_bad_tokens(x, whole=False):
@@ -72,6 +57,13 @@ VQ_CASES = {
     "vq_ema": lambda: VectorQuantize(dim=4, codebook_size=6),
     "vq_kmeans_expiry": lambda: VectorQuantize(
         dim=4, codebook_size=6, kmeans_init=True, threshold_ema_dead_code=1.0
+    ),
+    "vq_kmeans_fewer_finite_tokens_than_codes": lambda: VectorQuantize(
+        dim=4, codebook_size=30, kmeans_init=True
+    ),
+    "vq_kmeans_cosine": lambda: VectorQuantize(dim=4, codebook_size=6, use_cosine_sim=True, kmeans_init=True),
+    "vq_projection": lambda: VectorQuantize(
+        dim=4, codebook_size=6, codebook_dim=3, kmeans_init=True, threshold_ema_dead_code=1.0
     ),
     "rvq_ema": lambda: ResidualVQ(dim=4, num_quantizers=3, codebook_size=6),
     "rvq_kmeans": lambda: ResidualVQ(dim=4, num_quantizers=3, codebook_size=6, kmeans_init=True),
@@ -134,8 +126,8 @@ def test_bad_tokens_are_left_out_of_every_statistic(name):
         torch.manual_seed(10 + step)
         masked(bad, mask=keep)
         assert_state_finite(module)
-        assert_state_equal(module, removed, "with bad tokens vs without them: ")
-        assert_state_equal(module, masked, "with bad tokens vs masked: ")
+        assert_same_state(module, removed, "with bad tokens vs without them: ")
+        assert_same_state(module, masked, "with bad tokens vs masked: ")
         indices = out[1]
         assert indices.dtype == torch.int64 and indices.min() >= 0 and indices.max() < num_codes(module)
         assert torch.isfinite(out[0][keep]).all()
@@ -155,7 +147,7 @@ def test_batch_without_a_finite_token_leaves_the_state_bit_for_bit(name, fill):
     before = snapshot(module)
     for _ in range(2):
         out = module(bad)
-        assert_state_equal(module, before)
+        assert_same_state(module, before)
     assert out[1].min() >= 0 and out[1].max() < num_codes(module)
     for book in [
         m for m in module.modules() if hasattr(m, "initted")
@@ -164,6 +156,35 @@ def test_batch_without_a_finite_token_leaves_the_state_bit_for_bit(name, fill):
     module(x)  # the first finite batch then trains as usual
     assert_state_finite(module)
     assert any(not torch.equal(module.state_dict()[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.8])
+@pytest.mark.parametrize("empty", ["all_nan", "all_masked"])
+def test_a_batch_without_valid_tokens_leaves_the_codebook_alone(empty, decay):
+    # decay 0 used to give cluster_size 0 everywhere, hence embed = 0 / 0 = NaN
+    vq = VectorQuantize(dim=4, codebook_size=6, decay=decay, threshold_ema_dead_code=0.5)
+    before = snapshot(vq)
+    x = torch.randn(2, 5, 4)
+    if empty == "all_nan":
+        vq(torch.full_like(x, NAN))
+    else:
+        vq(x, mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert_same_state(vq, before)
+
+
+def test_kmeans_waits_until_every_head_has_a_finite_token():
+    vq = VectorQuantize(dim=4, codebook_size=3, heads=2, separate_codebook_per_head=True, kmeans_init=True)
+    book = vq.codebook_module
+    x = torch.randn(1, 6, 4)
+    x[..., 0] = NAN  # head 0 sees only non-finite chunks; head 1 is fine
+    before = vq.codebook.clone()
+    vq(x)  # used to raise "k-means needs at least one valid token"
+    assert not bool(book.initted)
+    assert torch.equal(vq.codebook[0], before[0]), "head 0 had nothing to learn from"
+    assert not torch.equal(vq.codebook[1], before[1])
+    assert torch.isfinite(vq.codebook).all()
+    vq(torch.randn(1, 6, 4))
+    assert bool(book.initted)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own_codebooks", "shared_codebook"])
@@ -194,7 +215,7 @@ def test_grouped_rvq_leaves_out_bad_tokens_per_group(shared):
             keep = torch.isfinite(chunk).all(-1)
             rvq(chunk[keep].unsqueeze(0))
         for g, rvq in enumerate(stacks):
-            assert_state_equal(grouped.rvqs[g], rvq, f"group {g}: ")
+            assert_same_state(grouped.rvqs[g], rvq, f"group {g}: ")
         assert_state_finite(grouped)
 
 
@@ -209,7 +230,7 @@ def test_eval_and_inference_paths_with_bad_tokens_touch_nothing_and_give_valid_i
         encoded = module.encode(bad)
         assert torch.equal(encoded, out[1]), name
         assert encoded.min() >= 0 and encoded.max() < num_codes(module), name
-        assert_state_equal(module, before, f"{name}: ")
+        assert_same_state(module, before, f"{name}: ")
 
 
 # -- LatentQuantize: the value tables learn from finite tokens only -----------------------------------------
@@ -245,7 +266,7 @@ def test_latent_value_tables_learn_only_from_finite_tokens(name):
     bad, keep = latent_bad_tokens(x)
     before = snapshot(q)
     out, grads = latent_grads(q, bad)
-    assert_state_equal(q, before)  # forward (and backward) never write a parameter
+    assert_same_state(q, before)  # forward (and backward) never write a parameter
     for g in grads:
         assert torch.isfinite(g).all()
     # the encoder side still sees the bad input: visible, not hidden
@@ -291,7 +312,7 @@ def test_latent_forward_on_all_nan_input_changes_nothing_and_gives_no_table_grad
     q = LatentQuantize([3, 5, 4], dim=3)
     before = snapshot(q)
     out, grads = latent_grads(q, torch.full((2, 4, 3), NAN))
-    assert_state_equal(q, before)
+    assert_same_state(q, before)
     for g in grads:
         assert torch.equal(g, torch.zeros_like(g))
     assert out.indices.min() >= 0 and out.indices.max() < q.codebook_size
@@ -302,7 +323,7 @@ def test_latent_frozen_values_take_non_finite_input():
     before = snapshot(q)
     bad, _ = latent_bad_tokens(torch.randn(2, 8, 3))
     out = q(bad)
-    assert_state_equal(q, before)
+    assert_same_state(q, before)
     assert all(v.grad is None for v in q.values_per_latent)
     assert out.indices.min() >= 0 and out.indices.max() < q.codebook_size
 
@@ -349,7 +370,7 @@ def test_non_finite_tokens_give_indices_in_range_and_leave_finite_tokens_alone(n
     ref_indices = ref if isinstance(ref, torch.Tensor) else ref[1]
     assert indices.dtype == torch.int64 and indices.min() >= 0 and indices.max() < module.codebook_size
     assert torch.equal(indices[keep], ref_indices[keep])
-    assert_state_equal(module, before)
+    assert_same_state(module, before)
     if not training and not isinstance(out, torch.Tensor):
         assert torch.equal(out.quantized[keep], ref.quantized[keep])
         decoded = module.decode(indices)  # accepted: every index is valid

@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) over shapes and options for every built-in method (issue 9, item 3).
+"""Property tests (hypothesis) over shapes and options for every built-in method.
 
 For each draw: ``decode(encode(x))`` equals the eval forward's ``quantized`` bit for bit, the indices
 are int64 and in range, a gradient reaches the input in training mode, and a state_dict round trip into
@@ -8,6 +8,7 @@ a freshly built module gives identical eval outputs.
 from __future__ import annotations
 
 import torch
+from helpers import generator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,7 +78,7 @@ seeds = st.integers(0, 2**16)
 )
 def test_vector_quantize(shape, heads, separate, cosine, codebook_size, codebook_dim, kmeans, dead, seed):
     dim = 4
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, dim, generator=generator(seed))
 
     def build():
         return vqcore.VectorQuantize(
@@ -108,7 +109,7 @@ def test_vector_quantize(shape, heads, separate, cosine, codebook_size, codebook
 )
 def test_residual_vq(shape, num_quantizers, codebook_size, codebook_dim, shared, dropout, cosine, seed):
     dim = 4
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, dim, generator=generator(seed))
 
     def build():
         return vqcore.ResidualVQ(
@@ -135,7 +136,7 @@ def test_residual_vq(shape, num_quantizers, codebook_size, codebook_dim, shared,
 )
 def test_fsq(shape, levels, num_codebooks, project, symmetric, seed):
     dim = 5 if project else len(levels) * num_codebooks
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed)) * 2
+    x = torch.randn(*shape, dim, generator=generator(seed)) * 2
 
     def build():
         return vqcore.FSQ(levels=levels, dim=dim, num_codebooks=num_codebooks, preserve_symmetry=symmetric)
@@ -154,7 +155,7 @@ def test_fsq(shape, levels, num_codebooks, project, symmetric, seed):
 )
 def test_lfq(shape, bits, num_codebooks, project, scale, seed):
     dim = 6 if project else bits * num_codebooks
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, dim, generator=generator(seed))
 
     def build():
         return vqcore.LFQ(
@@ -178,7 +179,7 @@ def test_lfq(shape, bits, num_codebooks, project, scale, seed):
 )
 def test_latent_quantize(shape, levels, num_codebooks, project, seed):
     dim = 5 if project else len(levels) * num_codebooks
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, dim, generator=generator(seed))
 
     def build():
         return vqcore.LatentQuantize(levels=levels, dim=dim, num_codebooks=num_codebooks)
@@ -189,7 +190,7 @@ def test_latent_quantize(shape, levels, num_codebooks, project, seed):
 @SETTINGS
 @given(batch=st.integers(1, 2), h=st.integers(1, 4), w=st.integers(1, 4), seed=seeds)
 def test_vector_quantize_image_fmap(batch, h, w, seed):
-    x = torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(batch, 4, h, w, generator=generator(seed))
     _check(lambda: vqcore.VectorQuantize(dim=4, codebook_size=8, accept_image_fmap=True), x, seed)
 
 
@@ -203,7 +204,7 @@ def test_vector_quantize_image_fmap(batch, h, w, seed):
     seed=seeds,
 )
 def test_grouped_residual_vq(shape, groups, num_quantizers, codebook_size, shared, seed):
-    x = torch.randn(*shape, 4, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, 4, generator=generator(seed))
 
     def build():
         return vqcore.GroupedResidualVQ(
@@ -228,7 +229,7 @@ def test_grouped_residual_vq(shape, groups, num_quantizers, codebook_size, share
 )
 def test_residual_fsq(shape, levels, num_quantizers, project, dropout, seed):
     dim = 5 if project else len(levels)
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, dim, generator=generator(seed))
 
     def build():
         return vqcore.ResidualFSQ(
@@ -249,7 +250,7 @@ def test_residual_fsq(shape, levels, num_quantizers, project, dropout, seed):
 )
 def test_residual_lfq(shape, bits, num_quantizers, project, dropout, seed):
     dim = 5 if project else bits
-    x = torch.randn(*shape, dim, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(*shape, dim, generator=generator(seed))
 
     def build():
         return vqcore.ResidualLFQ(

@@ -6,7 +6,7 @@ is an ``argmin`` (ties go to the lowest index). Tokens are processed in chunks s
 block stays under ``chunk_bytes`` (default 16 MiB): a 65536-code codebook costs bounded memory, and the
 block is reused between chunks (the last, shorter chunk included), which on CPU is also faster than one
 fresh large allocation. A block under glibc's largest dynamic mmap threshold (32 MiB) is recycled by
-malloc from call to call without page faults; larger ones are fresh mmaps every time (DESIGN.md §5).
+malloc from call to call without page faults; larger ones are fresh mmaps every time.
 
 The squared code norms are computed over slices of codes, so no temporary is as large as the
 codebook either. The search runs under ``no_grad``: the indices carry no gradient, and ``out=`` refuses
@@ -18,10 +18,10 @@ symbolic number of tokens is not traceable.
 On the CPU (float32, eager) each block is one oneDNN GEMM with the code norms fused in as its bias
 (``x @ (-2c)^T + ||c||^2``; scaling by -2 is exact) on codes packed into oneDNN's blocked layout (once
 per call, or once per codebook state: :func:`prepare_codes`), through the ops inductor itself uses for
-CPU linear layers, and 4 MiB blocks that argmin reads from cache. Against ``baddbmm`` (MKL, which
-first broadcasts the bias into the block) that is about 25% less time per search at 4096 x 256 -> 1024
-on 2 cores; the packed copy costs the codebook's size in memory once. Builds without the ops, other
-devices and traced graphs use ``baddbmm``.
+CPU linear layers, and 4 MiB blocks that argmin reads from cache. ``baddbmm`` (MKL) would first broadcast
+the bias into the block, an extra pass over it (the measured gain: benchmarks/README.md, "Why the code is
+shaped this way"); the packed copy costs the codebook's size in memory once. Builds without the ops,
+other devices and traced graphs use ``baddbmm``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from vqcore.blocks.validation import is_tracing
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 # score block of the fused CPU search: small enough that argmin reads it from cache right after the GEMM
-# wrote it (4 MiB: 1024 tokens x 1024 codes; measured 12% faster per search than 16 MiB blocks on 2 cores)
+# wrote it (4 MiB: 1024 tokens x 1024 codes)
 _FUSED_BLOCK_BYTES = 4 * 2**20
 _NORM_SLICE_BYTES = 2**20
 
@@ -55,7 +55,7 @@ def _scores(x: Tensor, codes_t: Tensor, code_sq_norms: Tensor | None, out: Tenso
 def _sq_norms(codes: Tensor) -> Tensor:
     """``codes.pow(2).sum(-1)`` (B, K), over slices of codes so that the temporary stays about 1 MiB
     instead of the codebook's size (64 MiB for 65536 x 256). Each row is reduced on its own, so the
-    values are those of the one-shot expression (bitwise: benchmarks/check_distance.py)."""
+    values are those of the one-shot expression (bitwise: the slow tests of tests/test_distance.py)."""
     books, size, dim = codes.shape
     step = max(256, _NORM_SLICE_BYTES // (codes.element_size() * books * dim))
     if step >= size:
@@ -95,13 +95,13 @@ _ARGMIN_GROUP = 64
 
 
 def argmin_rows(scores: Tensor, out: Tensor) -> Tensor:
-    """``torch.argmin(scores, -1, out=out)`` for a (m, K) CPU block, ties to the lowest index, ~2x faster.
+    """``torch.argmin(scores, -1, out=out)`` for a (m, K) CPU block, ties to the lowest index, but faster.
 
     ATen's argmin runs scalar on the CPU while ``amin`` is vectorised: take the minimum of every group
     of 64 codes (amin), the first group holding the row's minimum (argmin over K/64 values), then the
     argmin inside that group. The first group holding the minimum holds its first occurrence, so the index
-    is argmin's, ties and NaN (which both treat as the minimum) included. 0.24 ms instead of 0.50 ms for
-    1024 x 1024 on 2 cores. Other sizes (K not a multiple of 64) use argmin itself.
+    is argmin's, ties and NaN (which both treat as the minimum) included. Other sizes (K not a multiple
+    of 64) use argmin itself.
     """
     rows, size = scores.shape
     group = _ARGMIN_GROUP
@@ -134,8 +134,8 @@ def fused_search_applies(x: Tensor, codes: Tensor) -> bool:
 
 def prepare_codes(codes: Tensor, *, cosine: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PreparedCodes:
     """Pack codes (B, K, d) for :func:`nearest`'s fused CPU path; a caller whose codes do not change between
-    searches (an eval codebook) can keep the result and pass it as ``prepared``, saving the packing (about
-    0.4 ms for 1024 x 256) and the norms on every call.
+    searches (an eval codebook) can keep the result and pass it as ``prepared``, saving the packing and the
+    norms on every call.
 
     The scale goes into the packed copy: (-2c) is exact, so the scores are those of ``||c||^2 - 2 x.c``.
     Books are packed one at a time: the transient scaled copy is one book's size.

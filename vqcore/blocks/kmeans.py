@@ -3,8 +3,8 @@
 Every book runs independently on its own tokens: x (B, N, d) -> means (B, K, d), counts (B, K).
 Assignments use the chunked GEMM search of :mod:`vqcore.blocks.distance`; statistics use scatter-add
 counts and ``index_add_`` (no one-hot). Seeds are drawn by k-means++ (D^2 sampling, Arthur & Vassilvitskii,
-SODA 2007), so that well-separated clusters each get a seed; uniform seeding merges planted clusters
-often (measured: 80 of 200 runs with 4 blobs). Empty clusters keep their previous mean, which is always
+SODA 2007), so that well-separated clusters each get a seed; uniform seeding often merges planted
+clusters (benchmarks/README.md has the figures). Empty clusters keep their previous mean, which is always
 a data point (never a zero vector): when there are fewer valid tokens than codes, every token seeds one
 code and the remaining codes are seeded with tokens plus a small jitter, so that they are distinct.
 """
@@ -77,7 +77,8 @@ def _kmeans_plus_plus(
     Seeds are drawn in at most ``KMEANS_PP_ROUNDS`` rounds of ``ceil(k / rounds)`` distinct tokens, each
     round a weighted sample without replacement (Gumbel top-k) with weights the squared distance to the
     seeds of earlier rounds: exact k-means++ for k <= rounds; for large codebooks one (N x m) GEMM per
-    round instead of k memory-bound (N x 1) products, at the same final inertia in our measurements.
+    round instead of k memory-bound (N x 1) products, at the same final inertia as sequential k-means++
+    (benchmarks/README.md).
     The Gumbel noise is drawn per valid token in valid-token order, so tokens with zero weight (masked,
     non-finite) change nothing: seeding with them equals seeding without them.
 

@@ -1,4 +1,5 @@
-"""Input checks shared by every method (DESIGN §8): clear ValueError/TypeError, no asserts.
+"""Input checks shared by every method: a clear ValueError/TypeError naming what was expected and what
+came, never an assert.
 
 Checks that read tensor values (index ranges) are skipped while tracing or exporting, where they
 would be data-dependent control flow; shape and dtype checks are static and always run.

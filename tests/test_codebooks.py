@@ -1,81 +1,30 @@
-"""Core building blocks, checked against hand computations.
-
-EMACodebook (EMA step, Laplace smoothing, dead-code expiry, k-means init), the batched k-means,
-per-code statistics. Losses: test_losses.py; estimators: test_estimators.py.
-"""
+"""EMACodebook (vqcore.blocks.codebooks), checked against hand computations: the EMA step with Laplace
+smoothing, per-code step weights and accumulated steps, dead-code expiry, k-means initialisation, the
+search (and its cache of packed codes), lookup, Gumbel sampling, and build_codebook's checks."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    assert_same_state,
+    blobs,
+    brute_nearest,
+    generator,
+    hand_ema,
+    set_ema_state,
+    snapshot,
+)
+from torch import nn
 
-from vqcore.blocks import distance
-from vqcore.blocks.codebooks import EMACodebook
-from vqcore.blocks.kmeans import kmeans, seed_means
-from vqcore.blocks.stats import bincount_per_book, sum_per_code
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def _set_state(book: EMACodebook, embed, cluster_size, embed_avg):
-    with torch.no_grad():
-        book.embed.data.copy_(torch.as_tensor(embed, dtype=torch.float32))
-        book.cluster_size.copy_(torch.as_tensor(cluster_size, dtype=torch.float32))
-        book.embed_avg.copy_(torch.as_tensor(embed_avg, dtype=torch.float32))
-
-
-def _snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_same_state(module, snap):
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k in snap:
-        assert torch.equal(now[k], snap[k]), f"state {k} changed"
-
-
-# -- per-code statistics -------------------------------------------------------------------------
-
-
-def test_bincount_and_sum_per_book_match_loops():
-    torch.manual_seed(0)
-    books, n, k, d = 3, 17, 5, 4
-    indices = torch.randint(k, (books, n))
-    x = torch.randn(books, n, d)
-    weight = (torch.rand(books, n) > 0.3).float()
-    counts = bincount_per_book(indices, k, weight)
-    sums = sum_per_code(x, indices, k, weight)
-    assert counts.shape == (books, k) and counts.dtype == torch.float32
-    assert sums.shape == (books, k, d)
-    for b in range(books):
-        for c in range(k):
-            sel = (indices[b] == c) & (weight[b] > 0)
-            assert counts[b, c].item() == sel.sum().item()
-            torch.testing.assert_close(sums[b, c], x[b][sel].sum(0))
-    # unweighted: counts sum to n per book
-    assert torch.equal(bincount_per_book(indices, k).sum(-1), torch.full((books,), float(n)))
-
+from vqcore.blocks.codebooks import EMACodebook, build_codebook
+from vqcore.protocols import Codebook
 
 # -- EMA step ------------------------------------------------------------------------------------
-
-
-def _hand_ema(cs, ea, counts, sums, decay, eps, cosine=False):
-    """Plain-Python EMA + Laplace smoothing, list-of-floats in and out."""
-    k = len(cs)
-    cs2 = [decay * cs[i] + (1 - decay) * counts[i] for i in range(k)]
-    ea2 = [[decay * ea[i][j] + (1 - decay) * sums[i][j] for j in range(len(ea[i]))] for i in range(k)]
-    n = sum(cs2)
-    smoothed = [(cs2[i] + eps) / (n + k * eps) * n for i in range(k)]
-    embed = [[ea2[i][j] / smoothed[i] for j in range(len(ea2[i]))] for i in range(k)]
-    if cosine:
-        embed = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in embed]
-    return cs2, ea2, embed
 
 
 def test_ema_update_matches_hand_computation_two_books():
@@ -84,7 +33,7 @@ def test_ema_update_matches_hand_computation_two_books():
     embed = [[[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]], [[1.0, 1.0], [-1.0, -1.0], [5.0, 5.0]]]
     cs = [[1.0, 2.0, 3.0], [0.5, 4.0, 1.0]]
     ea = [[[0.5, 0.5], [3.0, 0.0], [0.0, 5.0]], [[1.0, 0.0], [-2.0, -3.0], [4.0, 4.0]]]
-    _set_state(book, embed, cs, ea)
+    set_ema_state(book, embed, cs, ea)
     x = torch.tensor(
         [
             [[0.1, 0.2], [1.9, 0.1], [2.2, -0.1], [0.2, 1.8]],
@@ -101,7 +50,7 @@ def test_ema_update_matches_hand_computation_two_books():
         sums = [
             [sum(xs[b][t][j] for t in range(4) if indices[b, t] == c) for j in range(2)] for c in range(3)
         ]
-        cs2, ea2, emb2 = _hand_ema(cs[b], ea[b], counts, sums, decay, eps)
+        cs2, ea2, emb2 = hand_ema(cs[b], ea[b], counts, sums, decay, eps)
         torch.testing.assert_close(book.cluster_size[b], torch.tensor(cs2))
         torch.testing.assert_close(book.embed_avg[b], torch.tensor(ea2))
         torch.testing.assert_close(book.embed[b], torch.tensor(emb2))
@@ -121,7 +70,7 @@ def test_ema_update_cosine_renormalises():
     embed = [[[1.0, 0.0], [0.0, 1.0], [s, s]]]
     cs = [[2.0, 1.0, 1.0]]
     ea = [[[2.0, 0.0], [0.0, 1.0], [s, s]]]
-    _set_state(book, embed, cs, ea)
+    set_ema_state(book, embed, cs, ea)
     x = F.normalize(torch.tensor([[[1.0, 0.1], [0.1, 1.0], [1.0, 0.9], [0.9, -0.1]]]), dim=-1)
     indices = book.nearest(x)
     assert indices.tolist() == [[0, 1, 2, 0]]
@@ -129,7 +78,7 @@ def test_ema_update_cosine_renormalises():
     xs = x[0].tolist()
     counts = [2, 1, 1]
     sums = [[xs[0][j] + xs[3][j] for j in range(2)], xs[1], xs[2]]
-    cs2, ea2, emb2 = _hand_ema(cs[0], ea[0], counts, sums, decay, eps, cosine=True)
+    cs2, ea2, emb2 = hand_ema(cs[0], ea[0], counts, sums, decay, eps, cosine=True)
     torch.testing.assert_close(book.cluster_size[0], torch.tensor(cs2))
     torch.testing.assert_close(book.embed_avg[0], torch.tensor(ea2))
     torch.testing.assert_close(book.embed[0], torch.tensor(emb2))
@@ -146,11 +95,9 @@ def test_ema_update_ignores_masked_and_non_finite_tokens():
     bad[0, 3, 1] = float("nan")
     bad[0, 4, 0] = float("inf")
     bad[0, 2] = torch.tensor([3e38, 3e38, -1.0])  # finite, but its sum (and its EMA sums) overflow float32
-    valid = torch.tensor(
-        [[True, True, True, True, True, False]]
-    )  # token 5 masked, 3 and 4 non-finite, 2 overflows
-    ref = EMACodebook(4, 3, decay=0.7)
-    ref.load_state_dict(book.state_dict())
+    # token 5 masked, 3 and 4 non-finite, 2 overflows: only tokens 0 and 1 count
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    ref = copy.deepcopy(book)
     ref.update(x[:, :2], indices[:, :2])
     book.update(bad, indices, valid)
     for name in ("cluster_size", "embed_avg", "embed"):
@@ -160,7 +107,7 @@ def test_ema_update_ignores_masked_and_non_finite_tokens():
 
 def test_ema_update_skips_books_without_valid_tokens():
     book = EMACodebook(3, 2, books=2, decay=0.0)
-    before = _snapshot(book)
+    before = snapshot(book)
     x = torch.randn(2, 4, 2)
     valid = torch.tensor([[False] * 4, [True] * 4])
     indices = book.nearest(x)
@@ -176,11 +123,93 @@ def test_ema_decay_one_keeps_statistics_and_initial_state():
     book = EMACodebook(5, 3, decay=1.0)
     assert torch.equal(book.cluster_size, torch.ones(1, 5))
     assert torch.equal(book.embed_avg, book.embed)
-    before = _snapshot(book)
+    before = snapshot(book)
     x = torch.randn(1, 8, 3)
     book.update(x, book.nearest(x))
     assert torch.equal(book.cluster_size, before["cluster_size"])
     assert torch.equal(book.embed_avg, before["embed_avg"])
+
+
+def test_step_weight_scales_each_codes_step_and_zero_freezes_the_code():
+    """``stat <- lerp(stat, batch_stat, (1 - decay) * w)`` per code; w = 0 leaves the code's statistics and
+    vector exactly as they were, although the other codes' step moves the Laplace smoothing."""
+    decay, eps = 0.5, 1e-5
+    book = EMACodebook(3, 1, decay=decay, eps=eps)
+    set_ema_state(book, [[0.0], [1.0], [2.0]], [1.0, 1.0, 1.0], [[0.0], [1.0], [2.0]])
+    x = torch.tensor([[[0.1], [0.9], [1.1], [2.0]]])
+    indices = torch.tensor([[0, 1, 1, 2]])
+    frozen = book.update(x, indices, step_weight=torch.tensor([0.0, 0.5, 1.0]))
+    assert frozen.tolist() == [[True, False, False]]
+    # code 1: step 0.5 * 0.5 = 0.25 towards count 2 and sum 2.0; code 2: step 0.5 towards count 1, sum 2.0
+    want_sizes = [1.0, 1.0 + 0.25 * (2.0 - 1.0), 1.0]
+    want_avg = [0.0, 1.0 + 0.25 * (2.0 - 1.0), 2.0 + 0.5 * (2.0 - 2.0)]
+    torch.testing.assert_close(book.cluster_size[0], torch.tensor(want_sizes))
+    torch.testing.assert_close(book.embed_avg[0, :, 0], torch.tensor(want_avg))
+    n = sum(want_sizes)
+    smoothed = [(c + eps) / (n + 3 * eps) * n for c in want_sizes]
+    assert book.embed[0, 0, 0].item() == 0.0  # frozen: not recomputed from the new smoothing
+    torch.testing.assert_close(
+        book.embed[0, 1:, 0], torch.tensor([want_avg[1] / smoothed[1], 2.0 / smoothed[2]])
+    )
+
+
+def test_accumulated_updates_make_one_step_equal_to_the_concatenated_batch():
+    torch.manual_seed(0)
+    book = EMACodebook(8, 4, decay=0.7)
+    twin = copy.deepcopy(book)
+    parts = [torch.randn(1, 10, 4) for _ in range(3)]
+    before = snapshot(book)
+    for part in parts[:2]:
+        assert book.update(part, book.nearest(part), accumulate=True) is None
+    assert_same_state(book, before)  # only pending statistics so far
+    book.update(parts[2], book.nearest(parts[2]))
+    whole = torch.cat(parts, 1)
+    twin.update(whole, twin.nearest(whole))
+    for name in ("cluster_size", "embed_avg", "embed"):
+        torch.testing.assert_close(getattr(book, name), getattr(twin, name), msg=name)
+    assert not book.pending_counts.any() and not book.pending_sums.any()  # folded in and cleared
+
+
+def test_update_of_counts_only_leaves_the_codes_alone():
+    book = EMACodebook(3, 2, decay=0.5)
+    before = snapshot(book)
+    x = torch.randn(1, 4, 2)
+    book.update(x, torch.tensor([[0, 0, 2, 0]]), codes=False)
+    torch.testing.assert_close(book.cluster_size[0], torch.tensor([0.5 + 0.5 * 3, 0.5, 0.5 + 0.5 * 1]))
+    assert torch.equal(book.embed, before["embed"]) and torch.equal(book.embed_avg, before["embed_avg"])
+
+
+def test_train_step_without_ema_or_expiry_changes_nothing_and_with_expiry_counts_usage():
+    x = torch.randn(1, 6, 2)
+    frozen = EMACodebook(4, 2, ema=False)
+    before = snapshot(frozen)
+    frozen.train_step_(x, frozen.nearest(x))
+    assert_same_state(frozen, before)
+    usage_only = EMACodebook(4, 2, ema=False, decay=0.5, threshold_ema_dead_code=0.1)
+    before = snapshot(usage_only)
+    indices = torch.tensor([[0, 0, 1, 1, 1, 3]])
+    usage_only.train_step_(x, indices)
+    torch.testing.assert_close(usage_only.cluster_size[0], torch.tensor([1.5, 2.0, 0.5, 1.0]))
+    assert torch.equal(usage_only.embed, before["embed"])  # nothing fell below 0.1: no expiry either
+
+
+def test_set_codes_installs_the_codes_and_marks_kmeans_done():
+    book = EMACodebook(2, 2, kmeans_init=True)
+    book.cluster_size.copy_(torch.tensor([[2.0, 3.0]]))
+    book.set_codes_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert book.embed.tolist() == [[[1.0, 2.0], [3.0, 4.0]]]
+    assert book.embed_avg.tolist() == [[[2.0, 4.0], [9.0, 12.0]]]
+    assert bool(book.initted) and not book.needs_init()
+
+
+def test_loading_an_uninitialised_state_brings_kmeans_back():
+    book = EMACodebook(4, 2, kmeans_init=True)
+    fresh = copy.deepcopy(book)
+    assert book.init_(torch.randn(1, 10, 2)) and not book.needs_init()
+    book.load_state_dict(fresh.state_dict())
+    assert book.needs_init()
+    book.prepare_(torch.randn(1, 10, 2))
+    assert not book.needs_init() and bool(book.initted)
 
 
 # -- nearest / lookup / sampling -----------------------------------------------------------------
@@ -196,54 +225,7 @@ def test_nearest_matches_brute_force(cosine, chunk_bytes):
         x = F.normalize(x, dim=-1)
     got = book.nearest(x)
     assert got.dtype == torch.int64 and got.shape == (2, 101)
-    for b in range(2):
-        if cosine:
-            want = (x[b] @ book.embed[b].T).argmax(-1)
-        else:
-            want = torch.cdist(x[b].double(), book.embed[b].double()).argmin(-1)
-        assert torch.equal(got[b], want)
-
-
-@pytest.mark.parametrize(
-    "size", [1024, 192, 100, 64]
-)  # grouped argmin (multiples of 64 above 64), plain otherwise
-def test_argmin_rows_is_argmin_with_ties_and_nan(size):
-    torch.manual_seed(0)
-    scores = torch.randn(300, size)
-    scores[:50] = scores[:50].round()  # many exact ties: the lowest index must win
-    scores[50, size // 2] = scores[50, size - 1] = -1e9  # a tie across groups
-    scores[51, 3:] = -5.0  # a tie inside the first group and beyond it
-    scores[52, size - 1] = float("nan")  # NaN counts as the minimum for argmin
-    scores[53, [size // 3, size - 2]] = float("nan")
-    want = torch.argmin(scores, -1)
-    out = torch.empty(300, dtype=torch.int64)
-    assert torch.equal(distance.argmin_rows(scores, out), want) and torch.equal(out, want)
-    assert out[50] == size // 2 and out[51] == 3 and out[52] == size - 1 and out[53] == size // 3
-
-
-@pytest.mark.skipif(distance._FUSED_LINEAR is None, reason="this torch build has no oneDNN linear ops")
-@pytest.mark.parametrize("cosine", [False, True])
-def test_fused_cpu_search_equals_the_baddbmm_search(cosine, monkeypatch):
-    """The oneDNN path (bias fused, codes packed, grouped argmin) picks the codes the baddbmm path picks."""
-    torch.manual_seed(0)
-    codes = torch.randn(2, 1024, 32) * 3  # well separated: no near-ties between the two GEMMs' roundings
-    x = codes[:, torch.randint(1024, (3000,))] + 0.05 * torch.randn(2, 3000, 32)
-    if cosine:
-        codes, x = F.normalize(codes, dim=-1), F.normalize(x, dim=-1)
-    calls = []
-    linear, pack = distance._FUSED_LINEAR
-    monkeypatch.setattr(distance, "_FUSED_LINEAR", (lambda *a: calls.append(1) or linear(*a), pack))
-    fused = distance.nearest(x, codes, cosine=cosine, chunk_bytes=2**20)  # several chunks per book
-    assert calls, "the fused path was not taken"
-    monkeypatch.setattr(distance, "_FUSED_LINEAR", None)
-    plain = distance.nearest(x, codes, cosine=cosine, chunk_bytes=2**20)
-    assert torch.equal(fused, plain)
-    brute = (
-        (x @ codes.transpose(1, 2)).argmax(-1)
-        if cosine
-        else torch.cdist(x.double(), codes.double()).argmin(-1)
-    )
-    assert torch.equal(fused, brute)
+    assert torch.equal(got, brute_nearest(x, book.embed, cosine))
 
 
 def test_search_cache_follows_every_write_to_the_codebook():
@@ -253,8 +235,7 @@ def test_search_cache_follows_every_write_to_the_codebook():
     x = torch.randn(2, 400, 8)
 
     def check():
-        want = torch.stack([torch.cdist(x[b].double(), book.embed[b].double()).argmin(-1) for b in range(2)])
-        assert torch.equal(book.nearest(x), want)
+        assert torch.equal(book.nearest(x), brute_nearest(x, book.embed))
 
     check()
     check()  # cached
@@ -275,18 +256,35 @@ def test_search_cache_follows_every_write_to_the_codebook():
     optimizer = torch.optim.SGD(learnable.parameters(), lr=10.0)
     (learnable.embed.square().sum() * -1).backward()
     optimizer.step()  # an optimizer step on a learnable codebook
-    want = torch.cdist(xl[0].double(), learnable.embed[0].double()).argmin(-1)
     got = learnable.nearest(xl)
-    assert torch.equal(got[0], want) and not torch.equal(got, before)
+    assert torch.equal(got, brute_nearest(xl, learnable.embed)) and not torch.equal(got, before)
 
 
 def test_lookup_gathers_each_books_codes():
     book = EMACodebook(4, 2, books=3)
     idx = torch.tensor([[0, 3], [1, 1], [3, 2]])
     out = book.lookup(idx)
+    assert out.shape == (3, 2, 2)
     for b in range(3):
         for t in range(2):
             assert torch.equal(out[b, t], book.embed[b, idx[b, t]])
+
+
+def test_lookup_of_a_learnable_codebook_carries_the_gradient_to_the_codes():
+    book = EMACodebook(3, 2, learnable=True, ema=False)
+    assert book.trained_by_gradient and isinstance(book, Codebook)
+    book.lookup(torch.tensor([[2, 2, 0]])).sum().backward()
+    assert book.embed.grad.tolist() == [[[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]]
+
+
+def test_logits_are_minus_the_distance_or_the_dot_product():
+    book = EMACodebook(2, 2)
+    set_ema_state(book, [[0.0, 0.0], [3.0, 4.0]], [1.0, 1.0], [[0.0, 0.0], [3.0, 4.0]])
+    x = torch.tensor([[[0.0, 4.0]]])
+    torch.testing.assert_close(book.logits(x), torch.tensor([[[-4.0, -3.0]]]))
+    cosine = EMACodebook(2, 2, cosine=True)
+    set_ema_state(cosine, [[1.0, 0.0], [0.6, 0.8]], [1.0, 1.0], [[1.0, 0.0], [0.6, 0.8]])
+    torch.testing.assert_close(cosine.logits(x), torch.tensor([[[0.0, 3.2]]]))
 
 
 def test_sample_temperature_zero_is_nearest():
@@ -301,13 +299,15 @@ def test_sample_low_temperature_mostly_nearest_high_temperature_spreads():
     book = EMACodebook(16, 4)
     x = torch.randn(1, 400, 4)
     nearest = book.nearest(x)
-    cold = book.sample(x, 1e-3, generator=_gen(0))
+    cold = book.sample(x, 1e-3, generator=generator(0))
     assert (cold == nearest).float().mean() > 0.97
-    hot = book.sample(x, 100.0, generator=_gen(0))
+    hot = book.sample(x, 100.0, generator=generator(0))
     assert (hot == nearest).float().mean() < 0.5
     assert len(set(hot[0].tolist())) > 8, "a hot sample uses many codes"
     # same generator state -> same draw
-    assert torch.equal(book.sample(x, 1.0, generator=_gen(5)), book.sample(x, 1.0, generator=_gen(5)))
+    assert torch.equal(
+        book.sample(x, 1.0, generator=generator(5)), book.sample(x, 1.0, generator=generator(5))
+    )
 
 
 # -- dead-code expiry ----------------------------------------------------------------------------
@@ -318,10 +318,10 @@ def test_expire_replaces_exactly_the_codes_below_threshold():
     embed = [[[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0], [10.0, -10.0]]]
     cs = [[5.0, 1.0, 1.4999, 1.5]]
     ea = [[[0.0, 0.0], [10.0, 10.0], [-15.0, 15.0], [15.0, -15.0]]]
-    _set_state(book, embed, cs, ea)
-    before = _snapshot(book)
+    set_ema_state(book, embed, cs, ea)
+    before = snapshot(book)
     x = torch.tensor([[[0.1, 0.2], [0.3, -0.1], [-0.2, 0.1], [5.0, 5.0], [7.0, 1.0]]])
-    replaced = book.expire_(x, generator=_gen(0))
+    replaced = book.expire_(x, generator=generator(0))
     assert replaced.tolist() == [[False, True, True, False]]
     rows = {tuple(r) for r in x[0].tolist()}
     new = [tuple(book.embed[0, k].tolist()) for k in (1, 2)]
@@ -338,21 +338,30 @@ def test_expire_replaces_exactly_the_codes_below_threshold():
 
 def test_expire_without_dead_codes_or_threshold_changes_nothing():
     book = EMACodebook(4, 2, threshold_ema_dead_code=0.5)  # initial cluster_size 1 > 0.5
-    before = _snapshot(book)
+    before = snapshot(book)
     assert not book.expire_(torch.randn(1, 8, 2)).any()
-    _assert_same_state(book, before)
+    assert_same_state(book, before)
     off = EMACodebook(4, 2, threshold_ema_dead_code=0.0)
     off.cluster_size.zero_()
-    before = _snapshot(off)
+    before = snapshot(off)
     assert not off.expire_(torch.randn(1, 8, 2)).any()
-    _assert_same_state(off, before)
+    assert_same_state(off, before)
+
+
+def test_expire_spares_protected_codes():
+    book = EMACodebook(3, 2, threshold_ema_dead_code=2.0)  # every code (cluster_size 1) is dead
+    before = snapshot(book)
+    replaced = book.expire_(torch.randn(1, 8, 2), protect=torch.tensor([[True, False, True]]))
+    assert replaced.tolist() == [[False, True, False]]
+    for k in (0, 2):
+        assert torch.equal(book.embed[0, k], before["embed"][0, k])
 
 
 def test_expire_with_fewer_samples_than_dead_codes_replaces_all_from_valid_tokens():
     book = EMACodebook(6, 2, threshold_ema_dead_code=2.0)  # every code (cluster_size 1) is dead
     x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [float("nan"), 0.0], [9.0, 9.0]]])
     valid = torch.tensor([[True, True, True, False]])  # only tokens 0, 1 may be used
-    replaced = book.expire_(x, valid, generator=_gen(3))
+    replaced = book.expire_(x, valid, generator=generator(3))
     assert replaced.all()
     allowed = {(1.0, 2.0), (3.0, 4.0)}
     assert {tuple(r) for r in book.embed[0].tolist()} <= allowed
@@ -363,102 +372,16 @@ def test_expire_with_fewer_samples_than_dead_codes_replaces_all_from_valid_token
 def test_expire_cosine_normalises_replacements_per_book():
     book = EMACodebook(3, 2, books=2, cosine=True, threshold_ema_dead_code=1.0)
     book.cluster_size.copy_(torch.tensor([[0.5, 2.0, 2.0], [2.0, 2.0, 2.0]]))
-    before = _snapshot(book)
+    before = snapshot(book)
     x = torch.tensor([[[3.0, 4.0]], [[100.0, 0.0]]])
-    replaced = book.expire_(x, generator=_gen(0))
+    replaced = book.expire_(x, generator=generator(0))
     assert replaced.tolist() == [[True, False, False], [False, False, False]]
     torch.testing.assert_close(book.embed[0, 0], torch.tensor([0.6, 0.8]))
     torch.testing.assert_close(book.embed_avg[0, 0], torch.tensor([0.6, 0.8]) * 1.0)
     assert torch.equal(book.embed[1], before["embed"][1])
 
 
-# -- k-means -------------------------------------------------------------------------------------
-
-
-def _blobs(centres, per, sigma, seed):
-    g = _gen(seed)
-    pts = centres.repeat_interleave(per, 0) + sigma * torch.randn(
-        len(centres) * per, centres.shape[1], generator=g
-    )
-    return pts[torch.randperm(len(pts), generator=g)]
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_kmeans_recovers_well_separated_blobs(seed):
-    centres = torch.tensor(
-        [[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 10.0], [10.0, 10.0, 10.0]]
-    )
-    x = _blobs(centres, 40, 0.3, seed).unsqueeze(0)
-    means, counts = kmeans(x, 5, 10, generator=_gen(seed))
-    dist = torch.cdist(centres, means[0])
-    # every blob centre has exactly one centroid near it, and each centroid holds one blob
-    assert dist.min(1).values.max() < 0.3, dist
-    assert sorted(dist.argmin(1).tolist()) == list(range(5))
-    assert sorted(counts[0].tolist()) == [40.0] * 5
-
-
-def test_kmeans_means_are_cluster_averages_and_counts_sum_to_valid_tokens():
-    torch.manual_seed(0)
-    x = torch.randn(2, 60, 3)
-    valid = torch.rand(2, 60) > 0.25
-    means, counts = kmeans(x, 4, 5, valid=valid, generator=_gen(1))
-    assert torch.equal(counts.sum(-1), valid.sum(-1).float())
-    # one more assignment step from the returned means must reproduce the counts only if converged;
-    # what always holds: each mean with count > 0 is a convex combination of the valid tokens
-    for b in range(2):
-        pool = x[b][valid[b]]
-        assert (means[b] >= pool.min(0).values - 1e-5).all() and (means[b] <= pool.max(0).values + 1e-5).all()
-
-
-def test_kmeans_valid_mask_equals_running_on_the_subset():
-    torch.manual_seed(0)
-    x = torch.randn(1, 50, 3)
-    valid = torch.ones(1, 50, dtype=torch.bool)
-    valid[0, ::3] = False
-    garbage = x.clone()
-    garbage[~valid] = 1e6
-    m1, c1 = kmeans(garbage, 6, 7, valid=valid, generator=_gen(4))
-    m2, c2 = kmeans(x[:, valid[0]], 6, 7, generator=_gen(4))
-    torch.testing.assert_close(m1, m2)
-    assert torch.equal(c1, c2)
-
-
-def test_kmeans_cosine_means_are_unit_vectors():
-    x = F.normalize(torch.randn(1, 80, 4, generator=_gen(0)), dim=-1)
-    means, _ = kmeans(x, 6, 5, cosine=True, generator=_gen(0))
-    torch.testing.assert_close(means.norm(dim=-1), torch.ones(1, 6))
-
-
-def test_seed_means_fewer_points_than_codes_are_distinct_data_points_plus_jitter():
-    x = torch.randn(1, 5, 3, generator=_gen(0))
-    means = seed_means(x, 12, generator=_gen(0))
-    assert means.shape == (1, 12, 3)
-    rows = {tuple(r) for r in x[0].tolist()}
-    exact = [tuple(r) for r in means[0].tolist() if tuple(r) in rows]
-    assert sorted(exact) == sorted(rows), "every data point seeds one code"
-    assert torch.pdist(means[0]).min() > 0, "all seeds distinct"
-    # the jittered extras stay close to a data point
-    assert torch.cdist(means[0], x[0]).min(1).values.max() < 0.2
-
-
-def test_seed_means_draws_distinct_valid_tokens_and_survives_repeated_data():
-    x = torch.randn(1, 30, 2, generator=_gen(1))
-    valid = torch.ones(1, 30, dtype=torch.bool)
-    valid[0, :10] = False
-    garbage = x.clone()
-    garbage[0, :10] = 1e6
-    means = seed_means(garbage, 8, valid, generator=_gen(0))
-    pool = {tuple(r) for r in x[0, 10:].tolist()}
-    seeds = [tuple(r) for r in means[0].tolist()]
-    assert all(s in pool for s in seeds) and len(set(seeds)) == 8
-    # all tokens identical (n >= k): every seed is that token, nothing else is invented
-    same = torch.ones(1, 10, 2)
-    assert torch.equal(seed_means(same, 4, generator=_gen(0)), torch.ones(1, 4, 2))
-
-
-def test_seed_means_without_valid_tokens_raises():
-    with pytest.raises(ValueError, match="at least one valid"):
-        seed_means(torch.randn(1, 4, 2), 3, valid=torch.zeros(1, 4, dtype=torch.bool))
+# -- k-means initialisation ----------------------------------------------------------------------
 
 
 def test_init_kmeans_with_fewer_points_than_codes_leaves_no_zero_codes():
@@ -478,22 +401,22 @@ def test_init_kmeans_with_fewer_points_than_codes_leaves_no_zero_codes():
     # empty clusters get a pseudo-count of 1, so cluster_size is 1 everywhere here
     assert torch.equal(book.cluster_size, torch.ones(1, 64))
     # runs once
-    snap = _snapshot(book)
+    before = snapshot(book)
     assert not book.init_(torch.randn(1, 20, 8))
-    _assert_same_state(book, snap)
+    assert_same_state(book, before)
 
 
 def test_init_skips_when_no_finite_token():
     book = EMACodebook(4, 2, kmeans_init=True)
-    snap = _snapshot(book)
+    before = snapshot(book)
     assert not book.init_(torch.full((1, 3, 2), float("nan")))
-    _assert_same_state(book, snap)
+    assert_same_state(book, before)
 
 
 def test_init_sets_statistics_from_final_kmeans_assignment():
     torch.manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
-    x = _blobs(centres, 10, 0.2, 0).unsqueeze(0)
+    x = blobs(centres, 10, 0.2, 0).unsqueeze(0)
     book = EMACodebook(3, 2, kmeans_init=True, kmeans_iters=10)
     book.init_(x)
     assert sorted(book.cluster_size[0].tolist()) == [10.0, 10.0, 10.0]
@@ -506,18 +429,37 @@ def test_init_sets_statistics_from_final_kmeans_assignment():
         torch.testing.assert_close(book.embed_avg[0, k], x[0][idx == k].sum(0), rtol=1e-5, atol=1e-5)
 
 
-# -- constructor validation ----------------------------------------------------------------------
+# -- dtype casts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_dtype_casts_leave_the_whole_state_float32(learnable):
+    book = EMACodebook(4, 2, learnable=learnable)
+    before = snapshot(book)
+    book.half()
+    for name, t in book.state_dict().items():
+        assert t.dtype == before[name].dtype, name
+    assert_same_state(book, before)
+
+
+# -- constructor and build_codebook checks -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [
-        (dict(size=0, dim=2), ValueError, "codebook_size must be >= 1"),
-        (dict(size=4, dim=0), ValueError, "codebook dim must be >= 1"),
-        (dict(size=4.0, dim=2), TypeError, "codebook_size must be an int"),
-        (dict(size=4, dim=2, decay=1.5), ValueError, "decay must be in"),
-        (dict(size=4, dim=2, eps=0.0), ValueError, "eps must be > 0"),
-        (dict(size=4, dim=2, threshold_ema_dead_code=-1), ValueError, "threshold_ema_dead_code must be >= 0"),
+        (dict(size=0, dim=2), ValueError, "codebook_size must be >= 1, got 0"),
+        (dict(size=4, dim=0), ValueError, "codebook dim must be >= 1, got 0"),
+        (dict(size=4.0, dim=2), TypeError, r"codebook_size must be an int, got float \(4.0\)"),
+        (dict(size=4, dim=2, books=0), ValueError, "books must be >= 1, got 0"),
+        (dict(size=4, dim=2, kmeans_iters=-1), ValueError, "kmeans_iters must be >= 0, got -1"),
+        (dict(size=4, dim=2, decay=1.5), ValueError, r"decay must be in \[0, 1\], got 1.5"),
+        (dict(size=4, dim=2, eps=0.0), ValueError, "eps must be > 0, got 0.0"),
+        (
+            dict(size=4, dim=2, threshold_ema_dead_code=-1),
+            ValueError,
+            "threshold_ema_dead_code must be >= 0, got -1",
+        ),
     ],
 )
 def test_codebook_constructor_rejects_bad_arguments(kwargs, exc, msg):
@@ -526,13 +468,20 @@ def test_codebook_constructor_rejects_bad_arguments(kwargs, exc, msg):
         EMACodebook(size, dim, **kwargs)
 
 
-def test_nearest_on_inputs_that_require_grad_in_chunks():
-    """The chunked search writes into reused blocks (out=); inputs that require grad must still work."""
-    from vqcore.blocks.distance import nearest
+def test_build_codebook_by_name_and_by_object():
+    built = build_codebook("cosine", size=5, dim=3, books=2, decay=0.5)
+    assert isinstance(built, EMACodebook) and built.cosine and built.decay == 0.5
+    assert (built.size, built.dim, built.books) == (5, 3, 2)
+    own = EMACodebook(5, 3)
+    assert build_codebook(own, size=5, dim=3) is own
 
-    torch.manual_seed(0)
-    x = torch.randn(1, 300, 8, requires_grad=True)
-    codes = torch.randn(1, 32, 8)
-    got = nearest(x, codes, cosine=False, chunk_bytes=64 * 4 * 32)  # 64 tokens per chunk
-    want = torch.cdist(x.detach().double(), codes.double()).argmin(-1)
-    assert not got.requires_grad and torch.equal(got, want)
+
+def test_build_codebook_rejects_wrong_objects_with_what_is_wrong():
+    with pytest.raises(ValueError, match=r"codebook_kwargs \['decay'\] are for a codebook given by name"):
+        build_codebook(EMACodebook(5, 3), size=5, dim=3, decay=0.5)
+    with pytest.raises(
+        ValueError, match=r"has \(size, dim, books\) = \(5, 3, 1\); the quantizer needs \(5, 4, 1\)"
+    ):
+        build_codebook(EMACodebook(5, 3), size=5, dim=4)
+    with pytest.raises(TypeError, match="does not follow vqcore.protocols.Codebook: missing .*nearest"):
+        build_codebook(nn.Linear(2, 2), size=5, dim=3)
