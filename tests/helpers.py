@@ -4,7 +4,7 @@ shadow ``vqcore.plugins`` and ``vqcore.export``).
 
 - module state: :func:`snapshot`, :func:`assert_same_state`, :func:`assert_close_state`,
   :func:`assert_state_finite`;
-- references computed the slow, obvious way: :func:`brute_nearest`, :func:`hand_ema`;
+- references computed the slow, obvious way: :func:`brute_nearest`, :func:`hand_ema`, :func:`hand_orthogonal`;
 - EMA codebooks: :func:`set_ema_state`;
 - data: :func:`generator`, :func:`blobs`.
 """
@@ -98,6 +98,15 @@ def set_ema_state(book: nn.Module, embed, cluster_size, embed_avg) -> None:
         for name, value in (("embed", embed), ("cluster_size", cluster_size), ("embed_avg", embed_avg)):
             target = getattr(book, name)
             target.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(target.shape))
+
+
+def hand_orthogonal(codes: Sequence[Sequence[float]]) -> float:
+    """The orthogonal regulariser of one book of n codes, on plain Python lists:
+    ``sum of squared cosines over all pairs / n^2 - 1/n``."""
+    n = len(codes)
+    normed = [[v / math.sqrt(sum(u * u for u in c)) for v in c] for c in codes]
+    total = sum(sum(p * q for p, q in zip(a, b)) ** 2 for a in normed for b in normed)
+    return total / (n * n) - 1.0 / n
 
 
 # -- data --------------------------------------------------------------------------------------------

@@ -25,11 +25,13 @@ def test_list_all_and_patterns(capsys, fresh_registry):
     assert main(["list", "--all"]) == 0
     out = capsys.readouterr().out
     lines = [line.split()[:3] for line in out.splitlines()]
-    assert ["codebook", "cosine", "vqcore.plugins.blocks"] in lines and [
-        "loss",
-        "commitment",
-        "vqcore.plugins.blocks",
-    ] in lines
+    for kind, name, plugin in (
+        ("codebook", "cosine", "vqcore.plugins.blocks"),
+        ("loss", "commitment", "vqcore.plugins.blocks"),
+        ("estimator", "rotation_trick", "vqcore.plugins.blocks"),
+        ("converter", "VectorQuantize", "vqcore.plugins.reference_vq"),
+    ):
+        assert [kind, name, plugin] in lines
     assert main(["list", "zzz*"]) == 1
     assert "no quantizers match 'zzz*'" in capsys.readouterr().out
 

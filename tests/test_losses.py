@@ -3,11 +3,11 @@ weights and extra losses by name."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import hand_orthogonal
 
 import vqcore
 from vqcore.blocks.losses import (
@@ -75,14 +75,6 @@ def test_losses_are_per_book():
     torch.testing.assert_close(masked_mse(x, q, torch.tensor([[True], [False]])), torch.tensor([0.5, 0.0]))
 
 
-def _hand_orthogonal(book):
-    """book: list (n) of vectors -> sum of squared cosines / n^2 - 1/n."""
-    n = len(book)
-    normed = [[v / math.sqrt(sum(u * u for u in c)) for v in c] for c in book]
-    total = sum(sum(p * q for p, q in zip(a, b)) ** 2 for a in normed for b in normed)
-    return total / (n * n) - 1.0 / n
-
-
 def _codebook(codes):
     return SimpleNamespace(codes=torch.as_tensor(codes, dtype=torch.float32))
 
@@ -94,7 +86,7 @@ def test_orthogonal_loss_hand_computation():
     ]
     indices = torch.zeros(2, 1, dtype=torch.long)
     got = OrthogonalLoss()(None, None, indices, _codebook(codes), None)
-    torch.testing.assert_close(got, torch.tensor([_hand_orthogonal(b) for b in codes]))
+    torch.testing.assert_close(got, torch.tensor([hand_orthogonal(b) for b in codes]))
     # orthogonal codes -> 0 ; identical codes -> 1 - 1/n
     assert (
         OrthogonalLoss()(None, None, indices[:1], _codebook(torch.eye(4)[None] * 3), None).abs().item() < 1e-6
@@ -109,14 +101,14 @@ def test_orthogonal_loss_active_codes_only_and_max_codes():
     codes = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 0.0]]])
     indices = torch.tensor([[0, 1, 1, 3]])
     active = OrthogonalLoss(active_codes_only=True)(None, None, indices, _codebook(codes), None)
-    torch.testing.assert_close(active, torch.tensor([_hand_orthogonal([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]])]))
+    torch.testing.assert_close(active, torch.tensor([hand_orthogonal([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]])]))
     valid = torch.tensor([[True, True, True, False]])  # code 3 only from a masked token: not active
     active = OrthogonalLoss(active_codes_only=True)(None, None, indices, _codebook(codes), valid)
     torch.testing.assert_close(active, torch.tensor([0.0]))
     torch.manual_seed(0)
     capped = OrthogonalLoss(max_codes=2)(None, None, indices, _codebook(codes), None)
     pairs = [
-        _hand_orthogonal([codes[0, a].tolist(), codes[0, b].tolist()])
+        hand_orthogonal([codes[0, a].tolist(), codes[0, b].tolist()])
         for a in range(4)
         for b in range(4)
         if a != b

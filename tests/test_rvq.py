@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import brute_nearest, snapshot
 
 import vqcore
 from vqcore import GroupedResidualVQ, ResidualVQ
@@ -16,13 +16,6 @@ from vqcore.module import QuantizerModule
 from vqcore.testing import check_quantizer
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def brute_nearest(z, codes, cosine=False):
-    """z (N, d), codes (K, d) -> indices (N,) by explicit distances."""
-    if cosine:
-        return (F.normalize(z, dim=-1) @ codes.T).argmax(-1)
-    return torch.cdist(z.double(), codes.double()).argmin(-1)
 
 
 def hand_chain(rvq, tokens, books=None):
@@ -41,10 +34,6 @@ def hand_chain(rvq, tokens, books=None):
         codes.append(c)
         r = r - c
     return torch.stack(idx, -1), codes, residuals
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # -- seed README examples (only the import changed; losses (Q,) and (G, Q)) ------------------------

@@ -10,60 +10,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_state, assert_same_state, hand_ema, hand_orthogonal, set_ema_state, snapshot
 from torch import nn
 
 from vqcore import VectorQuantize
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_state(module, snap):
-    now = module.state_dict()
-    assert now.keys() == snap.keys()
-    for k in snap:
-        assert torch.equal(now[k], snap[k]), f"state {k} changed"
-
-
-def assert_close_state(a, b, **tol):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
-
-
-def set_state(vq, embed, cluster_size, embed_avg):
-    book = vq.codebook_module
-    with torch.no_grad():
-        book.embed.data.copy_(torch.as_tensor(embed, dtype=torch.float32).reshape(book.embed.shape))
-        book.cluster_size.copy_(
-            torch.as_tensor(cluster_size, dtype=torch.float32).reshape(book.cluster_size.shape)
-        )
-        book.embed_avg.copy_(torch.as_tensor(embed_avg, dtype=torch.float32).reshape(book.embed_avg.shape))
-
-
-def hand_ema(cs, ea, counts, sums, decay, eps, cosine=False):
-    """Plain-Python EMA step + Laplace smoothing on lists."""
-    k = len(cs)
-    cs2 = [decay * cs[i] + (1 - decay) * counts[i] for i in range(k)]
-    ea2 = [[decay * ea[i][j] + (1 - decay) * sums[i][j] for j in range(len(ea[i]))] for i in range(k)]
-    n = sum(cs2)
-    smoothed = [(cs2[i] + eps) / (n + k * eps) * n for i in range(k)]
-    embed = [[v / smoothed[i] for v in ea2[i]] for i in range(k)]
-    if cosine:
-        embed = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in embed]
-    return cs2, ea2, embed
-
-
-def hand_orthogonal(codes):
-    """codes: list of n vectors (one book)."""
-    n = len(codes)
-    normed = [[v / math.sqrt(sum(u * u for u in c)) for v in c] for c in codes]
-    total = sum(sum(p * q for p, q in zip(a, b)) ** 2 for a in normed for b in normed)
-    return total / (n * n) - 1.0 / n
 
 
 def unit(rows):
@@ -191,7 +143,7 @@ def test_ema_step_matches_hand_computation_and_output_uses_old_codebook():
     embed = [[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]
     cs = [1.0, 2.0, 3.0]
     ea = [[0.5, 0.5], [3.0, 0.0], [0.0, 5.0]]
-    set_state(vq, embed, cs, ea)
+    set_ema_state(vq.codebook_module, embed, cs, ea)
     x = torch.tensor([[[0.1, 0.2], [1.9, 0.1], [2.2, -0.1], [0.2, 1.8]]])
     quantized, indices, loss = vq(x)
 
@@ -224,7 +176,7 @@ def test_ema_step_cosine_renormalises():
     embed = [[1.0, 0.0], [0.0, 1.0], [s, s]]
     cs = [2.0, 1.0, 1.0]
     ea = [[2.0, 0.0], [0.0, 1.0], [s, s]]
-    set_state(vq, embed, cs, ea)
+    set_ema_state(vq.codebook_module, embed, cs, ea)
     raw = [[3.0, 0.3], [0.2, 2.0], [1.0, 0.9], [4.5, -0.5]]
     x = torch.tensor([raw])
     quantized, indices, loss = vq(x)
@@ -247,7 +199,7 @@ def test_ema_step_separate_heads_use_their_own_chunks():
     vq = VectorQuantize(dim=4, codebook_size=2, heads=2, separate_codebook_per_head=True, decay=0.5)
     embed = [[[0.0, 0.0], [5.0, 5.0]], [[1.0, 0.0], [0.0, 1.0]]]
     cs = [[1.0, 1.0], [1.0, 1.0]]
-    set_state(vq, embed, cs, embed)
+    set_ema_state(vq.codebook_module, embed, cs, embed)
     x = torch.tensor([[[0.1, 0.1, 0.9, 0.1], [4.0, 4.0, 0.2, 0.8]]])
     _, indices, _ = vq(x)
     assert indices.shape == (1, 2, 2) and indices.tolist() == [[[0, 0], [1, 1]]]
@@ -267,9 +219,9 @@ def test_dead_codes_replaced_by_batch_vectors_live_codes_follow_ema():
     cs = [5.0, 1.0, 5.0, 1.0]
     ea = [[e * c for e in row] for row, c in zip(embed, cs)]
     vq = VectorQuantize(dim=2, codebook_size=4, decay=0.8, threshold_ema_dead_code=1.5)
-    set_state(vq, embed, cs, ea)
+    set_ema_state(vq.codebook_module, embed, cs, ea)
     twin = VectorQuantize(dim=2, codebook_size=4, decay=0.8)  # EMA only
-    set_state(twin, embed, cs, ea)
+    set_ema_state(twin.codebook_module, embed, cs, ea)
     x = torch.tensor([[[0.1, 0.2], [0.3, -0.1], [-0.2, 0.1], [-9.0, 9.5], [-10.5, 10.2], [-9.8, 9.9]]])
     q, idx, _ = vq(x)
     twin(x)
@@ -315,7 +267,7 @@ def test_dead_codes_per_head_replaced_from_that_heads_chunks():
     vq = VectorQuantize(
         dim=4, codebook_size=3, heads=2, separate_codebook_per_head=True, threshold_ema_dead_code=2.0
     )
-    set_state(vq, torch.randn(2, 3, 2), [[10.0] * 3, [0.5] * 3], torch.randn(2, 3, 2))
+    set_ema_state(vq.codebook_module, torch.randn(2, 3, 2), [[10.0] * 3, [0.5] * 3], torch.randn(2, 3, 2))
     before = snapshot(vq)
     x = torch.randn(1, 6, 4)
     vq(x)
@@ -1077,99 +1029,6 @@ def test_codebook_setter_checks_shape():
     vq = VectorQuantize(dim=4, codebook_size=3)
     with pytest.raises(ValueError, match=r"codebook must have shape \(3, 4\), got \(3, 5\)"):
         vq.codebook = torch.zeros(3, 5)
-
-
-# -- non-finite input ----------------------------------------------------------------------------
-
-
-def _with_bad_tokens(x):
-    bad = x.clone()
-    bad[0, 2] = float("nan")
-    bad[0, 5, 1] = float("inf")
-    bad[1, 0, 3] = -float("inf")
-    keep = torch.ones(x.shape[:2], dtype=torch.bool)
-    keep[0, 2] = keep[0, 5] = keep[1, 0] = False
-    return bad, keep
-
-
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        dict(dim=4, codebook_size=6),
-        dict(dim=4, codebook_size=6, threshold_ema_dead_code=1.0),
-        dict(dim=4, codebook_size=6, kmeans_init=True, threshold_ema_dead_code=1.0),
-        dict(dim=4, codebook_size=30, kmeans_init=True),  # fewer finite tokens than codes
-        dict(dim=4, codebook_size=6, use_cosine_sim=True, kmeans_init=True),
-        dict(dim=4, codebook_size=6, codebook_dim=3, kmeans_init=True, threshold_ema_dead_code=1.0),
-    ],
-    ids=["ema", "expiry", "kmeans_expiry", "kmeans_small", "cosine_kmeans", "projection"],
-)
-def test_non_finite_tokens_never_reach_the_codebook(cfg):
-    vq = VectorQuantize(**cfg)
-    ref = copy.deepcopy(vq)
-    x = torch.randn(2, 8, 4)
-    bad, keep = _with_bad_tokens(x)
-    for step in range(2):  # the first batch runs k-means where enabled
-        torch.manual_seed(10 + step)
-        vq(bad)
-        torch.manual_seed(10 + step)
-        ref(x[keep].unsqueeze(0))
-        for name in ("embed", "cluster_size", "embed_avg"):
-            assert torch.isfinite(getattr(vq.codebook_module, name)).all(), name
-        assert_close_state(vq, ref, rtol=0, atol=0)
-
-
-def test_all_non_finite_batch_leaves_kmeans_pending_and_state_unchanged():
-    vq = VectorQuantize(dim=4, codebook_size=6, kmeans_init=True, threshold_ema_dead_code=1.0)
-    before = snapshot(vq)
-    vq(torch.full((1, 5, 4), float("nan")))
-    assert not bool(vq.codebook_module.initted)
-    assert_same_state(vq, before)
-    vq(torch.randn(1, 10, 4))
-    assert bool(vq.codebook_module.initted)
-    for name in ("embed", "cluster_size", "embed_avg"):
-        assert torch.isfinite(getattr(vq.codebook_module, name)).all()
-
-
-@pytest.mark.parametrize("decay", [0.0, 0.8])
-def test_batch_without_valid_tokens_leaves_the_codebook_alone(decay):
-    # decay 0 used to give cluster_size 0 everywhere, hence embed = 0 / 0 = NaN
-    x = torch.randn(2, 5, 4)
-    for kwargs in (
-        dict(x=torch.full_like(x, float("nan"))),
-        dict(x=x, mask=torch.zeros(2, 5, dtype=torch.bool)),
-    ):
-        vq = VectorQuantize(dim=4, codebook_size=6, decay=decay, threshold_ema_dead_code=0.5)
-        before = snapshot(vq)
-        vq(**kwargs)
-        assert_same_state(vq, before)
-
-
-def test_kmeans_waits_until_every_head_has_a_finite_token():
-    vq = VectorQuantize(dim=4, codebook_size=3, heads=2, separate_codebook_per_head=True, kmeans_init=True)
-    x = torch.randn(1, 6, 4)
-    x[..., 0] = float("nan")  # head 0 sees only non-finite chunks; head 1 is fine
-    before = snapshot(vq)
-    vq(x)  # used to raise "k-means needs at least one valid token"
-    assert not bool(vq.codebook_module.initted)
-    assert torch.equal(vq.codebook[0], before["_codebook.embed"][0]), "head 0 had nothing to learn from"
-    assert not torch.equal(vq.codebook[1], before["_codebook.embed"][1])
-    assert torch.isfinite(vq.codebook).all()
-    vq(torch.randn(1, 6, 4))
-    assert bool(vq.codebook_module.initted)
-
-
-@pytest.mark.parametrize("codebook_dim", [None, 8])
-def test_half_module_with_layernorm_after_project_in(codebook_dim):
-    """The LayerNorm runs in float32 with the codebook, whatever dtype the module was cast to."""
-    vq = VectorQuantize(
-        dim=16, codebook_size=8, codebook_dim=codebook_dim, layernorm_after_project_in=True
-    ).half()
-    x = torch.randn(2, 5, 16).half()
-    quantized, indices, _ = vq(x)
-    assert quantized.dtype == torch.float16 and indices.shape == (2, 5)
-    vq.eval()
-    assert torch.equal(vq.decode(vq.encode(x)).half(), vq(x).quantized)
 
 
 # -- gradient-trained codebooks (learnable_codebook) ---------------------------------------------------

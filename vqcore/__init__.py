@@ -32,6 +32,8 @@ _LAZY = {
     "UnknownNameError": "vqcore.errors:UnknownNameError",
     "DuplicateNameError": "vqcore.errors:DuplicateNameError",
     "VQCoreWarning": "vqcore.errors:VQCoreWarning",
+    "ConfigVersionError": "vqcore.errors:ConfigVersionError",
+    "MissingArgumentsError": "vqcore.errors:MissingArgumentsError",
 }
 
 __all__ = ["__version__", "hookimpl", *_LAZY]

@@ -9,10 +9,10 @@ import sys
 
 
 def _cmd_list(args) -> int:
-    from vqcore.registry import get_registry
+    from vqcore.registry import KINDS, get_registry
 
     registry = get_registry()
-    kinds = ("quantizer", "codebook", "loss") if args.all else ("quantizer",)
+    kinds = KINDS if args.all else ("quantizer",)
     rows = [
         (e.kind, e.name, e.plugin, ", ".join(e.aliases), e.summary)
         for k in kinds
@@ -28,7 +28,7 @@ def _cmd_list(args) -> int:
     return 0
 
 
-_PLURAL = {"quantizer": "quantizers", "codebook": "codebooks", "loss": "losses"}
+_PLURAL = {"loss": "losses"}
 
 
 def _cmd_plugins(args) -> int:
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered quantizers (and with --all, codebooks and losses)")
     p.add_argument("pattern", nargs="?", default="*", help="glob over names and aliases (default: *)")
-    p.add_argument("--all", action="store_true", help="include codebooks and losses")
+    p.add_argument("--all", action="store_true", help="include codebooks, losses, estimators and converters")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser(
