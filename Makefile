@@ -38,8 +38,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_quality.py
 
+# ruff, then mypy over vqcore, vqcore.plugins and vqcore.export (tools/typecheck.py lays them out as installed)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) tools/typecheck.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

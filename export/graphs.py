@@ -13,7 +13,7 @@ it (feature, quantizer, heads and groups axes are rejected by the module's own c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,10 @@ def _plain(out: Any) -> ModuleOutput:
     return tuple(out)
 
 
+# The wrappers hold their quantizer as ``Any`` (as vqcore.create returns it): its encode / decode are the
+# methods of vqcore.protocols.Quantizer, which the ``nn.Module`` type of their arguments does not describe.
+
+
 class EncodeGraph(nn.Module):
     """features -> int64 indices: ``quantizer.encode`` in eval mode."""
 
@@ -46,7 +50,7 @@ class EncodeGraph(nn.Module):
 
     def __init__(self, quantizer: nn.Module):
         super().__init__()
-        self.quantizer = quantizer
+        self.quantizer: Any = quantizer
 
     def forward(self, x: Tensor) -> ModuleOutput:
         return _plain(self.quantizer.encode(x))
@@ -59,7 +63,7 @@ class DecodeGraph(nn.Module):
 
     def __init__(self, quantizer: nn.Module):
         super().__init__()
-        self.quantizer = quantizer
+        self.quantizer: Any = quantizer
 
     def forward(self, indices: Tensor) -> ModuleOutput:
         return _plain(self.quantizer.decode(indices))
@@ -72,7 +76,8 @@ class Tokenizer(nn.Module):
 
     def __init__(self, encoder: nn.Module, quantizer: nn.Module):
         super().__init__()
-        self.encoder, self.quantizer = encoder, quantizer
+        self.encoder = encoder
+        self.quantizer: Any = quantizer
 
     def forward(self, x: Tensor) -> ModuleOutput:
         return _plain(self.quantizer.encode(self.encoder(x)))
@@ -85,13 +90,14 @@ class Detokenizer(nn.Module):
 
     def __init__(self, quantizer: nn.Module, decoder: nn.Module):
         super().__init__()
-        self.quantizer, self.decoder = quantizer, decoder
+        self.quantizer: Any = quantizer
+        self.decoder = decoder
 
     def forward(self, indices: Tensor) -> ModuleOutput:
         return _plain(self.decoder(self.quantizer.decode(indices)))
 
 
-def is_wrapper(module: object) -> bool:
+def is_wrapper(module: object) -> TypeGuard[EncodeGraph | DecodeGraph | Tokenizer | Detokenizer]:
     return isinstance(module, (EncodeGraph, DecodeGraph, Tokenizer, Detokenizer))
 
 
@@ -149,11 +155,12 @@ def default_example_shape(quantizer: nn.Module) -> tuple[int, ...]:
     tried = []
     tensors = [*quantizer.parameters(), *quantizer.buffers()]
     device = tensors[0].device if tensors else torch.device("cpu")
+    probed: Any = quantizer  # as the wrappers hold it: encode is a Quantizer method
     for shape in (make(dim) for make in EXAMPLE_SHAPES.values()):
         probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
         try:
             with torch.no_grad():
-                quantizer.encode(probe)
+                probed.encode(probe)
         except Exception as err:  # this layout is not the quantizer's: try the next one
             tried.append(f"{shape}: {type(err).__name__}: {err}")
             continue

@@ -198,7 +198,7 @@ def _finish(report: parity.ParityReport, verify: bool) -> None:
 
 def _graph_of(obj: nn.Module, graph: str | None) -> str:
     if graph is None:
-        graph = getattr(obj, "graph", None) if graphs.is_wrapper(obj) else "encode"
+        graph = obj.graph if graphs.is_wrapper(obj) else "encode"
     return graph
 
 
@@ -238,6 +238,7 @@ def to_onnx(
             raise ExportError(
                 f"ONNX export of the {plan.graph} graph failed: {type(err).__name__}: {err}"
             ) from err
+    assert program is not None  # the dynamo exporter always returns its program
     dims = program.model_proto.graph.input[0].type.tensor_type.shape.dim
     static = [name for axis, name in plan.in_names.items() if not dims[axis].dim_param]
     if not static:  # torch.export's symbols (s37, ...) -> the axis names

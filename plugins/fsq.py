@@ -27,7 +27,7 @@ from torch import Tensor
 
 from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.grid import check_levels, digits_to_indices, indices_to_digits, mixed_radix_basis
-from vqcore.blocks.layout import CodebookAxis, auto_layout, index_tokens
+from vqcore.blocks.layout import CodebookAxis, TokenLayout, auto_layout, index_tokens
 from vqcore.blocks.precision import Float32State, float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.residual import (
@@ -61,6 +61,16 @@ class FSQOutputWithCodes(NamedTuple):
 
 class FSQGrid(Float32State):
     """The implicit FSQ grid of one codebook: bound + round, digits <-> codes <-> indices (float32)."""
+
+    # non-persistent buffers, (D,) each
+    levels: Tensor
+    basis: Tensor
+    half_l: Tensor
+    offset: Tensor
+    shift: Tensor
+    half_width: Tensor
+    half_width_long: Tensor
+    step: Tensor
 
     def __init__(self, levels: list[int], *, preserve_symmetry: bool = False, hard_clamp: bool = False):
         super().__init__()
@@ -183,7 +193,7 @@ class FSQ(QuantizerModule):
         """All codes (codebook_size, len(levels)) in index order (computed on demand)."""
         return self.grid.all_codes()
 
-    def _index_tokens(self, indices: Tensor):
+    def _index_tokens(self, indices: Tensor) -> tuple[Tensor, tuple, TokenLayout]:
         return index_tokens(
             indices,
             dim=self.dim,
@@ -275,6 +285,10 @@ class ResidualFSQ(Float32State, QuantizerModule):
     prefix) decode too. ``return_all_codes=True`` returns :class:`FSQOutputWithCodes`.
     """
 
+    # non-persistent buffers
+    scales: Tensor  # (Q, D): L_i^(-q)
+    soft_clamp: Tensor  # (D,): 1 + 1 / (L - 1)
+
     def __init__(
         self,
         levels,
@@ -323,7 +337,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
         """(Q, codebook_size, len(levels)): every layer's codes, unscaled (all layers share the grid)."""
         return self.grid.all_codes().unsqueeze(0).expand(self.num_quantizers, -1, -1)
 
-    def _run(self, x: Tensor, kept: int):
+    def _run(self, x: Tensor, kept: int) -> tuple[Tensor, Tensor, list[Tensor], TokenLayout, tuple]:
         """x -> (summed scaled codes (b, n, D) float32, indices (b, n, Q), per-layer codes (Q of
         (b, n, D), zeros for dropped layers), layout, spatial)."""
         layout = auto_layout(x.ndim, self.dim, self.channel_first)
@@ -368,7 +382,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
             return FSQOutputWithCodes(quantized, indices, codes)
         return FSQOutput(quantized, indices)
 
-    def _layer_tokens(self, indices: Tensor):
+    def _layer_tokens(self, indices: Tensor) -> tuple[Tensor, tuple, TokenLayout]:
         return detected_layer_tokens(
             indices,
             [self.codebook_size] * self.num_quantizers,

@@ -86,6 +86,11 @@ class LatentQuantize(QuantizerModule):
     images ``(b, dim, h, w)``, video ``(b, dim, t, h, w)``.
     """
 
+    # non-persistent buffers, (D,) int64 each
+    basis: Tensor
+    levels_tensor: Tensor
+    row_offset: Tensor
+
     def __init__(
         self,
         levels,

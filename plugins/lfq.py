@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ from vqcore.blocks.entropy import (
 )
 from vqcore.blocks.estimators import straight_through
 from vqcore.blocks.grid import MAX_BITS, BinaryCodebook
-from vqcore.blocks.layout import CodebookAxis, auto_layout, index_tokens, token_mask
+from vqcore.blocks.layout import CodebookAxis, TokenLayout, auto_layout, index_tokens, token_mask
 from vqcore.blocks.losses import CommitmentLoss, LossSpec, WeightedLosses, extra_loss_pairs
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
@@ -97,9 +98,9 @@ class LFQOutputWithCodes(NamedTuple):
     all_codes: Tensor
 
 
-def check_codebook_size(codebook_size, name: str = "codebook_size") -> int:
+def check_codebook_size(codebook_size: object, name: str = "codebook_size") -> int:
     """A power of 2 in ``[2, 2^62]`` (int64 indices)."""
-    check_positive_int(codebook_size, name)
+    codebook_size = check_positive_int(codebook_size, name)
     if codebook_size & (codebook_size - 1):
         suggestion = 2 ** math.ceil(math.log2(codebook_size))
         raise ValueError(
@@ -152,8 +153,7 @@ class LFQ(QuantizerModule):
             raise ValueError("LFQ needs codebook_size or dim (or both)")
         check_positive_int(num_codebooks, "num_codebooks")
         if codebook_size is None:
-            check_positive_int(dim, "dim")
-            codebook_size = 2**dim
+            codebook_size = 2 ** check_positive_int(dim, "dim")
         check_codebook_size(codebook_size)
         if codebook_scale <= 0:
             raise ValueError(f"codebook_scale must be > 0, got {codebook_scale}")
@@ -322,7 +322,10 @@ class LFQ(QuantizerModule):
                     books, codes, indices, book_valid, inv_temperature=inv_temperature
                 )
                 terms = LFQLossBreakdown(
-                    *(t.mean() for t in book_terms[:3]), {k: t.mean() for k, t in book_terms.extra.items()}
+                    book_terms.per_sample_entropy.mean(),
+                    book_terms.batch_entropy.mean(),
+                    book_terms.commitment.mean(),
+                    {k: t.mean() for k, t in book_terms.extra.items()},
                 )
                 extra_total = extra_total.mean()
                 if books.requires_grad:
@@ -373,6 +376,8 @@ class ResidualLFQ(QuantizerModule):
     ``return_all_codes=True`` returns :class:`LFQOutputWithCodes`.
     """
 
+    layers: Sequence[LFQ]  # an nn.ModuleList (whose items torch types as plain Modules)
+
     def __init__(
         self,
         dim: int,
@@ -408,8 +413,11 @@ class ResidualLFQ(QuantizerModule):
             dim, self.codebook_dim, enabled=self.has_projections, bias=projection_has_bias
         )
         scales = [2.0**-q for q in range(num_quantizers)]
-        self.layers = nn.ModuleList(
-            LFQ(codebook_size=codebook_size, codebook_scale=scale, **lfq_kwargs) for scale in scales
+        self.layers = cast(
+            "Sequence[LFQ]",
+            nn.ModuleList(
+                LFQ(codebook_size=codebook_size, codebook_scale=scale, **lfq_kwargs) for scale in scales
+            ),
         )
         self.layer_codebooks = BinaryCodebook(self.codebook_dim, scales)
 
@@ -421,11 +429,14 @@ class ResidualLFQ(QuantizerModule):
     def num_codebooks(self) -> int:
         return 1
 
-    def _run(self, z: Tensor, kept: int, inv_temperature: float, valid: Tensor | None):
+    def _run(
+        self, z: Tensor, kept: int, inv_temperature: float, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         """Codebook space z (b, n, bits) -> (summed outputs (b, n, bits), indices (b, n, Q), losses (Q,),
         per-layer outputs: Q of (b, n, bits), straight-through in training, zeros for dropped layers)."""
         b, n = z.shape[0], z.shape[1]
-        residual, inputs, outputs, layer_codes, layer_indices = z, [], [], [], []
+        residual, outputs, layer_codes, layer_indices = z, [], [], []
+        inputs: list[Tensor] = []  # each kept layer's books (1, b * n, bits)
         for layer in self.layers:
             if len(inputs) == kept:
                 break
@@ -463,12 +474,12 @@ class ResidualLFQ(QuantizerModule):
         tokens, spatial = layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
         with float32_region(x.device.type):
-            residual, indices = project_into(self.project_in, tokens), []
+            residual, layer_indices = project_into(self.project_in, tokens), []
             for layer in self.layers:
                 idx, codes = layer.codebook_module.quantize(layer.to_books(residual))
-                indices.append(idx)
+                layer_indices.append(idx)
                 residual = residual - layer.from_books(codes, b, n)
-            indices = torch.cat(indices).transpose(0, 1).reshape(b, n, self.num_quantizers)
+            indices = torch.cat(layer_indices).transpose(0, 1).reshape(b, n, self.num_quantizers)
         return layout.indices_from_tokens(indices, spatial)
 
     def forward(
@@ -506,7 +517,7 @@ class ResidualLFQ(QuantizerModule):
             return LFQOutputWithCodes(quantized, indices, losses, codes)
         return LFQOutput(quantized, indices, losses)
 
-    def _layer_tokens(self, indices: Tensor):
+    def _layer_tokens(self, indices: Tensor) -> tuple[Tensor, tuple, TokenLayout]:
         return detected_layer_tokens(
             indices,
             [self.codebook_size] * self.num_quantizers,

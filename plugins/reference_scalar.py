@@ -25,6 +25,7 @@ from vqcore.blocks.conversion import (
     CHANGES_EVAL,
     LOW_PRECISION,
     TRAINING_ONLY,
+    ReferenceModule,
     UnsupportedOptions,
     linear_of,
     list_entries,
@@ -43,11 +44,11 @@ LFQ_UNSUPPORTED = UnsupportedOptions(
 LATENT_UNSUPPORTED = UnsupportedOptions(train=(("in_place_codebook_optimizer", None),))
 
 
-def _levels(ref: nn.Module) -> list[int]:
+def _levels(ref: ReferenceModule) -> list[int]:
     return [int(v) for v in ref.get_buffer("_levels").tolist()]
 
 
-def _projection_has_bias(ref: nn.Module) -> bool:
+def _projection_has_bias(ref: ReferenceModule) -> bool:
     """Whether the reference's ``project_in`` has a bias (True without projections: vqcore's default)."""
     proj = linear_of(ref.project_in)
     return proj is None or proj.bias is not None
@@ -64,7 +65,7 @@ class FSQConverter:
 
     quantizer = "FSQ"
 
-    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         findings = FSQ_UNSUPPORTED.findings(ref)
         low = [d for d in getattr(ref, "allowed_dtypes", ()) if d not in (torch.float32, torch.float64)]
         if not bool(getattr(ref, "force_quantization_f32", True)):
@@ -93,7 +94,7 @@ class LFQConverter:
 
     quantizer = "LFQ"
 
-    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         findings = LFQ_UNSUPPORTED.findings(ref)
         if ref.has_projections and linear_of(ref.project_in) is None:  # CosineSimLinear
             findings.append(
@@ -128,7 +129,7 @@ class LatentQuantizeConverter:
 
     quantizer = "LatentQuantize"
 
-    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         findings = LATENT_UNSUPPORTED.findings(ref)
         levels = _levels(ref)
         if int(ref.codebook_dim) != len(levels):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from vqcore.blocks.conversion import (
     TRAINING_ONLY,
+    ReferenceModule,
     UnsupportedOptions,
     linear_of,
     list_entries,
@@ -62,13 +63,13 @@ RVQ_UNSUPPORTED = UnsupportedOptions(
 CODEBOOK_KEYS = ("embed", "cluster_size", "embed_avg", "initted")
 
 
-def _gumbel_keywords(book: nn.Module) -> dict[str, Any]:
+def _gumbel_keywords(book: ReferenceModule) -> dict[str, Any]:
     """The options the reference bound into its codebook's ``gumbel_sample`` (a ``functools.partial``)."""
     fn = getattr(book, "gumbel_sample", None)
     return dict(getattr(fn, "keywords", None) or {})
 
 
-def _sync_options(book: nn.Module) -> dict[str, Any]:
+def _sync_options(book: ReferenceModule) -> dict[str, Any]:
     """``sync_codebook`` / ``sync_kmeans`` from the reference codebook's resolved DDP functions."""
     if not bool(getattr(book, "use_ddp", False)):
         # resolved at construction: False also when the module was merely built outside a process group.
@@ -80,14 +81,16 @@ def _sync_options(book: nn.Module) -> dict[str, Any]:
     )
 
 
-def _initted(layer: nn.Module) -> bool:
+def _initted(layer: ReferenceModule) -> bool:
     """Whether a reference VectorQuantize's codebook has run k-means (or never needed it)."""
     return bool(layer.get_submodule("_codebook").get_buffer("initted"))
 
 
-def layer_kwargs(ref: nn.Module, allow_training_differences: bool, shared_codebook: bool = False) -> dict:
+def layer_kwargs(
+    ref: ReferenceModule, allow_training_differences: bool, shared_codebook: bool = False
+) -> dict:
     """The options a reference VectorQuantize shares with the layers of its ResidualVQ."""
-    book = ref.get_submodule("_codebook")
+    book: ReferenceModule = ref.get_submodule("_codebook")
     findings = VQ_UNSUPPORTED.findings(ref) + CODEBOOK_UNSUPPORTED.findings(book)
     if bool(getattr(book, "manual_ema_update", False)) and not shared_codebook:
         findings.append((TRAINING_ONLY, "manual_ema_update=True"))
@@ -143,7 +146,9 @@ def map_codebook(
             out[f"{dst}{name}"] = ref_state_dict[f"{src}{name}"]
 
 
-def map_residual(own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor], prefix: str, out: dict):
+def map_residual(
+    own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor], prefix: str, out: dict[str, Tensor]
+) -> None:
     """A ResidualVQ at ``prefix``: its projections and every layer's codebook (the same keys in both)."""
     map_projections(own, ref_state_dict, out, prefix, prefix)
     for q in list_entries(own, f"{prefix}layers."):
@@ -156,7 +161,7 @@ class VectorQuantizeConverter:
 
     quantizer = "VectorQuantize"
 
-    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         embed = ref.get_submodule("_codebook").embed  # a buffer, or a Parameter when learnable
         return dict(
             dim=int(ref.dim),
@@ -183,7 +188,7 @@ class ResidualVQConverter:
 
     quantizer = "ResidualVQ"
 
-    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         what = type(ref).__name__
         raise_unsupported(RVQ_UNSUPPORTED.findings(ref), allow_training_differences, what)
         layers = list(ref.layers)
@@ -198,7 +203,15 @@ class ResidualVQConverter:
         # quantize dropout (or a layer called on its own) can leave later layers un-initialised while the
         # first one has run k-means
         options["kmeans_init"] = not all(_initted(lay) for lay in layers)
-        dim = linear_of(ref.project_in).in_features if ref.has_projections else int(ref.codebook_dim)
+        dim = int(ref.codebook_dim)
+        if ref.has_projections:
+            projection = linear_of(ref.project_in)
+            if projection is None:
+                raise ValueError(
+                    "vqcore.compat: reference ResidualVQ project_in must be a Linear, "
+                    f"got {type(ref.project_in).__name__}"
+                )
+            dim = projection.in_features
         # the layout: accept_image_fmap is the RVQ's own option, accept_3d_fmap / channel_last reach the
         # layers through **vq_kwargs. The reference's residual bookkeeping is channel-last only, so its
         # forward breaks on these layouts; vqcore quantizes every position as a token, as meant.
@@ -231,7 +244,7 @@ class GroupedResidualVQConverter:
 
     quantizer = "GroupedResidualVQ"
 
-    def kwargs(self, ref: nn.Module, allow_training_differences: bool = False) -> dict[str, Any]:
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         rvqs = list(ref.rvqs)
         options = ResidualVQConverter().kwargs(rvqs[0], allow_training_differences)
         for key in ("dim", "accept_image_fmap", "accept_3d_fmap", "channel_last"):

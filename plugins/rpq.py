@@ -45,6 +45,10 @@ class RandomProjectionQuantizer(Float32State, QuantizerModule):
     stay float32 under ``.half()`` / ``.bfloat16()`` (so a cast model keeps producing the same targets).
     """
 
+    # frozen buffers
+    rand_projs: Tensor  # (H, dim, codebook_dim)
+    codebooks: Tensor  # (H, codebook_size, codebook_dim), unit vectors
+
     def __init__(
         self,
         dim: int,

@@ -21,7 +21,8 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,7 @@ class ResidualVQOutputWithCodes(NamedTuple):
     all_codes: Tensor | tuple[Tensor, ...]
 
 
-def _layer_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
+def _layer_sizes(codebook_size: object, num_quantizers: object) -> tuple[int, ...]:
     if codebook_size is None:
         raise TypeError("codebook_size is required (an int, or one int per layer)")
     if isinstance(codebook_size, (list, tuple)):
@@ -72,11 +73,10 @@ def _layer_sizes(codebook_size, num_quantizers) -> tuple[int, ...]:
                 f"but num_quantizers is {num_quantizers}"
             )
         return sizes
-    check_positive_int(codebook_size, "codebook_size")
+    size = check_positive_int(codebook_size, "codebook_size")
     if num_quantizers is None:
         raise TypeError("num_quantizers is required when codebook_size is a single int")
-    check_positive_int(num_quantizers, "num_quantizers")
-    return (codebook_size,) * num_quantizers
+    return (size,) * check_positive_int(num_quantizers, "num_quantizers")
 
 
 class ResidualVQ(QuantizerModule):
@@ -90,6 +90,8 @@ class ResidualVQ(QuantizerModule):
     ``quantize_books``, ``estimate``, ``step_codebook_``, ``codebook_module``); a shared codebook is one
     codebook object passed to every layer as its ``codebook``.
     """
+
+    layers: Sequence[VectorQuantize]  # an nn.ModuleList (whose items torch types as plain Modules)
 
     def __init__(
         self,
@@ -148,7 +150,10 @@ class ResidualVQ(QuantizerModule):
                 parameter=vq_kwargs.get("orthogonal_reg_weight", 0.0) > 0,
                 **options,
             )
-        self.layers = nn.ModuleList(VectorQuantize(codebook_dim, size, **vq_kwargs) for size in sizes)
+        self.layers = cast(
+            "Sequence[VectorQuantize]",
+            nn.ModuleList(VectorQuantize(codebook_dim, size, **vq_kwargs) for size in sizes),
+        )
         self.register_load_state_dict_pre_hook(_shared_codebook_keys)
 
     # -- properties --------------------------------------------------------------------------------
@@ -258,7 +263,7 @@ class ResidualVQ(QuantizerModule):
         )
         quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
         indices = self.layout.indices_from_tokens(indices, spatial)
-        if not return_all_codes:
+        if codes is None:  # return_all_codes=False
             return ResidualVQOutput(quantized, indices, losses)
         codes = codes.reshape(codes.shape[0], b, *spatial, codes.shape[-1])
         return ResidualVQOutputWithCodes(quantized, indices, losses, codes)
@@ -297,7 +302,16 @@ class ResidualVQ(QuantizerModule):
             result = (torch.where(valid.unsqueeze(-1), result[0], raw.to(result[0].dtype)), *result[1:])
         return result
 
-    def _train_tokens(self, z, valid, kept, want_codes, temperature, freeze, accumulate=False):
+    def _train_tokens(
+        self,
+        z: Tensor,
+        valid: Tensor | None,
+        kept: int,
+        want_codes: bool,
+        temperature: float | None,
+        freeze: bool | None,
+        accumulate: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Training step over the kept layers: each layer's ``quantize_books`` (code choice, losses,
         k-means), its estimator, and its codebook step (once for all layers with a shared codebook)."""
         b, n = z.shape[0], z.shape[1]
@@ -320,7 +334,7 @@ class ResidualVQ(QuantizerModule):
                 zq, book_valid, sample_codebook_temp=temperature, freeze_codebook=freeze
             )
             code = step.codes
-            if valid is not None:  # padding: no code, residual unchanged
+            if book_valid is not None:  # padding: no code, residual unchanged
                 code = code.masked_fill(~book_valid.unsqueeze(-1), 0.0)
             out = code if fused else layer.estimate(zq, code, step.indices, temperature)
             if self.shared_codebook:
@@ -347,6 +361,7 @@ class ResidualVQ(QuantizerModule):
                 freeze_codebook=freeze,
                 accum_ema_update=accumulate,
             )
+        assert total is not None  # kept >= 1: the first layer always runs
         if fused and z.requires_grad:
             total = total + min(kept, self.num_quantizers) * (z - z.detach())
             if want_codes:  # each layer's output carries the straight-through gradient of its residual
@@ -402,7 +417,7 @@ class ResidualVQ(QuantizerModule):
         )
 
 
-def _shared_codebook_keys(module, state_dict, prefix, *args) -> None:
+def _shared_codebook_keys(module: ResidualVQ, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
     """Load pre-hook: checkpoints written before the shared codebook was passed to every layer hold it once
     as ``_shared_codebook.*``; give every layer its copy of those tensors."""
     old = f"{prefix}_shared_codebook."
@@ -420,6 +435,8 @@ class GroupedResidualVQ(QuantizerModule):
     public token paths. Quantize dropout is drawn once per step for all groups. ``return_all_codes`` adds
     a tuple (one entry per group, as the reference) of ``(Q, b, *positions, codebook_dim)`` codes.
     """
+
+    rvqs: Sequence[ResidualVQ]  # an nn.ModuleList (whose items torch types as plain Modules)
 
     def __init__(
         self,
@@ -439,7 +456,10 @@ class GroupedResidualVQ(QuantizerModule):
         self.layout = TokenLayout.from_flags(
             dim, accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap, channel_last=channel_last
         )
-        self.rvqs = nn.ModuleList(ResidualVQ(dim // groups, **rvq_kwargs) for _ in range(groups))
+        self.rvqs = cast(
+            "Sequence[ResidualVQ]",
+            nn.ModuleList(ResidualVQ(dim // groups, **rvq_kwargs) for _ in range(groups)),
+        )
 
     @property
     def codebook_size(self) -> int:
@@ -454,10 +474,11 @@ class GroupedResidualVQ(QuantizerModule):
         return self.groups * self.num_quantizers
 
     @property
-    def codebooks(self):
+    def codebooks(self) -> Tensor | tuple[Tensor | tuple[Tensor, ...], ...]:
         """(groups, Q, K, codebook_dim), or a tuple per group when the layer sizes differ."""
         books = tuple(rvq.codebooks for rvq in self.rvqs)
-        return torch.stack(books) if isinstance(books[0], Tensor) else books
+        stacked = [book for book in books if isinstance(book, Tensor)]  # every group alike: all or none
+        return torch.stack(stacked) if len(stacked) == len(books) else books
 
     def _chunks(self, tokens: Tensor) -> tuple[Tensor, ...]:
         return tokens.chunk(self.groups, dim=-1)
@@ -521,7 +542,7 @@ class GroupedResidualVQ(QuantizerModule):
             outs.append(out)
             indices.append(self.layout.indices_from_tokens(idx, spatial))
             losses.append(loss)
-            if return_all_codes:
+            if code is not None:  # return_all_codes
                 codes.append(code.reshape(code.shape[0], b, *spatial, code.shape[-1]))
         quantized = self.layout.from_tokens(torch.cat(outs, -1).to(x.dtype), spatial)
         result = (quantized, torch.stack(indices), torch.stack(losses))

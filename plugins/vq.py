@@ -30,13 +30,12 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from vqcore.blocks.codebooks import build_codebook
+from vqcore.blocks.codebooks import StepWeight, build_codebook
 from vqcore.blocks.distance import is_tie
 from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.estimators import GumbelStraightThrough, resolve_estimator
@@ -287,7 +286,9 @@ class VectorQuantize(QuantizerModule):
             ]
         )
 
-    def _estimator(self, estimator: str | Estimator | None, rotation_trick: bool, straight_through: bool):
+    def _estimator(
+        self, estimator: str | Estimator | None, rotation_trick: bool, straight_through: bool
+    ) -> Estimator:
         if estimator is not None:
             if rotation_trick or straight_through:
                 raise ValueError("pass either estimator or rotation_trick / straight_through, not both")
@@ -459,7 +460,7 @@ class VectorQuantize(QuantizerModule):
         valid: Tensor | None = None,
         *,
         freeze_codebook: bool | None = None,
-        ema_update_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        ema_update_weight: StepWeight | None = None,
         accum_ema_update: bool = False,
     ) -> None:
         """The codebook's training step for books z (B, N, codebook_dim) that chose ``indices``, unless
@@ -502,13 +503,14 @@ class VectorQuantize(QuantizerModule):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
         return_loss_breakdown: bool = False,
-        ema_update_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        ema_update_weight: StepWeight | None = None,
         accum_ema_update: bool = False,
     ):
         """Quantize x; in training mode also take the codebook's step (see the module docstring).
 
         ``ema_update_weight``: per-code scale of this step's EMA, ``(codebook_size,)`` or ``(heads,
-        codebook_size)`` with separate codebooks, or a callable ``(sums (B, K, d), counts (B, K)) -> weight``;
+        codebook_size)`` with separate codebooks, or a callable ``(sums (B, K, d), counts (B, K)) -> weight``
+        (sums None where only the usage counts step: a gradient-trained codebook with dead-code expiry);
         0 freezes a code (its vector stays exactly as it is and it never expires). ``accum_ema_update``:
         only accumulate this batch's EMA statistics; the next call without it takes one step from all of
         them (gradient accumulation).
@@ -569,7 +571,7 @@ class VectorQuantize(QuantizerModule):
             )
         return VQOutput(quantized, indices, loss)
 
-    def _ema_weight(self, weight):
+    def _ema_weight(self, weight: StepWeight | None) -> StepWeight | None:
         """ema_update_weight -> (books, K) float32 tensor, a callable, or None; bad shapes raise."""
         if weight is None or callable(weight):
             return weight

@@ -143,7 +143,7 @@ class QuantizerModule(nn.Module):
                 set_config(self, None, arguments, type(self).config_version)
             original(self, *args, **kw)
 
-        cls.__init__ = __init__
+        cls.__init__ = __init__  # type: ignore[method-assign]  # wraps the subclass's own constructor
 
     @classmethod
     def upgrade_config(cls, kwargs: dict[str, Any], version: int) -> dict[str, Any] | None:

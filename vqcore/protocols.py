@@ -123,7 +123,11 @@ class Loss(Protocol):
     one term per residual layer) and reports the unweighted term in its loss breakdown.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The term's name in the loss breakdown; read-only, so a class attribute
+        (``name: ClassVar[str] = "commitment"``) follows the protocol too."""
+        ...
 
     def __call__(
         self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
@@ -139,7 +143,11 @@ class Estimator(Protocol):
     that residual stacks may sum it over layers in one step.
     """
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The estimator's registry name; read-only, so a class attribute
+        (``name: ClassVar[str] = "straight_through"``) follows the protocol too."""
+        ...
 
     def __call__(self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None) -> Tensor: ...
 

@@ -85,7 +85,9 @@ class Registry:
             self._loaded = True
             builtins = self._builtin_plugins
             if builtins is None:
-                from vqcore.plugins import BUILTIN_PLUGINS as builtins
+                from vqcore.plugins import BUILTIN_PLUGINS
+
+                builtins = BUILTIN_PLUGINS
             for module_name in builtins:
                 module = importlib.import_module(module_name)
                 self._add_plugin(module, module_name, version=__version__, source="builtin")

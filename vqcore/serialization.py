@@ -73,7 +73,7 @@ def save(quantizer: torch.nn.Module, path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """Rebuild the quantizer saved at ``path`` through the registry, load its weights, and return it in
     eval mode (call ``.train()`` to fine-tune it).
 

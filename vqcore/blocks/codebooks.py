@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,13 +49,28 @@ from vqcore.blocks.validation import check_positive_int
 from vqcore.protocols import Codebook
 
 # EMACodebook -> (key, weakref to embed, PreparedCodes): the packed codes of the fused CPU search
-_SEARCH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SEARCH_CACHE: weakref.WeakKeyDictionary[
+    EMACodebook, tuple[tuple[int, int, int], weakref.ref[Tensor], PreparedCodes]
+] = weakref.WeakKeyDictionary()
+
+# ``step_weight`` of an EMA step: a (B, K) or (K,) tensor, or a callable ``(sums, counts) -> weight``; sums
+# (B, K, d) is None when only the usage counts take the step (``codes=False``)
+StepWeight = Tensor | Callable[[Tensor | None, Tensor], Tensor]
 
 
 class EMACodebook(Float32State):
     """``books`` codebooks of ``size`` codes: nearest-code search, EMA update, k-means, dead-code expiry."""
 
     float32_parameters = True  # dtype casts leave the state float32, ``embed`` included when learnable
+
+    # state (buffers, ``embed`` a parameter when learnable), see the module docstring
+    embed: Tensor
+    cluster_size: Tensor
+    embed_avg: Tensor
+    initted: Tensor
+    # non-persistent buffers, registered on the first accumulating step (see update)
+    pending_counts: Tensor
+    pending_sums: Tensor
 
     def __init__(
         self,
@@ -197,7 +213,9 @@ class EMACodebook(Float32State):
         self._initted_seen = bool(self.initted)
         return not self._initted_seen
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted_seen = bool(self.initted)  # loading is eager: read the loaded flag here, not in forward
 
@@ -262,7 +280,7 @@ class EMACodebook(Float32State):
         valid: Tensor | None = None,
         sync: bool = False,
         codes: bool = True,
-        step_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        step_weight: StepWeight | None = None,
         accumulate: bool = False,
     ) -> Tensor | None:
         """One EMA step from tokens x (B, N, d) assigned to indices (B, N); returns the (B, K) mask of codes
@@ -301,7 +319,7 @@ class EMACodebook(Float32State):
             step = (step * weight.to(device=counts.device, dtype=torch.float32)).expand_as(counts)
         frozen = step == 0 if isinstance(step, Tensor) else None
         self.cluster_size.copy_(torch.where(seen, self.cluster_size.lerp(counts, step), self.cluster_size))
-        if not codes:
+        if sums is None:  # codes=False: only the usage counts take the step
             return frozen
         code_step = step.unsqueeze(-1) if isinstance(step, Tensor) else step
         self.embed_avg.copy_(
@@ -337,7 +355,7 @@ class EMACodebook(Float32State):
         valid: Tensor | None = None,
         *,
         sync: bool = False,
-        step_weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        step_weight: StepWeight | None = None,
         accumulate: bool = False,
     ) -> None:
         """What a training batch does to the codebook: the EMA step (``ema``; otherwise, with expiry on,

@@ -4,6 +4,7 @@ A converter rebuilds a vector-quantize-pytorch 1.32.0 module ("the reference") a
 it reads the reference's options back from its attributes and maps its ``state_dict``. This module holds
 what does not depend on the method:
 
+- ``ReferenceModule``: the type of a reference module whose options a converter reads;
 - :class:`UnsupportedOptions`: a table of ``(attribute, default)`` pairs of reference options vqcore
   lacks, whose findings :func:`raise_unsupported` reports in one ``ValueError``;
 - :func:`linear_of`: the ``nn.Linear`` of a reference projection;
@@ -28,6 +29,10 @@ LOW_PRECISION = (
 )
 
 Finding = tuple[str, str]
+
+# A reference module as converters read it: an ``nn.Module`` whose options are plain attributes set by its
+# constructor (ints, floats, bools, submodules), which the ``nn.Module`` type does not describe.
+ReferenceModule = Any
 
 
 def differs(value: Any, default: Any) -> bool:

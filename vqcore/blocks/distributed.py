@@ -21,6 +21,8 @@ computes on the concatenated batch, rank order):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -110,7 +112,9 @@ def gather_tokens(x: Tensor, valid: Tensor, cap: int, sync: bool) -> tuple[Tenso
     return xs.transpose(0, 1).reshape(books, -1, dim), vs.transpose(0, 1).reshape(books, -1)
 
 
-def global_pool_draw(x: Tensor, valid: Tensor, wanted: Tensor, draw, sync: bool) -> tuple[Tensor, Tensor]:
+def global_pool_draw(
+    x: Tensor, valid: Tensor, wanted: Tensor, draw: Callable[[int, int], Tensor], sync: bool
+) -> tuple[Tensor, Tensor]:
     """Vectors drawn from the global pool of valid tokens, identically on every rank.
 
     x (B, N, d), valid (B, N); ``wanted`` (B, K) bool marks the slots to fill (identical on every rank).

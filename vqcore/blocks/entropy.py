@@ -28,8 +28,9 @@ mask (an expanded ``(N,)`` mask, as the quantizers pass it) is the fast path.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,10 @@ def bit_entropy(logits: Tensor) -> Tensor:
     return F.softplus(logits) - logits * torch.sigmoid(logits)
 
 
-_BITS_CACHE: dict = {}
+_BITS_CACHE: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
 
-def code_bits(k: int, device=None, dtype=torch.float32) -> Tensor:
+def code_bits(k: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """(2^k, k) 0/1 bits of every code, first bit most significant (cached per size, device and dtype)."""
     key = (k, str(device), dtype)
     bits = _BITS_CACHE.get(key)
@@ -88,7 +89,7 @@ class _BatchCodeSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, d_hi, chunk):
+    def forward(ctx: Any, a: Tensor, d_hi: int, chunk: int) -> Tensor:
         books, n, d = a.shape
         total = a.new_zeros(books, 2**d_hi, 2 ** (d - d_hi))
         for s in range(0, n, chunk):
@@ -101,7 +102,7 @@ class _BatchCodeSum(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (a,) = ctx.saved_tensors
         grad = grad.contiguous()
         out = torch.zeros_like(a)
@@ -155,10 +156,11 @@ def grouped_batch_entropy(
     d = logits.shape[-1]
     groups = max(1, math.ceil(d / max_exact_bits))
     bounds = [round(g * d / groups) for g in range(groups + 1)]
-    return sum(
+    total = sum(
         entropy(batch_code_distribution(logits[..., lo:hi], chunk_bytes=chunk_bytes, sync=sync))
         for lo, hi in zip(bounds[:-1], bounds[1:])
     )
+    return cast(Tensor, total)  # at least one group: a tensor, never sum's start value 0
 
 
 # -- the Loss objects ---------------------------------------------------------------------------------
@@ -179,7 +181,9 @@ def _code_scales(codebook: Codebook | None, loss: str) -> Tensor:
     return scales
 
 
-def _per_book(x: Tensor, scales: Tensor, valid: Tensor | None, term) -> Tensor:
+def _per_book(
+    x: Tensor, scales: Tensor, valid: Tensor | None, term: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
     """``term(x_valid (B', M, d), scales (B',)) -> (B',)`` over the valid tokens of every book: once when
     every book shares one mask (stride 0 on the book axis, or one book), else book by book."""
     if valid is None:

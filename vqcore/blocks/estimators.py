@@ -77,7 +77,7 @@ class GumbelStraightThrough:
         self, x: Tensor, q: Tensor, indices: Tensor | None = None, codebook: Codebook | None = None
     ) -> Tensor:
         logits_of = getattr(codebook, "logits", None)
-        if logits_of is None:
+        if codebook is None or logits_of is None:
             raise TypeError(
                 f"gumbel_straight_through needs a codebook with logits(x); got {type(codebook).__name__}"
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,6 +80,10 @@ class BinaryCodebook(Float32State):
     ``(books,)`` float32 are the per-book code scales (lookup-free quantization: ``codebook_scale``;
     its residual stack: ``2^-q`` for layer q). No persistent state: nothing enters a state_dict.
     """
+
+    # non-persistent buffers
+    bit_weights: Tensor  # (bits,) int64: 2^(bits-1) ... 1
+    scales: Tensor  # (books,) float32
 
     def __init__(self, bits: int, scale: float | Sequence[float] = 1.0, *, books: int | None = None):
         super().__init__()
@@ -147,7 +152,7 @@ class BinaryCodebook(Float32State):
         return None
 
     def train_step_(
-        self, x: Tensor, indices: Tensor, valid: Tensor | None = None, *, sync: bool = False, **options
+        self, x: Tensor, indices: Tensor, valid: Tensor | None = None, *, sync: bool = False, **options: Any
     ) -> None:
         return None
 

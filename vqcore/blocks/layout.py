@@ -39,7 +39,14 @@ class TokenLayout:
         self.spatial_rank = _SPATIAL_RANK[kind]
 
     @classmethod
-    def from_flags(cls, dim: int, *, accept_image_fmap=False, accept_3d_fmap=False, channel_last=True):
+    def from_flags(
+        cls,
+        dim: int,
+        *,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        channel_last: bool = True,
+    ) -> TokenLayout:
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("accept_image_fmap and accept_3d_fmap cannot both be True")
         if (accept_image_fmap or accept_3d_fmap) and not channel_last:
@@ -185,7 +192,7 @@ def index_tokens(
     extra = 0 if trailing is None else 1
     layout = auto_index_layout(indices.ndim, extra, dim, channel_first)
     tokens, spatial = layout.indices_to_tokens(indices, extra)
-    if extra and (tokens.shape[-1] > trailing if at_most else tokens.shape[-1] != trailing):
+    if trailing is not None and (tokens.shape[-1] > trailing if at_most else tokens.shape[-1] != trailing):
         bound = "<= " if at_most else ""
         raise ValueError(
             f"indices must end with a {axis} axis of size {bound}{trailing}, got shape {tuple(indices.shape)}"

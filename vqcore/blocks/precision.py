@@ -50,17 +50,17 @@ class Float32State(nn.Module):
 
     float32_parameters = False
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Float32State:
         if recurse:
             for child in self.children():
                 child._apply(fn)
-        cast_as_usual = set()
+        cast_as_usual: set[int] = set()
         if not self.float32_parameters:
             for p in self._parameters.values():
                 if p is not None:
                     cast_as_usual.update((id(p), id(p.grad)) if p.grad is not None else (id(p),))
 
-        def keep_float32(t):
+        def keep_float32(t: Tensor) -> Tensor:
             out = fn(t)
             if id(t) in cast_as_usual or not t.is_floating_point() or out.dtype == t.dtype:
                 return out

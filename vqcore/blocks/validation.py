@@ -16,22 +16,22 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
-def check_tensor(x, name: str = "x") -> Tensor:
+def check_tensor(x: object, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     return x
 
 
-def check_float(x, name: str = "x") -> Tensor:
-    check_tensor(x, name)
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got dtype {x.dtype}")
-    return x
+def check_float(x: object, name: str = "x") -> Tensor:
+    tensor = check_tensor(x, name)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got dtype {tensor.dtype}")
+    return tensor
 
 
-def check_indices(indices, size: int, name: str = "indices", allow_dropped: bool = True) -> Tensor:
+def check_indices(indices: object, size: int, name: str = "indices", allow_dropped: bool = True) -> Tensor:
     """Integer tensor with values in [0, size), or -1 (dropped/masked) where allowed."""
-    check_tensor(indices, name)
+    indices = check_tensor(indices, name)
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {indices.dtype}")
     if not is_tracing() and indices.numel() > 0:
@@ -43,7 +43,7 @@ def check_indices(indices, size: int, name: str = "indices", allow_dropped: bool
     return indices
 
 
-def check_positive_int(value, name: str, minimum: int = 1) -> int:
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:

@@ -13,7 +13,7 @@ def _cmd_list(args) -> int:
 
     registry = get_registry()
     kinds = KINDS if args.all else ("quantizer",)
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (e.kind, e.name, e.plugin, ", ".join(e.aliases), e.summary)
         for k in kinds
         for e in registry.entries(k, args.pattern)
@@ -21,7 +21,7 @@ def _cmd_list(args) -> int:
     if not rows:
         print(f"no {'entries' if args.all else 'quantizers'} match {args.pattern!r}")
         return 1
-    headers = ("kind", "name", "plugin", "aliases", "summary")
+    headers: tuple[str, ...] = ("kind", "name", "plugin", "aliases", "summary")
     if not args.all:
         headers, rows = headers[1:], [r[1:] for r in rows]
     _table(headers, rows)

@@ -36,6 +36,9 @@ from torch import Tensor, nn
 
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, check_quantizer_instance
 
+# The helpers hold the quantizer under test as ``Any``, as vqcore.create returns it: its members are those of
+# vqcore.protocols.Quantizer, which the ``nn.Module`` type does not describe.
+
 
 class ConformanceError(AssertionError):
     """A quantizer broke one of the rules of :func:`check_quantizer`."""
@@ -100,7 +103,8 @@ def check_quantizer(
         _check_quantized_gradient(x, quantized, step, seed)
         total = sum((loss.sum() for loss in losses if loss.requires_grad), quantized.float().sum())
         total.backward()
-        _require(x.grad is not None, "no gradient reached the input in training mode")
+        if x.grad is None:
+            raise ConformanceError("no gradient reached the input in training mode")
         _require(bool(torch.isfinite(x.grad).all()), "the input's gradient is not finite")
     report.passed(
         "training forward: shapes, dtypes, index range, finite losses, quantized's gradient to the input"
@@ -147,7 +151,7 @@ def check_quantizer(
     return report
 
 
-def _check_outputs(quantizer: nn.Module, example: Tensor, quantized: Any, indices: Any, where: str) -> None:
+def _check_outputs(quantizer: Any, example: Tensor, quantized: Any, indices: Any, where: str) -> None:
     _require(isinstance(quantized, Tensor), f"{where}: the first output must be the quantized tensor")
     _require(
         quantized.shape == example.shape,
@@ -191,7 +195,7 @@ def _check_quantized_gradient(x: Tensor, quantized: Tensor, step: int, seed: int
     _require(bool(grad.abs().sum() > 0), f"{where}: quantized's gradient to the input is zero everywhere")
 
 
-def _check_dropped_indices(quantizer: nn.Module, indices: Tensor, decoded: Tensor) -> str:
+def _check_dropped_indices(quantizer: Any, indices: Tensor, decoded: Tensor) -> str:
     """-1 decodes to zeros, or decode rejects it with a ValueError/TypeError; returns what was checked."""
     rule = "-1 must decode to zeros (or be rejected with a ValueError/TypeError)"
     everywhere = torch.full_like(indices, DROPPED_INDEX)
@@ -241,7 +245,7 @@ def default_dynamic_dims(example: Tensor) -> tuple[int, ...]:
 
 
 def _check_export(
-    quantizer: nn.Module,
+    quantizer: Any,
     x: Tensor,
     indices: Tensor,
     dynamic_dims: tuple[int, ...] | None,
@@ -265,12 +269,13 @@ def _check_export(
         raise ConformanceError(
             f"encode does not accept other sizes on the dynamic axes {dims}: {err}"
         ) from err
-    _require(
-        all(a is not None for a in followed.values()),
-        f"the indices do not follow the input's dynamic axes {dims}",
-    )
     names = axis_names(x, dims)
-    index_names = {followed[d]: names[d] for d in dims}
+    index_names: dict[int, str] = {}  # index axis -> the name of the input axis it follows
+    for d in dims:
+        index_axis = followed[d]
+        if index_axis is None:
+            raise ConformanceError(f"the indices do not follow the input's dynamic axes {dims}")
+        index_names[index_axis] = names[d]
     index_dims = tuple(sorted(index_names))
     try:
         encode = torch.export.export(encode_module, (x,), dynamic_shapes=dynamic_shapes(names), strict=False)
