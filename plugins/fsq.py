@@ -20,12 +20,11 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.grid import check_levels, digits_to_indices, indices_to_digits, mixed_radix_basis
 from vqcore.blocks.layout import CodebookAxis, TokenLayout, auto_layout, index_tokens
 from vqcore.blocks.precision import Float32State, float32_region
@@ -254,18 +253,14 @@ class FSQ(QuantizerModule):
                 indices = layout.indices_from_tokens(axis.indices_out(indices), spatial)
         return FSQOutput(layout.from_tokens(out, spatial).to(x.dtype), indices)
 
-    def export_metadata(self) -> dict:
-        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
-        meta = {
-            "dim": self.dim,
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters for exported artifacts, next to the generic dim, codebook_size and
+        num_codebooks (vqcore.protocols.SupportsExportMetadata)."""
+        return {
             "codebook_dim": self.codebook_dim,
-            "codebook_size": self.codebook_size,
-            "num_codebooks": self.num_codebooks,
             "levels": list(self.levels),
+            "channel_first": self.channel_first,
         }
-        if self.channel_first is not None:
-            meta["channel_first"] = self.channel_first
-        return meta
 
     def extra_repr(self) -> str:
         return (
@@ -369,7 +364,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
         kept = self.dropout.kept_layers(
             self.training,
             rand_quantize_dropout_fixed_seed,
-            sync=self.dropout.enabled and self.training and should_sync(self.sync_quantize_dropout),
+            sync=self.sync_quantize_dropout,
             device=x.device,
         )
         total, indices, layer_codes, layout, spatial = self._run(x, kept)
@@ -417,20 +412,16 @@ class ResidualFSQ(Float32State, QuantizerModule):
 
     get_output_from_indices = decode
 
-    def export_metadata(self) -> dict:
-        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
-        meta = {
-            "dim": self.dim,
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters for exported artifacts, next to the generic dim, codebook_size and
+        num_codebooks (vqcore.protocols.SupportsExportMetadata)."""
+        return {
             "codebook_dim": self.codebook_dim,
-            "codebook_size": self.codebook_size,
-            "num_codebooks": 1,
             "num_quantizers": self.num_quantizers,
             "levels": list(self.levels),
             "scales": self.scales.tolist(),
+            "channel_first": self.channel_first,
         }
-        if self.channel_first is not None:
-            meta["channel_first"] = self.channel_first
-        return meta
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, num_quantizers={self.num_quantizers}, dim={self.dim}"

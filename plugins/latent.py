@@ -30,7 +30,7 @@ channel-first; int64 indices from the argmin; the losses are taken in latent spa
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -281,18 +281,14 @@ class LatentQuantize(QuantizerModule):
             )
         return LatentQuantizeOutput(quantized, indices, loss)
 
-    def export_metadata(self) -> dict:
-        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
-        meta = {
-            "dim": self.dim,
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters for exported artifacts, next to the generic dim, codebook_size and
+        num_codebooks (vqcore.protocols.SupportsExportMetadata)."""
+        return {
             "codebook_dim": self.codebook_dim,
-            "codebook_size": self.codebook_size,
-            "num_codebooks": self.num_codebooks,
             "levels": list(self.levels),
+            "channel_first": self.channel_first,
         }
-        if self.channel_first is not None:
-            meta["channel_first"] = self.channel_first
-        return meta
 
     def extra_repr(self) -> str:
         return (

@@ -31,12 +31,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.entropy import (
     DEFAULT_ENTROPY_CHUNK_BYTES,
     DEFAULT_MAX_EXACT_BITS,
@@ -45,7 +44,14 @@ from vqcore.blocks.entropy import (
 )
 from vqcore.blocks.estimators import straight_through
 from vqcore.blocks.grid import MAX_BITS, BinaryCodebook
-from vqcore.blocks.layout import CodebookAxis, TokenLayout, auto_layout, index_tokens, token_mask
+from vqcore.blocks.layout import (
+    CodebookAxis,
+    TokenLayout,
+    auto_layout,
+    index_tokens,
+    token_mask,
+    zero_padding,
+)
 from vqcore.blocks.losses import CommitmentLoss, LossSpec, WeightedLosses, extra_loss_pairs
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
@@ -308,8 +314,7 @@ class LFQ(QuantizerModule):
         tokens, spatial = layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
         valid = token_mask(layout, b, n, spatial, mask, per_sample=True)
-        if valid is not None:  # padding may hold anything (NaN too); it must reach no loss or gradient
-            tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
+        tokens = zero_padding(tokens, valid)
         with float32_region(x.device.type):
             books = self.to_books(project_into(self.project_in, tokens))
             indices, codes = self.codebook_module.quantize(books)
@@ -342,18 +347,14 @@ class LFQ(QuantizerModule):
             return LFQOutputWithBreakdown(quantized, indices, loss, terms)
         return LFQOutput(quantized, indices, loss)
 
-    def export_metadata(self) -> dict:
-        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
-        meta = {
-            "dim": self.dim,
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters for exported artifacts, next to the generic dim, codebook_size and
+        num_codebooks (vqcore.protocols.SupportsExportMetadata)."""
+        return {
             "codebook_dim": self.codebook_dim,
-            "codebook_size": self.codebook_size,
-            "num_codebooks": self.num_codebooks,
             "codebook_scale": self.codebook_scale,
+            "channel_first": self.channel_first,
         }
-        if self.channel_first is not None:
-            meta["channel_first"] = self.channel_first
-        return meta
 
     def extra_repr(self) -> str:
         return (
@@ -494,12 +495,11 @@ class ResidualLFQ(QuantizerModule):
         tokens, spatial = layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
         valid = token_mask(layout, b, n, spatial, mask, per_sample=True)
-        if valid is not None:
-            tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
+        tokens = zero_padding(tokens, valid)
         kept = self.dropout.kept_layers(
             self.training,
             rand_quantize_dropout_fixed_seed,
-            sync=self.dropout.enabled and self.training and should_sync(self.sync_quantize_dropout),
+            sync=self.sync_quantize_dropout,
             device=x.device,
         )
         with float32_region(x.device.type):
@@ -550,18 +550,14 @@ class ResidualLFQ(QuantizerModule):
 
     get_output_from_indices = decode
 
-    def export_metadata(self) -> dict:
-        """Hyper-parameters for exported artifacts (see vqcore.protocols.SupportsExportMetadata)."""
-        meta = {
-            "dim": self.dim,
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters for exported artifacts, next to the generic dim, codebook_size and
+        num_codebooks (vqcore.protocols.SupportsExportMetadata)."""
+        return {
             "codebook_dim": self.codebook_dim,
-            "codebook_size": self.codebook_size,
-            "num_codebooks": 1,
             "num_quantizers": self.num_quantizers,
+            "channel_first": self.channel_first,
         }
-        if self.channel_first is not None:
-            meta["channel_first"] = self.channel_first
-        return meta
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, codebook_size={self.codebook_size}, num_quantizers={self.num_quantizers}"

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.distance import is_tie
-from vqcore.blocks.distributed import should_sync
-from vqcore.blocks.layout import TokenLayout
+from vqcore.blocks.layout import TokenLayout, zero_padding
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.residual import QuantizeDropout, decode_layers, pad_layers, sum_layers, zero_dropped
 from vqcore.blocks.validation import check_positive_int, check_tensor
@@ -239,8 +238,7 @@ class ResidualVQ(QuantizerModule):
     def kept_layers(self, seed: int | None = None, device: torch.device | str = "cpu") -> int:
         """How many leading layers this forward runs (quantize dropout in training mode), agreed by every
         rank."""
-        sync = self.training and self.dropout.enabled and should_sync(self.sync_codebook)
-        return self.dropout.kept_layers(self.training, seed, sync=sync, device=device)
+        return self.dropout.kept_layers(self.training, seed, sync=self.sync_codebook, device=device)
 
     def forward(
         self,
@@ -282,10 +280,7 @@ class ResidualVQ(QuantizerModule):
         losses (Q,), codes (Q, b, n, cd) or None); training-mode steps in training mode, plain encoding
         otherwise."""
         raw = tokens
-        if (
-            valid is not None
-        ):  # padding may hold anything (NaN too); it must reach neither values nor gradients
-            tokens = torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))
+        tokens = zero_padding(tokens, valid)
         if not self.training:
             if valid is None:  # no -1 anywhere: the decode of the indices is project_out(sum of the codes)
                 indices, total = self.encode_tokens(tokens, with_total=True)

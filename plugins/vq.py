@@ -39,7 +39,7 @@ from vqcore.blocks.codebooks import StepWeight, build_codebook
 from vqcore.blocks.distance import is_tie
 from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.estimators import GumbelStraightThrough, resolve_estimator
-from vqcore.blocks.layout import TokenLayout, token_mask
+from vqcore.blocks.layout import TokenLayout, token_mask, zero_padding
 from vqcore.blocks.losses import (
     CommitmentLoss,
     LossSpec,
@@ -520,12 +520,7 @@ class VectorQuantize(QuantizerModule):
         b, n = tokens.shape[0], tokens.shape[1]
         valid = token_mask(self.layout, b, n, spatial, mask, lens)
         book_valid = None if valid is None else self.book_mask(valid)
-        if (
-            valid is not None
-        ):  # padding may hold anything (NaN too); it must reach neither values nor gradients
-            z = self.to_books(torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(())))
-        else:
-            z = self.to_books(tokens)
+        z = self.to_books(zero_padding(tokens, valid))
 
         if self.training:
             step = self.quantize_books(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vqcore import FSQ, ResidualFSQ
+from vqcore.export.metadata import quantizer_fields
 from vqcore.plugins.fsq import FSQOutputWithCodes
 from vqcore.testing import check_quantizer
 
@@ -357,11 +358,19 @@ def test_residual_fsq_per_layer_codes_by_hand_and_padded():
     torch.testing.assert_close(decoded, codes.sum(0))
 
 
+def _artifact_fields(quantizer):
+    """What an exported artifact records about the quantizer (the generic fields and export_metadata)."""
+    fields = quantizer_fields(quantizer)
+    fields.pop("config")
+    return fields
+
+
 def test_export_metadata():
-    meta = FSQ([8, 5, 5, 5], dim=16, num_codebooks=2).export_metadata()
-    assert meta == dict(dim=16, codebook_dim=4, codebook_size=1000, num_codebooks=2, levels=[8, 5, 5, 5])
+    meta = _artifact_fields(FSQ([8, 5, 5, 5], dim=16, num_codebooks=2))
+    want = dict(dim=16, codebook_dim=4, codebook_size=1000, num_codebooks=2, levels=[8, 5, 5, 5])
+    assert meta == {**want, "channel_first": None}
     assert FSQ([5, 5], channel_first=True).export_metadata()["channel_first"] is True
-    meta = ResidualFSQ(levels=[5, 4], num_quantizers=2, dim=6).export_metadata()
+    meta = _artifact_fields(ResidualFSQ(levels=[5, 4], num_quantizers=2, dim=6))
     scales = meta.pop("scales")  # float32 values, as lists
     assert [row == pytest.approx(want) for row, want in zip(scales, ([1.0, 1.0], [0.2, 0.25]))] == [True] * 2
     assert meta == dict(
@@ -371,6 +380,7 @@ def test_export_metadata():
         num_codebooks=1,
         num_quantizers=2,
         levels=[5, 4],
+        channel_first=None,
     )
     json.dumps(meta)
 

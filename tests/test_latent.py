@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vqcore import LatentQuantize
+from vqcore.export.metadata import quantizer_fields
 from vqcore.testing import check_quantizer
 
 # -- seed README examples (only the import changed; the last one's dim/num_codebooks defined) ------
@@ -224,10 +225,18 @@ def test_extra_losses_name_clash():
         LatentQuantize(levels=[5, 5], dim=2, extra_losses={"codebook": 1.0})
 
 
+def _artifact_fields(quantizer):
+    """What an exported artifact records about the quantizer (the generic fields and export_metadata)."""
+    fields = quantizer_fields(quantizer)
+    fields.pop("config")
+    return fields
+
+
 def test_export_metadata_and_state_dict_keys():
     q = LatentQuantize(levels=[4, 8, 16], dim=9, num_codebooks=3)
-    meta = q.export_metadata()
-    assert meta == dict(dim=9, codebook_dim=3, codebook_size=512, num_codebooks=3, levels=[4, 8, 16])
+    meta = _artifact_fields(q)
+    want = dict(dim=9, codebook_dim=3, codebook_size=512, num_codebooks=3, levels=[4, 8, 16])
+    assert meta == {**want, "channel_first": None}
     json.dumps(meta)
     assert LatentQuantize(levels=[3, 5], channel_first=True).export_metadata()["channel_first"] is True
     assert set(LatentQuantize(levels=[4, 8, 16], dim=10, num_codebooks=3).state_dict()) == {

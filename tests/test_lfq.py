@@ -15,6 +15,7 @@ import torch
 from vqcore import LFQ, ResidualLFQ
 from vqcore.blocks.entropy import BatchEntropyLoss, PerSampleEntropyLoss
 from vqcore.blocks.grid import BinaryCodebook
+from vqcore.export.metadata import quantizer_fields
 from vqcore.plugins.lfq import LFQOutputWithCodes
 from vqcore.testing import check_quantizer
 
@@ -392,13 +393,22 @@ def test_residual_lfq_coarse_codes_are_padded_with_zeros():
 # -- export metadata, state -------------------------------------------------------------------------------
 
 
+def _artifact_fields(quantizer):
+    """What an exported artifact records about the quantizer (the generic fields and export_metadata)."""
+    fields = quantizer_fields(quantizer)
+    fields.pop("config")
+    return fields
+
+
 def test_export_metadata():
-    meta = LFQ(dim=16, codebook_size=256, num_codebooks=2, codebook_scale=0.5).export_metadata()
-    assert meta == dict(dim=16, codebook_dim=8, codebook_size=256, num_codebooks=2, codebook_scale=0.5)
-    meta = LFQ(codebook_size=16, channel_first=True).export_metadata()
+    meta = _artifact_fields(LFQ(dim=16, codebook_size=256, num_codebooks=2, codebook_scale=0.5))
+    want = dict(dim=16, codebook_dim=8, codebook_size=256, num_codebooks=2, codebook_scale=0.5)
+    assert meta == {**want, "channel_first": None}
+    meta = _artifact_fields(LFQ(codebook_size=16, channel_first=True))
     assert meta["channel_first"] is True and meta["dim"] == 4
-    meta = ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2).export_metadata()
-    assert meta == dict(dim=8, codebook_dim=4, codebook_size=16, num_codebooks=1, num_quantizers=2)
+    meta = _artifact_fields(ResidualLFQ(dim=8, codebook_size=16, num_quantizers=2))
+    want = dict(dim=8, codebook_dim=4, codebook_size=16, num_codebooks=1, num_quantizers=2)
+    assert meta == {**want, "channel_first": None}
     json.dumps(meta)
 
 

@@ -277,3 +277,11 @@ class CodebookAxis:
             f"CodebookAxis(num_codebooks={self.num_codebooks}, codebook_dim={self.codebook_dim}, "
             f"keep={self.keep})"
         )
+
+
+def zero_padding(tokens: Tensor, valid: Tensor | None) -> Tensor:
+    """Tokens (b, n, d) with the positions outside ``valid`` (b, n) set to zero: padding may hold anything
+    (NaN too), and must reach neither values nor gradients."""
+    if valid is None:
+        return tokens
+    return torch.where(valid.unsqueeze(-1), tokens, tokens.new_zeros(()))

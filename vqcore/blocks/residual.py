@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from vqcore.blocks.distributed import broadcast_
+from vqcore.blocks.distributed import broadcast_, should_sync
 from vqcore.blocks.layout import TokenLayout, auto_index_layout
 from vqcore.blocks.projection import project_from
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
@@ -51,8 +51,14 @@ class QuantizeDropout:
         self.cutoff_index, self.multiple_of = cutoff_index, multiple_of
 
     def kept_layers(
-        self, training: bool, seed: int | None = None, sync: bool = False, device: torch.device | str = "cpu"
+        self,
+        training: bool,
+        seed: int | None = None,
+        sync: bool | None = False,
+        device: torch.device | str = "cpu",
     ) -> int:
+        """``sync``: the stack's sync option (True, False, or None: whenever torch.distributed runs with
+        more than one rank); when it applies, rank 0's draw is broadcast (only when a draw happens)."""
         if not (training and self.enabled):
             return self.num_quantizers
         q = self.num_quantizers
@@ -61,8 +67,8 @@ class QuantizeDropout:
         else:
             last = random.Random(seed).randrange(self.cutoff_index, q)
         kept = min(q, -(-(last + 1) // self.multiple_of) * self.multiple_of)
-        if sync:
-            kept = int(broadcast_(torch.tensor([kept], device=device), sync).item())
+        if should_sync(sync):
+            kept = int(broadcast_(torch.tensor([kept], device=device), True).item())
         return kept
 
     def __repr__(self) -> str:

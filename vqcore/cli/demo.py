@@ -38,37 +38,14 @@ from torch import nn
 GRID = 4  # latent grid side: 8x8 images -> 4x4 tokens
 PIXEL_LEVELS = 17  # the digits' pixels take the values 0..16
 
+# the VQ family's EMA codebook settings for this small dataset
+_EMA = dict(decay=0.9, kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=1, commitment_weight=0.25)
+
 # registry name -> constructor kwargs of the bottleneck (besides dim); --set overrides any of them
 PRESETS: dict[str, dict] = {
-    "vq": dict(
-        codebook_size=256,
-        codebook_dim=8,
-        decay=0.9,
-        kmeans_init=True,
-        kmeans_iters=10,
-        threshold_ema_dead_code=1,
-        commitment_weight=0.25,
-    ),
-    "rvq": dict(
-        codebook_size=64,
-        num_quantizers=2,
-        codebook_dim=8,
-        decay=0.9,
-        kmeans_init=True,
-        kmeans_iters=10,
-        threshold_ema_dead_code=1,
-        commitment_weight=0.25,
-    ),
-    "grouped_rvq": dict(
-        codebook_size=64,
-        num_quantizers=1,
-        groups=2,
-        decay=0.9,
-        kmeans_init=True,
-        kmeans_iters=10,
-        threshold_ema_dead_code=1,
-        commitment_weight=0.25,
-    ),
+    "vq": dict(codebook_size=256, codebook_dim=8, **_EMA),
+    "rvq": dict(codebook_size=64, num_quantizers=2, codebook_dim=8, **_EMA),
+    "grouped_rvq": dict(codebook_size=64, num_quantizers=1, groups=2, **_EMA),
     "fsq": dict(levels=[8, 5, 5, 5]),
     "residual_fsq": dict(levels=[4, 4, 4], num_quantizers=2),
     "lfq": dict(codebook_size=256, entropy_loss_weight=0.1),
