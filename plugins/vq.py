@@ -30,6 +30,8 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -91,18 +93,19 @@ class BookStep(NamedTuple):
     terms: dict[str, Tensor]
 
 
-# The seed keyword arguments that configure the default codebook (``codebook=None``), with their defaults.
-CODEBOOK_OPTIONS: dict[str, Any] = {
-    "decay": 0.8,
-    "eps": 1e-5,
-    "kmeans_init": False,
-    "kmeans_iters": 10,
-    "sync_kmeans": True,
-    "threshold_ema_dead_code": 0,
-    "use_cosine_sim": False,
-    "ema_update": None,
-    "learnable_codebook": False,
-}
+# The seed keyword arguments of VectorQuantize that configure the built-in codebooks (``codebook=None``);
+# their defaults are the constructor's (see _codebook_option_defaults).
+CODEBOOK_OPTIONS = (
+    "decay",
+    "eps",
+    "kmeans_init",
+    "kmeans_iters",
+    "sync_kmeans",
+    "threshold_ema_dead_code",
+    "use_cosine_sim",
+    "ema_update",
+    "learnable_codebook",
+)
 
 
 def resolve_ema_update(ema_update: bool | None, learnable_codebook: bool, use_cosine_sim: bool) -> bool:
@@ -138,9 +141,10 @@ def codebook_from_options(
     (built with ``codebook_kwargs``) or a :class:`~vqcore.protocols.Codebook` object; the seed options
     must then be left at their defaults (they configure the built-in codebooks only).
     """
-    options = {**CODEBOOK_OPTIONS, **options}
+    defaults = _codebook_option_defaults()
+    options = {**defaults, **options}
     if codebook is not None:
-        given = [k for k, v in options.items() if v != CODEBOOK_OPTIONS[k]]
+        given = [k for k, v in options.items() if v != defaults[k]]
         if given:
             raise ValueError(
                 f"{', '.join(given)} configure the built-in codebooks (codebook=None); with "
@@ -161,6 +165,13 @@ def codebook_from_options(
         name = "cosine" if options["use_cosine_sim"] else "euclidean"
         kwargs.update(ema=ema, learnable=parameter)
     return build_codebook(name, size=size, dim=dim, books=books, **kwargs)
+
+
+@functools.cache
+def _codebook_option_defaults() -> dict[str, Any]:
+    """The defaults of :data:`CODEBOOK_OPTIONS`, read from VectorQuantize's signature (their one home)."""
+    parameters = inspect.signature(VectorQuantize.__init__).parameters
+    return {name: parameters[name].default for name in CODEBOOK_OPTIONS}
 
 
 class VectorQuantize(QuantizerModule):
