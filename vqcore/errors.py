@@ -18,6 +18,21 @@ class PluginError(RuntimeError):
     """A plugin could not be loaded (raised instead of warning when ``VQCORE_STRICT_PLUGINS=1``)."""
 
 
+class ConfigurationError(ValueError, AssertionError):
+    """An invalid constructor argument or combination of arguments (names what was expected and what came).
+
+    A ``ValueError``. It is also an ``AssertionError`` because vector-quantize-pytorch checks its
+    configuration with ``assert``: code written for it that catches ``AssertionError`` keeps working
+    after the import changes. This is the one rule for drop-in compatibility of errors: a vqcore error
+    derives from ``ValueError`` (or ``TypeError``) AND from the type the reference raises for the same
+    mistake (:class:`ConfigurationRuntimeError` where the reference raises ``RuntimeError``).
+    """
+
+
+class ConfigurationRuntimeError(ConfigurationError, RuntimeError):
+    """A :class:`ConfigurationError` the reference reports as ``RuntimeError`` (so catchable as either)."""
+
+
 class DuplicateNameError(ValueError):
     """Two plugins registered the same name."""
 
