@@ -74,6 +74,7 @@ def run(tests: Path, against: str, pytest_args: list[str]) -> tuple[int, dict[st
             "no:cacheprovider",
             "-p",
             "outcomes",
+            "--continue-on-collection-errors",
             "--rootdir",
             scratch,
             str(folder),
