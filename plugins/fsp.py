@@ -30,6 +30,8 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``indices_to_codes``' clamp ``eps`` defaults to forward's (float32 epsilon), not 1e-6, so that decoding
   reproduces forward for any levels; ``decode`` / ``indices_to_codes`` reject indices outside
   ``[0, codebook_size)`` (-1 included) with a ValueError;
+- a ``vector_norm`` term of weight 0 is left out of ``norm_loss`` (``"none"`` gives exactly 0, also for
+  one token, whose variance is NaN);
 - levels are ints >= 2; bad arguments raise :class:`vqcore.errors.ConfigurationError`.
 """
 
@@ -188,14 +190,22 @@ class VectorNorm(nn.Module):
         self.eps = eps
 
     def forward(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        mean, variance, skewness, kurtosis = batch_stats(z, self.eps)
-        norm_loss = (
-            ((mean - self.l1_target) ** 2).mean() * self.l1_weight
-            + ((variance - self.l2_target) ** 2).mean() * self.l2_weight
-            + ((skewness - self.l3_target) ** 2).mean() * self.l3_weight
-            + ((kurtosis - self.l4_target) ** 2).mean() * self.l4_weight
-        )
-        return norm_loss, {"mean": mean, "variance": variance, "skewness": skewness, "kurtosis": kurtosis}
+        stats = batch_stats(z, self.eps)
+        terms = [
+            ((stat - target) ** 2).mean() * weight
+            for stat, target, weight in zip(stats, self.targets, self.weights)
+            if weight != 0  # a zero weight adds exactly nothing (not NaN for the NaN stats of one token)
+        ]
+        norm_loss = sum(terms[1:], terms[0]) if terms else z.new_zeros(())
+        return norm_loss, dict(zip(("mean", "variance", "skewness", "kurtosis"), stats))
+
+    @property
+    def targets(self) -> tuple[float, float, float, float]:
+        return self.l1_target, self.l2_target, self.l3_target, self.l4_target
+
+    @property
+    def weights(self) -> tuple[float, float, float, float]:
+        return self.l1_weight, self.l2_weight, self.l3_weight, self.l4_weight
 
     @classmethod
     def build(cls, name: str) -> VectorNorm:
