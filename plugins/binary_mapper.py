@@ -19,9 +19,10 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
   logits within ~1e-7 of 0 to bit 0);
 - computations run in float32 with autocast off; the one-hot output is float32 whatever the logits'
   dtype (the reference: float32, or the logits' dtype where the straight-through term promotes it);
-- the straight-through output is exactly one-hot (``one_hot + (G - G.detach())``; the reference's
-  ``one_hot + G - G.detach()`` rounds); ``G`` comes from one matrix product,
-  ``log G = sum_i log sigmoid(-l_i) + l . c`` (``log sigmoid(l) - log sigmoid(-l) = l``);
+- the straight-through output is exactly one-hot (the reference's ``one_hot + G - G.detach()`` rounds),
+  and the joint probabilities ``G`` (one per code and position) are computed in the backward only, from
+  one matrix product (:class:`JointProbabilityStraightThrough`): the forward holds no (..., 2^bits)
+  tensor besides the one-hot output;
 - ``temperature`` must be a positive number (or a tensor); ``log_prob`` raises a ValueError when not
   given exactly one of ``indices`` / ``one_hot``; bad constructor arguments raise
   :class:`vqcore.errors.ConfigurationError`.
@@ -51,6 +52,31 @@ def binary_entropy(logits: Tensor) -> Tensor:
     """The entropy (nats) of independent Bernoulli bits with these logits, summed over the last axis."""
     prob = logits.sigmoid()
     return -(prob * F.logsigmoid(logits) + (1.0 - prob) * F.logsigmoid(-logits)).sum(dim=-1)
+
+
+class JointProbabilityStraightThrough(torch.autograd.Function):
+    """``(logits (..., bits), one_hot (..., 2^bits), code_bits (2^bits, bits)) -> one_hot`` exactly, with the
+    gradient of the joint probabilities ``G_c = prod_i sigmoid(l_i)^{c_i} sigmoid(-l_i)^{1 - c_i}``.
+
+    ``dG_c / dl_i = G_c (c_i - sigmoid(l_i))``, so the gradient to the logits is
+    ``(g G) @ C - sigmoid(l) * sum_c (g G)_c``. ``G`` (one value per code and position) is computed in
+    the backward only: the forward keeps just the logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, one_hot: Tensor, code_bits: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, code_bits)
+        return one_hot
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, code_bits = ctx.saved_tensors
+        # log G_c = sum_i log sigmoid(-l_i) + sum_i l_i c_i  (log sigmoid(l) - log sigmoid(-l) = l)
+        weighted = (F.logsigmoid(-logits).sum(dim=-1, keepdim=True) + logits @ code_bits.t()).exp_()
+        weighted.mul_(grad)
+        grad_logits = weighted @ code_bits - logits.sigmoid() * weighted.sum(dim=-1, keepdim=True)
+        return grad_logits, None, None
 
 
 class BinaryMapperOutput(NamedTuple):
@@ -126,10 +152,14 @@ class BinaryMapper(QuantizerModule, Float32State):
         """Int indices (...) -> bool bits (..., bits), first bit least significant."""
         return (indices.unsqueeze(-1).to(INDEX_DTYPE) & self.power_two) != 0
 
-    def indices_to_one_hot(self, indices: Tensor) -> Tensor:
-        """Int indices (...) -> float32 one-hot (..., 2^bits); -1 gives zeros."""
-        code_ids = torch.arange(self.num_codes, device=indices.device)
-        return (indices.unsqueeze(-1) == code_ids).float()
+    def indices_to_one_hot(self, indices: Tensor, allow_dropped: bool = True) -> Tensor:
+        """Int indices (...) -> float32 one-hot (..., 2^bits); -1 gives zeros where ``allow_dropped``
+        (otherwise every index must be in range: forward's)."""
+        one_hot = torch.zeros((*indices.shape, self.num_codes), device=indices.device)
+        if not allow_dropped:
+            return one_hot.scatter_(-1, indices.unsqueeze(-1), 1.0)
+        hot = (indices >= 0).unsqueeze(-1).float()
+        return one_hot.scatter(-1, indices.clamp_min(0).unsqueeze(-1), hot)
 
     def encode(self, logits: Tensor) -> Tensor:
         """Logits (..., bits) -> the deterministic int64 indices (...): the signs of the logits."""
@@ -206,16 +236,16 @@ class BinaryMapper(QuantizerModule, Float32State):
             else:  # the global generator, drawn as the reference draws it
                 bits = (flat / temperature).sigmoid().bernoulli()
             indices = self.bits_to_indices(bits)
-            one_hot = self.indices_to_one_hot(indices)
+            if straight_through and flat.requires_grad:
+                one_hot = JointProbabilityStraightThrough.apply(
+                    flat, self.indices_to_one_hot(indices), self.code_bits
+                )
+            else:
+                one_hot = self.indices_to_one_hot(indices, allow_dropped=False)
             if calc_aux_loss:
                 aux_kl_loss = self.calc_aux_loss(flat, reduce_aux_kl_loss=reduce_aux_kl_loss)
             else:
                 aux_kl_loss = torch.zeros((), device=logits.device)
-            if straight_through:
-                # G_c = exp(sum_i log sigmoid(-l_i) + sum_i l_i c_i), every code c at once
-                log_joint = F.logsigmoid(-flat).sum(dim=-1, keepdim=True) + flat @ self.code_bits.t()
-                joint = log_joint.exp()
-                one_hot = one_hot + (joint - joint.detach())
         if return_indices:
             return BinaryMapperOutputWithIndices(one_hot, indices, aux_kl_loss)
         return BinaryMapperOutput(one_hot, aux_kl_loss)
