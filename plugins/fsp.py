@@ -235,7 +235,7 @@ class FSPOutput(NamedTuple):
     other_info: dict[str, Any]
 
 
-def _configuration(check: Callable[[], Any]) -> Any:
+def _constructor_check(check: Callable[[], Any]) -> Any:
     """``check()``, its ValueError re-raised as a ConfigurationError (a constructor argument)."""
     try:
         return check()
@@ -272,7 +272,7 @@ class FSP(QuantizerModule, Float32State):
         vector_norm: str = "var_tanh",
     ):
         super().__init__()
-        levels = _configuration(lambda: check_levels(levels, allow_two=True))
+        levels = _constructor_check(lambda: check_levels(levels, allow_two=True))
         if isinstance(quantize_rate, bool) or not isinstance(quantize_rate, (int, float)):
             raise TypeError(f"quantize_rate must be a number in [0, 1], got {quantize_rate!r}")
         if not 0.0 <= quantize_rate <= 1.0:
@@ -287,7 +287,7 @@ class FSP(QuantizerModule, Float32State):
         self.levels = list(levels)
         self.codebook_dim = len(levels)
         self.dim = (
-            self.codebook_dim if dim is None else _configuration(lambda: check_positive_int(dim, "dim"))
+            self.codebook_dim if dim is None else _constructor_check(lambda: check_positive_int(dim, "dim"))
         )
         self.channel_first = bool(channel_first)
         self.act_name = act_name
