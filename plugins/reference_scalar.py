@@ -33,6 +33,7 @@ from vqcore.blocks.conversion import (
     raise_unsupported,
 )
 from vqcore.hookspecs import hookimpl
+from vqcore.plugins.fsp import VECTOR_NORM_PRESETS, VectorNorm
 
 # Reference options that vqcore does not implement.
 FSQ_UNSUPPORTED = UnsupportedOptions(eval=(("orthogonal_rotation", False),), train=(("noise_dropout", 0.0),))
@@ -162,6 +163,65 @@ class LatentQuantizeConverter:
         return out
 
 
+# -- FSP and BinaryMapper -------------------------------------------------------------------------------
+
+
+VECTOR_NORM_TERMS = tuple(f"l{k}_{part}" for k in range(1, 5) for part in ("target", "weight"))
+
+
+def _vector_norm_preset(ref: ReferenceModule) -> str | None:
+    """The preset whose targets and weights the reference FSP's ``vector_norm`` holds (None: no preset:
+    the reference's constructor takes a preset name only, so only a module edited after construction)."""
+    held = [getattr(ref.vector_norm, term) for term in VECTOR_NORM_TERMS]
+    for name in VECTOR_NORM_PRESETS:
+        preset = VectorNorm.build(name)
+        if held == [getattr(preset, term) for term in VECTOR_NORM_TERMS]:
+            return name
+    return None
+
+
+class FSPConverter:
+    """Reference ``FSP`` -> vqcore ``FSP``: the projections are the whole state."""
+
+    quantizer = "FSP"
+
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        preset = _vector_norm_preset(ref)
+        findings = (
+            [] if preset is not None else [(TRAINING_ONLY, "vector_norm with targets/weights of no preset")]
+        )
+        raise_unsupported(findings, allow_training_differences, type(ref).__name__)
+        return dict(
+            levels=_levels(ref),
+            dim=int(ref.dim),
+            channel_first=bool(ref.channel_first),
+            projection_has_bias=_projection_has_bias(ref),
+            act_name=str(ref.act_name),
+            quantize_rate=float(ref.quantize_rate),
+            need_inv_act=bool(ref.need_inv_act),
+            vector_norm=preset or "none",
+        )
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _map_projections(module.state_dict(), ref_state_dict)
+
+
+class BinaryMapperConverter:
+    """Reference ``BinaryMapper`` -> vqcore ``BinaryMapper``: options only (it has no state)."""
+
+    quantizer = "BinaryMapper"
+
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        return dict(
+            bits=int(ref.bits),
+            kl_loss_threshold=float(ref.kl_loss_threshold),
+            deterministic_on_eval=bool(ref.deterministic_on_eval),
+        )
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {}
+
+
 @hookimpl
 def register_converters(register):
     register("FSQ", FSQConverter, summary="levels, codebooks, projections, symmetry and clamping options")
@@ -169,3 +229,7 @@ def register_converters(register):
     register(
         "LatentQuantize", LatentQuantizeConverter, summary="value tables (learned or frozen), projections"
     )
+    register(
+        "FSP", FSPConverter, summary="levels, activation, perturbation rate, vector_norm preset, projections"
+    )
+    register("BinaryMapper", BinaryMapperConverter, summary="bits, KL threshold, eval sampling (no state)")

@@ -217,7 +217,7 @@ def test_training_only_option_needs_opt_in():
 
 def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
-    supported = "FSQ, GroupedResidualVQ, LFQ, LatentQuantize, ResidualVQ, VectorQuantize"
+    supported = "BinaryMapper, FSP, FSQ, GroupedResidualVQ, LFQ, LatentQuantize, ResidualVQ, VectorQuantize"
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
     assert str(err.value) == (
@@ -586,6 +586,8 @@ def test_converters_are_registered_under_the_reference_class_names():
         "FSQ": "vqcore.plugins.reference_scalar",
         "LFQ": "vqcore.plugins.reference_scalar",
         "LatentQuantize": "vqcore.plugins.reference_scalar",
+        "FSP": "vqcore.plugins.reference_scalar",
+        "BinaryMapper": "vqcore.plugins.reference_scalar",
     }
     # each builds the quantizer registered under the same class name (an alias of the canonical name)
     for entry in entries:
@@ -660,7 +662,7 @@ def test_a_plugin_registers_a_converter_at_run_time(fresh_registry):
     assert mine.config["name"] == "vq" and mine.codebook_module.trained_by_gradient
     assert not mine.training
     _compare(ref, mine, torch.randn(3, 20, 8))
-    with pytest.raises(ValueError, match="supported: FSQ, .*, SimVQ, VectorQuantize$"):
+    with pytest.raises(ValueError, match="supported: BinaryMapper, FSP, FSQ, .*, SimVQ, VectorQuantize$"):
         from_reference(torch.nn.Linear(2, 2))
 
     # two reference classes now convert to "vq": a prebuilt module needs to be told which one
