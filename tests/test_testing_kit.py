@@ -67,10 +67,21 @@ class DecodeDiffers(SignQuantizer):
         return super().decode(indices) * 0.5
 
 
-class Int32Indices(SignQuantizer):
+class FloatIndices(SignQuantizer):
+    def forward(self, x):
+        q, indices = super().forward(x)
+        return q, indices.float()
+
+
+class Int32Encode(SignQuantizer):
+    """A forward may keep a narrower integer type (a reference's), encode may not."""
+
     def forward(self, x):
         q, indices = super().forward(x)
         return q, indices.int()
+
+    def encode(self, x):
+        return super().encode(x).int()
 
 
 class EncodeTouchesState(SignQuantizer):
@@ -172,7 +183,8 @@ def test_correct_plugin_passes_through_the_protocol_alone():
     "factory,message",
     [
         (DecodeDiffers, "decode(encode(x)) differs from the eval forward"),
-        (Int32Indices, "indices must be torch.int64, got torch.int32"),
+        (FloatIndices, "indices must be an integer tensor (torch.int64), got torch.float32"),
+        (Int32Encode, "encode must return torch.int64, got torch.int32"),
         (EncodeTouchesState, "changed the module's state"),
         (NoGradient, "training forward (step 0): quantized carries no gradient to the input"),
         (LossCarriesTheOnlyGradient, "quantized carries no gradient to the input (it is detached from x)"),

@@ -11,7 +11,8 @@ It raises :class:`ConformanceError` naming the first broken rule, and returns a
 :class:`ConformanceReport` of what was checked:
 
 1. the factory builds an ``nn.Module`` following :class:`vqcore.protocols.Quantizer`;
-2. training-mode forward: ``quantized`` has the input's shape and dtype, indices are int64 and in
+2. training-mode forward: ``quantized`` has the input's shape and dtype, indices are an integer tensor
+   (int64; a method may keep a narrower type its reference returns there, FSP's int32) in
    ``[0, codebook_size)``, the losses are finite, and ``quantized`` itself carries a non-zero gradient
    to the input (a gradient through the losses alone does not count);
 3. eval: ``encode(x)`` equals the forward's indices, ``decode(encode(x))`` equals the eval forward's
@@ -120,7 +121,7 @@ def check_quantizer(
         decoded = quantizer.decode(indices)
     _check_outputs(quantizer, example, out[0], out[1], "eval forward")
     _require(indices.dtype == INDEX_DTYPE, f"encode must return {INDEX_DTYPE}, got {indices.dtype}")
-    _require(torch.equal(indices, out[1]), "encode(x) differs from the eval forward's indices")
+    _require(torch.equal(indices, out[1].to(indices.dtype)), "encode(x) differs from the eval forward's indices")
     _require(
         decoded.shape == out[0].shape and torch.equal(decoded.to(out[0].dtype), out[0]),
         "decode(encode(x)) differs from the eval forward's quantized output (must be bit for bit equal)",
@@ -162,7 +163,10 @@ def _check_outputs(quantizer: Any, example: Tensor, quantized: Any, indices: Any
         f"{where}: quantized dtype {quantized.dtype} != input dtype {example.dtype}",
     )
     _require(isinstance(indices, Tensor), f"{where}: the second output must be the indices tensor")
-    _require(indices.dtype == INDEX_DTYPE, f"{where}: indices must be {INDEX_DTYPE}, got {indices.dtype}")
+    _require(
+        not indices.is_floating_point() and not indices.is_complex() and indices.dtype != torch.bool,
+        f"{where}: indices must be an integer tensor ({INDEX_DTYPE}), got {indices.dtype}",
+    )
     _require(indices.shape[0] == example.shape[0], f"{where}: indices must keep the batch axis first")
     if indices.numel():
         low, high = int(indices.min()), int(indices.max())
