@@ -121,7 +121,9 @@ def check_quantizer(
         decoded = quantizer.decode(indices)
     _check_outputs(quantizer, example, out[0], out[1], "eval forward")
     _require(indices.dtype == INDEX_DTYPE, f"encode must return {INDEX_DTYPE}, got {indices.dtype}")
-    _require(torch.equal(indices, out[1].to(indices.dtype)), "encode(x) differs from the eval forward's indices")
+    _require(
+        torch.equal(indices, out[1].to(indices.dtype)), "encode(x) differs from the eval forward's indices"
+    )
     _require(
         decoded.shape == out[0].shape and torch.equal(decoded.to(out[0].dtype), out[0]),
         "decode(encode(x)) differs from the eval forward's quantized output (must be bit for bit equal)",
