@@ -74,7 +74,7 @@ from vqcore.blocks.layout import (
     zero_padding,
 )
 from vqcore.blocks.losses import CommitmentLoss, LossSpec, WeightedLosses, extra_loss_pairs
-from vqcore.blocks.precision import float32_region
+from vqcore.blocks.precision import Float32State, float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.rotation import ORTHOGONAL_ROTATION_KEY, orthogonal_matrix, rotate, unrotate
 from vqcore.blocks.validation import check_positive_int
@@ -210,7 +210,7 @@ class CosineSimLinear(nn.Module):
         return f"dim_in={self.weight.shape[0]}, dim_out={self.weight.shape[1]}, scale={self.scale}"
 
 
-class LFQ(QuantizerModule):
+class LFQ(Float32State, QuantizerModule):
     """x (b, n, dim) -> quantized (b, n, dim), indices (b, n) int64, entropy_aux_loss ()
     — see the module docstring.
 
@@ -228,7 +228,8 @@ class LFQ(QuantizerModule):
     code), ``frac_per_sample_entropy``, ``soft_clamp_input_value`` (>= ``codebook_scale``),
     ``cosine_sim_project_in`` / ``cosine_sim_project_in_scale`` (default ``codebook_scale``),
     ``experimental_softplus_entropy_loss`` / ``entropy_loss_offset``, ``spherical``,
-    ``force_quantization_f32`` and ``orthogonal_rotation`` (buffer ``orthogonal_rot``).
+    ``force_quantization_f32`` and ``orthogonal_rotation`` (buffer ``orthogonal_rot``, which stays float32
+    through ``.half()`` and the like, as the quantization does).
     """
 
     def __init__(
@@ -389,9 +390,11 @@ class LFQ(QuantizerModule):
         return straight_through(books, codes)
 
     def _project_in(self, tokens: Tensor) -> Tensor:
+        """``project_in`` in its own dtype (as :func:`~vqcore.blocks.projection.project_into` runs a Linear),
+        the result in float32."""
         if isinstance(self.project_in, CosineSimLinear):
             with float32_region(tokens.device.type):
-                return self.project_in(tokens.float())
+                return self.project_in(tokens.to(self.project_in.weight.dtype)).float()
         return project_into(self.project_in, tokens)
 
     # -- losses on books (used by forward and by ResidualLFQ) ---------------------------------------------
