@@ -6,6 +6,7 @@ stack through its layers' public API, return_all_codes, export metadata, state_d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -656,3 +657,19 @@ def test_new_options_conform_save_load_and_export(example, kwargs, tmp_path):
     for writer, suffix in ((to_onnx, "onnx"), (to_torchscript, "pt")):
         assert writer(q, tmp_path / f"enc.{suffix}", graph="encode", example=x).parity.ok
         assert writer(q, tmp_path / f"dec.{suffix}", graph="decode", example=q.encode(x)).parity.ok
+
+
+def test_spherical_2_18_codes_trains_without_a_codes_sized_tensor_per_token():
+    q = LFQ(codebook_size=2**18, dim=18, spherical=True)
+    x = torch.randn(2, 18, 4, 4, requires_grad=True)
+    out = q(x, return_loss_breakdown=True)
+    (out.quantized.sum() + out.entropy_aux_loss).backward()
+    assert torch.isfinite(out.entropy_aux_loss) and torch.isfinite(x.grad).all()
+    assert 0 < out.breakdown.batch_entropy <= 18 * math.log(2)
+    # the per-sample term by hand: per-bit binary entropies of logits 4 tau (1 / sqrt(18)) x / |x|
+    tokens = torch.nn.functional.normalize(x.detach().movedim(1, -1).reshape(-1, 18).double(), dim=-1)
+    p = torch.sigmoid(4 * 100.0 / math.sqrt(18) * tokens)
+    bits = -(p * p.clamp(min=1e-300).log() + (1 - p) * (1 - p).clamp(min=1e-300).log())
+    torch.testing.assert_close(
+        out.breakdown.per_sample_entropy.double(), bits.sum(-1).mean(), rtol=1e-4, atol=1e-6
+    )
