@@ -22,7 +22,10 @@ many bits (an upper bound on the joint entropy; exact when the groups are indepe
 Both losses follow :class:`vqcore.protocols.Loss` (books first, one value per book, unweighted) and
 read the code scales ``s`` from the codebook argument's ``scales`` ``(books,)``
 (:class:`vqcore.blocks.grid.BinaryCodebook`). A token counts where ``valid``; every book sharing one
-mask (an expanded ``(N,)`` mask, as the quantizers pass it) is the fast path.
+mask (an expanded ``(N,)`` mask, as the quantizers pass it) is the fast path. Binary spherical
+quantization needs nothing more: its codes ``±s / sqrt(d)`` are a binary codebook of that scale, and its
+(normalised) inputs enter as they are. ``PerSampleEntropyLoss(fraction=f)`` averages over a random
+``f`` of the valid tokens (an unbiased estimate; exact for ``f == 1``).
 """
 
 from __future__ import annotations
