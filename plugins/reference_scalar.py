@@ -1,4 +1,4 @@
-"""Converters from vector-quantize-pytorch 1.32.0 ``FSQ``, ``LFQ`` and ``LatentQuantize``.
+"""Converters from vector-quantize-pytorch 1.32.0 FSQ, LFQ, ResidualLFQ, GroupedResidualLFQ, LatentQuantize.
 
 Each follows :class:`vqcore.protocols.ReferenceConverter` and is registered under the reference's class
 name. The options are read from the reference module's public attributes (its levels through
@@ -15,6 +15,7 @@ Mapping rules (the module docstring of :mod:`vqcore.compat` lists the user-visib
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,11 +38,7 @@ from vqcore.plugins.fsp import VECTOR_NORM_PRESETS, VectorNorm
 
 # Reference options that vqcore does not implement.
 FSQ_UNSUPPORTED = UnsupportedOptions(eval=(("orthogonal_rotation", False),), train=(("noise_dropout", 0.0),))
-LFQ_UNSUPPORTED = UnsupportedOptions(
-    eval=(("spherical", False), ("orthogonal_rotation", False), ("soft_clamp_input_value", None)),
-    # (``entropy_loss_offset`` only acts together with the softplus entropy loss, which is reported)
-    train=(("frac_per_sample_entropy", 1.0), ("experimental_softplus_entropy_loss", False)),
-)
+LFQ_UNSUPPORTED = UnsupportedOptions()
 LATENT_UNSUPPORTED = UnsupportedOptions(train=(("in_place_codebook_optimizer", None),))
 
 
@@ -90,39 +87,120 @@ class FSQConverter:
         return _map_projections(module.state_dict(), ref_state_dict)
 
 
+def _lfq_layer_kwargs(ref: ReferenceModule) -> tuple[list[Any], dict[str, Any]]:
+    """(findings, vqcore LFQ kwargs) of the options of a reference LFQ (or of a residual stack's layer)
+    that are not about its size, scale, codebooks or projections."""
+    findings = LFQ_UNSUPPORTED.findings(ref)
+    if not bool(getattr(ref, "force_quantization_f32", True)):  # the signs, hence the codes, stay
+        findings.append((TRAINING_ONLY, "force_quantization_f32=False"))
+    activation = getattr(ref, "activation", None)
+    kwargs = dict(
+        entropy_loss_weight=float(ref.entropy_loss_weight),
+        commitment_loss_weight=float(ref.commitment_loss_weight),
+        diversity_gamma=float(ref.diversity_gamma),
+        frac_per_sample_entropy=float(ref.frac_per_sample_entropy),
+        experimental_softplus_entropy_loss=bool(ref.experimental_softplus_entropy_loss),
+        entropy_loss_offset=float(ref.entropy_loss_offset),
+        spherical=bool(ref.spherical),
+        orthogonal_rotation=bool(ref.orthogonal_rotation),
+        # a copy: the converted module must not share (and train) the reference's activation module
+        straight_through_activation=(
+            None if activation is None or isinstance(activation, nn.Identity) else copy.deepcopy(activation)
+        ),
+    )
+    return findings, kwargs
+
+
+def _own_keys_from(own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every key of the vqcore module's state (``own``) from the reference state under the same key: the
+    LFQ family's state (projections, ``orthogonal_rot``, activation parameters) keeps the reference's keys.
+    A missing key raises KeyError; a reference projection the module lacks raises ValueError; the
+    reference's ``mask`` buffers (bit weights, not state) are left out."""
+    for key in ref_state_dict:
+        if key not in own and key.rsplit(".", 1)[-1] != "mask":
+            raise ValueError(
+                f"vqcore.compat: the reference state has {key!r} but the vqcore module has no such entry "
+                "(build it with the same dim / codebook_size / options)"
+            )
+    return {key: ref_state_dict[key] for key in own}
+
+
 class LFQConverter:
-    """Reference ``LFQ`` -> vqcore ``LFQ``: the projections are the whole state."""
+    """Reference ``LFQ`` -> vqcore ``LFQ``: projections (a cosine-similarity ``project_in`` included),
+    the rotation and the activation's parameters are the state."""
 
     quantizer = "LFQ"
 
     def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
-        findings = LFQ_UNSUPPORTED.findings(ref)
-        if ref.has_projections and linear_of(ref.project_in) is None:  # CosineSimLinear
-            findings.append(
-                (CHANGES_EVAL, f"cosine_sim_project_in=True ({type(ref.project_in).__name__} project_in)")
-            )
-        activation = getattr(ref, "activation", None)
-        if activation is not None and not isinstance(activation, nn.Identity):
-            findings.append((TRAINING_ONLY, f"straight_through_activation={type(activation).__name__}"))
-        if not bool(getattr(ref, "force_quantization_f32", True)):  # the signs, hence the codes, stay
-            findings.append((TRAINING_ONLY, "force_quantization_f32=False"))
+        findings, options = _lfq_layer_kwargs(ref)
         raise_unsupported(findings, allow_training_differences, type(ref).__name__)
+        cosine = bool(ref.has_projections) and linear_of(ref.project_in) is None  # CosineSimLinear
+        out_proj = linear_of(ref.project_out)
         return dict(
             dim=int(ref.dim),
             codebook_size=int(ref.codebook_size),
-            entropy_loss_weight=float(ref.entropy_loss_weight),
-            commitment_loss_weight=float(ref.commitment_loss_weight),
-            diversity_gamma=float(ref.diversity_gamma),
             num_codebooks=int(ref.num_codebooks),
             keep_num_codebooks_dim=bool(ref.keep_num_codebooks_dim),
             codebook_scale=float(ref.codebook_scale),
             channel_first=ref.channel_first,
-            projection_has_bias=_projection_has_bias(ref),
+            projection_has_bias=out_proj is None or out_proj.bias is not None,
             has_projections=bool(ref.has_projections),
+            soft_clamp_input_value=ref.soft_clamp_input_value,
+            cosine_sim_project_in=cosine,
+            cosine_sim_project_in_scale=float(ref.project_in.scale) if cosine else None,
+            **options,
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _map_projections(module.state_dict(), ref_state_dict)
+        return _own_keys_from(module.state_dict(), ref_state_dict)
+
+
+def _residual_lfq_kwargs(ref: ReferenceModule, allow_training_differences: bool) -> dict[str, Any]:
+    first = ref.layers[0]
+    findings, options = _lfq_layer_kwargs(first)
+    raise_unsupported(findings, allow_training_differences, type(ref).__name__)
+    proj = linear_of(ref.project_in)
+    codebook_dim = int(first.codebook_dim)
+    return dict(
+        dim=codebook_dim if proj is None else int(proj.in_features),
+        codebook_size=int(first.codebook_size),
+        num_quantizers=int(ref.num_quantizers),
+        quantize_dropout=bool(ref.quantize_dropout),
+        quantize_dropout_cutoff_index=int(ref.quantize_dropout_cutoff_index),
+        quantize_dropout_multiple_of=int(ref.quantize_dropout_multiple_of),
+        soft_clamp_input_value=first.soft_clamp_input_value,
+        **options,
+    )
+
+
+class ResidualLFQConverter:
+    """Reference ``ResidualLFQ`` -> vqcore ``ResidualLFQ``: the options of its first layer (every layer
+    gets the same ones), the projections and each layer's rotation and activation parameters."""
+
+    quantizer = "ResidualLFQ"
+
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        return _residual_lfq_kwargs(ref, allow_training_differences)
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _own_keys_from(module.state_dict(), ref_state_dict)
+
+
+class GroupedResidualLFQConverter:
+    """Reference ``GroupedResidualLFQ`` -> vqcore ``GroupedResidualLFQ``: the groups' ResidualLFQ options
+    (read from the first group) and every group's state under the reference's keys."""
+
+    quantizer = "GroupedResidualLFQ"
+
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        options = _residual_lfq_kwargs(ref.rvqs[0], allow_training_differences)
+        options.pop("dim")
+        return dict(
+            dim=int(ref.dim), groups=int(ref.groups), accept_image_fmap=bool(ref.accept_image_fmap), **options
+        )
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _own_keys_from(module.state_dict(), ref_state_dict)
 
 
 class LatentQuantizeConverter:
@@ -226,6 +304,8 @@ class BinaryMapperConverter:
 def register_converters(register):
     register("FSQ", FSQConverter, summary="levels, codebooks, projections, symmetry and clamping options")
     register("LFQ", LFQConverter, summary="entropy / commitment weights, codebooks, projections")
+    register("ResidualLFQ", ResidualLFQConverter, summary="layers' LFQ options, dropout, projections")
+    register("GroupedResidualLFQ", GroupedResidualLFQConverter, summary="groups of ResidualLFQ stacks")
     register(
         "LatentQuantize", LatentQuantizeConverter, summary="value tables (learned or frozen), projections"
     )

@@ -1,14 +1,29 @@
-"""ResidualLFQ: a residual stack of LFQ layers with code scales 2^-q (see the class docstring)."""
+"""ResidualLFQ: a residual stack of LFQ layers with code scales 2^-q; GroupedResidualLFQ: independent
+stacks on equal chunks of the features (see the class docstrings).
+
+Differences from vector-quantize-pytorch 1.32.0, on purpose (besides LFQ's, :mod:`vqcore.plugins.lfq`):
+- ResidualLFQ accepts images/video (detected, channel-first) and ``(b, n)`` masks, and indices decode
+  from a coarse prefix whether or not quantize dropout is on;
+- quantize dropout runs in training mode whatever the grad mode, draws from torch's generator without a
+  seed, and dropped layers give index -1 and loss 0;
+- ``codebooks``, ``get_codes_from_indices`` and ``return_all_codes`` give the codes as decoded (spherical
+  normalisation and each layer's rotation applied); the reference's ``codebooks`` lists the raw
+  ``±2^-q`` corners;
+- ResidualLFQ's ``return_all_codes`` codes are in the input's layout and carry the straight-through
+  gradient in training; GroupedResidualLFQ's are channel-last ``(Q, b, *positions, d)`` per group, as the
+  reference;
+- ``forward`` takes ``inv_temperature`` (last) like LFQ; both return NamedTuples (:class:`LFQOutput`,
+  :class:`LFQOutputWithCodes`, :class:`GroupedLFQOutputWithCodes`) that unpack as the reference's tuples.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
-from vqcore.blocks.estimators import straight_through
 from vqcore.blocks.grid import BinaryCodebook
 from vqcore.blocks.layout import (
     TokenLayout,
@@ -22,10 +37,13 @@ from vqcore.blocks.residual import (
     QuantizeDropout,
     decode_layers,
     detected_layer_tokens,
+    pad_layers,
     sum_layers,
     zero_dropped,
 )
-from vqcore.blocks.validation import check_positive_int
+from vqcore.blocks.rotation import unrotate
+from vqcore.blocks.validation import check_positive_int, check_tensor
+from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.plugins.lfq import (
@@ -33,8 +51,19 @@ from vqcore.plugins.lfq import (
     LFQOutput,
     LFQOutputWithCodes,
     check_codebook_size,
+    check_soft_clamp,
 )
 from vqcore.protocols import DROPPED_INDEX
+
+
+class GroupedLFQOutputWithCodes(NamedTuple):
+    """``GroupedResidualLFQ(..., return_all_codes=True)``: ``all_codes`` holds one ``(Q, b, *positions, d)``
+    tensor per group (a tuple, as the reference)."""
+
+    quantized: Tensor
+    indices: Tensor
+    entropy_aux_loss: Tensor
+    all_codes: tuple[Tensor, ...]
 
 
 class ResidualLFQ(QuantizerModule):
@@ -44,11 +73,16 @@ class ResidualLFQ(QuantizerModule):
     one projection pair wraps the stack. Quantize dropout (SoundStream, arXiv 2107.03312) runs in
     training mode (whatever the grad mode); dropped layers give index -1 and loss 0 and decode to
     nothing. Extra keyword arguments go to every layer (``entropy_loss_weight``, ``diversity_gamma``,
-    ``extra_losses``, ...). The layers are used through their public API only (``to_books``,
-    ``from_books``, ``codebook_module``, ``book_losses``, ``weighted_loss``): in training, every kept
-    layer's losses are computed in one call, the layers being the books of :attr:`layer_codebooks`
-    (scales ``2^-q``).
+    ``spherical``, ``orthogonal_rotation`` (one rotation per layer), ``frac_per_sample_entropy``,
+    ``straight_through_activation``, ``extra_losses``, ...); ``soft_clamp_input_value`` (>= 1) clamps the
+    input of layer q at ``soft_clamp_input_value 2^-q``. The layers are used through their public API
+    only (``quantizer_books``, ``output_tokens``, ``straight_through``, ``codebook_module``,
+    ``book_losses``, ``weighted_loss``): in training, every kept layer's losses are computed in one call,
+    the layers being the books of :attr:`layer_codebooks` (each layer's code scale).
     ``return_all_codes=True`` returns :class:`LFQOutputWithCodes`.
+
+    Token-level API (what :class:`GroupedResidualLFQ` composes): :meth:`kept_layers`,
+    :meth:`quantize_tokens`, :meth:`encode_tokens`, :meth:`decode_tokens`, :meth:`layer_codes`.
     """
 
     layers: Sequence[LFQ]  # an nn.ModuleList (whose items torch types as plain Modules)
@@ -64,6 +98,7 @@ class ResidualLFQ(QuantizerModule):
         channel_first: bool | None = None,
         projection_has_bias: bool = True,
         sync_quantize_dropout: bool | None = None,
+        soft_clamp_input_value: float | None = None,
         **lfq_kwargs,
     ):
         super().__init__()
@@ -75,6 +110,7 @@ class ResidualLFQ(QuantizerModule):
         for key in ("dim", "codebook_scale", "num_codebooks", "channel_first", "has_projections"):
             if key in lfq_kwargs:
                 raise TypeError(f"ResidualLFQ sets {key} of its layers itself; do not pass it")
+        clamp = check_soft_clamp(soft_clamp_input_value, 1.0)
         self.dim = dim
         self.codebook_dim = codebook_size.bit_length() - 1
         self.num_quantizers = num_quantizers
@@ -82,6 +118,7 @@ class ResidualLFQ(QuantizerModule):
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.sync_quantize_dropout = sync_quantize_dropout
+        self.soft_clamp_input_value = clamp
         self.channel_first = channel_first
         self.has_projections = dim != self.codebook_dim
         self.project_in, self.project_out = projection_pair(
@@ -91,10 +128,20 @@ class ResidualLFQ(QuantizerModule):
         self.layers = cast(
             "Sequence[LFQ]",
             nn.ModuleList(
-                LFQ(codebook_size=codebook_size, codebook_scale=scale, **lfq_kwargs) for scale in scales
+                LFQ(
+                    codebook_size=codebook_size,
+                    codebook_scale=scale,
+                    soft_clamp_input_value=None if clamp is None else clamp * scale,
+                    **lfq_kwargs,
+                )
+                for scale in scales
             ),
         )
-        self.layer_codebooks = BinaryCodebook(self.codebook_dim, scales)
+        # every layer's codes as books of one codebook (spherical layers: their normalised code scale)
+        self.layer_codebooks = BinaryCodebook(
+            self.codebook_dim, [float(layer.codebook_module.scales[0]) for layer in self.layers]
+        )
+        self.rotated = any(layer.orthogonal_rot is not None for layer in self.layers)
 
     @property
     def codebook_size(self) -> int:
@@ -103,6 +150,16 @@ class ResidualLFQ(QuantizerModule):
     @property
     def num_codebooks(self) -> int:
         return 1
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(Q, codebook_size, codebook_dim): every layer's codes as decoded (up to 2^20 codes)."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    # -- token level ----------------------------------------------------------------------------------
+    def kept_layers(self, seed: int | None = None, device: torch.device | str = "cpu") -> int:
+        """How many leading layers run in this forward (quantize dropout; all of them in eval)."""
+        return self.dropout.kept_layers(self.training, seed, sync=self.sync_quantize_dropout, device=device)
 
     def _run(
         self, z: Tensor, kept: int, inv_temperature: float, valid: Tensor | None
@@ -115,14 +172,14 @@ class ResidualLFQ(QuantizerModule):
         for layer in self.layers:
             if len(inputs) == kept:
                 break
-            books = layer.to_books(residual)  # (1, b * n, bits)
+            books = layer.quantizer_books(residual)  # (1, b * n, bits)
             idx, codes = layer.codebook_module.quantize(books)
             inputs.append(books)
             layer_indices.append(idx)
             layer_codes.append(codes)
-            out = straight_through(books, codes) if self.training and books.requires_grad else codes
-            outputs.append(layer.from_books(out, b, n))
-            residual = residual - layer.from_books(codes, b, n)
+            out = layer.straight_through(books, codes) if self.training and books.requires_grad else codes
+            outputs.append(layer.output_tokens(out, b, n))
+            residual = residual - layer.output_tokens(codes, b, n)
         losses = z.new_zeros(self.num_quantizers)
         if self.training:  # every kept layer's losses at once: layers are the books
             first = self.layers[0]
@@ -144,39 +201,18 @@ class ResidualLFQ(QuantizerModule):
         dropped = [torch.zeros_like(z)] * (self.num_quantizers - kept)
         return sum_layers(outputs), indices, losses, outputs + dropped
 
-    def encode(self, x: Tensor) -> Tensor:
-        layout = auto_layout(x.ndim, self.dim, self.channel_first)
-        tokens, spatial = layout.to_tokens(x)
-        b, n = tokens.shape[0], tokens.shape[1]
-        with float32_region(x.device.type):
-            residual, layer_indices = project_into(self.project_in, tokens), []
-            for layer in self.layers:
-                idx, codes = layer.codebook_module.quantize(layer.to_books(residual))
-                layer_indices.append(idx)
-                residual = residual - layer.from_books(codes, b, n)
-            indices = torch.cat(layer_indices).transpose(0, 1).reshape(b, n, self.num_quantizers)
-        return layout.indices_from_tokens(indices, spatial)
-
-    def forward(
+    def quantize_tokens(
         self,
-        x: Tensor,
-        mask: Tensor | None = None,
+        tokens: Tensor,
+        valid: Tensor | None,
+        kept: int,
         inv_temperature: float = 100.0,
-        return_all_codes: bool = False,
-        rand_quantize_dropout_fixed_seed: int | None = None,
-    ):
-        layout = auto_layout(x.ndim, self.dim, self.channel_first)
-        tokens, spatial = layout.to_tokens(x)
-        b, n = tokens.shape[0], tokens.shape[1]
-        valid = token_mask(layout, b, n, spatial, mask, per_sample=True)
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """Tokens (b, n, dim), valid (b, n) or None, ``kept`` leading layers -> (quantized (b, n, dim)
+        float32, indices (b, n, Q), losses (Q,), per-layer codes: Q of (b, n, bits)); padding (not valid)
+        gives zeros and index -1."""
         tokens = zero_padding(tokens, valid)
-        kept = self.dropout.kept_layers(
-            self.training,
-            rand_quantize_dropout_fixed_seed,
-            sync=self.sync_quantize_dropout,
-            device=x.device,
-        )
-        with float32_region(x.device.type):
+        with float32_region(tokens.device.type):
             total, indices, losses, layer_codes = self._run(
                 project_into(self.project_in, tokens), kept, inv_temperature, valid
             )
@@ -184,6 +220,53 @@ class ResidualLFQ(QuantizerModule):
             if valid is not None:
                 out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
                 indices = indices.masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
+        return out, indices, losses, layer_codes
+
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Tokens (b, n, dim) -> indices (b, n, Q)."""
+        b, n = tokens.shape[0], tokens.shape[1]
+        with float32_region(tokens.device.type):
+            residual, layer_indices = project_into(self.project_in, tokens), []
+            for layer in self.layers:
+                idx, codes = layer.codebook_module.quantize(layer.quantizer_books(residual))
+                layer_indices.append(idx)
+                residual = residual - layer.output_tokens(codes, b, n)
+            return torch.cat(layer_indices).transpose(0, 1).reshape(b, n, self.num_quantizers)
+
+    def layer_codes(self, tokens: Tensor) -> list[Tensor]:
+        """Indices (b, n, Q) int64, -1 allowed -> Q codes as decoded (b, n, bits); -1 gives zeros."""
+        b, n = tokens.shape[0], tokens.shape[1]
+        books = tokens.reshape(-1, self.num_quantizers).transpose(0, 1)  # (Q, b * n): layers are the books
+        codes = self.layer_codebooks.lookup(books.clamp(min=0)).reshape(self.num_quantizers, b, n, -1)
+        if self.rotated:
+            codes = torch.stack([unrotate(c, layer.orthogonal_rot) for c, layer in zip(codes, self.layers)])
+        return [zero_dropped(codes[q], tokens[..., q]) for q in range(self.num_quantizers)]
+
+    def decode_tokens(self, tokens: Tensor) -> Tensor:
+        """Indices (b, n, Q) int64, -1 allowed -> quantized (b, n, dim) float32."""
+        with float32_region(tokens.device.type):
+            return decode_layers(self.layer_codes(tokens), tokens, self.project_out)
+
+    # -- the module paths -------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        layout = auto_layout(x.ndim, self.dim, self.channel_first)
+        tokens, spatial = layout.to_tokens(x)
+        return layout.indices_from_tokens(self.encode_tokens(tokens), spatial)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        inv_temperature: float = 100.0,
+    ):
+        layout = auto_layout(x.ndim, self.dim, self.channel_first)
+        tokens, spatial = layout.to_tokens(x)
+        b, n = tokens.shape[0], tokens.shape[1]
+        valid = token_mask(layout, b, n, spatial, mask, per_sample=True)
+        kept = self.kept_layers(rand_quantize_dropout_fixed_seed, x.device)
+        out, indices, losses, layer_codes = self.quantize_tokens(tokens, valid, kept, inv_temperature)
         quantized = layout.from_tokens(out, spatial).to(x.dtype)
         indices = layout.indices_from_tokens(indices, spatial)
         if return_all_codes:
@@ -199,28 +282,19 @@ class ResidualLFQ(QuantizerModule):
             channel_first=self.channel_first,
         )
 
-    def _layer_codes(self, tokens: Tensor) -> list[Tensor]:
-        """Tokens (b, n, Q), -1 allowed -> Q scaled codes (b, n, bits); -1 gives zeros."""
-        b, n = tokens.shape[0], tokens.shape[1]
-        books = tokens.reshape(-1, self.num_quantizers).transpose(0, 1)  # (Q, b * n): layers are the books
-        codes = self.layer_codebooks.lookup(books.clamp(min=0)).reshape(self.num_quantizers, b, n, -1)
-        return [zero_dropped(codes[q], tokens[..., q]) for q in range(self.num_quantizers)]
-
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (b, *positions, q), q <= Q -> per-layer scaled codes (Q, b, *positions, bits) before
+        """indices (b, *positions, q), q <= Q -> per-layer codes as decoded (Q, b, *positions, bits) before
         project_out; -1 and missing layers give zeros (channel-last for every layout)."""
         tokens, spatial, _ = self._layer_tokens(indices)
         with float32_region(tokens.device.type):
-            codes = torch.stack(self._layer_codes(tokens))
+            codes = torch.stack(self.layer_codes(tokens))
         return codes.reshape(codes.shape[0], codes.shape[1], *spatial, codes.shape[-1])
 
     def decode(self, indices: Tensor) -> Tensor:
         """indices (b, *positions, q) with q <= Q -> quantized in the input layout; -1 adds nothing, and a
         token whose layers are all -1 decodes to zero (after project_out too)."""
         tokens, spatial, layout = self._layer_tokens(indices)
-        with float32_region(tokens.device.type):
-            out = decode_layers(self._layer_codes(tokens), tokens, self.project_out)
-        return layout.from_tokens(out, spatial)
+        return layout.from_tokens(self.decode_tokens(tokens), spatial)
 
     get_output_from_indices = decode
 
@@ -237,6 +311,134 @@ class ResidualLFQ(QuantizerModule):
         return f"dim={self.dim}, codebook_size={self.codebook_size}, num_quantizers={self.num_quantizers}"
 
 
+class GroupedResidualLFQ(QuantizerModule):
+    """x (b, n, dim) -> quantized (b, n, dim), indices (groups, b, n, Q), losses (groups, Q).
+
+    The feature axis is split into ``groups`` equal chunks, each quantized by an independent
+    :class:`ResidualLFQ` (``dim // groups`` features, every other keyword argument forwarded) through its
+    token-level API. ``accept_image_fmap=True``: images ``(b, dim, h, w)`` (channel-first, split on axis
+    1), indices ``(groups, b, h, w, Q)``. Quantize dropout is drawn once per forward for all groups.
+    ``return_all_codes=True`` returns :class:`GroupedLFQOutputWithCodes`.
+    """
+
+    rvqs: Sequence[ResidualLFQ]  # an nn.ModuleList (whose items torch types as plain Modules)
+
+    def __init__(self, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any):
+        super().__init__()
+        check_positive_int(dim, "dim")
+        check_positive_int(groups, "groups")
+        if dim % groups:
+            raise ConfigurationError(f"dim ({dim}) must be divisible by groups ({groups})")
+        self.dim, self.groups = dim, groups
+        self.accept_image_fmap = bool(accept_image_fmap)
+        self.layout = TokenLayout.from_flags(dim, accept_image_fmap=self.accept_image_fmap)
+        self.rvqs = cast(
+            "Sequence[ResidualLFQ]",
+            nn.ModuleList(ResidualLFQ(dim // groups, **kwargs) for _ in range(groups)),
+        )
+
+    @property
+    def codebook_size(self) -> int:
+        return self.rvqs[0].codebook_size
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.rvqs[0].num_quantizers
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.groups * self.num_quantizers
+
+    @property
+    def split_dim(self) -> int:
+        """The input's feature axis (the reference's name)."""
+        return 1 if self.accept_image_fmap else -1
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(groups, Q, codebook_size, codebook_dim): the codes as decoded."""
+        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+
+    def _chunks(self, tokens: Tensor) -> tuple[Tensor, ...]:
+        return tokens.chunk(self.groups, dim=-1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x -> indices (groups, b, *positions, Q) int64."""
+        tokens, spatial = self.layout.to_tokens(x)
+        per_group = [rvq.encode_tokens(t) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
+        return torch.stack([self.layout.indices_from_tokens(i, spatial) for i in per_group])
+
+    def _index_tokens(self, indices: Tensor) -> tuple[list[Tensor], tuple]:
+        check_tensor(indices, "indices")
+        if indices.ndim < 1 or indices.shape[0] != self.groups:
+            raise ValueError(
+                f"indices must have the groups axis first with {self.groups} entries "
+                f"(groups, batch, *positions, quantizers), got shape {tuple(indices.shape)}"
+            )
+        tokens = []
+        for g, rvq in enumerate(self.rvqs):
+            t, spatial = self.layout.indices_to_tokens(indices[g], 1, f"indices[{g}]")
+            tokens.append(pad_layers(t, [rvq.codebook_size] * rvq.num_quantizers, f"indices[{g}]"))
+        return tokens, spatial
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """indices (groups, b, *positions, q), q <= Q -> quantized in the input layout."""
+        tokens, spatial = self._index_tokens(indices)
+        out = torch.cat([rvq.decode_tokens(t) for rvq, t in zip(self.rvqs, tokens)], -1)
+        return self.layout.from_tokens(out, spatial)
+
+    get_output_from_indices = decode
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """indices (groups, b, *positions, q) -> codes (groups, Q, b, *positions, codebook_dim)."""
+        tokens, spatial = self._index_tokens(indices)
+        codes = []
+        for rvq, t in zip(self.rvqs, tokens):
+            with float32_region(t.device.type):
+                c = torch.stack(rvq.layer_codes(t))
+            codes.append(c.reshape(c.shape[0], c.shape[1], *spatial, c.shape[-1]))
+        return torch.stack(codes)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        inv_temperature: float = 100.0,
+    ):
+        tokens, spatial = self.layout.to_tokens(x)
+        b, n = tokens.shape[0], tokens.shape[1]
+        valid = token_mask(self.layout, b, n, spatial, mask, per_sample=True)
+        kept = self.rvqs[0].kept_layers(rand_quantize_dropout_fixed_seed, x.device)  # one draw for all
+        outs, indices, losses, codes = [], [], [], []
+        for rvq, chunk in zip(self.rvqs, self._chunks(tokens)):
+            out, idx, loss, layer_codes = rvq.quantize_tokens(chunk, valid, kept, inv_temperature)
+            outs.append(out)
+            indices.append(self.layout.indices_from_tokens(idx, spatial))
+            losses.append(loss)
+            if return_all_codes:
+                code = torch.stack(layer_codes)
+                codes.append(code.reshape(code.shape[0], b, *spatial, code.shape[-1]))
+        quantized = self.layout.from_tokens(torch.cat(outs, -1).to(x.dtype), spatial)
+        result = (quantized, torch.stack(indices), torch.stack(losses))
+        if return_all_codes:
+            return GroupedLFQOutputWithCodes(*result, tuple(codes))
+        return LFQOutput(*result)
+
+    def export_metadata(self) -> dict[str, Any]:
+        """Hyper-parameters for exported artifacts (vqcore.protocols.SupportsExportMetadata)."""
+        return {
+            "codebook_dim": self.rvqs[0].codebook_dim,
+            "num_quantizers": self.num_quantizers,
+            "groups": self.groups,
+            "layout": self.layout.kind,
+        }
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, groups={self.groups}, layout={self.layout.kind}"
+
+
 @hookimpl
 def register_quantizers(register):
     register(
@@ -244,4 +446,10 @@ def register_quantizers(register):
         ResidualLFQ,
         aliases=("ResidualLFQ", "rlfq"),
         summary="residual stack of LFQ layers with code scales 2^-q",
+    )
+    register(
+        "grouped_residual_lfq",
+        GroupedResidualLFQ,
+        aliases=("GroupedResidualLFQ", "grouped_rlfq"),
+        summary="grouped residual LFQ: the feature dim split into independent residual LFQ stacks",
     )

@@ -16,6 +16,7 @@ from vqcore.blocks.entropy import (
     PerSampleEntropyLoss,
     batch_code_distribution,
     bit_entropy,
+    sampled_token_count,
 )
 from vqcore.blocks.grid import BinaryCodebook
 from vqcore.protocols import Loss
@@ -151,3 +152,24 @@ def test_errors():
         BatchEntropyLoss(max_exact_bits=0)
     with pytest.raises(TypeError, match="chunk_bytes must be an int"):
         BatchEntropyLoss(chunk_bytes=1.5)
+
+
+def test_per_sample_fraction_samples_tokens():
+    assert [sampled_token_count(n, 0.25) for n in (0, 1, 3, 8, 10)] == [0, 1, 1, 2, 2]
+    assert sampled_token_count(7, 1.0) == 7
+    x = torch.randn(2, 8, 3, dtype=torch.float64)
+    codebook = BinaryCodebook(3, 1.0, books=2)
+    indices, q = codebook.quantize(x)
+    per_token = bit_entropy(4 * 0.5 * x).sum(-1)  # (2, 8): each token's entropy at tau 0.5
+    loss = PerSampleEntropyLoss(inv_temperature=0.5, fraction=0.125)  # one token of 8
+    draws = torch.stack([loss(x, q, indices, codebook, None) for _ in range(30)])
+    # one token, the same for both books (they share the draw)
+    hits = (draws.unsqueeze(-1) - per_token).abs() < 1e-12  # (30, 2, 8)
+    assert torch.equal(hits[:, 0], hits[:, 1]) and torch.all(hits.sum(-1) == 1)
+    assert len({int(h.nonzero()[0]) for h in hits[:, 0]}) > 1
+    exact = PerSampleEntropyLoss(inv_temperature=0.5, fraction=1.0)(x, q, indices, codebook, None)
+    torch.testing.assert_close(exact, per_token.mean(-1))
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 1.5"):
+        PerSampleEntropyLoss(fraction=1.5)
+    with pytest.raises(TypeError, match="fraction must be a number"):
+        PerSampleEntropyLoss(fraction="half")

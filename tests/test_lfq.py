@@ -6,6 +6,7 @@ stack through its layers' public API, return_all_codes, export metadata, state_d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,8 +16,17 @@ import torch
 from vqcore import LFQ, ResidualLFQ
 from vqcore.blocks.entropy import BatchEntropyLoss, PerSampleEntropyLoss
 from vqcore.blocks.grid import BinaryCodebook
+from vqcore.compat import from_reference
+from vqcore.errors import ConfigurationError
 from vqcore.export.metadata import quantizer_fields
-from vqcore.plugins.lfq import LFQOutputWithCodes
+from vqcore.plugins.lfq import (
+    CosineSimLinear,
+    LFQOutput,
+    LFQOutputWithBreakdown,
+    LFQOutputWithCodes,
+    is_distributed,
+    maybe_distributed_mean,
+)
 from vqcore.testing import check_quantizer
 
 # -- seed README examples (only the import changed) ----------------------------------------------
@@ -429,3 +439,237 @@ def test_a_batch_without_valid_tokens_gives_zero_loss():
     assert [t.item() for t in out.breakdown[:3]] == [0.0, 0.0, 0.0] and out.breakdown.extra["codebook"] == 0
     (out.quantized.sum() + out.entropy_aux_loss).backward()
     assert torch.all(x.grad == 0)
+
+
+# -- the reference's LFQ options ------------------------------------------------------------------------
+
+
+def test_spherical_codes_indices_and_exact_entropies():
+    torch.manual_seed(0)
+    q = LFQ(codebook_size=16, codebook_scale=0.5, spherical=True, entropy_loss_weight=1.0)
+    x = torch.randn(2, 30, 4)
+    out = q(x, inv_temperature=2.0, return_loss_breakdown=True)
+    # codes are ±scale / sqrt(d) = ±0.25, chosen by the input's signs
+    assert torch.equal(out.quantized, torch.where(x > 0, 0.25, -0.25))
+    assert torch.equal(out.indices, LFQ(codebook_size=16).eval()(x).indices)
+    # the entropies of softmax(2 tau x' . c) with x' = 0.5 x / |x| and codes c = ±0.25, brute force
+    normalised = torch.nn.functional.normalize(x.reshape(60, 4).double(), dim=-1) * 0.5
+    ps, b = entropies(normalised, 2.0, 0.25)
+    torch.testing.assert_close(out.breakdown.per_sample_entropy.double(), ps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.breakdown.batch_entropy.double(), b, rtol=1e-5, atol=1e-6)
+    assert q.codebook.shape == (16, 4) and torch.all(q.codebook.abs() == 0.25)
+    q.eval()
+    assert torch.equal(q.decode(q.encode(x)), q(x).quantized)
+
+
+def test_frac_per_sample_entropy_samples_tokens_of_the_per_sample_term_only():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 3)
+    full = LFQ(codebook_size=8, entropy_loss_weight=1.0)
+    sampled = LFQ(codebook_size=8, entropy_loss_weight=1.0, frac_per_sample_entropy=0.25)  # 1 token of 4
+    per_token = [full(x[:, i : i + 1], inv_temperature=0.5, return_loss_breakdown=True) for i in range(4)]
+    per_token = torch.stack([o.breakdown.per_sample_entropy for o in per_token])
+    whole = full(x, inv_temperature=0.5, return_loss_breakdown=True).breakdown
+    seen = set()
+    for _ in range(40):
+        terms = sampled(x, inv_temperature=0.5, return_loss_breakdown=True).breakdown
+        match = (per_token - terms.per_sample_entropy).abs() < 1e-6
+        assert match.sum() >= 1  # one token's own entropy
+        seen.add(int(match.nonzero()[0]))
+        assert terms.batch_entropy == whole.batch_entropy  # over every token, exactly
+    assert seen == {0, 1, 2, 3}  # random, and every token can be drawn: the mean over draws is the full one
+    torch.testing.assert_close(per_token.mean(), whole.per_sample_entropy)
+    with pytest.raises(ConfigurationError, match=r"frac_per_sample_entropy must be in \(0, 1\], got 0"):
+        LFQ(codebook_size=8, frac_per_sample_entropy=0)
+
+
+def test_soft_clamp_softplus_loss_and_their_errors():
+    torch.manual_seed(0)
+    q = LFQ(
+        codebook_size=8,
+        soft_clamp_input_value=2.0,
+        experimental_softplus_entropy_loss=True,
+        entropy_loss_offset=3.0,
+        entropy_loss_weight=0.5,
+        diversity_gamma=1.5,
+    )
+    x = torch.randn(2, 10, 3) * 5
+    out = q(x, inv_temperature=1.0, return_loss_breakdown=True)
+    clamped = torch.tanh(x / 2.0) * 2.0
+    ps, b = entropies(clamped.reshape(20, 3), 1.0, 1.0)
+    torch.testing.assert_close(out.breakdown.per_sample_entropy.double(), ps, rtol=1e-5, atol=1e-6)
+    want = 0.5 * torch.nn.functional.softplus(ps - 1.5 * b + 3.0)
+    torch.testing.assert_close(out.entropy_aux_loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert q.eval()(x).entropy_aux_loss.item() == 0.0  # no softplus offset outside training
+    with pytest.raises(
+        ConfigurationError, match=r"soft_clamp_input_value must be .* >= codebook_scale \(1.0\)"
+    ):
+        LFQ(codebook_size=8, soft_clamp_input_value=0.5)
+    with pytest.raises(AssertionError):  # the reference asserts: code catching AssertionError still works
+        LFQ(codebook_size=8, soft_clamp_input_value=0.5)
+
+
+def test_orthogonal_rotation_indices_codes_and_state():
+    torch.manual_seed(0)
+    q = LFQ(codebook_size=16, orthogonal_rotation=True).eval()
+    rot = q.orthogonal_rot
+    torch.testing.assert_close(rot @ rot.T, torch.eye(4))
+    assert set(q.state_dict()) == {"orthogonal_rot"}
+    x = torch.randn(2, 7, 4)
+    out = q(x)
+    signs = (x @ rot) > 0
+    assert torch.equal(out.indices, (signs.long() * torch.tensor([8, 4, 2, 1])).sum(-1))
+    torch.testing.assert_close(out.quantized, torch.where(signs, 1.0, -1.0) @ rot.T)
+    assert torch.equal(q.decode(q.encode(x)), out.quantized)
+
+
+def test_cosine_sim_project_in():
+    torch.manual_seed(0)
+    q = LFQ(codebook_size=16, dim=6, cosine_sim_project_in=True, cosine_sim_project_in_scale=3.0).eval()
+    assert isinstance(q.project_in, CosineSimLinear) and q.project_in.weight.shape == (6, 4)
+    assert set(q.state_dict()) == {"project_in.weight", "project_out.weight", "project_out.bias"}
+    x = torch.randn(2, 5, 6)
+    w = q.project_in.weight
+    z = (x / x.norm(dim=-1, keepdim=True)) @ (w / w.norm(dim=0, keepdim=True)) * 3.0
+    want = q.project_out(torch.where(z > 0, 1.0, -1.0))
+    torch.testing.assert_close(q(x).quantized, want)
+    assert (
+        LFQ(codebook_size=16, dim=6, cosine_sim_project_in=True, codebook_scale=0.5).project_in.scale == 0.5
+    )
+
+
+def test_straight_through_activation_routes_the_gradient():
+    q = LFQ(codebook_size=8, straight_through_activation=torch.nn.Tanh(), entropy_loss_weight=0.0)
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    out = q(x)
+    assert torch.equal(out.quantized, torch.where(x > 0, 1.0, -1.0))
+    out.quantized.sum().backward()
+    torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
+
+
+def test_loss_breakdown_nests_like_the_reference():
+    q = LFQ(codebook_size=16, commitment_loss_weight=0.1)
+    x = torch.randn(2, 5, 4)
+    (quantized, indices, aux_loss), breakdown = q(x, return_loss_breakdown=True)
+    out = q(x, return_loss_breakdown=True)
+    assert isinstance(out, LFQOutputWithBreakdown) and isinstance(out.output, LFQOutput)
+    assert out.quantized is out.output.quantized and out.indices is out.output.indices
+    assert out.entropy_aux_loss is out[0][2] and out.breakdown is out[1]
+    assert breakdown._fields == ("per_sample_entropy", "batch_entropy", "commitment", "extra")
+
+
+def test_force_quantization_f32_false_is_accepted_and_changes_nothing():
+    torch.manual_seed(0)
+    a = LFQ(codebook_size=16, dim=8)
+    b = LFQ(codebook_size=16, dim=8, force_quantization_f32=False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 8).bfloat16()
+    assert torch.equal(a(x).quantized, b(x).quantized) and torch.equal(a(x).indices, b(x).indices)
+
+
+def test_reference_state_dict_with_its_mask_buffer_loads_strictly():
+    from vector_quantize_pytorch import LFQ as RefLFQ
+
+    kwargs = dict(codebook_size=16, dim=6, orthogonal_rotation=True)
+    ref = RefLFQ(**kwargs)
+    q = LFQ(**kwargs)
+    assert "mask" in ref.state_dict() and "mask" not in q.state_dict()
+    q.load_state_dict(ref.state_dict())  # strict
+    assert torch.equal(q.orthogonal_rot, ref.orthogonal_rot)
+    bad = dict(ref.state_dict(), mask=torch.tensor([1, 2, 4, 8]))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"mask: the reference LFQ's bit weights must be \[8, 4, 2, 1\]"):
+        q.load_state_dict(bad)
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
+
+
+def test_distributed_helpers_outside_a_process_group():
+    t = torch.tensor([1.0, 2.0])
+    assert not is_distributed() and maybe_distributed_mean(t) is t
+
+
+REFERENCE_OPTIONS = {
+    "spherical_rotation_clamp": dict(
+        codebook_size=16, dim=6, spherical=True, orthogonal_rotation=True, soft_clamp_input_value=2.0
+    ),
+    "cosine_activation": dict(
+        codebook_size=16, dim=6, cosine_sim_project_in=True, straight_through_activation=torch.nn.Tanh()
+    ),
+    "softplus_codebooks": dict(
+        codebook_size=64,
+        dim=12,
+        num_codebooks=2,
+        spherical=True,
+        experimental_softplus_entropy_loss=True,
+        commitment_loss_weight=0.2,
+    ),
+}
+
+
+@pytest.mark.parametrize("kwargs", REFERENCE_OPTIONS.values(), ids=REFERENCE_OPTIONS.keys())
+def test_reference_parity_of_the_new_options(kwargs):
+    """Converted from the reference: eval outputs and indices equal, training losses equal at a
+    temperature where the reference's log clamp is inactive, and the gradients that reach the input."""
+    from vector_quantize_pytorch import LFQ as RefLFQ
+
+    torch.manual_seed(1)
+    ref = RefLFQ(**kwargs)
+    q = from_reference(ref)
+    x = torch.randn(3, 20, kwargs["dim"])
+    r, m = ref.eval()(x), q.eval()(x)
+    assert torch.equal(m.indices, r.indices)
+    torch.testing.assert_close(m.quantized, r.quantized)
+    ref.train(), q.train()
+    xr, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (r_out, r_terms), (m_out, m_terms) = (
+        ref(xr, inv_temperature=0.1, return_loss_breakdown=True),
+        q(xm, inv_temperature=0.1, return_loss_breakdown=True),
+    )
+    torch.testing.assert_close(m_out.entropy_aux_loss, r_out.entropy_aux_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m_terms.batch_entropy, r_terms.batch_entropy, rtol=1e-5, atol=1e-6)
+    (r_out.quantized.sum() + r_out.entropy_aux_loss).backward()
+    (m_out.quantized.sum() + m_out.entropy_aux_loss).backward()
+    torch.testing.assert_close(xm.grad, xr.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "example, kwargs",
+    [
+        ((2, 8, 6), REFERENCE_OPTIONS["spherical_rotation_clamp"]),
+        ((2, 8, 6), dict(codebook_size=16, dim=6, cosine_sim_project_in=True, frac_per_sample_entropy=0.5)),
+        ((2, 12, 3, 4), REFERENCE_OPTIONS["softplus_codebooks"]),
+    ],
+    ids=["spherical_rotation_clamp", "cosine_frac", "softplus_codebooks"],
+)
+def test_new_options_conform_save_load_and_export(example, kwargs, tmp_path):
+    import vqcore
+    from vqcore.export import to_onnx, to_torchscript
+
+    x = torch.randn(*example)
+    check_quantizer(LFQ, x, **kwargs)
+    torch.manual_seed(0)
+    q = LFQ(**kwargs).eval()
+    vqcore.save(q, tmp_path / "lfq.safetensors")
+    loaded = vqcore.load(tmp_path / "lfq.safetensors")
+    assert torch.equal(loaded(x).quantized, q(x).quantized) and torch.equal(loaded(x).indices, q(x).indices)
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    for writer, suffix in ((to_onnx, "onnx"), (to_torchscript, "pt")):
+        assert writer(q, tmp_path / f"enc.{suffix}", graph="encode", example=x).parity.ok
+        assert writer(q, tmp_path / f"dec.{suffix}", graph="decode", example=q.encode(x)).parity.ok
+
+
+def test_spherical_2_18_codes_trains_without_a_codes_sized_tensor_per_token():
+    q = LFQ(codebook_size=2**18, dim=18, spherical=True)
+    x = torch.randn(2, 18, 4, 4, requires_grad=True)
+    out = q(x, return_loss_breakdown=True)
+    (out.quantized.sum() + out.entropy_aux_loss).backward()
+    assert torch.isfinite(out.entropy_aux_loss) and torch.isfinite(x.grad).all()
+    assert 0 < out.breakdown.batch_entropy <= 18 * math.log(2)
+    # the per-sample term by hand: per-bit binary entropies of logits 4 tau (1 / sqrt(18)) x / |x|
+    tokens = torch.nn.functional.normalize(x.detach().movedim(1, -1).reshape(-1, 18).double(), dim=-1)
+    p = torch.sigmoid(4 * 100.0 / math.sqrt(18) * tokens)
+    bits = -(p * p.clamp(min=1e-300).log() + (1 - p) * (1 - p).clamp(min=1e-300).log())
+    torch.testing.assert_close(
+        out.breakdown.per_sample_entropy.double(), bits.sum(-1).mean(), rtol=1e-4, atol=1e-6
+    )

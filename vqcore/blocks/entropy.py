@@ -22,7 +22,10 @@ many bits (an upper bound on the joint entropy; exact when the groups are indepe
 Both losses follow :class:`vqcore.protocols.Loss` (books first, one value per book, unweighted) and
 read the code scales ``s`` from the codebook argument's ``scales`` ``(books,)``
 (:class:`vqcore.blocks.grid.BinaryCodebook`). A token counts where ``valid``; every book sharing one
-mask (an expanded ``(N,)`` mask, as the quantizers pass it) is the fast path.
+mask (an expanded ``(N,)`` mask, as the quantizers pass it) is the fast path. Binary spherical
+quantization needs nothing more: its codes ``±s / sqrt(d)`` are a binary codebook of that scale, and its
+(normalised) inputs enter as they are. ``PerSampleEntropyLoss(fraction=f)`` averages over a random
+``f`` of the valid tokens (an unbiased estimate; exact for ``f == 1``).
 """
 
 from __future__ import annotations
@@ -193,13 +196,32 @@ def _per_book(
     return torch.cat([term(x[i : i + 1, valid[i]], scales[i : i + 1]) for i in range(x.shape[0])])
 
 
+def sampled_token_count(tokens: int, fraction: float) -> int:
+    """How many of ``tokens`` a ``fraction`` samples: ``int(tokens * fraction)``, at least one when there
+    is a token (a single token keeps its entropy), all of them for ``fraction == 1``."""
+    if fraction >= 1.0 or tokens == 0:
+        return tokens
+    return max(1, int(tokens * fraction))
+
+
 @dataclass(frozen=True)
 class PerSampleEntropyLoss:
     """Mean over valid tokens of the entropy of each token's code distribution ``softmax(2 tau x . c)``
-    over the binary codes ``c`` of its book; (B,). A book without valid tokens gives 0."""
+    over the binary codes ``c`` of its book; (B,). A book without valid tokens gives 0.
+
+    ``fraction`` < 1: the mean over a uniformly random subset of :func:`sampled_token_count` of the valid
+    tokens (drawn from torch's global generator at every call, shared by the books that share a mask), an
+    unbiased estimate of the full mean; 1 (the default): every valid token, exactly."""
 
     inv_temperature: float = 100.0
+    fraction: float = 1.0
     name: ClassVar[str] = "per_sample_entropy"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
+            raise TypeError(f"fraction must be a number in (0, 1], got {type(self.fraction).__name__}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
 
     def __call__(
         self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
@@ -207,6 +229,9 @@ class PerSampleEntropyLoss:
         return _per_book(x, _code_scales(codebook, self.name), valid, self._term)
 
     def _term(self, x: Tensor, scales: Tensor) -> Tensor:
+        count = sampled_token_count(x.shape[1], self.fraction)
+        if count < x.shape[1]:
+            x = x.index_select(1, torch.randperm(x.shape[1], device=x.device)[:count])
         per_token = bit_entropy(bit_logits(x, scales, self.inv_temperature)).sum(-1)
         if per_token.shape[1] == 0:  # no token: 0, still connected to the graph
             return per_token.sum(-1)
