@@ -198,9 +198,8 @@ def test_reference_kwargs_roundtrip_config():
         ),
         (lambda: vqp.VectorQuantize(dim=8, codebook_size=16, affine_param=True), "affine_param"),
         (lambda: vqp.FSQ(levels=[5, 3], orthogonal_rotation=True), "orthogonal_rotation"),
-        (lambda: vqp.LFQ(codebook_size=16, spherical=True), "spherical"),
     ],
-    ids=["directional_reparam", "affine_param", "fsq_rotation", "lfq_spherical"],
+    ids=["directional_reparam", "affine_param", "fsq_rotation"],
 )
 def test_unsupported_option_raises(make, match):
     with pytest.raises(ValueError, match=match):
@@ -217,7 +216,10 @@ def test_training_only_option_needs_opt_in():
 
 def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
-    supported = "BinaryMapper, FSP, FSQ, GroupedResidualVQ, LFQ, LatentQuantize, ResidualVQ, VectorQuantize"
+    supported = (
+        "BinaryMapper, FSP, FSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, LatentQuantize, ResidualLFQ, "
+        "ResidualVQ, VectorQuantize"
+    )
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
     assert str(err.value) == (
@@ -459,11 +461,6 @@ def test_latent_quantize_channel_first_sequence(optimize_values):
             (2, 5, 8),
         ),
         (
-            lambda: vqp.LFQ(codebook_size=16, dim=6, straight_through_activation=torch.nn.Tanh()),
-            "straight_through_activation",
-            (2, 5, 6),
-        ),
-        (
             lambda: vqp.LFQ(codebook_size=16, force_quantization_f32=False),
             "force_quantization_f32",
             (2, 5, 4),
@@ -477,7 +474,6 @@ def test_latent_quantize_channel_first_sequence(optimize_values):
     ],
     ids=[
         "vq_manual_ema",
-        "lfq_activation",
         "lfq_f32",
         "fsq_f32",
         "fsq_dtypes",
@@ -498,12 +494,11 @@ def test_training_only_options_need_opt_in(make, match, x):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: vqp.LFQ(codebook_size=16, dim=6, cosine_sim_project_in=True), "cosine_sim_project_in"),
         (lambda: vqp.LatentQuantize(levels=[5, 3], dim=4, codebook_dim=4), "codebook_dim"),
         (lambda: vqp.ResidualVQ(**RVQ_BASE, beam_size=2), "beam_size"),
         (lambda: vqp.ResidualVQ(**RVQ_BASE, quant_grad_frac=0.5), "quant_grad_frac"),
     ],
-    ids=["lfq_cosine_project_in", "latent_codebook_dim", "rvq_beam", "rvq_quant_grad_frac"],
+    ids=["latent_codebook_dim", "rvq_beam", "rvq_quant_grad_frac"],
 )
 def test_more_unsupported_options_raise(make, match):
     with pytest.raises(ValueError, match=match):
@@ -585,6 +580,8 @@ def test_converters_are_registered_under_the_reference_class_names():
         "GroupedResidualVQ": "vqcore.plugins.reference_vq",
         "FSQ": "vqcore.plugins.reference_scalar",
         "LFQ": "vqcore.plugins.reference_scalar",
+        "ResidualLFQ": "vqcore.plugins.reference_scalar",
+        "GroupedResidualLFQ": "vqcore.plugins.reference_scalar",
         "LatentQuantize": "vqcore.plugins.reference_scalar",
         "FSP": "vqcore.plugins.reference_scalar",
         "BinaryMapper": "vqcore.plugins.reference_scalar",

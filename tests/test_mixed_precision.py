@@ -29,6 +29,7 @@ from vqcore import (
     FSQ,
     LFQ,
     BinaryMapper,
+    GroupedResidualLFQ,
     GroupedResidualVQ,
     LatentQuantize,
     RandomProjectionQuantizer,
@@ -147,6 +148,20 @@ CASES = [
         8,
         projections=True,
     ),
+    Case(
+        "lfq_spherical_rotation",
+        lambda: LFQ(
+            codebook_size=16, dim=8, spherical=True, orthogonal_rotation=True, soft_clamp_input_value=2.0
+        ),
+        8,
+        projections=True,
+    ),
+    Case("lfq_cosine", lambda: LFQ(codebook_size=16, dim=8, cosine_sim_project_in=True), 8, projections=True),
+    Case(
+        "grouped_residual_lfq",
+        lambda: GroupedResidualLFQ(dim=8, groups=2, codebook_size=16, num_quantizers=2, spherical=True),
+        8,
+    ),
     Case("latent", lambda: LatentQuantize([5, 5, 8]), 3),
     Case("latent_projection", lambda: LatentQuantize([5, 4], dim=8, num_codebooks=2), 8, projections=True),
 ]
@@ -167,6 +182,7 @@ BUILTIN_CLASSES = {
     ResidualFSQ,
     LFQ,
     ResidualLFQ,
+    GroupedResidualLFQ,
     LatentQuantize,
 }
 # int32 forward indices (FSP, as the reference) and one-hot outputs (BinaryMapper) do not fit this matrix;
