@@ -123,6 +123,8 @@ class LatentQuantize(QuantizerModule):
     ``dim`` defaults to ``len(levels) * num_codebooks``; otherwise Linear projections in and out.
     The ``num_codebooks`` groups share the value tables; indices gain a trailing codebook axis.
     ``extra_losses``: ``{"name": weight}`` or ``[(name or Loss, weight), ...]``.
+    ``in_place_codebook_optimizer``: ``params -> Optimizer``, stepped on the tables by every training
+    forward (module docstring); the built optimizer is the attribute of the same name.
     Layouts (detected): ``(b, n, dim)``, ``(b, dim)``, ``(b, dim, n)`` with ``channel_first=True``,
     images ``(b, dim, h, w)``, video ``(b, dim, t, h, w)``.
     """

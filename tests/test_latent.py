@@ -4,6 +4,7 @@ layouts and the encode/decode contract, export metadata, state_dict keys, errors
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -149,6 +150,12 @@ def test_decode_equals_eval_forward(shape, kwargs, index_shape):
     [
         ((2, 8, 16), dict(levels=[5, 5, 8], dim=16)),
         ((2, 9, 3, 4), dict(levels=[4, 8, 16], dim=9, num_codebooks=3)),
+        (
+            (2, 8, 6),
+            dict(
+                levels=[5, 4], dim=6, in_place_codebook_optimizer=functools.partial(torch.optim.SGD, lr=0.01)
+            ),
+        ),
     ],
 )
 def test_conformance(example, kwargs):
@@ -260,7 +267,6 @@ def test_forward_takes_z_by_name():
 
 
 def _in_place(weight=0.5, lr=0.5, **kwargs):
-    import functools
 
     return LatentQuantize(
         levels=[3],
@@ -462,7 +468,6 @@ def test_save_load_and_export_round_trip(tmp_path):
 
 
 def test_reference_conversion_carries_the_in_place_optimizer():
-    import functools
 
     vqp = pytest.importorskip("vector_quantize_pytorch")
     from vqcore.compat import from_reference
