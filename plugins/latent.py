@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqcore.blocks.grid import check_levels, digits_to_indices, indices_to_digits, mixed_radix_basis
-from vqcore.blocks.layout import CodebookAxis, auto_layout, index_tokens
+from vqcore.blocks.layout import CodebookAxis, TokenLayout, auto_layout, index_tokens
 from vqcore.blocks.losses import CodebookLoss, CommitmentLoss, LossSpec, WeightedLosses, extra_loss_pairs
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
@@ -255,7 +255,18 @@ class LatentQuantize(QuantizerModule):
             self.value_table().detach(), indices_to_digits(every, self.basis, self.levels_tensor)
         )
 
-    # -- pieces ------------------------------------------------------------------------------------
+    # -- layout -----------------------------------------------------------------------------------------
+    def _layout(self, x: Tensor, name: str) -> TokenLayout:
+        """The input's layout; a (b, dim, n) sequence without ``channel_first=True`` (what the reference's
+        code reads) is refused with a hint."""
+        if x.ndim == 3 and not self.channel_first and x.shape[-1] != self.dim and x.shape[1] == self.dim:
+            raise ValueError(
+                f"{name} must be a (batch, seq, dim) sequence with {self.dim} features on its last axis, got "
+                f"shape {tuple(x.shape)}; for (batch, dim, seq) build the module with channel_first=True"
+            )
+        return auto_layout(x.ndim, self.dim, self.channel_first, name=name)
+
+    # -- pieces -----------------------------------------------------------------------------------------
 
     def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
         """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
@@ -271,7 +282,7 @@ class LatentQuantize(QuantizerModule):
 
     # -- inference paths --------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        layout = auto_layout(x.ndim, self.dim, self.channel_first)
+        layout = self._layout(x, "x")
         tokens, spatial = layout.to_tokens(x)
         axis = self.codebook_axis
         with float32_region(x.device.type):
@@ -312,7 +323,7 @@ class LatentQuantize(QuantizerModule):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, z: Tensor, return_loss_breakdown: bool = False):
         """``z``: the input (the reference's name), any layout of the class docstring."""
-        layout = auto_layout(z.ndim, self.dim, self.channel_first, name="z")
+        layout = self._layout(z, "z")
         tokens, spatial = layout.to_tokens(z, "z")
         axis = self.codebook_axis
         with float32_region(z.device.type):

@@ -490,3 +490,15 @@ def test_reference_conversion_carries_the_in_place_optimizer():
         levels=[5, 3], dim=6, optimize_values=False, in_place_codebook_optimizer=factory
     )
     assert from_reference(frozen).in_place_codebook_optimizer is None
+
+
+def test_channel_first_sequence_without_the_flag_gets_a_hint():
+    q = LatentQuantize(levels=[5, 5, 8], dim=16)
+    with pytest.raises(
+        ValueError, match=r"got shape \(1, 16, 64\); for \(batch, dim, seq\).*channel_first=True"
+    ):
+        q(torch.randn(1, 16, 64))
+    with pytest.raises(ValueError, match="channel_first=True"):
+        q.encode(torch.randn(1, 16, 64))
+    out = LatentQuantize(levels=[5, 5, 8], dim=16, channel_first=True).eval()(torch.randn(1, 16, 64))
+    assert out.quantized.shape == (1, 16, 64) and out.indices.shape == (1, 64)
