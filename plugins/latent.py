@@ -398,7 +398,7 @@ class LatentQuantize(QuantizerModule):
         grads = torch.autograd.grad(self.quantization_loss_weight * term, tables, allow_unused=True)
         held = [table.grad for table in tables]
         for table, grad in zip(tables, grads, strict=True):
-            table.grad = None if grad is None else grad.to(table.dtype)
+            table.grad = grad
         optimizer.step()
         for table, grad in zip(tables, held, strict=True):
             table.grad = grad
