@@ -268,13 +268,20 @@ class LatentQuantize(QuantizerModule):
 
     # -- pieces -----------------------------------------------------------------------------------------
 
-    def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
-        """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
-        digits = (z.detach().unsqueeze(-1) - table.detach()).abs().argmin(-1)
-        # z = +inf is as far from every value as from the +inf padding (inf - inf = NaN wins the argmin):
-        # clamp, or the digit points into the padding and the index aliases another code or leaves
-        # [0, codebook_size)
-        return torch.minimum(digits, self.levels_tensor - 1)
+    def _nearest(self, z: Tensor) -> Tensor:
+        """z (..., D) float32 -> digits (..., D) int64 of the nearest value of each dimension's current
+        table (the first on ties). One search per dimension over its own table, as the reference does:
+        for the few dimensions latent quantization uses this beats one search over the padded
+        (D, max(levels)) table (benchmarks/bench_latent.py). Coordinates are first clamped to their
+        table's range, which keeps every nearest value and makes +-inf choose the largest / smallest
+        value (not the first, as |inf - v| = inf for every v would); a NaN gives digit 0."""
+        z = z.detach()
+        digits = []
+        for i, values in enumerate(self.values_per_latent):
+            values = values.detach().float()
+            coordinate = z[..., i, None].clamp(values.min(), values.max())
+            digits.append((coordinate - values).abs_().argmin(-1))
+        return torch.stack(digits, dim=-1)
 
     def _lookup(self, table: Tensor, digits: Tensor) -> Tensor:
         """digits (..., D) -> values (..., D), differentiable w.r.t. the table."""
@@ -286,7 +293,7 @@ class LatentQuantize(QuantizerModule):
         tokens, spatial = layout.to_tokens(x)
         axis = self.codebook_axis
         with float32_region(x.device.type):
-            digits = self._nearest(self.value_table(), axis.split(project_into(self.project_in, tokens)))
+            digits = self._nearest(axis.split(project_into(self.project_in, tokens)))
             indices = digits_to_indices(digits, self.basis)
         return layout.indices_from_tokens(axis.indices_out(indices), spatial)
 
@@ -318,7 +325,7 @@ class LatentQuantize(QuantizerModule):
                 f"codes must have {self.codebook_dim} features on the last axis, "
                 f"got shape {tuple(codes.shape)}"
             )
-        return digits_to_indices(self._nearest(self.value_table(), codes.float()), self.basis)
+        return digits_to_indices(self._nearest(codes.float()), self.basis)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, z: Tensor, return_loss_breakdown: bool = False):
@@ -329,7 +336,7 @@ class LatentQuantize(QuantizerModule):
         with float32_region(z.device.type):
             latents = axis.split(project_into(self.project_in, tokens))
             table = self.value_table()
-            digits = self._nearest(table, latents)
+            digits = self._nearest(latents)
             zhat = self._lookup(table, digits)
             indices = digits_to_indices(digits, self.basis)
             zero = latents.new_zeros(())
@@ -351,7 +358,7 @@ class LatentQuantize(QuantizerModule):
                         valid,
                     )
                     table = self.value_table()  # quantize again with the updated tables
-                    digits = self._nearest(table, latents)
+                    digits = self._nearest(latents)
                     zhat = self._lookup(table, digits)
                     indices = digits_to_indices(digits, self.basis)
                 out = torch.where(finite.unsqueeze(-1), zhat, zhat.detach())
