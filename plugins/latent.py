@@ -20,16 +20,45 @@ Gradients, as the paper intends (the reference's tables never receive one):
   codebooks leave them out of their statistics; ``commitment`` and the input's gradient still show them.
 
 Initial tables: odd L: ``linspace(-0.5, 0.5, L)``; even L: ``arange(L) / L - 0.5``. With
-``optimize_values=False`` they are frozen (still saved in the state_dict).
+``optimize_values=False`` they are frozen (parameters without gradient: they follow ``.to()`` /
+``.double()`` and are saved in the state_dict).
 
-Differences from vector-quantize-pytorch 1.32.0, on purpose: sequences ``(b, n, dim)`` work (the
-reference rejects them; ``(b, dim, n)`` needs ``channel_first=True``), images/video are detected and
-channel-first; int64 indices from the argmin; the losses are taken in latent space; the tables learn.
+``in_place_codebook_optimizer`` (a factory ``params -> torch.optim.Optimizer``, e.g.
+``functools.partial(torch.optim.SGD, lr=0.05)``; needs ``optimize_values=True``): built once over the
+value tables; every training forward (grad mode on) first steps it on the weighted quantization term of
+the batch, ``quantization_loss_weight * mse(sg(z), zhat)`` (the only term that reaches the tables),
+taken on detached latents so the encoder's graph is left alone, then quantizes again with the updated
+tables; the returned output, indices and loss come from the updated tables. The step consumes its own
+gradient only: what the tables' ``.grad`` held before the forward is put back. Eval forwards, forwards
+under ``torch.no_grad()`` and ``quantization_loss_weight=0`` do not step.
+
+State dict: the reference 1.32.0 keeps frozen tables (``optimize_values=False``) in a plain list, outside
+its state_dict; vqcore saves them (state_dict version 2), and a version-1 state without any table
+(a reference checkpoint, frozen) loads strictly: its tables are the initial grid, which the module then
+holds. A learnable module, or a version-2 state, still needs every table.
+
+Differences from vector-quantize-pytorch 1.32.0, on purpose:
+
+- 3-D inputs are sequences ``(b, n, dim)``, as the reference's README says; its code reads them as
+  ``(b, dim, n)``, which vqcore reads with ``channel_first=True`` (the reference converter sets it);
+  images/video are detected and channel-first; ``indices_to_codes`` answers in the same layout;
+- int64 indices from the argmin against the current tables (``codes_to_indices`` included; the
+  reference computes them from the initial grid, as int32);
+- the losses are taken in latent space, and the tables learn: from the quantization term and from the
+  output (straight-through to the encoder, the chosen values get the decoder's gradient); the
+  reference's tables never receive a gradient;
+- the in-place optimizer's step is weighted by ``quantization_loss_weight`` (the reference's code sums
+  the unweighted terms and never reaches its step: it reads an attribute it does not set);
+- frozen tables are saved in the state_dict (above);
+- ``keep_num_codebooks_dim=False`` with ``num_codebooks > 1`` keeps the codebook axis (as the
+  reference does), rather than raising.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -37,11 +66,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqcore.blocks.grid import check_levels, digits_to_indices, indices_to_digits, mixed_radix_basis
-from vqcore.blocks.layout import CodebookAxis, auto_layout, index_tokens
+from vqcore.blocks.layout import CodebookAxis, TokenLayout, auto_layout, index_tokens
 from vqcore.blocks.losses import CodebookLoss, CommitmentLoss, LossSpec, WeightedLosses, extra_loss_pairs
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_float, check_positive_int
+from vqcore.errors import ConfigurationError, ConfigurationRuntimeError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.protocols import INDEX_DTYPE
@@ -69,6 +99,17 @@ class LatentQuantizeOutputWithBreakdown(NamedTuple):
     breakdown: LatentLossBreakdown
 
 
+@contextmanager
+def configuration_errors() -> Iterator[None]:
+    """A constructor check's ValueError as :class:`~vqcore.errors.ConfigurationError` (same message)."""
+    try:
+        yield
+    except ConfigurationError:
+        raise
+    except ValueError as err:
+        raise ConfigurationError(str(err)) from None
+
+
 def initial_values(level: int) -> Tensor:
     if level % 2:
         return torch.linspace(-0.5, 0.5, level)
@@ -82,6 +123,8 @@ class LatentQuantize(QuantizerModule):
     ``dim`` defaults to ``len(levels) * num_codebooks``; otherwise Linear projections in and out.
     The ``num_codebooks`` groups share the value tables; indices gain a trailing codebook axis.
     ``extra_losses``: ``{"name": weight}`` or ``[(name or Loss, weight), ...]``.
+    ``in_place_codebook_optimizer``: ``params -> Optimizer``, stepped on the tables by every training
+    forward (module docstring); the built optimizer is the attribute of the same name.
     Layouts (detected): ``(b, n, dim)``, ``(b, dim)``, ``(b, dim, n)`` with ``channel_first=True``,
     images ``(b, dim, h, w)``, video ``(b, dim, t, h, w)``.
     """
@@ -90,6 +133,9 @@ class LatentQuantize(QuantizerModule):
     basis: Tensor
     levels_tensor: Tensor
     row_offset: Tensor
+
+    # state_dict version 2: frozen tables are saved (see the module docstring)
+    _version = 2
 
     def __init__(
         self,
@@ -101,6 +147,7 @@ class LatentQuantize(QuantizerModule):
         codebook_dim: int | None = None,
         keep_num_codebooks_dim: bool | None = None,
         optimize_values: bool = True,
+        in_place_codebook_optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None,
         channel_first: bool | None = None,
         projection_has_bias: bool = True,
         extra_losses: LossSpec = None,
@@ -110,25 +157,47 @@ class LatentQuantize(QuantizerModule):
             codebook_dim = None
         if isinstance(levels, int) and not isinstance(levels, bool):
             if codebook_dim is None:
-                raise ValueError(
+                # the reference fails here with torch's RuntimeError (repeating by -1)
+                raise ConfigurationRuntimeError(
                     f"levels is an int ({levels}): give codebook_dim (the number of latent dimensions) too, "
                     "or pass levels as a list"
                 )
-            levels = [levels] * check_positive_int(codebook_dim, "codebook_dim")
-        levels = check_levels(levels, allow_two=True)
+            with configuration_errors():
+                levels = [levels] * check_positive_int(codebook_dim, "codebook_dim")
+        with configuration_errors():
+            levels = check_levels(levels, allow_two=True)
         if codebook_dim is not None and codebook_dim != len(levels):
-            raise ValueError(f"codebook_dim ({codebook_dim}) must equal len(levels) ({len(levels)})")
-        self.codebook_axis = CodebookAxis(num_codebooks, len(levels), keep_num_codebooks_dim)
+            raise ConfigurationError(f"codebook_dim ({codebook_dim}) must equal len(levels) ({len(levels)})")
         if commitment_loss_weight < 0 or quantization_loss_weight < 0:
-            raise ValueError("commitment_loss_weight and quantization_loss_weight must be >= 0")
+            raise ConfigurationError(
+                "commitment_loss_weight and quantization_loss_weight must be >= 0, got "
+                f"{commitment_loss_weight} and {quantization_loss_weight}"
+            )
+        if in_place_codebook_optimizer is not None:
+            if not callable(in_place_codebook_optimizer):
+                raise TypeError(
+                    "in_place_codebook_optimizer must be a callable params -> torch.optim.Optimizer "
+                    f"(e.g. functools.partial(torch.optim.SGD, lr=0.05)), got "
+                    f"{type(in_place_codebook_optimizer).__name__}"
+                )
+            if not optimize_values:
+                raise ConfigurationError(
+                    "in_place_codebook_optimizer steps the value tables, which optimize_values=False "
+                    "freezes: pass optimize_values=True, or no optimizer"
+                )
+        # the reference keeps the codebook axis whenever num_codebooks > 1, even with keep=False
+        with configuration_errors():
+            self.codebook_axis = CodebookAxis(num_codebooks, len(levels), keep_num_codebooks_dim or None)
         self.commitment = CommitmentLoss()
         self.quantization = CodebookLoss()
         reserved = (CommitmentLoss.name, CodebookLoss.name)
-        self.extra_losses = WeightedLosses(extra_loss_pairs(extra_losses, reserved=reserved))
+        with configuration_errors():
+            self.extra_losses = WeightedLosses(extra_loss_pairs(extra_losses, reserved=reserved))
         self.levels = levels
         self.codebook_dim = len(levels)
         inner = self.codebook_dim * num_codebooks
-        self.dim = inner if dim is None else check_positive_int(dim, "dim")
+        with configuration_errors():
+            self.dim = inner if dim is None else check_positive_int(dim, "dim")
         self.channel_first = channel_first
         self.commitment_loss_weight = float(commitment_loss_weight)
         self.quantization_loss_weight = float(quantization_loss_weight)
@@ -149,6 +218,13 @@ class LatentQuantize(QuantizerModule):
         self.project_in, self.project_out = projection_pair(
             self.dim, inner, enabled=self.has_projections, bias=projection_has_bias
         )
+        # the reference's attribute: the optimizer built over the tables, or None
+        self.in_place_codebook_optimizer: torch.optim.Optimizer | None = (
+            None
+            if in_place_codebook_optimizer is None
+            else in_place_codebook_optimizer(self.values_per_latent.parameters())
+        )
+        self.register_load_state_dict_pre_hook(_initial_tables_for_legacy_frozen_state)
 
     @property
     def codebook_size(self) -> int:
@@ -179,15 +255,33 @@ class LatentQuantize(QuantizerModule):
             self.value_table().detach(), indices_to_digits(every, self.basis, self.levels_tensor)
         )
 
-    # -- pieces ------------------------------------------------------------------------------------
+    # -- layout -----------------------------------------------------------------------------------------
+    def _layout(self, x: Tensor, name: str) -> TokenLayout:
+        """The input's layout; a (b, dim, n) sequence without ``channel_first=True`` (what the reference's
+        code reads) is refused with a hint."""
+        if x.ndim == 3 and not self.channel_first and x.shape[-1] != self.dim and x.shape[1] == self.dim:
+            raise ValueError(
+                f"{name} must be a (batch, seq, dim) sequence with {self.dim} features on its last axis, got "
+                f"shape {tuple(x.shape)}; for (batch, dim, seq) build the module with channel_first=True"
+            )
+        return auto_layout(x.ndim, self.dim, self.channel_first, name=name)
 
-    def _nearest(self, table: Tensor, z: Tensor) -> Tensor:
-        """z (..., D) -> digits (..., D) int64 of the nearest table value per dimension."""
-        digits = (z.detach().unsqueeze(-1) - table.detach()).abs().argmin(-1)
-        # z = +inf is as far from every value as from the +inf padding (inf - inf = NaN wins the argmin):
-        # clamp, or the digit points into the padding and the index aliases another code or leaves
-        # [0, codebook_size)
-        return torch.minimum(digits, self.levels_tensor - 1)
+    # -- pieces -----------------------------------------------------------------------------------------
+
+    def _nearest(self, z: Tensor) -> Tensor:
+        """z (..., D) float32 -> digits (..., D) int64 of the nearest value of each dimension's current
+        table (the first on ties). One search per dimension over its own table, as the reference does:
+        for the few dimensions latent quantization uses this beats one search over the padded
+        (D, max(levels)) table (benchmarks/bench_latent.py). Coordinates are first clamped to their
+        table's range, which keeps every nearest value and makes +-inf choose the largest / smallest
+        value (not the first, as |inf - v| = inf for every v would); a NaN gives digit 0."""
+        z = z.detach()
+        digits = []
+        for i, values in enumerate(self.values_per_latent):
+            values = values.detach().float()
+            coordinate = z[..., i, None].clamp(values.min(), values.max())
+            digits.append((coordinate - values).abs_().argmin(-1))
+        return torch.stack(digits, dim=-1)
 
     def _lookup(self, table: Tensor, digits: Tensor) -> Tensor:
         """digits (..., D) -> values (..., D), differentiable w.r.t. the table."""
@@ -195,11 +289,11 @@ class LatentQuantize(QuantizerModule):
 
     # -- inference paths --------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
-        layout = auto_layout(x.ndim, self.dim, self.channel_first)
+        layout = self._layout(x, "x")
         tokens, spatial = layout.to_tokens(x)
         axis = self.codebook_axis
         with float32_region(x.device.type):
-            digits = self._nearest(self.value_table(), axis.split(project_into(self.project_in, tokens)))
+            digits = self._nearest(axis.split(project_into(self.project_in, tokens)))
             indices = digits_to_indices(digits, self.basis)
         return layout.indices_from_tokens(axis.indices_out(indices), spatial)
 
@@ -231,20 +325,21 @@ class LatentQuantize(QuantizerModule):
                 f"codes must have {self.codebook_dim} features on the last axis, "
                 f"got shape {tuple(codes.shape)}"
             )
-        return digits_to_indices(self._nearest(self.value_table(), codes.float()), self.basis)
+        return digits_to_indices(self._nearest(codes.float()), self.basis)
 
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, x: Tensor, return_loss_breakdown: bool = False):
-        layout = auto_layout(x.ndim, self.dim, self.channel_first)
-        tokens, spatial = layout.to_tokens(x)
+    def forward(self, z: Tensor, return_loss_breakdown: bool = False):
+        """``z``: the input (the reference's name), any layout of the class docstring."""
+        layout = self._layout(z, "z")
+        tokens, spatial = layout.to_tokens(z, "z")
         axis = self.codebook_axis
-        with float32_region(x.device.type):
-            z = axis.split(project_into(self.project_in, tokens))
+        with float32_region(z.device.type):
+            latents = axis.split(project_into(self.project_in, tokens))
             table = self.value_table()
-            digits = self._nearest(table, z)
+            digits = self._nearest(latents)
             zhat = self._lookup(table, digits)
             indices = digits_to_indices(digits, self.basis)
-            zero = z.new_zeros(())
+            zero = latents.new_zeros(())
             commitment = quantization = extra_total = zero
             extra = dict.fromkeys(self.extra_losses.names, zero)
             if self.training:
@@ -252,34 +347,68 @@ class LatentQuantize(QuantizerModule):
                 # codebooks): a NaN/Inf token reaches them neither through the quantization loss nor through
                 # the straight-through output, so one bad token cannot turn the tables NaN at the next step.
                 # The encoder side still sees it (commitment and the input's gradient are non-finite).
-                finite = torch.isfinite(z.sum(-1))  # any NaN/Inf (or an overflowing sum) in the group
+                finite = torch.isfinite(latents.sum(-1))  # any NaN/Inf (or an overflowing sum) in the group
+                d = latents.shape[-1]  # one book of every token and codebook group
+                valid = finite.reshape(1, -1)
+                if self._steps_in_place():
+                    self._step_tables_in_place(
+                        latents.detach().reshape(1, -1, d),
+                        zhat.reshape(1, -1, d),
+                        indices.reshape(1, -1),
+                        valid,
+                    )
+                    table = self.value_table()  # quantize again with the updated tables
+                    digits = self._nearest(latents)
+                    zhat = self._lookup(table, digits)
+                    indices = digits_to_indices(digits, self.basis)
                 out = torch.where(finite.unsqueeze(-1), zhat, zhat.detach())
-                out = out + (z - z.detach()) if z.requires_grad else out
-                d = z.shape[-1]  # one book of every token and codebook group
-                bz, bq, bi, valid = (
-                    z.reshape(1, -1, d),
-                    zhat.reshape(1, -1, d),
-                    indices.reshape(1, -1),
-                    finite.reshape(1, -1),
-                )
+                out = out + (latents - latents.detach()) if latents.requires_grad else out
+                bz, bq, bi = latents.reshape(1, -1, d), zhat.reshape(1, -1, d), indices.reshape(1, -1)
                 commitment = self.commitment(bz, bq, bi, None, None)[0]  # every token, non-finite ones too
                 quantization = self.quantization(bz, bq, bi, None, valid)[0]  # finite tokens only
                 if self.extra_losses.pairs:
                     extra_total, extra = self.extra_losses(bz, bq, bi, None, valid)
                     extra_total, extra = extra_total[0], {k: t[0] for k, t in extra.items()}
             else:
-                out = zhat
+                # straight-through in eval too (as the reference): a frozen quantizer passes gradients
+                out = zhat + (latents - latents.detach()) if latents.requires_grad else zhat
             out = project_from(self.project_out, out.flatten(-2))
         loss = self.commitment_loss_weight * commitment + self.quantization_loss_weight * quantization
         if self.extra_losses.pairs:
             loss = loss + extra_total
-        quantized = layout.from_tokens(out, spatial).to(x.dtype)
+        quantized = layout.from_tokens(out, spatial).to(z.dtype)
         indices = layout.indices_from_tokens(axis.indices_out(indices), spatial)
         if return_loss_breakdown:
             return LatentQuantizeOutputWithBreakdown(
                 quantized, indices, loss, LatentLossBreakdown(commitment, quantization, extra)
             )
         return LatentQuantizeOutput(quantized, indices, loss)
+
+    # -- the in-place codebook optimizer ------------------------------------------------------------
+    def _steps_in_place(self) -> bool:
+        """Whether this (training) forward steps the in-place optimizer first."""
+        return (
+            self.in_place_codebook_optimizer is not None
+            and self.quantization_loss_weight > 0
+            and torch.is_grad_enabled()
+        )
+
+    def _step_tables_in_place(self, latents: Tensor, zhat: Tensor, indices: Tensor, valid: Tensor) -> None:
+        """One step of the in-place optimizer on ``quantization_loss_weight * mse(sg(z), zhat)`` over the
+        finite tokens of one book: ``latents`` / ``zhat`` (1, N, D) (``latents`` detached, ``zhat``
+        differentiable w.r.t. the tables), ``indices`` / ``valid`` (1, N). Only the tables' gradient is
+        computed; their ``.grad`` is put back as it was after the step."""
+        optimizer = self.in_place_codebook_optimizer
+        assert optimizer is not None
+        tables = list(self.values_per_latent)
+        term = self.quantization(latents, zhat, indices, None, valid)[0]
+        grads = torch.autograd.grad(self.quantization_loss_weight * term, tables, allow_unused=True)
+        held = [table.grad for table in tables]
+        for table, grad in zip(tables, grads, strict=True):
+            table.grad = grad
+        optimizer.step()
+        for table, grad in zip(tables, held, strict=True):
+            table.grad = grad
 
     def export_metadata(self) -> dict[str, Any]:
         """Hyper-parameters for exported artifacts, next to the generic dim, codebook_size and
@@ -295,6 +424,29 @@ class LatentQuantize(QuantizerModule):
             f"levels={self.levels}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
             f"optimize_values={self.optimize_values}"
         )
+
+
+def _initial_tables_for_legacy_frozen_state(
+    module: LatentQuantize,
+    state_dict,
+    prefix,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+) -> None:
+    """Load pre-hook: a frozen module given a version-1 state without any value table (a reference 1.32.0
+    checkpoint keeps frozen tables out of its state_dict) gets the initial tables, which are what such a
+    checkpoint was trained with. Learnable modules and version-2 states keep the strict key check."""
+    version = local_metadata.get("version")
+    if module.optimize_values or (version is not None and version >= 2):
+        return
+    keys = [f"{prefix}values_per_latent.{i}" for i in range(len(module.levels))]
+    if any(key in state_dict for key in keys):
+        return
+    for key, level, table in zip(keys, module.levels, module.values_per_latent, strict=True):
+        state_dict[key] = initial_values(level).to(device=table.device, dtype=table.dtype)
 
 
 @hookimpl

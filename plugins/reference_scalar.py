@@ -16,7 +16,8 @@ Mapping rules (the module docstring of :mod:`vqcore.compat` lists the user-visib
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from vqcore.plugins.fsp import VECTOR_NORM_PRESETS, VectorNorm
 # Reference options that vqcore does not implement.
 FSQ_UNSUPPORTED = UnsupportedOptions(eval=(("orthogonal_rotation", False),), train=(("noise_dropout", 0.0),))
 LFQ_UNSUPPORTED = UnsupportedOptions()
-LATENT_UNSUPPORTED = UnsupportedOptions(train=(("in_place_codebook_optimizer", None),))
+LATENT_UNSUPPORTED = UnsupportedOptions()
 
 
 def _levels(ref: ReferenceModule) -> list[int]:
@@ -203,6 +204,18 @@ class GroupedResidualLFQConverter:
         return _own_keys_from(module.state_dict(), ref_state_dict)
 
 
+def in_place_optimizer_factory(ref: ReferenceModule) -> Callable[..., torch.optim.Optimizer] | None:
+    """The reference LatentQuantize's in-place optimizer as a factory for the converted tables: the same
+    optimizer class with the hyper-parameters its (single) group holds now. Its state is not carried: the
+    reference never steps it. None without one, and for a frozen reference, which keeps the factory
+    unbuilt (it has no tables to step)."""
+    optimizer = getattr(ref, "in_place_codebook_optimizer", None)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return None
+    group = optimizer.param_groups[0]
+    return functools.partial(type(optimizer), **{k: group[k] for k in optimizer.defaults if k in group})
+
+
 class LatentQuantizeConverter:
     """Reference ``LatentQuantize`` -> vqcore ``LatentQuantize``: projections and value tables."""
 
@@ -222,6 +235,7 @@ class LatentQuantizeConverter:
             num_codebooks=int(ref.num_codebooks),
             keep_num_codebooks_dim=bool(ref.keep_num_codebooks_dim),
             optimize_values=bool(ref.values_per_latent[0].requires_grad),
+            in_place_codebook_optimizer=in_place_optimizer_factory(ref),
             # the reference reads every input channel-first, (b, dim, n) included; vqcore's default
             # (channel_first=None) would read a 3-D input as (b, n, dim)
             channel_first=True,

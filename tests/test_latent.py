@@ -4,6 +4,7 @@ layouts and the encode/decode contract, export metadata, state_dict keys, errors
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -149,6 +150,12 @@ def test_decode_equals_eval_forward(shape, kwargs, index_shape):
     [
         ((2, 8, 16), dict(levels=[5, 5, 8], dim=16)),
         ((2, 9, 3, 4), dict(levels=[4, 8, 16], dim=9, num_codebooks=3)),
+        (
+            (2, 8, 6),
+            dict(
+                levels=[5, 4], dim=6, in_place_codebook_optimizer=functools.partial(torch.optim.SGD, lr=0.01)
+            ),
+        ),
     ],
 )
 def test_conformance(example, kwargs):
@@ -248,3 +255,250 @@ def test_export_metadata_and_state_dict_keys():
         "project_out.weight",
         "project_out.bias",
     }
+
+
+# -- the reference's names: forward(z=...), in_place_codebook_optimizer ----------------------------
+
+
+def test_forward_takes_z_by_name():
+    q = LatentQuantize(levels=[3, 4], dim=2).eval()
+    x = torch.randn(2, 5, 2)
+    assert torch.equal(q(z=x).quantized, q(x).quantized)
+
+
+def _in_place(weight=0.5, lr=0.5, **kwargs):
+
+    return LatentQuantize(
+        levels=[3],
+        commitment_loss_weight=0.1,
+        quantization_loss_weight=weight,
+        in_place_codebook_optimizer=functools.partial(torch.optim.SGD, lr=lr),
+        **kwargs,
+    )
+
+
+def test_in_place_optimizer_steps_the_tables_then_quantizes_again():
+    q = _in_place()
+    assert isinstance(q.in_place_codebook_optimizer, torch.optim.SGD)
+    held = torch.full((3,), 7.0)
+    q.values_per_latent[0].grad = held.clone()
+    z = torch.tensor([[[0.1], [0.4]]], requires_grad=True)  # nearest: 0 (digit 1) and 0.5 (digit 2)
+    out, indices, loss = q(z)
+    # d(0.5 mean((sg(z) - zhat)^2))/dv = 0.5 * 2 (v - z) / 2 per chosen value: -0.05 (v=0), +0.05 (v=0.5);
+    # SGD lr 0.5 moves them by -lr * grad
+    assert q.values_per_latent[0].tolist() == pytest.approx([-0.5, 0.025, 0.475])
+    # the output, indices and loss come from the updated tables
+    assert out.flatten().tolist() == pytest.approx([0.025, 0.475])
+    assert indices.tolist() == [[1, 2]]
+    assert loss.item() == pytest.approx((0.1 + 0.5) * 0.075**2)
+    # the step took only its own gradient: the tables' .grad is as before, the encoder side untouched
+    assert torch.equal(q.values_per_latent[0].grad, held)
+    assert z.grad is None
+    (out.sum() + loss).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_in_place_optimizer_leaves_the_projections_alone():
+    q = _in_place(dim=3)
+    before = {k: v.clone() for k, v in q.state_dict().items() if k.startswith("project")}
+    q(torch.randn(2, 6, 3))
+    assert all(torch.equal(q.state_dict()[k], v) for k, v in before.items())
+    assert all(p.grad is None for p in q.project_in.parameters())
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["eval", "no_grad", "zero_weight"],
+)
+def test_in_place_optimizer_does_not_step(case):
+    q = _in_place(weight=0.0 if case == "zero_weight" else 0.5)
+    if case == "eval":
+        q.eval()
+    z = torch.tensor([[[0.1], [0.4]]])
+    if case == "no_grad":
+        with torch.no_grad():
+            q(z)
+    else:
+        q(z)
+    assert q.values_per_latent[0].tolist() == pytest.approx([-0.5, 0.0, 0.5])
+
+
+def test_in_place_optimizer_refused_input_changes_nothing():
+    q = _in_place()
+    with pytest.raises(ValueError, match="1 features"):
+        q(torch.randn(2, 5, 2))
+    assert q.values_per_latent[0].tolist() == pytest.approx([-0.5, 0.0, 0.5])
+
+
+def test_in_place_optimizer_bad_configuration():
+    from vqcore.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="optimize_values=False"):
+        LatentQuantize(levels=[3], optimize_values=False, in_place_codebook_optimizer=torch.optim.SGD)
+    with pytest.raises(TypeError, match="callable params -> torch.optim.Optimizer.*got str"):
+        LatentQuantize(levels=[3], in_place_codebook_optimizer="sgd")
+
+
+def test_eval_forward_is_straight_through():
+    q = LatentQuantize(levels=[3, 4], dim=2).eval()
+    z = torch.randn(2, 5, 2, requires_grad=True)
+    out = q(z).quantized
+    assert torch.equal(out, q.decode(q.encode(z)))
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    assert torch.equal(grad, torch.ones_like(z))
+
+
+# -- errors the reference raises as RuntimeError / asserts ------------------------------------------
+
+
+def test_configuration_errors_are_the_references_types():
+    from vqcore.errors import ConfigurationError, ConfigurationRuntimeError
+
+    with pytest.raises(ConfigurationRuntimeError, match="give codebook_dim") as info:
+        LatentQuantize(levels=5, dim=16)
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+    for kwargs, message in [
+        (dict(levels=[5, 1]), "ints >= 2"),
+        (dict(levels=[5, 3], codebook_dim=3), r"codebook_dim \(3\) must equal len\(levels\) \(2\)"),
+        (dict(levels=[5, 3], commitment_loss_weight=-1.0), "got -1.0 and 0.1"),
+        (dict(levels=[5, 3], num_codebooks=0), "num_codebooks must be >= 1"),
+        (dict(levels=[5, 3], dim=0), "dim must be >= 1"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            LatentQuantize(**kwargs)
+
+
+def test_keep_num_codebooks_dim_false_keeps_the_axis_with_several_codebooks():
+    q = LatentQuantize(levels=[3, 4], num_codebooks=2, keep_num_codebooks_dim=False)
+    assert q.keep_num_codebooks_dim is True
+    assert q(torch.randn(2, 5, 4)).indices.shape == (2, 5, 2)
+    assert LatentQuantize(levels=[3, 4], keep_num_codebooks_dim=False).keep_num_codebooks_dim is False
+
+
+# -- state_dict: the reference's keys, its frozen checkpoints, vqcore's older ones ------------------
+
+
+def test_frozen_tables_follow_dtype_and_are_saved():
+    q = LatentQuantize(levels=[3, 4], optimize_values=False).double()
+    assert [v.dtype for v in q.values_per_latent] == [torch.float64, torch.float64]
+    state = q.state_dict()
+    assert list(state) == ["values_per_latent.0", "values_per_latent.1"]
+    assert state._metadata[""]["version"] == 2
+
+
+def _without_tables(state, version):
+    state = type(state)((k, v) for k, v in state.items() if not k.startswith("values_per_latent."))
+    state._metadata = {"": {"version": version}}
+    return state
+
+
+def test_version_1_frozen_state_without_tables_loads_the_initial_tables():
+    saved = LatentQuantize(levels=[3, 4], dim=5, optimize_values=False)
+    q = LatentQuantize(levels=[3, 4], dim=5, optimize_values=False)
+    with torch.no_grad():
+        q.values_per_latent[0].add_(1.0)
+        q.project_in.weight.zero_()
+    q.load_state_dict(_without_tables(saved.state_dict(), 1), strict=True)
+    assert q.values_per_latent[0].tolist() == pytest.approx([-0.5, 0.0, 0.5])
+    assert torch.equal(q.project_in.weight, saved.project_in.weight)
+
+
+@pytest.mark.parametrize("optimize_values, version", [(False, 2), (True, 1), (True, None)])
+def test_missing_tables_still_fail_strict_loading(optimize_values, version):
+    q = LatentQuantize(levels=[3, 4], optimize_values=optimize_values)
+    state = _without_tables(q.state_dict(), version)
+    if version is None:
+        state._metadata = {}
+    with pytest.raises(RuntimeError, match="values_per_latent.0"):
+        q.load_state_dict(state, strict=True)
+
+
+def test_version_1_state_with_tables_keeps_them():
+    """vqcore's checkpoints before state_dict version 2 saved frozen tables: they are loaded as saved."""
+    q = LatentQuantize(levels=[3, 4], optimize_values=False)
+    state = q.state_dict()
+    state["values_per_latent.1"] = torch.tensor([-0.4, -0.1, 0.2, 0.3])
+    state._metadata[""]["version"] = 1
+    q.load_state_dict(state, strict=True)
+    assert q.values_per_latent[1].tolist() == pytest.approx([-0.4, -0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("optimize_values", [True, False])
+def test_reference_state_dict_loads_strictly(optimize_values):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    ref = vqp.LatentQuantize(levels=[5, 3], dim=6, optimize_values=optimize_values)
+    q = LatentQuantize(levels=[5, 3], dim=6, optimize_values=optimize_values)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.25)
+    q.load_state_dict(ref.state_dict(), strict=True)
+    for mine, theirs in zip(q.values_per_latent, ref.values_per_latent, strict=True):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(q.project_out.bias, ref.project_out.bias)
+    if optimize_values:  # the keys are the same: the way back is strict too
+        ref.load_state_dict(q.state_dict(), strict=True)
+    else:  # the reference keeps frozen tables out of its state_dict
+        assert ref.load_state_dict(q.state_dict(), strict=False).unexpected_keys == [
+            "values_per_latent.0",
+            "values_per_latent.1",
+        ]
+
+
+def test_save_load_and_export_round_trip(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import vqcore
+    from vqcore.export import to_onnx, to_torchscript
+
+    q = LatentQuantize(levels=[5, 4], dim=6, num_codebooks=2)
+    with torch.no_grad():
+        q.values_per_latent[1].copy_(torch.tensor([-0.7, -0.2, 0.1, 0.6]))
+    vqcore.save(q, tmp_path / "latent.safetensors")
+    loaded = vqcore.load(tmp_path / "latent.safetensors")
+    x = torch.randn(2, 7, 6)
+    assert torch.equal(loaded(x).indices, q.eval()(x).indices)
+    for writer, graph, example in [
+        (to_onnx, "encode", x),
+        (to_torchscript, "encode", x),
+        (to_onnx, "decode", q.encode(x)),
+        (to_torchscript, "decode", q.encode(x)),
+    ]:
+        result = writer(q, str(tmp_path / f"latent_{graph}"), graph=graph, example=example)
+        assert result.parity.ok
+
+
+def test_reference_conversion_carries_the_in_place_optimizer():
+
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    from vqcore.compat import from_reference
+
+    factory = functools.partial(torch.optim.Adam, lr=0.01, betas=(0.8, 0.9))
+    ref = vqp.LatentQuantize(levels=[5, 3], dim=6, in_place_codebook_optimizer=factory)
+    mine = from_reference(ref)
+    optimizer = mine.in_place_codebook_optimizer
+    assert isinstance(optimizer, torch.optim.Adam)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["betas"] == (0.8, 0.9)
+    assert all(a is b for a, b in zip(group["params"], mine.values_per_latent, strict=True))
+    x = torch.randn(2, 6, 7)  # the reference reads (b, dim, n); the conversion sets channel_first
+    with torch.no_grad():
+        want, got = ref.eval()(x), mine.eval()(x)
+    torch.testing.assert_close(got.quantized, want[0])
+    assert torch.equal(got.indices, want[1].long())
+    # a frozen reference never builds its factory: nothing to carry
+    frozen = vqp.LatentQuantize(
+        levels=[5, 3], dim=6, optimize_values=False, in_place_codebook_optimizer=factory
+    )
+    assert from_reference(frozen).in_place_codebook_optimizer is None
+
+
+def test_channel_first_sequence_without_the_flag_gets_a_hint():
+    q = LatentQuantize(levels=[5, 5, 8], dim=16)
+    with pytest.raises(
+        ValueError, match=r"got shape \(1, 16, 64\); for \(batch, dim, seq\).*channel_first=True"
+    ):
+        q(torch.randn(1, 16, 64))
+    with pytest.raises(ValueError, match="channel_first=True"):
+        q.encode(torch.randn(1, 16, 64))
+    out = LatentQuantize(levels=[5, 5, 8], dim=16, channel_first=True).eval()(torch.randn(1, 16, 64))
+    assert out.quantized.shape == (1, 16, 64) and out.indices.shape == (1, 64)
