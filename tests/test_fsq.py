@@ -340,9 +340,9 @@ def test_residual_fsq_return_all_codes():
     assert torch.all(all_codes[kept:] == 0)
     torch.testing.assert_close(q.project_out(all_codes.sum(0)), quantized)
     q.eval()
-    out = q(torch.randn(2, 6, 3, 4), return_all_codes=True)  # images: codes in the input's layout
-    assert out.all_codes.shape == (3, 2, 3, 3, 4)
-    assert torch.equal(q.get_codes_from_indices(out.indices), out.all_codes.movedim(2, -1))
+    out = q(torch.randn(2, 6, 3, 4), return_all_codes=True)  # images: codes channel-last, as decoded
+    assert out.all_codes.shape == (3, 2, 3, 4, 3)
+    assert torch.equal(q.get_codes_from_indices(out.indices), out.all_codes)
 
 
 def test_residual_fsq_per_layer_codes_by_hand_and_padded():

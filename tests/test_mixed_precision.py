@@ -27,6 +27,7 @@ import vqcore
 from vqcore import (
     FSQ,
     LFQ,
+    GroupedResidualFSQ,
     GroupedResidualVQ,
     LatentQuantize,
     RandomProjectionQuantizer,
@@ -136,6 +137,11 @@ CASES = [
         8,
         projections=True,
     ),
+    Case(
+        "grouped_residual_fsq",
+        lambda: GroupedResidualFSQ(dim=6, groups=2, levels=[8, 5, 5], num_quantizers=2),
+        6,
+    ),
     Case("lfq", lambda: LFQ(codebook_size=16, num_codebooks=2, commitment_loss_weight=0.25), 8),
     Case("lfq_projection", lambda: LFQ(codebook_size=16, dim=8), 8, projections=True),
     Case("residual_lfq", lambda: ResidualLFQ(dim=4, codebook_size=16, num_quantizers=3), 4),
@@ -159,10 +165,12 @@ PRECISIONS = [
 BUILTIN_CLASSES = {
     VectorQuantize,
     ResidualVQ,
+    GroupedResidualFSQ,
     GroupedResidualVQ,
     RandomProjectionQuantizer,
     FSQ,
     ResidualFSQ,
+    GroupedResidualFSQ,
     LFQ,
     ResidualLFQ,
     LatentQuantize,
