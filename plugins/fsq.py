@@ -1,20 +1,25 @@
-"""FSQ and ResidualFSQ: x (b, n, d) -> quantized (b, n, d), indices (b, n) / (b, n, Q).
+"""FSQ: x (b, n, d) -> quantized (b, n, d), indices (b, n) (ResidualFSQ: vqcore.plugins.residual_fsq).
 
 Finite scalar quantization (Mentzer et al., arXiv 2309.15505): every dimension is bounded and rounded
 to ``L_i`` levels; the implicit codebook is the grid of ``prod(levels)`` points. No codebook, no loss.
 
 Index layout (identical to vector-quantize-pytorch 1.32.0, so token datasets carry over): mixed radix
 with the FIRST dimension least significant, ``index = sum_i digit_i * basis_i`` with
-``basis = cumprod([1, L_0, L_1, ...])``; computed in int64 integer arithmetic (exact for any size).
+``basis = cumprod([1, L_0, L_1, ...])``; exact for any size that int64 holds (a float sum of the
+rounded digits up to 2^24 codes, int64 arithmetic beyond).
 
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
-- indices are int64 (the reference uses int32 and float arithmetic);
-- quantization always runs in float32 with autocast off (bf16 cannot hold the levels: it rounds the
-  bound's constants and moves decision boundaries);
+- indices are int64, ``codes_to_indices`` included (the reference uses int32 and float arithmetic);
+- quantization runs with autocast off and, by default, in float32 for every dtype but float64 (which
+  ``allowed_dtypes`` lists, as in the reference): bf16 cannot hold the levels (it rounds the bound's
+  constants and moves decision boundaries); ``allowed_dtypes`` / ``force_quantization_f32`` opt out;
+- the grid's constants stay float32 after ``.half()`` / ``.bfloat16()``, as does ``orthogonal_rot``;
 - ``codebook_size`` exists with ``return_indices=False`` too;
-- ResidualFSQ accepts image/video inputs (detected, channel-first) and its indices decode, from a coarse
-  prefix of the layers too;
-- no ``noise_dropout`` / ``orthogonal_rotation`` / unused ``scale`` options.
+- with ``orthogonal_rotation``, ``codes_to_indices`` takes the rotated codes that the forward and
+  ``indices_to_codes`` give (the reference reads them as unrotated grid codes), and no message is printed
+  for unequal levels;
+- the forward's value is the grid code exactly (the reference adds ``z + (code - z)``, equal here: the
+  difference is exact in float).
 """
 
 from __future__ import annotations
@@ -340,8 +345,9 @@ class FSQ(Float32State, QuantizerModule):
     def into_codebook_space(self, tokens: Tensor) -> Tensor:
         """Tokens (b, n, dim) -> (b, n, num_codebooks, len(levels)) after ``project_in``, in the dtype they
         are quantized in."""
-        projected = self.project_in.weight.dtype if self.has_projections else tokens.dtype
-        z = project_into(self.project_in, tokens, self.quantization_dtype(projected))
+        z = project_into(
+            self.project_in, tokens, self.quantization_dtype(projected_dtype(self.project_in, tokens))
+        )
         return self.codebook_axis.split(z)
 
     # -- the token path ---------------------------------------------------------------------------
@@ -432,6 +438,11 @@ class FSQ(Float32State, QuantizerModule):
         options = [f"levels={self.levels}", f"dim={self.dim}", f"num_codebooks={self.num_codebooks}"]
         options += [f"{name}={getattr(self, name)}" for name in _SHOWN_OPTIONS if getattr(self, name)]
         return ", ".join(options)
+
+
+def projected_dtype(layer: nn.Module, tokens: Tensor) -> torch.dtype:
+    """The dtype ``project_into(layer, tokens)`` computes in: a Linear layer's own, else the tokens'."""
+    return layer.weight.dtype if isinstance(layer, nn.Linear) else tokens.dtype
 
 
 _SHOWN_OPTIONS = ("preserve_symmetry", "bound_hard_clamp", "noise_dropout", "orthogonal_rotation")

@@ -39,7 +39,14 @@ from vqcore.blocks.validation import check_positive_int, check_tensor
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.plugins.fsq import FSQ, FSQGrid, FSQOutput, FSQOutputWithCodes, record_dtype_names
+from vqcore.plugins.fsq import (
+    FSQ,
+    FSQGrid,
+    FSQOutput,
+    FSQOutputWithCodes,
+    projected_dtype,
+    record_dtype_names,
+)
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE
 
 # FSQ options a residual layer cannot take: (name, the only value accepted, why)
@@ -212,9 +219,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
         """Tokens (b, n, dim) -> (quantized tokens (b, n, dim), indices (b, n, Q) with -1 for the layers
         past ``kept``, per-layer scaled codes (Q of (b, n, D), zeros past ``kept``) when ``want_codes``)."""
         first = self.layers[0]
-        projected = self.project_in.weight.dtype if self.has_projections else tokens.dtype
+        dtype = first.quantization_dtype(projected_dtype(self.project_in, tokens))
         with first.quantization_region(tokens.device.type):
-            z = project_into(self.project_in, tokens, first.quantization_dtype(projected))
+            z = project_into(self.project_in, tokens, dtype)
             if self.layerwise or z.dtype not in (torch.float32, torch.float64):
                 total, indices, codes = self._layerwise(z, kept, want_codes)
             else:
@@ -250,6 +257,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
                 scaled = code.mul_(scale)
                 if q + 1 < kept:
                     residual.sub_(scaled)
+                assert index is not None  # asked for
                 indices.append(index)
                 if want_codes:
                     codes.append(scaled)
