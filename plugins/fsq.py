@@ -18,6 +18,9 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - with ``orthogonal_rotation``, ``codes_to_indices`` takes the rotated codes that the forward and
   ``indices_to_codes`` give (the reference reads them as unrotated grid codes), and no message is printed
   for unequal levels;
+- ``noise_dropout`` is the probability that a component gets noise; the reference's mask is
+  ``full_like(codes, p).bernoulli_()``, whose in-place ``bernoulli_`` ignores the filled values and draws
+  with probability 0.5 whatever ``p`` (at 0.5 the two draw the same numbers);
 - the forward's value is the grid code exactly (the reference adds ``z + (code - z)``, equal here: the
   difference is exact in float).
 """
@@ -364,8 +367,9 @@ class FSQ(Float32State, QuantizerModule):
         return unrotate(codes, rotation), index
 
     def add_noise(self, codes: Tensor) -> Tensor:
-        """Noise dropout on symmetric codes in [-1, 1]: the reference's random draws, in its order."""
-        replace = torch.full_like(codes, self.noise_dropout).bernoulli_().bool()
+        """Noise dropout on symmetric codes in [-1, 1]: each component with probability ``noise_dropout``
+        (the mask, then the noise: the reference's draws in its order)."""
+        replace = torch.empty_like(codes).bernoulli_(self.noise_dropout).bool()
         noise = torch.rand_like(codes) - 0.5
         return torch.where(replace, codes + noise, codes).clamp(-1.0, 1.0)
 

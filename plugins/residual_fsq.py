@@ -12,8 +12,8 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``projection_has_bias`` applies to the stack's own projections (the reference forwards it to its
   layers, which never project, and always gives its projections a bias);
 - FSQ options that make no sense per layer are refused: ``num_codebooks != 1`` (the reference fails its
-  own assertion), ``keep_num_codebooks_dim=True``, ``return_indices=False`` and ``channel_first`` (the
-  reference fails in forward).
+  own assertion), ``keep_num_codebooks_dim=True`` and ``return_indices=False`` (the reference fails in
+  forward).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ _LAYER_FIXED = (
     ("num_codebooks", 1, "each layer quantizes the whole residual with one grid"),
     ("keep_num_codebooks_dim", None, "the indices' trailing axis is the layer axis"),
     ("return_indices", True, "every layer's indices are returned"),
-    ("channel_first", None, "the stack reads the layout (use is_channel_first)"),
 )
 
 

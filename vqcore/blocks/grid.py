@@ -24,6 +24,7 @@ from torch import Tensor
 
 from vqcore.blocks.precision import Float32State
 from vqcore.blocks.validation import check_positive_int
+from vqcore.errors import ConfigurationError
 from vqcore.protocols import INDEX_DTYPE
 
 MAX_BITS = 62  # int64 indices
@@ -40,14 +41,14 @@ def check_levels(levels, *, allow_two: bool, name: str = "levels") -> list[int]:
         raise TypeError(f"{name} must be a list of ints, got {type(levels).__name__} ({levels!r})")
     levels = list(levels)
     if not levels:
-        raise ValueError(f"{name} must not be empty")
+        raise ConfigurationError(f"{name} must not be empty")
     for value in levels:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must contain ints, got {value!r} ({type(value).__name__}) in {levels}")
         if value < 2:
-            raise ValueError(f"{name} must be ints >= 2, got {value} in {levels}")
+            raise ConfigurationError(f"{name} must be ints >= 2, got {value} in {levels}")
     if not allow_two and 2 in levels:
-        raise ValueError(
+        raise ConfigurationError(
             f"{name} contains 2 ({levels}): use preserve_symmetry=True for 2 levels, or a level >= 3"
         )
     return levels
@@ -125,19 +126,23 @@ class BinaryCodebook(Float32State):
         super().__init__()
         check_positive_int(bits, "bits")
         if bits > MAX_BITS:
-            raise ValueError(f"a binary codebook has at most {MAX_BITS} bits (int64 indices), got {bits}")
+            raise ConfigurationError(
+                f"a binary codebook has at most {MAX_BITS} bits (int64 indices), got {bits}"
+            )
         scales = [scale] if isinstance(scale, (int, float)) else list(scale)
         if books is not None:
             check_positive_int(books, "books")
             if len(scales) == 1:
                 scales = scales * books
             elif len(scales) != books:
-                raise ValueError(f"give one scale or one per book ({books}), got {len(scales)} scales")
+                raise ConfigurationError(
+                    f"give one scale or one per book ({books}), got {len(scales)} scales"
+                )
         for s in scales:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
-                raise ValueError(f"binary code scales must be finite numbers > 0, got {scale!r}")
+                raise ConfigurationError(f"binary code scales must be finite numbers > 0, got {scale!r}")
         if not scales:
-            raise ValueError("a binary codebook needs at least one book (one scale)")
+            raise ConfigurationError("a binary codebook needs at least one book (one scale)")
         self.bits = bits
         self.register_buffer(
             "bit_weights", 2 ** torch.arange(bits - 1, -1, -1, dtype=INDEX_DTYPE), persistent=False
