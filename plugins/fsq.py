@@ -251,7 +251,8 @@ class FSQ(Float32State, QuantizerModule):
       ``allowed_dtypes`` (default float32 and float64) is quantized in its own dtype; any other dtype is
       cast to float32 first, and autocast is off during quantization. ``force_quantization_f32=False``
       quantizes every dtype as it comes, under the caller's autocast. Listing bfloat16 or float16 (or
-      turning the cast off) opts out of vqcore's float32 rule: the grid's constants stay float32, and
+      turning the cast off) opts out of vqcore's float32 rule (dtypes may be given by name, "bfloat16",
+      which keeps a saved config JSON): the grid's constants stay float32, and
       torch's type promotion applies where they meet the low-precision values, as in the reference;
     - ``scale``: stored as ``self.scale`` and unused, as in the reference.
     """
@@ -265,7 +266,7 @@ class FSQ(Float32State, QuantizerModule):
         num_codebooks: int = 1,
         keep_num_codebooks_dim: bool | None = None,
         scale: float | None = None,
-        allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+        allowed_dtypes: tuple[torch.dtype | str, ...] = ("float32", "float64"),
         channel_first: bool | None = None,
         projection_has_bias: bool = True,
         return_indices: bool = True,

@@ -72,6 +72,14 @@ def _fsq_options(ref: ReferenceModule) -> dict[str, Any]:
     )
 
 
+def _fsq_findings(ref: ReferenceModule) -> list:
+    """The reference's noise mask has probability 0.5 whatever ``noise_dropout`` (vqcore's: the value)."""
+    noise = float(ref.noise_dropout)
+    if noise in (0.0, 0.5):
+        return []
+    return [(TRAINING_ONLY, f"noise_dropout={noise} (the reference adds noise with probability 0.5)")]
+
+
 def _same_keys(module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The reference's entry under each of ``module``'s state_dict keys (a missing one: KeyError)."""
     return {key: ref_state_dict[key] for key in module.state_dict()}
@@ -83,7 +91,8 @@ class FSQConverter:
     quantizer = "FSQ"
 
     def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
-        raise_unsupported(FSQ_UNSUPPORTED.findings(ref), allow_training_differences, type(ref).__name__)
+        findings = FSQ_UNSUPPORTED.findings(ref) + _fsq_findings(ref)
+        raise_unsupported(findings, allow_training_differences, type(ref).__name__)
         return dict(
             levels=_levels(ref),
             dim=int(ref.dim),
@@ -130,6 +139,7 @@ class ResidualFSQConverter:
     quantizer = "ResidualFSQ"
 
     def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        raise_unsupported(_fsq_findings(ref.layers[0]), allow_training_differences, type(ref).__name__)
         return dict(dim=_residual_fsq_dim(ref), **_residual_fsq_options(ref))
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -142,6 +152,8 @@ class GroupedResidualFSQConverter:
     quantizer = "GroupedResidualFSQ"
 
     def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        layer = ref.rvqs[0].layers[0]
+        raise_unsupported(_fsq_findings(layer), allow_training_differences, type(ref).__name__)
         return dict(
             dim=int(ref.dim),
             groups=int(ref.groups),
