@@ -362,17 +362,36 @@ class FSQ(Float32State, QuantizerModule):
         int64 or None): the codes as the forward outputs them before ``project_out`` (rotated back, with
         the noise of ``noise_dropout`` when ``training``), carrying the straight-through gradient."""
         rotation = self.orthogonal_rot
-        codes, index = self.grid.quantize(rotate(z, rotation), indices=indices)
-        if training and self.noise_dropout > 0:
-            codes = self.add_noise(codes)
+        z = rotate(z, rotation)
+        noisy = training and self.noise_dropout > 0
+        if noisy and z.dtype in (torch.float32, torch.float64):  # the noise joins the one gradient node
+            grad = z.requires_grad and torch.is_grad_enabled()
+            codes, index, slope = self.grid.quantize_detached(z, slope=grad, indices=indices)
+            with torch.no_grad():
+                codes, inside = self.add_noise_(codes)
+            if slope is not None:
+                codes = with_slope(z, codes, slope * inside)
+        else:
+            codes, index = self.grid.quantize(z, indices=indices)
+            if noisy:
+                codes = self.add_noise(codes)
         return unrotate(codes, rotation), index
 
     def add_noise(self, codes: Tensor) -> Tensor:
         """Noise dropout on symmetric codes in [-1, 1]: each component with probability ``noise_dropout``
-        (the mask, then the noise: the reference's draws in its order)."""
+        gets uniform noise in [-0.5, 0.5), then the codes are clamped to [-1, 1] (the mask, then the
+        noise: the reference's draws, in its order)."""
         replace = torch.empty_like(codes).bernoulli_(self.noise_dropout).bool()
         noise = torch.rand_like(codes) - 0.5
         return torch.where(replace, codes + noise, codes).clamp(-1.0, 1.0)
+
+    def add_noise_(self, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`add_noise` in place on a scratch tensor (the same draws, the same values), and where the
+        clamp let the gradient through (d noisy / d codes, a bool mask)."""
+        replace = torch.empty_like(codes).bernoulli_(self.noise_dropout)
+        codes.add_(torch.rand_like(codes).sub_(0.5).mul_(replace))
+        inside = codes.abs() <= 1.0
+        return codes.clamp_(-1.0, 1.0), inside
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Checked int64 indices (..., num_codebooks) -> codes (..., num_codebooks, len(levels)) as
