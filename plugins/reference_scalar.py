@@ -1,4 +1,5 @@
-"""Converters from vector-quantize-pytorch 1.32.0 FSQ, LFQ, ResidualLFQ, GroupedResidualLFQ, LatentQuantize.
+"""Converters from vector-quantize-pytorch 1.32.0 FSQ, ResidualFSQ, GroupedResidualFSQ, FSP, LFQ, ResidualLFQ,
+GroupedResidualLFQ, BinaryMapper and LatentQuantize.
 
 Each follows :class:`vqcore.protocols.ReferenceConverter` and is registered under the reference's class
 name. The options are read from the reference module's public attributes (its levels through
@@ -9,6 +10,8 @@ Mapping rules (the module docstring of :mod:`vqcore.compat` lists the user-visib
 - the trained state is the projections (``project_in`` / ``project_out``) and, for LatentQuantize, the
   value tables ``values_per_latent.{i}``; the reference LFQ's ``mask`` buffer holds bit weights, not state;
 - FSQ ``scale`` is stored but never used by the reference: it is accepted and ignored;
+- the FSQ family's state_dict keys are the reference's (projections, ``orthogonal_rot`` per FSQ,
+  ``layers.{q}`` and ``rvqs.{g}`` prefixes): the state is the reference's entry under each key;
 - the reference LatentQuantize reads every input channel-first, ``(b, dim, n)`` included: it converts to
   ``channel_first=True``.
 """
@@ -25,7 +28,6 @@ from torch import Tensor, nn
 
 from vqcore.blocks.conversion import (
     CHANGES_EVAL,
-    LOW_PRECISION,
     TRAINING_ONLY,
     ReferenceModule,
     UnsupportedOptions,
@@ -38,7 +40,7 @@ from vqcore.hookspecs import hookimpl
 from vqcore.plugins.fsp import VECTOR_NORM_PRESETS, VectorNorm
 
 # Reference options that vqcore does not implement.
-FSQ_UNSUPPORTED = UnsupportedOptions(eval=(("orthogonal_rotation", False),), train=(("noise_dropout", 0.0),))
+FSQ_UNSUPPORTED = UnsupportedOptions()
 LFQ_UNSUPPORTED = UnsupportedOptions()
 LATENT_UNSUPPORTED = UnsupportedOptions()
 
@@ -59,18 +61,37 @@ def _map_projections(own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Ten
     return out
 
 
+def _fsq_options(ref: ReferenceModule) -> dict[str, Any]:
+    """The options of a reference FSQ that its residual stacks forward to their layers too."""
+    return dict(
+        scale=ref.scale,
+        allowed_dtypes=[str(d).removeprefix("torch.") for d in ref.allowed_dtypes],
+        force_quantization_f32=bool(ref.force_quantization_f32),
+        noise_dropout=float(ref.noise_dropout),
+        orthogonal_rotation=bool(ref.orthogonal_rotation),
+    )
+
+
+def _fsq_findings(ref: ReferenceModule) -> list:
+    """The reference's noise mask has probability 0.5 whatever ``noise_dropout`` (vqcore's: the value)."""
+    noise = float(ref.noise_dropout)
+    if noise in (0.0, 0.5):
+        return []
+    return [(TRAINING_ONLY, f"noise_dropout={noise} (the reference adds noise with probability 0.5)")]
+
+
+def _same_keys(module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The reference's entry under each of ``module``'s state_dict keys (a missing one: KeyError)."""
+    return {key: ref_state_dict[key] for key in module.state_dict()}
+
+
 class FSQConverter:
-    """Reference ``FSQ`` -> vqcore ``FSQ``: the projections are the whole state."""
+    """Reference ``FSQ`` -> vqcore ``FSQ``: the projections and the rotation are the whole state."""
 
     quantizer = "FSQ"
 
     def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
-        findings = FSQ_UNSUPPORTED.findings(ref)
-        low = [d for d in getattr(ref, "allowed_dtypes", ()) if d not in (torch.float32, torch.float64)]
-        if not bool(getattr(ref, "force_quantization_f32", True)):
-            findings.append((LOW_PRECISION, "force_quantization_f32=False"))
-        elif low:
-            findings.append((LOW_PRECISION, f"allowed_dtypes includes {', '.join(map(str, low))}"))
+        findings = FSQ_UNSUPPORTED.findings(ref) + _fsq_findings(ref)
         raise_unsupported(findings, allow_training_differences, type(ref).__name__)
         return dict(
             levels=_levels(ref),
@@ -82,10 +103,66 @@ class FSQConverter:
             channel_first=bool(ref.channel_first) or None,
             projection_has_bias=_projection_has_bias(ref),
             bound_hard_clamp=bool(ref.bound_hard_clamp),
+            **_fsq_options(ref),
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _map_projections(module.state_dict(), ref_state_dict)
+        return _same_keys(module, ref_state_dict)
+
+
+def _residual_fsq_options(ref: ReferenceModule) -> dict[str, Any]:
+    """A reference ResidualFSQ's options, but its ``dim``."""
+    layer = ref.layers[0]
+    clamp = getattr(ref, "soft_clamp_input_value", None)  # a buffer, None without soft clamping
+    hard = bool(layer.bound_hard_clamp)
+    return dict(
+        levels=[int(v) for v in ref.levels],
+        num_quantizers=int(ref.num_quantizers),
+        is_channel_first=bool(ref.is_channel_first),
+        quantize_dropout=bool(ref.quantize_dropout),
+        quantize_dropout_cutoff_index=int(ref.quantize_dropout_cutoff_index),
+        quantize_dropout_multiple_of=int(ref.quantize_dropout_multiple_of),
+        bound_hard_clamp=hard,
+        soft_clamp_input_value=None if hard or clamp is None else clamp.tolist(),
+        **_fsq_options(layer),
+    )
+
+
+def _residual_fsq_dim(ref: ReferenceModule) -> int:
+    proj = linear_of(ref.project_in)
+    return len(ref.levels) if proj is None else int(proj.in_features)
+
+
+class ResidualFSQConverter:
+    """Reference ``ResidualFSQ`` -> vqcore ``ResidualFSQ``: projections and the layers' rotations."""
+
+    quantizer = "ResidualFSQ"
+
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        raise_unsupported(_fsq_findings(ref.layers[0]), allow_training_differences, type(ref).__name__)
+        return dict(dim=_residual_fsq_dim(ref), **_residual_fsq_options(ref))
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _same_keys(module, ref_state_dict)
+
+
+class GroupedResidualFSQConverter:
+    """Reference ``GroupedResidualFSQ`` -> vqcore ``GroupedResidualFSQ``: every group's stack."""
+
+    quantizer = "GroupedResidualFSQ"
+
+    def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
+        layer = ref.rvqs[0].layers[0]
+        raise_unsupported(_fsq_findings(layer), allow_training_differences, type(ref).__name__)
+        return dict(
+            dim=int(ref.dim),
+            groups=int(ref.groups),
+            accept_image_fmap=bool(ref.accept_image_fmap),
+            **_residual_fsq_options(ref.rvqs[0]),
+        )
+
+    def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return _same_keys(module, ref_state_dict)
 
 
 def _lfq_layer_kwargs(ref: ReferenceModule) -> tuple[list[Any], dict[str, Any]]:
@@ -317,6 +394,8 @@ class BinaryMapperConverter:
 @hookimpl
 def register_converters(register):
     register("FSQ", FSQConverter, summary="levels, codebooks, projections, symmetry and clamping options")
+    register("ResidualFSQ", ResidualFSQConverter, summary="levels, layers, dropout, clamping, rotations")
+    register("GroupedResidualFSQ", GroupedResidualFSQConverter, summary="groups of residual FSQ stacks")
     register("LFQ", LFQConverter, summary="entropy / commitment weights, codebooks, projections")
     register("ResidualLFQ", ResidualLFQConverter, summary="layers' LFQ options, dropout, projections")
     register("GroupedResidualLFQ", GroupedResidualLFQConverter, summary="groups of ResidualLFQ stacks")

@@ -197,9 +197,8 @@ def test_reference_kwargs_roundtrip_config():
             "directional_reparam",
         ),
         (lambda: vqp.VectorQuantize(dim=8, codebook_size=16, affine_param=True), "affine_param"),
-        (lambda: vqp.FSQ(levels=[5, 3], orthogonal_rotation=True), "orthogonal_rotation"),
     ],
-    ids=["directional_reparam", "affine_param", "fsq_rotation"],
+    ids=["directional_reparam", "affine_param"],
 )
 def test_unsupported_option_raises(make, match):
     with pytest.raises(ValueError, match=match):
@@ -217,8 +216,8 @@ def test_training_only_option_needs_opt_in():
 def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
     supported = (
-        "BinaryMapper, FSP, FSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, LatentQuantize, ResidualLFQ, "
-        "ResidualVQ, VectorQuantize"
+        "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, "
+        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize"
     )
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
@@ -465,18 +464,10 @@ def test_latent_quantize_channel_first_sequence(optimize_values):
             "force_quantization_f32",
             (2, 5, 4),
         ),
-        (lambda: vqp.FSQ(levels=[5, 3], force_quantization_f32=False), "force_quantization_f32", (2, 5, 2)),
-        (
-            lambda: vqp.FSQ(levels=[5, 3], allowed_dtypes=(torch.float32, torch.float64, torch.bfloat16)),
-            "allowed_dtypes",
-            (2, 5, 2),
-        ),
     ],
     ids=[
         "vq_manual_ema",
         "lfq_f32",
-        "fsq_f32",
-        "fsq_dtypes",
     ],
 )
 def test_training_only_options_need_opt_in(make, match, x):
@@ -579,6 +570,8 @@ def test_converters_are_registered_under_the_reference_class_names():
         "ResidualVQ": "vqcore.plugins.reference_vq",
         "GroupedResidualVQ": "vqcore.plugins.reference_vq",
         "FSQ": "vqcore.plugins.reference_scalar",
+        "ResidualFSQ": "vqcore.plugins.reference_scalar",
+        "GroupedResidualFSQ": "vqcore.plugins.reference_scalar",
         "LFQ": "vqcore.plugins.reference_scalar",
         "ResidualLFQ": "vqcore.plugins.reference_scalar",
         "GroupedResidualLFQ": "vqcore.plugins.reference_scalar",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vqcore import FSQ, ResidualFSQ
+from vqcore.errors import ConfigurationError
 from vqcore.export.metadata import quantizer_fields
 from vqcore.plugins.fsq import FSQOutputWithCodes
 from vqcore.testing import check_quantizer
@@ -340,9 +341,9 @@ def test_residual_fsq_return_all_codes():
     assert torch.all(all_codes[kept:] == 0)
     torch.testing.assert_close(q.project_out(all_codes.sum(0)), quantized)
     q.eval()
-    out = q(torch.randn(2, 6, 3, 4), return_all_codes=True)  # images: codes in the input's layout
-    assert out.all_codes.shape == (3, 2, 3, 3, 4)
-    assert torch.equal(q.get_codes_from_indices(out.indices), out.all_codes.movedim(2, -1))
+    out = q(torch.randn(2, 6, 3, 4), return_all_codes=True)  # images: codes channel-last, as decoded
+    assert out.all_codes.shape == (3, 2, 3, 4, 3)
+    assert torch.equal(q.get_codes_from_indices(out.indices), out.all_codes)
 
 
 def test_residual_fsq_per_layer_codes_by_hand_and_padded():
@@ -393,3 +394,252 @@ def test_residual_fsq_state_dict_keys():
         "project_out.weight",
         "project_out.bias",
     }
+
+
+# -- the reference's options --------------------------------------------------------------------------
+
+
+def test_forward_takes_z_by_name_as_the_reference():
+    q = FSQ([8, 5, 5, 5]).eval()
+    x = torch.randn(2, 7, 4)
+    by_name, positional = q(z=x), q(x)
+    assert torch.equal(by_name.quantized, positional.quantized) and torch.equal(
+        by_name.indices, positional.indices
+    )
+
+
+def _fsq_pair(kwargs, seed=0):
+    """vqcore's and the reference's FSQ built from the same seed (so their rotations are the same draw)."""
+    from vector_quantize_pytorch import FSQ as RefFSQ
+
+    torch.manual_seed(seed)
+    ours = FSQ(**kwargs)
+    torch.manual_seed(seed)
+    return ours, RefFSQ(**kwargs)
+
+
+def test_noise_dropout_by_hand_and_only_in_training():
+    q = FSQ([5, 4], preserve_symmetry=True, noise_dropout=1.0)  # every component gets noise
+    x = torch.randn(2, 9, 2)
+    clean, indices = q.eval()(x)
+    torch.manual_seed(3)
+    torch.empty_like(clean).bernoulli_(1.0)  # the draws the forward makes, in its order
+    noise = torch.rand_like(clean) - 0.5
+    torch.manual_seed(3)
+    noisy, noisy_indices = q.train()(x)
+    assert torch.equal(noisy, (clean + noise).clamp(-1.0, 1.0))
+    assert torch.equal(noisy_indices, indices)  # the indices are those of the codes before the noise
+    assert torch.equal(q.eval()(x).quantized, clean)  # eval: no noise
+    with torch.no_grad():  # training mode decides, not grad mode
+        assert not torch.equal(q.train()(x).quantized, clean)
+
+
+def test_noise_dropout_is_the_probability_of_noise():
+    # (the reference draws its mask with probability 0.5 whatever noise_dropout: see the module docstring)
+    q = FSQ([5, 5], preserve_symmetry=True, noise_dropout=0.2).train()
+    x = torch.randn(1, 50_000, 2) * 0.1  # codes in {-0.5, 0, 0.5}: code + noise stays inside [-1, 1]
+    changed = (q(x).quantized != q.eval()(x).quantized).float().mean().item()
+    assert 0.19 < changed < 0.21
+
+
+def test_noise_dropout_matches_the_reference_under_one_seed():  # at 0.5, where the reference's mask is right
+    ours, ref = _fsq_pair(dict(levels=[8, 5, 5], preserve_symmetry=True, noise_dropout=0.5))
+    x = torch.randn(3, 50, 3, requires_grad=True)
+    torch.manual_seed(7)
+    a, i = ours.train()(x)
+    torch.manual_seed(7)
+    b, j = ref.train()(x)
+    assert torch.equal(i, j.long()) and torch.equal(a, b)
+    ga = torch.autograd.grad(a.square().sum(), x)[0]
+    torch.manual_seed(7)
+    gb = torch.autograd.grad(ref(x)[0].square().sum(), x)[0]
+    torch.testing.assert_close(ga, gb)
+
+
+def test_noise_dropout_errors():
+    with pytest.raises(ConfigurationError, match="noise_dropout=0.5 needs preserve_symmetry=True"):
+        FSQ([5, 5], noise_dropout=0.5)
+    with pytest.raises(AssertionError):  # code written for the reference's assert keeps working
+        FSQ([5, 5], noise_dropout=0.5)
+    with pytest.raises(ConfigurationError, match=r"noise_dropout must be in \[0, 1\], got 1.5"):
+        FSQ([5, 5], preserve_symmetry=True, noise_dropout=1.5)
+    with pytest.raises(TypeError, match="noise_dropout must be a number"):
+        FSQ([5, 5], preserve_symmetry=True, noise_dropout="0.1")
+
+
+@pytest.mark.parametrize("preserve_symmetry", [False, True])
+def test_orthogonal_rotation_by_hand_and_round_trips(preserve_symmetry):
+    q = FSQ([5, 5, 5], dim=6, num_codebooks=2, preserve_symmetry=preserve_symmetry, orthogonal_rotation=True)
+    assert set(q.state_dict()) >= {"orthogonal_rot"} and q.orthogonal_rot.shape == (3, 3)
+    rot = q.orthogonal_rot
+    torch.testing.assert_close(rot @ rot.T, torch.eye(3), atol=1e-6, rtol=0)
+    q.eval()
+    x = torch.randn(2, 11, 6)
+    out, indices = q(x)
+    plain = FSQ([5, 5, 5], dim=6, num_codebooks=2, preserve_symmetry=preserve_symmetry).eval()
+    plain.load_state_dict({k: v for k, v in q.state_dict().items() if k != "orthogonal_rot"})
+    z = q.project_in(x).reshape(2, 11, 2, 3)
+    grid_codes = plain.decode(
+        plain.encode(q.project_out.weight.new_zeros(0)) if False else indices, project_out=False
+    )
+    want_indices = plain.grid.quantize(z @ rot)[1]
+    assert torch.equal(indices, want_indices)  # the grid quantizes z @ R
+    codes = q.decode(indices, project_out=False).reshape(2, 11, 2, 3)
+    torch.testing.assert_close(codes, grid_codes.reshape(2, 11, 2, 3) @ rot.T)  # and outputs codes @ R^T
+    assert torch.equal(q.decode(q.encode(x)), out)
+    assert torch.equal(q.codes_to_indices(codes), indices)
+
+
+def test_orthogonal_rotation_matches_the_reference_and_stays_float32():
+    ours, ref = _fsq_pair(dict(levels=[5, 5], preserve_symmetry=True, orthogonal_rotation=True), seed=4)
+    ours.load_state_dict(ref.state_dict())  # strict: the reference's key
+    x = torch.randn(2, 40, 2)
+    a, i = ours.eval()(x)
+    b, j = ref.eval()(x)
+    assert torch.equal(i, j.long())
+    torch.testing.assert_close(a, b)
+    assert ours.half().orthogonal_rot.dtype == torch.float32
+
+
+def test_bound_hard_clamp_shifts_by_the_offset_as_the_reference():
+    # L = 4: half_l = 3 * 1.001 / 2, offset 0.5, shift = offset / half_l;
+    # level = round(clamp(z + shift, -1, 1) * half_l - 0.5)
+    q = FSQ([4], bound_hard_clamp=True)
+    half_l = 3 * 1.001 / 2
+    z = [-2.0, -0.9, 0.0, 0.4, 0.9, 3.0]
+    want = []
+    for v in z:
+        level = round(min(max(v + 0.5 / half_l, -1.0), 1.0) * half_l - 0.5)
+        want.append(level / 2)
+    assert q(torch.tensor(z).reshape(1, -1, 1)).quantized.flatten().tolist() == want
+    assert want[3] == 0.5  # z = 0.4 crosses to the next level only with the shift
+    ours, ref = _fsq_pair(dict(levels=[8, 6, 5], bound_hard_clamp=True))
+    x = torch.randn(2, 500, 3)
+    assert torch.equal(ours(x).indices, ref(x)[1].long())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(levels=[8, 5, 5, 5]),
+        dict(levels=[8, 5, 4], preserve_symmetry=True),
+        dict(levels=[8, 6, 5], bound_hard_clamp=True),
+        dict(levels=[4, 5, 3], preserve_symmetry=True, bound_hard_clamp=True),
+        dict(levels=[8, 5], num_codebooks=2, dim=6),
+    ],
+)
+def test_gradient_matches_the_reference(kwargs):
+    ours, ref = _fsq_pair(kwargs)
+    if "dim" in kwargs:
+        ours.load_state_dict(ref.state_dict())
+    x = (torch.randn(2, 300, ours.dim) * 1.5).requires_grad_()
+    a, b = ours.train()(x).quantized, ref.train()(x)[0]
+    assert torch.equal(a, b)
+    weights = torch.randn_like(a)
+    ga, gb = (torch.autograd.grad((out * weights).sum(), x)[0] for out in (a, b))
+    torch.testing.assert_close(ga, gb)
+
+
+def _near_boundaries(levels, n=200):
+    """float64 inputs within 1e-9 of the default bound's decision boundaries (float32 cannot tell)."""
+    lv = torch.tensor(levels, dtype=torch.float64)
+    half_l = (lv - 1) * (1 + 1e-3) / 2
+    offset = (lv % 2 == 0).double() * 0.5
+    shift = torch.atanh(offset / half_l)
+    k = torch.randint(0, 3, (n, len(levels))).double() - 1.0
+    z = torch.atanh((k + 0.5 + offset) / half_l) - shift
+    return (z + (torch.rand(n, len(levels), dtype=torch.float64) - 0.5) * 2e-9).unsqueeze(0)
+
+
+def test_allowed_dtypes_quantize_float64_in_float64_as_the_reference():
+    from vector_quantize_pytorch import FSQ as RefFSQ
+
+    levels = [8, 5, 5, 5]
+    x = _near_boundaries(levels)
+    default, ref = FSQ(levels), RefFSQ(levels)
+    out, indices = default(x)
+    assert out.dtype == torch.float64 and torch.equal(indices, ref(x)[1].long())
+    only_f32 = FSQ(levels, allowed_dtypes=(torch.float32,))
+    assert torch.equal(only_f32(x).indices, default(x.float()).indices)
+    assert not torch.equal(only_f32(x).indices, indices)  # float32 rounds some inputs across a boundary
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(allowed_dtypes=(torch.float32, torch.bfloat16)),
+        dict(allowed_dtypes=(torch.float32, torch.bfloat16), preserve_symmetry=True),
+        dict(force_quantization_f32=False),
+        dict(force_quantization_f32=False, preserve_symmetry=True),
+    ],
+)
+def test_low_precision_quantization_on_request_matches_the_reference(kwargs):
+    ours, ref = _fsq_pair(dict(levels=[8, 5, 5, 5], **kwargs))
+    x = (torch.randn(2, 2000, 4) * 2).bfloat16()
+    out, indices = ours(x)
+    ref_out, ref_indices = ref(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(indices, ref_indices.long())
+    assert torch.equal(out, ref_out)
+
+
+def test_scale_is_stored_and_unused_and_dtype_names_keep_the_config_json(tmp_path):
+    import vqcore
+
+    q = FSQ(
+        [5, 5], dim=4, scale=2.0, allowed_dtypes=(torch.float32, torch.bfloat16), orthogonal_rotation=True
+    )
+    assert q.scale == 2.0 and q.allowed_dtypes == (torch.float32, torch.bfloat16)
+    assert q.config["kwargs"]["allowed_dtypes"] == ["float32", "bfloat16"]
+    assert FSQ([5, 5], allowed_dtypes=["float32", "torch.float64"]).allowed_dtypes == (
+        torch.float32,
+        torch.float64,
+    )
+    plain = FSQ([5, 5], dim=4, orthogonal_rotation=True)
+    plain.load_state_dict(q.state_dict())
+    x = torch.randn(2, 6, 4)
+    assert torch.equal(q(x).quantized, plain(x).quantized)  # scale changes nothing
+    vqcore.save(q, tmp_path / "fsq.safetensors")
+    loaded = vqcore.load(tmp_path / "fsq.safetensors")
+    assert torch.equal(loaded.orthogonal_rot, q.orthogonal_rot) and loaded.allowed_dtypes == q.allowed_dtypes
+    assert torch.equal(loaded(x).quantized, q(x).quantized)
+    with pytest.raises(TypeError, match="scale must be a number or None"):
+        FSQ([5, 5], scale="2")
+    with pytest.raises(TypeError, match="allowed_dtypes must be floating torch dtypes"):
+        FSQ([5, 5], allowed_dtypes=(torch.int64,))
+
+
+def test_refused_forward_changes_no_state():
+    from helpers import assert_same_state, snapshot
+
+    q = FSQ([5, 5], dim=4, preserve_symmetry=True, noise_dropout=0.2, orthogonal_rotation=True)
+    before = snapshot(q)
+    with pytest.raises(ValueError, match="must have 4 features"):
+        q(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="floating point"):
+        q(torch.ones(2, 3, 4, dtype=torch.long))
+    assert_same_state(q, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, example",
+    [
+        (dict(levels=[5, 5, 4], orthogonal_rotation=True), (2, 8, 3)),
+        (dict(levels=[5, 4], dim=6, preserve_symmetry=True, noise_dropout=0.3), (2, 6, 3, 4)),
+        (dict(levels=[8, 6], bound_hard_clamp=True, num_codebooks=2), (2, 8, 4)),
+    ],
+)
+def test_conformance_with_the_new_options(kwargs, example):
+    check_quantizer(FSQ, torch.randn(*example), **kwargs)
+
+
+@pytest.mark.parametrize("writer", ["onnx", "torchscript"])
+def test_export_with_rotation_and_hard_clamp(writer, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vqcore.export import to_onnx, to_torchscript
+
+    write = to_onnx if writer == "onnx" else to_torchscript
+    q = FSQ([5, 5, 4], dim=6, orthogonal_rotation=True, bound_hard_clamp=True).eval()
+    x = torch.randn(2, 5, 6)
+    for graph, example in (("encode", x), ("decode", q.encode(x))):
+        result = write(q, tmp_path / f"{graph}.{writer}", graph=graph, example=example)
+        assert result.parity.ok

@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from vqcore.blocks.grid import (
+    MAX_FLOAT_INDEX,
     BinaryCodebook,
     check_levels,
     digits_to_indices,
+    digits_to_indices_float,
     indices_to_digits,
     mixed_radix_basis,
+    with_slope,
 )
 from vqcore.blocks.layout import CodebookAxis
+from vqcore.errors import ConfigurationError
 from vqcore.protocols import Codebook
 
 # -- mixed radix ------------------------------------------------------------------------------------
@@ -64,6 +68,39 @@ def test_check_levels_errors(levels, allow_two, error, match):
 
 def test_check_levels_accepts_any_iterable_of_ints():
     assert check_levels((8, 5, 2), allow_two=True) == [8, 5, 2]
+
+
+def test_float_indices_are_exact_up_to_2_24_and_nan_gives_zero():
+    levels = [256, 256, 256]  # 2^24 codes: the largest float32 sum that stays exact
+    basis = torch.tensor(mixed_radix_basis(levels), dtype=torch.float32)
+    assert MAX_FLOAT_INDEX == 2**24
+    digits = torch.tensor([[255.0, 255.0, 255.0], [1.0, 2.0, 3.0], [float("nan"), 1.0, 1.0]])
+    got = digits_to_indices_float(digits, basis)
+    assert got.dtype == torch.int64 and got.tolist() == [2**24 - 1, 1 + 2 * 256 + 3 * 65536, 0]
+    # signed levels plus a constant (FSQ's default bound): (-1, 0) + (1, 1) -> digits (0, 1)
+    assert digits_to_indices_float(torch.tensor([[-1.0, 0.0]]), torch.tensor([1.0, 3.0]), 1 + 3).tolist() == [
+        3
+    ]
+
+
+def test_with_slope_value_and_gradient_by_hand():
+    z = torch.tensor([0.5, -2.0, 3.0], requires_grad=True)
+    value, slope = torch.tensor([1.0, -1.0, 1.0]), torch.tensor([0.25, 0.0, 2.0])
+    out = with_slope(z, value, slope)
+    assert torch.equal(out, value)
+    out.backward(torch.tensor([4.0, 5.0, 6.0]))
+    assert z.grad.tolist() == [1.0, 0.0, 12.0]
+    mask = torch.tensor([True, False, True])  # a bool mask is a slope of 1 / 0
+    z.grad = None
+    with_slope(z, value, mask).sum().backward()
+    assert z.grad.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_levels_errors_are_configuration_errors():
+    with pytest.raises(ConfigurationError, match="ints >= 2"):
+        check_levels([5, 1], allow_two=True)
+    with pytest.raises(AssertionError):  # the reference asserts: code catching that keeps working
+        check_levels([5, 2], allow_two=False)
 
 
 # -- binary -----------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ The scalar quantizers' codes are the points of a grid, never stored:
   ``[0, levels[i])``, and its index is ``sum_i digit_i * basis_i`` with the FIRST dimension least
   significant, ``basis = (1, L_0, L_0 L_1, ...)`` (vector-quantize-pytorch's layout). Integer arithmetic
   in int64, exact for any codebook size that int64 holds.
+- Straight-through with a known slope (:func:`with_slope`): a grid quantizer's value is its code, and
+  the gradient that reaches the input is the derivative of the bound (tanh, clamp) it rounds, which the
+  quantizer computes with the code; one autograd node instead of one per elementwise step.
 - Binary (lookup-free quantization): :class:`BinaryCodebook`, the corners ``{-s, +s}^bits`` of a
   hypercube, indexed by the sign bits read MOST significant first, ``index = sum_i [x_i > 0] 2^(bits-1-i)``.
 """
@@ -21,9 +24,11 @@ from torch import Tensor
 
 from vqcore.blocks.precision import Float32State
 from vqcore.blocks.validation import check_positive_int
+from vqcore.errors import ConfigurationError
 from vqcore.protocols import INDEX_DTYPE
 
 MAX_BITS = 62  # int64 indices
+MAX_FLOAT_INDEX = 2**24  # float32 holds every integer up to 2^24: index sums below it are exact
 MAX_LISTED_BITS = 20  # BinaryCodebook.codes lists every code up to 2^20 of them
 
 
@@ -36,14 +41,14 @@ def check_levels(levels, *, allow_two: bool, name: str = "levels") -> list[int]:
         raise TypeError(f"{name} must be a list of ints, got {type(levels).__name__} ({levels!r})")
     levels = list(levels)
     if not levels:
-        raise ValueError(f"{name} must not be empty")
+        raise ConfigurationError(f"{name} must not be empty")
     for value in levels:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must contain ints, got {value!r} ({type(value).__name__}) in {levels}")
         if value < 2:
-            raise ValueError(f"{name} must be ints >= 2, got {value} in {levels}")
+            raise ConfigurationError(f"{name} must be ints >= 2, got {value} in {levels}")
     if not allow_two and 2 in levels:
-        raise ValueError(
+        raise ConfigurationError(
             f"{name} contains 2 ({levels}): use preserve_symmetry=True for 2 levels, or a level >= 3"
         )
     return levels
@@ -68,6 +73,38 @@ def indices_to_digits(indices: Tensor, basis: Tensor, levels: Tensor) -> Tensor:
     return (indices.to(INDEX_DTYPE).unsqueeze(-1) // basis) % levels
 
 
+def digits_to_indices_float(digits: Tensor, basis: Tensor, constant: float = 0.0) -> Tensor:
+    """Float digits (..., D) -> int64 indices (...) as ``digits @ basis + constant`` in the digits' float
+    dtype: one matrix-vector product instead of an int64 copy of the digits. Exact while every index is
+    below :data:`MAX_FLOAT_INDEX` (float32 basis, for codebooks of at most 2^24 codes); a NaN digit
+    gives index 0 (NaN -> int64 is undefined), so every index stays in range."""
+    indices = torch.matmul(digits, basis.to(digits.dtype))
+    if constant:
+        indices = indices.add_(constant)
+    return indices.nan_to_num_(0.0).long()
+
+
+class _WithSlope(torch.autograd.Function):
+    """``value`` forward; ``grad * slope`` to ``z`` backward (both shaped like ``z``)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, value: Tensor, slope: Tensor) -> Tensor:
+        ctx.save_for_backward(slope)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+def with_slope(z: Tensor, value: Tensor, slope: Tensor) -> Tensor:
+    """``value`` (computed from ``z`` without autograd) whose gradient reaches ``z`` times ``slope``:
+    the straight-through estimator of a rounded bound, ``slope = d bound / dz`` (value and slope
+    shaped like ``z``; ``value`` and ``slope`` must not require grad)."""
+    return _WithSlope.apply(z, value, slope)
+
+
 # -- binary -----------------------------------------------------------------------------------------
 
 
@@ -89,19 +126,23 @@ class BinaryCodebook(Float32State):
         super().__init__()
         check_positive_int(bits, "bits")
         if bits > MAX_BITS:
-            raise ValueError(f"a binary codebook has at most {MAX_BITS} bits (int64 indices), got {bits}")
+            raise ConfigurationError(
+                f"a binary codebook has at most {MAX_BITS} bits (int64 indices), got {bits}"
+            )
         scales = [scale] if isinstance(scale, (int, float)) else list(scale)
         if books is not None:
             check_positive_int(books, "books")
             if len(scales) == 1:
                 scales = scales * books
             elif len(scales) != books:
-                raise ValueError(f"give one scale or one per book ({books}), got {len(scales)} scales")
+                raise ConfigurationError(
+                    f"give one scale or one per book ({books}), got {len(scales)} scales"
+                )
         for s in scales:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not (math.isfinite(s) and s > 0):
-                raise ValueError(f"binary code scales must be finite numbers > 0, got {scale!r}")
+                raise ConfigurationError(f"binary code scales must be finite numbers > 0, got {scale!r}")
         if not scales:
-            raise ValueError("a binary codebook needs at least one book (one scale)")
+            raise ConfigurationError("a binary codebook needs at least one book (one scale)")
         self.bits = bits
         self.register_buffer(
             "bit_weights", 2 ** torch.arange(bits - 1, -1, -1, dtype=INDEX_DTYPE), persistent=False
