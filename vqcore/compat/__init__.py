@@ -7,8 +7,10 @@ maps a reference ``state_dict`` onto an existing vqcore module (build it with th
 vqcore's ``VectorQuantize`` defaults ``codebook_dim`` to ``dim // heads`` where the reference uses ``dim``
 per head, so pass ``codebook_dim`` explicitly when converting a module with heads).
 
-Supported: ``VectorQuantize``, ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``LFQ``,
-``LatentQuantize``, and any reference class a plugin registers a converter for. Reference options that
+Supported: ``VectorQuantize``, ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ``,
+``GroupedResidualFSQ``, ``FSP``, ``LFQ``, ``ResidualLFQ``, ``GroupedResidualLFQ``, ``BinaryMapper``,
+``LatentQuantize``, and any reference class a plugin registers a converter for (``vqcore list --all``
+shows them). An ``EvoLFQ`` holds the user's encoder and decoder: convert its ``lfq``. Reference options that
 vqcore does not implement raise a ``ValueError`` naming them. Options that only change training (losses,
 gradient routing, the precision of the quantization step) raise too unless
 ``allow_training_differences=True``: the converted module then gives the reference's eval outputs (for
@@ -44,7 +46,13 @@ Conversions that keep vqcore's semantics where the reference's are a bug:
 - ``sync_codebook``: the reference decides it at construction (``is_distributed()`` then), so a module
   built outside a process group reads ``False``; that converts to vqcore's per-call default (``None``),
   ``True`` stays ``True``;
-- FSQ ``scale`` is stored but never used by the reference: it is accepted and ignored.
+- FSQ ``scale`` is stored but never used by the reference: it is accepted and ignored;
+- FSQ ``noise_dropout``: the reference draws its noise mask with probability 0.5 whatever the value;
+  vqcore uses the value, so a value other than 0 or 0.5 converts only with
+  ``allow_training_differences=True``;
+- the reference LFQ's ``mask`` buffer holds the bit weights, not state: it is checked and left out;
+- FSP: the ``vector_norm`` preset is recovered by name; a norm edited after construction converts only
+  with ``allow_training_differences=True``.
 
 The reference package is needed only by :func:`from_reference`'s caller (it passes a reference module
 in); this module never imports it, nor any built-in plugin.
