@@ -35,6 +35,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_vq.py
 	$(PY) benchmarks/bench_rvq.py
 	$(PY) benchmarks/bench_lfq.py
+	$(PY) benchmarks/bench_fsq.py
+	$(PY) benchmarks/bench_scalar_new.py
+	$(PY) benchmarks/bench_latent.py
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_quality.py
 

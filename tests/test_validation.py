@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vqcore.blocks.validation import check_float, check_indices, check_positive_int, check_tensor, is_tracing
+from vqcore.errors import ConfigurationError
 
 
 def test_check_tensor_and_check_float():
@@ -63,8 +64,8 @@ def test_value_checks_are_skipped_while_tracing_and_static_checks_are_not():
         (True, 1, TypeError, r"n must be an int, got bool \(True\)"),
         (2.0, 1, TypeError, r"n must be an int, got float \(2.0\)"),
         ("3", 1, TypeError, r"n must be an int, got str \('3'\)"),
-        (0, 1, ValueError, "n must be >= 1, got 0"),
-        (-1, 0, ValueError, "n must be >= 0, got -1"),
+        (0, 1, ConfigurationError, "n must be >= 1, got 0"),
+        (-1, 0, AssertionError, "n must be >= 0, got -1"),  # a ConfigurationError, caught as the reference's
     ],
 )
 def test_check_positive_int_rejects(value, minimum, exc, message):

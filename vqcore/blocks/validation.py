@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vqcore.errors import ConfigurationError
+
 
 def is_tracing() -> bool:
     """True under torch.export, torch.compile, torch.jit tracing or scripting."""
@@ -44,8 +46,10 @@ def check_indices(indices: object, size: int, name: str = "indices", allow_dropp
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    """A constructor's int option: a TypeError for another type, a :class:`ConfigurationError` (a
+    ValueError, also an AssertionError as the reference's asserts) below ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ConfigurationError(f"{name} must be >= {minimum}, got {value}")
     return value
