@@ -80,9 +80,19 @@ def _fsq_findings(ref: ReferenceModule) -> list:
     return [(TRAINING_ONLY, f"noise_dropout={noise} (the reference adds noise with probability 0.5)")]
 
 
-def _same_keys(module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The reference's entry under each of ``module``'s state_dict keys (a missing one: KeyError)."""
-    return {key: ref_state_dict[key] for key in module.state_dict()}
+def _reference_entries(module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The reference's entry under each of ``module``'s state_dict keys: the FSQ and LFQ families keep the
+    reference's keys (projections, ``orthogonal_rot``, activation parameters, ``layers.{q}`` and
+    ``rvqs.{g}`` prefixes). A missing key raises KeyError; a reference entry the module lacks raises
+    ValueError, but the reference LFQ's ``mask`` buffers (bit weights, not state)."""
+    own = module.state_dict()
+    for key in ref_state_dict:
+        if key not in own and key.rsplit(".", 1)[-1] != "mask":
+            raise ValueError(
+                f"vqcore.compat: the reference state has {key!r} but the vqcore module has no such entry "
+                "(build it with the same dim / codebook_size / options)"
+            )
+    return {key: ref_state_dict[key] for key in own}
 
 
 class FSQConverter:
@@ -107,7 +117,7 @@ class FSQConverter:
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _same_keys(module, ref_state_dict)
+        return _reference_entries(module, ref_state_dict)
 
 
 def _residual_fsq_options(ref: ReferenceModule) -> dict[str, Any]:
@@ -143,7 +153,7 @@ class ResidualFSQConverter:
         return dict(dim=_residual_fsq_dim(ref), **_residual_fsq_options(ref))
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _same_keys(module, ref_state_dict)
+        return _reference_entries(module, ref_state_dict)
 
 
 class GroupedResidualFSQConverter:
@@ -162,7 +172,7 @@ class GroupedResidualFSQConverter:
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _same_keys(module, ref_state_dict)
+        return _reference_entries(module, ref_state_dict)
 
 
 def _lfq_layer_kwargs(ref: ReferenceModule) -> tuple[list[Any], dict[str, Any]]:
@@ -187,20 +197,6 @@ def _lfq_layer_kwargs(ref: ReferenceModule) -> tuple[list[Any], dict[str, Any]]:
         ),
     )
     return findings, kwargs
-
-
-def _own_keys_from(own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Every key of the vqcore module's state (``own``) from the reference state under the same key: the
-    LFQ family's state (projections, ``orthogonal_rot``, activation parameters) keeps the reference's keys.
-    A missing key raises KeyError; a reference projection the module lacks raises ValueError; the
-    reference's ``mask`` buffers (bit weights, not state) are left out."""
-    for key in ref_state_dict:
-        if key not in own and key.rsplit(".", 1)[-1] != "mask":
-            raise ValueError(
-                f"vqcore.compat: the reference state has {key!r} but the vqcore module has no such entry "
-                "(build it with the same dim / codebook_size / options)"
-            )
-    return {key: ref_state_dict[key] for key in own}
 
 
 class LFQConverter:
@@ -230,7 +226,7 @@ class LFQConverter:
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _own_keys_from(module.state_dict(), ref_state_dict)
+        return _reference_entries(module, ref_state_dict)
 
 
 def _residual_lfq_kwargs(ref: ReferenceModule, allow_training_differences: bool) -> dict[str, Any]:
@@ -261,7 +257,7 @@ class ResidualLFQConverter:
         return _residual_lfq_kwargs(ref, allow_training_differences)
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _own_keys_from(module.state_dict(), ref_state_dict)
+        return _reference_entries(module, ref_state_dict)
 
 
 class GroupedResidualLFQConverter:
@@ -278,7 +274,7 @@ class GroupedResidualLFQConverter:
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return _own_keys_from(module.state_dict(), ref_state_dict)
+        return _reference_entries(module, ref_state_dict)
 
 
 def in_place_optimizer_factory(ref: ReferenceModule) -> Callable[..., torch.optim.Optimizer] | None:

@@ -29,6 +29,8 @@ from vqcore.blocks.layout import TokenLayout, auto_layout
 from vqcore.blocks.precision import Float32State
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.residual import (
+    GroupedStacks,
+    GroupStep,
     QuantizeDropout,
     decode_layers,
     detected_layer_tokens,
@@ -176,6 +178,11 @@ class ResidualFSQ(Float32State, QuantizerModule):
         return self.grid.size
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Every layer's codebook size (all alike)."""
+        return (self.codebook_size,) * self.num_quantizers
+
+    @property
     def num_codebooks(self) -> int:
         return 1
 
@@ -194,17 +201,14 @@ class ResidualFSQ(Float32State, QuantizerModule):
         indices = layout.indices_from_tokens(indices, spatial)
         return indices.movedim(-1, 1) if self.is_channel_first else indices
 
-    def index_tokens(self, indices: Tensor) -> tuple[Tensor, tuple, TokenLayout]:
+    def index_tokens(self, indices: Tensor, name: str = "indices") -> tuple[Tensor, tuple, TokenLayout]:
         """Indices as the forward returns them, q <= Q layers -> (tokens (b, n, Q) int64 padded with -1,
-        spatial, layout)."""
-        check_tensor(indices, "indices")
+        spatial, layout); errors name the indices ``name``."""
+        check_tensor(indices, name)
         if self.is_channel_first and indices.ndim >= 2:
             indices = indices.movedim(1, -1)
         return detected_layer_tokens(
-            indices,
-            [self.codebook_size] * self.num_quantizers,
-            dim=self.dim,
-            channel_first=self.channel_first,
+            indices, self.codebook_sizes, dim=self.dim, channel_first=self.channel_first, name=name
         )
 
     # -- the token path -----------------------------------------------------------------------------------
@@ -287,13 +291,19 @@ class ResidualFSQ(Float32State, QuantizerModule):
             layer_codes.append(scaled)
         return sum_layers(layer_codes), indices, [c.detach() for c in layer_codes] if want_codes else []
 
+    def encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Tokens (b, n, dim) -> indices (b, n, Q) int64 (every layer)."""
+        return self.quantize_tokens(tokens, self.num_quantizers)[1]
+
     def layer_codes(self, tokens: Tensor) -> list[Tensor]:
-        """Tokens (b, n, Q), -1 allowed -> Q scaled codes (b, n, len(levels)); -1 gives zeros."""
+        """Tokens (b, n, Q), -1 allowed -> Q scaled codes (b, n, len(levels)), in the layers' quantization
+        region (autocast off unless ``force_quantization_f32=False``); -1 gives zeros."""
         safe = tokens.clamp(min=0).unsqueeze(-1)
-        return [
-            zero_dropped(layer.lookup(safe[..., q, :]).squeeze(-2) * self.scales[q], tokens[..., q])
-            for q, layer in enumerate(self.layers)
-        ]
+        with self.layers[0].quantization_region(tokens.device.type):
+            return [
+                zero_dropped(layer.lookup(safe[..., q, :]).squeeze(-2) * self.scales[q], tokens[..., q])
+                for q, layer in enumerate(self.layers)
+            ]
 
     def decode_tokens(self, tokens: Tensor) -> Tensor:
         """Tokens (b, n, Q), -1 allowed -> (b, n, dim); a token whose layers are all -1 decodes to zero."""
@@ -304,11 +314,10 @@ class ResidualFSQ(Float32State, QuantizerModule):
     def encode(self, x: Tensor) -> Tensor:
         layout = self.layout_of(x.ndim)
         tokens, spatial = layout.to_tokens(x)
-        _, indices, _ = self.quantize_tokens(tokens, self.num_quantizers)
-        return self.indices_out(indices, layout, spatial)
+        return self.indices_out(self.encode_tokens(tokens), layout, spatial)
 
     def forward_layers(self, x: Tensor, kept: int, return_all_codes: bool = False):
-        """The forward with a given number of kept layers (a grouped stack draws it once for all groups)."""
+        """The forward with a given number of kept layers (quantize dropout drawn by the caller)."""
         layout = self.layout_of(x.ndim)
         tokens, spatial = layout.to_tokens(x)
         out, indices, codes = self.quantize_tokens(tokens, kept, return_all_codes)
@@ -333,8 +342,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
         (Q, b, *positions, len(levels)) before project_out; -1 and missing layers give zeros
         (channel-last for every layout)."""
         tokens, spatial, _ = self.index_tokens(indices)
-        with self.layers[0].quantization_region(tokens.device.type):
-            codes = torch.stack(self.layer_codes(tokens))
+        codes = torch.stack(self.layer_codes(tokens))
         return codes.reshape(codes.shape[0], codes.shape[1], *spatial, codes.shape[-1])
 
     def decode(self, indices: Tensor) -> Tensor:
@@ -380,101 +388,52 @@ def _soft_clamp_value(value: object, levels: list[int]) -> Tensor | None:
     return tensor
 
 
-class GroupedResidualFSQ(QuantizerModule):
+class GroupedResidualFSQ(GroupedStacks[ResidualFSQ]):
     """x (b, n, dim) -> quantized, indices (groups, *the stack's index layout), as the reference.
 
     The feature axis (the last one, or axis 1 for channel-first inputs: images, video, ``is_channel_first``
     or ``accept_image_fmap=True``) is split into ``groups`` equal chunks, each quantized by an independent
-    :class:`ResidualFSQ` (``dim // groups`` features, every other keyword argument forwarded). Quantize
-    dropout keeps the same layers in every group. ``return_all_codes`` adds a tuple, one entry per group,
-    of ``(Q, b, *positions, len(levels))`` codes.
+    :class:`ResidualFSQ` (``dim // groups`` features, every other keyword argument forwarded) through its
+    token-level API (:class:`~vqcore.blocks.residual.GroupedStacks`); the input's layout is detected as
+    the stacks detect theirs. Quantize dropout keeps the same layers in every group. ``return_all_codes``
+    adds a tuple, one entry per group, of ``(Q, b, *positions, len(levels))`` codes.
     """
 
-    rvqs: Sequence[ResidualFSQ]  # an nn.ModuleList
-
     def __init__(self, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any):
-        super().__init__()
-        check_positive_int(dim, "dim")
-        check_positive_int(groups, "groups")
-        if dim % groups:
-            raise ConfigurationError(f"dim ({dim}) must be divisible by groups ({groups})")
         if accept_image_fmap and kwargs.get("channel_first") is None:
             kwargs["channel_first"] = True  # the chunks are channel-first for every rank
+        super().__init__(dim, groups, lambda group_dim: ResidualFSQ(dim=group_dim, **kwargs))
         record_dtype_names(self)
-        self.dim, self.groups, self.accept_image_fmap = dim, groups, bool(accept_image_fmap)
-        self.rvqs = cast(
-            "Sequence[ResidualFSQ]",
-            nn.ModuleList(ResidualFSQ(dim=dim // groups, **kwargs) for _ in range(groups)),
-        )
-
-    @property
-    def codebook_size(self) -> int:
-        return self.rvqs[0].codebook_size
-
-    @property
-    def num_quantizers(self) -> int:
-        return self.rvqs[0].num_quantizers
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.groups * self.num_quantizers
-
-    @property
-    def codebooks(self) -> Tensor:
-        """(groups, Q, codebook_size, len(levels))."""
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
+        self.accept_image_fmap = bool(accept_image_fmap)
 
     def split_dim(self, ndim: int) -> int:
         """The feature axis of an input of rank ``ndim``: 1 when the stacks read it channel-first, else -1."""
         return 1 if self.rvqs[0].layout_of(ndim).channel_first else -1
 
-    def _check_groups(self, indices: Tensor) -> None:
-        check_tensor(indices, "indices")
-        if indices.ndim < 2 or indices.shape[0] != self.groups:
-            raise ValueError(
-                f"indices must have the groups axis first with {self.groups} entries, "
-                f"got shape {tuple(indices.shape)}"
-            )
-
-    def encode(self, x: Tensor) -> Tensor:
-        """x -> indices (groups, ...) int64."""
-        chunks = self._chunks(x)
-        return torch.stack([rvq.encode(chunk) for rvq, chunk in zip(self.rvqs, chunks)])
-
-    def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
+    # -- the layout hooks: the stacks detect the layout, and move the indices with is_channel_first ---------
+    def input_layout(self, x: Tensor) -> TokenLayout:
         check_tensor(x, "x")
-        axis = self.split_dim(x.ndim)
-        if x.ndim < 2 or x.shape[axis] != self.dim:
-            raise ValueError(
-                f"x must have {self.dim} features on axis {axis} (split into {self.groups} groups), "
-                f"got shape {tuple(x.shape)}"
-            )
-        return x.chunk(self.groups, dim=axis)
+        return auto_layout(x.ndim, self.dim, self.rvqs[0].channel_first)
 
-    def decode(self, indices: Tensor) -> Tensor:
-        """indices (groups, ...) as the forward returns them -> quantized in the input's layout."""
-        self._check_groups(indices)
-        outs = [rvq.decode(i) for rvq, i in zip(self.rvqs, indices)]
-        return torch.cat(outs, dim=self.split_dim(outs[0].ndim))
+    def group_indices(self, indices: Tensor, layout: TokenLayout, spatial: tuple) -> Tensor:
+        return self.rvqs[0].indices_out(indices, layout, spatial)
 
-    get_output_from_indices = decode
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (groups, ...) -> codes (groups, Q, b, *positions, len(levels))."""
-        self._check_groups(indices)
-        return torch.stack([rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)])
+    def group_index_tokens(self, group: int, indices: Tensor) -> tuple[Tensor, tuple, TokenLayout]:
+        return self.rvqs[group].index_tokens(indices, f"indices[{group}]")
 
     def forward(
         self, x: Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed: int | None = None
     ):
-        chunks = self._chunks(x)
-        kept = self.rvqs[0].kept_layers(rand_quantize_dropout_fixed_seed, x.device)  # one draw for all
-        outs = [rvq.forward_layers(c, kept, return_all_codes) for rvq, c in zip(self.rvqs, chunks)]
-        quantized = torch.cat([o.quantized for o in outs], dim=self.split_dim(x.ndim))
-        indices = torch.stack([o.indices for o in outs])
+        def run(rvq: ResidualFSQ, chunk: Tensor, valid: Tensor | None, kept: int) -> GroupStep:
+            out, indices, codes = rvq.quantize_tokens(chunk, kept, return_all_codes)
+            return GroupStep(out, indices, None, torch.stack(codes) if return_all_codes else None)
+
+        step = self.quantize_groups(
+            x, run, seed=rand_quantize_dropout_fixed_seed, want_codes=return_all_codes
+        )
         if return_all_codes:
-            return GroupedFSQOutputWithCodes(quantized, indices, tuple(o.all_codes for o in outs))
-        return FSQOutput(quantized, indices)
+            return GroupedFSQOutputWithCodes(step.quantized, step.indices, step.codes)
+        return FSQOutput(step.quantized, step.indices)
 
     def export_metadata(self) -> dict[str, Any]:
         """Hyper-parameters embedded in exported artifacts (vqcore.protocols.SupportsExportMetadata)."""

@@ -34,16 +34,16 @@ from vqcore.blocks.layout import (
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.residual import (
+    GroupedStacks,
+    GroupStep,
     QuantizeDropout,
     decode_layers,
     detected_layer_tokens,
-    pad_layers,
     sum_layers,
     zero_dropped,
 )
 from vqcore.blocks.rotation import unrotate
-from vqcore.blocks.validation import check_positive_int, check_tensor
-from vqcore.errors import ConfigurationError
+from vqcore.blocks.validation import check_positive_int
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.plugins.lfq import (
@@ -148,6 +148,11 @@ class ResidualLFQ(QuantizerModule):
         return self.layer_codebooks.size
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """Every layer's codebook size (all alike)."""
+        return (self.codebook_size,) * self.num_quantizers
+
+    @property
     def num_codebooks(self) -> int:
         return 1
 
@@ -234,13 +239,17 @@ class ResidualLFQ(QuantizerModule):
             return torch.cat(layer_indices).transpose(0, 1).reshape(b, n, self.num_quantizers)
 
     def layer_codes(self, tokens: Tensor) -> list[Tensor]:
-        """Indices (b, n, Q) int64, -1 allowed -> Q codes as decoded (b, n, bits); -1 gives zeros."""
+        """Indices (b, n, Q) int64, -1 allowed -> Q codes as decoded (b, n, bits) float32 (autocast off);
+        -1 gives zeros."""
         b, n = tokens.shape[0], tokens.shape[1]
         books = tokens.reshape(-1, self.num_quantizers).transpose(0, 1)  # (Q, b * n): layers are the books
-        codes = self.layer_codebooks.lookup(books.clamp(min=0)).reshape(self.num_quantizers, b, n, -1)
-        if self.rotated:
-            codes = torch.stack([unrotate(c, layer.orthogonal_rot) for c, layer in zip(codes, self.layers)])
-        return [zero_dropped(codes[q], tokens[..., q]) for q in range(self.num_quantizers)]
+        with float32_region(tokens.device.type):
+            codes = self.layer_codebooks.lookup(books.clamp(min=0)).reshape(self.num_quantizers, b, n, -1)
+            if self.rotated:
+                codes = torch.stack(
+                    [unrotate(c, layer.orthogonal_rot) for c, layer in zip(codes, self.layers)]
+                )
+            return [zero_dropped(codes[q], tokens[..., q]) for q in range(self.num_quantizers)]
 
     def decode_tokens(self, tokens: Tensor) -> Tensor:
         """Indices (b, n, Q) int64, -1 allowed -> quantized (b, n, dim) float32."""
@@ -276,18 +285,14 @@ class ResidualLFQ(QuantizerModule):
 
     def _layer_tokens(self, indices: Tensor) -> tuple[Tensor, tuple, TokenLayout]:
         return detected_layer_tokens(
-            indices,
-            [self.codebook_size] * self.num_quantizers,
-            dim=self.dim,
-            channel_first=self.channel_first,
+            indices, self.codebook_sizes, dim=self.dim, channel_first=self.channel_first
         )
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
         """indices (b, *positions, q), q <= Q -> per-layer codes as decoded (Q, b, *positions, bits) before
         project_out; -1 and missing layers give zeros (channel-last for every layout)."""
         tokens, spatial, _ = self._layer_tokens(indices)
-        with float32_region(tokens.device.type):
-            codes = torch.stack(self.layer_codes(tokens))
+        codes = torch.stack(self.layer_codes(tokens))
         return codes.reshape(codes.shape[0], codes.shape[1], *spatial, codes.shape[-1])
 
     def decode(self, indices: Tensor) -> Tensor:
@@ -311,93 +316,26 @@ class ResidualLFQ(QuantizerModule):
         return f"dim={self.dim}, codebook_size={self.codebook_size}, num_quantizers={self.num_quantizers}"
 
 
-class GroupedResidualLFQ(QuantizerModule):
+class GroupedResidualLFQ(GroupedStacks[ResidualLFQ]):
     """x (b, n, dim) -> quantized (b, n, dim), indices (groups, b, n, Q), losses (groups, Q).
 
     The feature axis is split into ``groups`` equal chunks, each quantized by an independent
     :class:`ResidualLFQ` (``dim // groups`` features, every other keyword argument forwarded) through its
-    token-level API. ``accept_image_fmap=True``: images ``(b, dim, h, w)`` (channel-first, split on axis
-    1), indices ``(groups, b, h, w, Q)``. Quantize dropout is drawn once per forward for all groups.
-    ``return_all_codes=True`` returns :class:`GroupedLFQOutputWithCodes`.
+    token-level API (:class:`~vqcore.blocks.residual.GroupedStacks`). ``accept_image_fmap=True``: images
+    ``(b, dim, h, w)`` (channel-first, split on axis 1), indices ``(groups, b, h, w, Q)``. Quantize dropout
+    is drawn once per forward for all groups. ``return_all_codes=True`` returns
+    :class:`GroupedLFQOutputWithCodes`.
     """
 
-    rvqs: Sequence[ResidualLFQ]  # an nn.ModuleList (whose items torch types as plain Modules)
-
     def __init__(self, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any):
-        super().__init__()
-        check_positive_int(dim, "dim")
-        check_positive_int(groups, "groups")
-        if dim % groups:
-            raise ConfigurationError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim, self.groups = dim, groups
+        super().__init__(dim, groups, lambda group_dim: ResidualLFQ(group_dim, **kwargs))
         self.accept_image_fmap = bool(accept_image_fmap)
         self.layout = TokenLayout.from_flags(dim, accept_image_fmap=self.accept_image_fmap)
-        self.rvqs = cast(
-            "Sequence[ResidualLFQ]",
-            nn.ModuleList(ResidualLFQ(dim // groups, **kwargs) for _ in range(groups)),
-        )
-
-    @property
-    def codebook_size(self) -> int:
-        return self.rvqs[0].codebook_size
-
-    @property
-    def num_quantizers(self) -> int:
-        return self.rvqs[0].num_quantizers
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.groups * self.num_quantizers
 
     @property
     def split_dim(self) -> int:
         """The input's feature axis (the reference's name)."""
         return 1 if self.accept_image_fmap else -1
-
-    @property
-    def codebooks(self) -> Tensor:
-        """(groups, Q, codebook_size, codebook_dim): the codes as decoded."""
-        return torch.stack([rvq.codebooks for rvq in self.rvqs])
-
-    def _chunks(self, tokens: Tensor) -> tuple[Tensor, ...]:
-        return tokens.chunk(self.groups, dim=-1)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """x -> indices (groups, b, *positions, Q) int64."""
-        tokens, spatial = self.layout.to_tokens(x)
-        per_group = [rvq.encode_tokens(t) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
-        return torch.stack([self.layout.indices_from_tokens(i, spatial) for i in per_group])
-
-    def _index_tokens(self, indices: Tensor) -> tuple[list[Tensor], tuple]:
-        check_tensor(indices, "indices")
-        if indices.ndim < 1 or indices.shape[0] != self.groups:
-            raise ValueError(
-                f"indices must have the groups axis first with {self.groups} entries "
-                f"(groups, batch, *positions, quantizers), got shape {tuple(indices.shape)}"
-            )
-        tokens = []
-        for g, rvq in enumerate(self.rvqs):
-            t, spatial = self.layout.indices_to_tokens(indices[g], 1, f"indices[{g}]")
-            tokens.append(pad_layers(t, [rvq.codebook_size] * rvq.num_quantizers, f"indices[{g}]"))
-        return tokens, spatial
-
-    def decode(self, indices: Tensor) -> Tensor:
-        """indices (groups, b, *positions, q), q <= Q -> quantized in the input layout."""
-        tokens, spatial = self._index_tokens(indices)
-        out = torch.cat([rvq.decode_tokens(t) for rvq, t in zip(self.rvqs, tokens)], -1)
-        return self.layout.from_tokens(out, spatial)
-
-    get_output_from_indices = decode
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (groups, b, *positions, q) -> codes (groups, Q, b, *positions, codebook_dim)."""
-        tokens, spatial = self._index_tokens(indices)
-        codes = []
-        for rvq, t in zip(self.rvqs, tokens):
-            with float32_region(t.device.type):
-                c = torch.stack(rvq.layer_codes(t))
-            codes.append(c.reshape(c.shape[0], c.shape[1], *spatial, c.shape[-1]))
-        return torch.stack(codes)
 
     def forward(
         self,
@@ -407,24 +345,22 @@ class GroupedResidualLFQ(QuantizerModule):
         rand_quantize_dropout_fixed_seed: int | None = None,
         inv_temperature: float = 100.0,
     ):
-        tokens, spatial = self.layout.to_tokens(x)
-        b, n = tokens.shape[0], tokens.shape[1]
-        valid = token_mask(self.layout, b, n, spatial, mask, per_sample=True)
-        kept = self.rvqs[0].kept_layers(rand_quantize_dropout_fixed_seed, x.device)  # one draw for all
-        outs, indices, losses, codes = [], [], [], []
-        for rvq, chunk in zip(self.rvqs, self._chunks(tokens)):
-            out, idx, loss, layer_codes = rvq.quantize_tokens(chunk, valid, kept, inv_temperature)
-            outs.append(out)
-            indices.append(self.layout.indices_from_tokens(idx, spatial))
-            losses.append(loss)
-            if return_all_codes:
-                code = torch.stack(layer_codes)
-                codes.append(code.reshape(code.shape[0], b, *spatial, code.shape[-1]))
-        quantized = self.layout.from_tokens(torch.cat(outs, -1).to(x.dtype), spatial)
-        result = (quantized, torch.stack(indices), torch.stack(losses))
+        def run(rvq: ResidualLFQ, chunk: Tensor, valid: Tensor | None, kept: int) -> GroupStep:
+            out, indices, losses, layer_codes = rvq.quantize_tokens(chunk, valid, kept, inv_temperature)
+            return GroupStep(out, indices, losses, torch.stack(layer_codes) if return_all_codes else None)
+
+        step = self.quantize_groups(
+            x,
+            run,
+            mask=mask,
+            per_sample_mask=True,
+            seed=rand_quantize_dropout_fixed_seed,
+            want_codes=return_all_codes,
+        )
+        assert step.losses is not None  # every ResidualLFQ gives its losses
         if return_all_codes:
-            return GroupedLFQOutputWithCodes(*result, tuple(codes))
-        return LFQOutput(*result)
+            return GroupedLFQOutputWithCodes(step.quantized, step.indices, step.losses, step.codes)
+        return LFQOutput(step.quantized, step.indices, step.losses)
 
     def export_metadata(self) -> dict[str, Any]:
         """Hyper-parameters for exported artifacts (vqcore.protocols.SupportsExportMetadata)."""

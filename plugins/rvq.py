@@ -30,7 +30,15 @@ from torch import Tensor, nn
 from vqcore.blocks.distance import is_tie
 from vqcore.blocks.layout import TokenLayout, zero_padding
 from vqcore.blocks.projection import project_from, project_into, projection_pair
-from vqcore.blocks.residual import QuantizeDropout, decode_layers, pad_layers, sum_layers, zero_dropped
+from vqcore.blocks.residual import (
+    GroupedStacks,
+    GroupStep,
+    QuantizeDropout,
+    decode_layers,
+    pad_layers,
+    sum_layers,
+    zero_dropped,
+)
 from vqcore.blocks.validation import check_positive_int, check_tensor
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
@@ -422,16 +430,15 @@ def _shared_codebook_keys(module: ResidualVQ, state_dict: dict[str, Tensor], pre
             state_dict[f"{prefix}layers.{q}._codebook.{key[len(old) :]}"] = value
 
 
-class GroupedResidualVQ(QuantizerModule):
+class GroupedResidualVQ(GroupedStacks[ResidualVQ]):
     """x (b, n, d) -> quantized (b, n, d), indices (groups, b, n, Q), losses (groups, Q).
 
     The feature axis is split into ``groups`` equal chunks, each quantized by an independent
     :class:`ResidualVQ` (``dim // groups`` features, every other keyword argument forwarded), through its
-    public token paths. Quantize dropout is drawn once per step for all groups. ``return_all_codes`` adds
-    a tuple (one entry per group, as the reference) of ``(Q, b, *positions, codebook_dim)`` codes.
+    public token paths (:class:`~vqcore.blocks.residual.GroupedStacks`). Quantize dropout is drawn once
+    per step for all groups. ``return_all_codes`` adds a tuple (one entry per group, as the reference) of
+    ``(Q, b, *positions, codebook_dim)`` codes.
     """
-
-    rvqs: Sequence[ResidualVQ]  # an nn.ModuleList (whose items torch types as plain Modules)
 
     def __init__(
         self,
@@ -442,74 +449,11 @@ class GroupedResidualVQ(QuantizerModule):
         channel_last: bool = True,
         **rvq_kwargs: Any,
     ):
-        super().__init__()
-        check_positive_int(dim, "dim")
-        check_positive_int(groups, "groups")
-        if dim % groups:
-            raise ValueError(f"dim ({dim}) must be divisible by groups ({groups})")
-        self.dim, self.groups = dim, groups
-        self.layout = TokenLayout.from_flags(
+        layout = TokenLayout.from_flags(
             dim, accept_image_fmap=accept_image_fmap, accept_3d_fmap=accept_3d_fmap, channel_last=channel_last
         )
-        self.rvqs = cast(
-            "Sequence[ResidualVQ]",
-            nn.ModuleList(ResidualVQ(dim // groups, **rvq_kwargs) for _ in range(groups)),
-        )
-
-    @property
-    def codebook_size(self) -> int:
-        return self.rvqs[0].codebook_size
-
-    @property
-    def num_quantizers(self) -> int:
-        return self.rvqs[0].num_quantizers
-
-    @property
-    def num_codebooks(self) -> int:
-        return self.groups * self.num_quantizers
-
-    @property
-    def codebooks(self) -> Tensor | tuple[Tensor | tuple[Tensor, ...], ...]:
-        """(groups, Q, K, codebook_dim), or a tuple per group when the layer sizes differ."""
-        books = tuple(rvq.codebooks for rvq in self.rvqs)
-        stacked = [book for book in books if isinstance(book, Tensor)]  # every group alike: all or none
-        return torch.stack(stacked) if len(stacked) == len(books) else books
-
-    def _chunks(self, tokens: Tensor) -> tuple[Tensor, ...]:
-        return tokens.chunk(self.groups, dim=-1)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """x -> indices (groups, b, *positions, Q) int64."""
-        tokens, spatial = self.layout.to_tokens(x)
-        per_group = [rvq.encode_tokens(t) for rvq, t in zip(self.rvqs, self._chunks(tokens))]
-        return torch.stack([self.layout.indices_from_tokens(i, spatial) for i in per_group])
-
-    def _index_tokens(self, indices: Tensor) -> tuple[list[Tensor], tuple]:
-        check_tensor(indices, "indices")
-        if indices.ndim < 1 or indices.shape[0] != self.groups:
-            raise ValueError(
-                f"indices must have the groups axis first with {self.groups} entries "
-                f"(groups, batch, *positions, quantizers), got shape {tuple(indices.shape)}"
-            )
-        tokens = []
-        for g, rvq in enumerate(self.rvqs):
-            t, spatial = self.layout.indices_to_tokens(indices[g], 1, f"indices[{g}]")
-            tokens.append(pad_layers(t, rvq.codebook_sizes, f"indices[{g}]"))
-        return tokens, spatial
-
-    def decode(self, indices: Tensor) -> Tensor:
-        """indices (groups, b, *positions, q), q <= Q -> quantized in the input layout."""
-        tokens, spatial = self._index_tokens(indices)
-        out = torch.cat([rvq.decode_tokens(t) for rvq, t in zip(self.rvqs, tokens)], -1)
-        return self.layout.from_tokens(out, spatial)
-
-    get_output_from_indices = decode
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """indices (groups, b, *positions, q) -> codes (groups, Q, b, *positions, codebook_dim)."""
-        tokens, spatial = self._index_tokens(indices)
-        codes = [torch.stack(rvq.layer_codes(t)) for rvq, t in zip(self.rvqs, tokens)]
-        return torch.stack([c.reshape(c.shape[0], c.shape[1], *spatial, c.shape[-1]) for c in codes])
+        super().__init__(dim, groups, lambda group_dim: ResidualVQ(group_dim, **rvq_kwargs))
+        self.layout = layout
 
     def forward(
         self,
@@ -523,27 +467,27 @@ class GroupedResidualVQ(QuantizerModule):
     ):
         """``accum_ema_update``: only accumulate this batch's EMA statistics (every codebook); the next call
         without it takes one step from all of them, as for one large batch (gradient accumulation)."""
-        tokens, spatial = self.layout.to_tokens(x)
-        b = tokens.shape[0]
-        valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
-        kept = self.rvqs[0].kept_layers(
-            rand_quantize_dropout_fixed_seed, x.device
-        )  # one draw for every group
-        outs, indices, losses, codes = [], [], [], []
-        for rvq, chunk in zip(self.rvqs, self._chunks(tokens)):
-            out, idx, loss, code = rvq.quantize_tokens(
-                chunk, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook, accum_ema_update
+
+        def run(rvq: ResidualVQ, chunk: Tensor, valid: Tensor | None, kept: int) -> GroupStep:
+            return GroupStep(
+                *rvq.quantize_tokens(
+                    chunk,
+                    valid,
+                    kept,
+                    return_all_codes,
+                    sample_codebook_temp,
+                    freeze_codebook,
+                    accum_ema_update,
+                )
             )
-            outs.append(out)
-            indices.append(self.layout.indices_from_tokens(idx, spatial))
-            losses.append(loss)
-            if code is not None:  # return_all_codes
-                codes.append(code.reshape(code.shape[0], b, *spatial, code.shape[-1]))
-        quantized = self.layout.from_tokens(torch.cat(outs, -1).to(x.dtype), spatial)
-        result = (quantized, torch.stack(indices), torch.stack(losses))
+
+        step = self.quantize_groups(
+            x, run, mask=mask, seed=rand_quantize_dropout_fixed_seed, want_codes=return_all_codes
+        )
+        assert step.losses is not None  # every layer gives its losses
         if return_all_codes:
-            return ResidualVQOutputWithCodes(*result, tuple(codes))
-        return ResidualVQOutput(*result)
+            return ResidualVQOutputWithCodes(step.quantized, step.indices, step.losses, step.codes)
+        return ResidualVQOutput(step.quantized, step.indices, step.losses)
 
     def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
         """See vqcore.protocols.SupportsExportTieCheck: each group's residual stack judges its own indices."""

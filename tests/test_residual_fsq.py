@@ -230,7 +230,7 @@ def test_grouped_errors():
     with pytest.raises(ConfigurationError, match=r"dim \(9\) must be divisible by groups \(2\)"):
         GroupedResidualFSQ(dim=9, groups=2, levels=[5, 5], num_quantizers=2)
     q = GroupedResidualFSQ(**GROUPED)
-    with pytest.raises(ValueError, match="8 features on axis -1"):
+    with pytest.raises(ValueError, match="8 features on its last axis"):
         q(torch.randn(2, 3, 6))
     with pytest.raises(ValueError, match="groups axis first with 2 entries"):
         q.decode(torch.zeros(3, 2, 4, 3, dtype=torch.long))
