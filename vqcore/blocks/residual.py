@@ -49,7 +49,7 @@ class QuantizeDropout:
         check_positive_int(num_quantizers, "num_quantizers")
         check_positive_int(cutoff_index, "quantize_dropout_cutoff_index", minimum=0)
         if cutoff_index >= num_quantizers:
-            raise ValueError(
+            raise ConfigurationError(
                 f"quantize_dropout_cutoff_index must be in [0, {num_quantizers}) "
                 f"(num_quantizers={num_quantizers}), got {cutoff_index}"
             )
