@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_fsq.py
 	$(PY) benchmarks/bench_scalar_new.py
 	$(PY) benchmarks/bench_latent.py
+	$(PY) benchmarks/bench_saved.py
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_quality.py
 
