@@ -14,8 +14,9 @@ best_fitness, best_decoded)``: the next population, and the best gene scored so 
 Bits read the LFQ's index most significant bit first, codebook after codebook: the gene of a token is
 the concatenation, over its codebooks, of the bits of ``index`` from ``2^(bits-1)`` down to ``1``, which
 are the signs of its code in codebook space (before the LFQ's output projection). The LFQ is used
-through its public API only: ``forward``, ``encode``, ``indices_to_codes``, ``codebook_size``,
-``num_codebooks`` and ``keep_num_codebooks_dim``.
+through its public API (``forward``, ``encode``, ``codebook_size``, ``num_codebooks`` and
+``keep_num_codebooks_dim``), and ``decode_bits`` through the unchecked body of ``indices_to_codes``
+(``LFQ.decode_tokens``, which skips the value check: the indices it builds from bits are always in range).
 
 Not a :class:`vqcore.protocols.Quantizer`, so not registered (``vqcore.create`` does not build it, and
 the export layer does not take it): it wraps the user's encoder and decoder, its forward returns the
@@ -216,9 +217,11 @@ class EvoLFQ(nn.Module):
         """``decoder(codes)`` of bits ``(..., num_codebooks * bits)``: the codes ``(..., dim)`` the LFQ
         decodes (its output projection applied), eval mode, no gradient."""
         indices = self.bits_to_indices(bits)
-        flat = indices.reshape(-1, *indices.shape[bits.ndim - 1 :])  # (N,) or (N, num_codebooks)
+        # (1, N, num_codebooks); built from bits, so always in [0, codebook_size): decoded without the
+        # public path's value check (a host sync) and -1 handling, same codes as indices_to_codes
+        tokens = indices.reshape(1, -1, self.lfq.num_codebooks)
         with evaluating(self):
-            codes = self.lfq.indices_to_codes(flat)
+            codes = self.lfq.decode_tokens(tokens, dropped=False)
             return self.decoder(codes.reshape(*bits.shape[:-1], codes.shape[-1]))
 
     # -- the genetic search -----------------------------------------------------------------------------
@@ -271,8 +274,9 @@ class EvoLFQ(nn.Module):
         contenders = torch.randint(
             0, population.shape[0], (population.shape[0], tournament_size), device=population.device
         )
-        winners = contenders.gather(1, fitnesses[contenders].argmax(-1, keepdim=True)).squeeze(1)
-        return population[winners]
+        scores = fitnesses.index_select(0, contenders.flatten()).view(contenders.shape)
+        winners = contenders.gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
+        return population.index_select(0, winners)
 
     def fitness_of(self, pop_bits: Tensor, fitness_fn: Callable[..., Any], batch_size: int | None = None):
         """``fitness_fn(decode_bits(pop_bits), pop_bits)`` as a float32 ``(pop_size,)`` tensor; with
@@ -317,11 +321,15 @@ class EvoLFQ(nn.Module):
             )
         fitnesses = self.fitness_of(pop_bits, fitness_fn, batch_size)
         ranked = torch.argsort(fitnesses, descending=True, stable=True)
-        elites = pop_bits[ranked[:elitism_count]]
+        # index_select rather than advanced indexing: the same rows, without the indexing kernel's
+        # parallel region (which wakes the thread pool for a population this small)
+        elites = pop_bits.index_select(0, ranked[:elitism_count])
         children = pop_size - elitism_count
         contenders = torch.randint(0, pop_size, (children, 2, tournament_size), device=pop_bits.device)
-        parents = contenders.gather(-1, fitnesses[contenders].argmax(-1, keepdim=True)).squeeze(-1)
-        offspring = self.uniform_crossover(pop_bits[parents[:, 0]], pop_bits[parents[:, 1]])
+        scores = fitnesses.index_select(0, contenders.flatten()).view(contenders.shape)
+        parents = contenders.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+        both = pop_bits.index_select(0, parents.t().flatten()).unflatten(0, (2, children))
+        offspring = self.uniform_crossover(both[0], both[1])
         offspring = self.mutate(offspring, mutation_rate, is_sign)
         return torch.cat([elites, offspring]), fitnesses
 

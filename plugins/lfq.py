@@ -470,13 +470,22 @@ class LFQ(Float32State, QuantizerModule):
             size=self.codebook_size,
             trailing=self.codebook_axis.trailing,
         )
+        return layout.from_tokens(self.decode_tokens(tokens, project_out), spatial)
+
+    def decode_tokens(self, tokens: Tensor, project_out: bool = True, dropped: bool = True) -> Tensor:
+        """int64 tokens (b, n, num_codebooks) -> codes (b, n, dim) (codebook space without
+        ``project_out``). No value check: the caller's tokens are in ``[0, codebook_size)``, or -1 (zeros)
+        where ``dropped``; ``dropped=False`` (indices the caller built, never -1) skips the -1 handling."""
         b, n = tokens.shape[0], tokens.shape[1]
         with float32_region(tokens.device.type):
             books = tokens.reshape(-1, self.num_codebooks).transpose(0, 1)
-            codes = self.output_tokens(self.codebook_module.lookup(books.clamp(min=0)), b, n)
+            codes = self.output_tokens(
+                self.codebook_module.lookup(books.clamp(min=0) if dropped else books), b, n
+            )
             out = project_from(self.project_out, codes) if project_out else codes
-            out = out.masked_fill((tokens < 0).any(-1, keepdim=True), 0.0)
-        return layout.from_tokens(out, spatial)
+            if dropped:
+                out = out.masked_fill((tokens < 0).any(-1, keepdim=True), 0.0)
+        return out
 
     indices_to_codes = decode
 
