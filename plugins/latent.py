@@ -56,6 +56,7 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -132,7 +133,7 @@ class LatentQuantize(QuantizerModule):
     # non-persistent buffers, (D,) int64 each
     basis: Tensor
     levels_tensor: Tensor
-    row_offset: Tensor
+    value_offset: Tensor  # where each dimension's table starts in the concatenated tables
 
     # state_dict version 2: frozen tables are saved (see the module docstring)
     _version = 2
@@ -212,7 +213,9 @@ class LatentQuantize(QuantizerModule):
         )
         self.register_buffer("levels_tensor", torch.tensor(levels, dtype=INDEX_DTYPE), persistent=False)
         self.register_buffer(
-            "row_offset", torch.arange(len(levels), dtype=INDEX_DTYPE) * self.max_level, persistent=False
+            "value_offset",
+            torch.tensor([0, *itertools.accumulate(levels[:-1])], dtype=INDEX_DTYPE),
+            persistent=False,
         )
         self.has_projections = self.dim != inner
         self.project_in, self.project_out = projection_pair(
@@ -247,12 +250,16 @@ class LatentQuantize(QuantizerModule):
             ]
         )
 
+    def flat_values(self) -> Tensor:
+        """(sum(levels),) float32: the tables one after the other (dimension i from ``value_offset[i]``)."""
+        return torch.cat(list(self.values_per_latent)).float()
+
     @property
     def implicit_codebook(self) -> Tensor:
         """All codes (codebook_size, len(levels)) in index order, from the current tables."""
         every = torch.arange(self._codebook_size, device=self.basis.device)
         return self._lookup(
-            self.value_table().detach(), indices_to_digits(every, self.basis, self.levels_tensor)
+            self.flat_values().detach(), indices_to_digits(every, self.basis, self.levels_tensor)
         )
 
     # -- layout -----------------------------------------------------------------------------------------
@@ -283,9 +290,11 @@ class LatentQuantize(QuantizerModule):
             digits.append((coordinate - values).abs_().argmin(-1))
         return torch.stack(digits, dim=-1)
 
-    def _lookup(self, table: Tensor, digits: Tensor) -> Tensor:
-        """digits (..., D) -> values (..., D), differentiable w.r.t. the table."""
-        return table.flatten()[digits + self.row_offset]
+    def _lookup(self, flat: Tensor, digits: Tensor) -> Tensor:
+        """digits (..., D) -> values (..., D) of the tables ``flat`` (:meth:`flat_values`), differentiable
+        w.r.t. them. index_select, not advanced indexing: the same values without the indexing kernel's
+        parallel region."""
+        return flat.index_select(0, (digits + self.value_offset).flatten()).view(digits.shape)
 
     # -- inference paths --------------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
@@ -311,7 +320,7 @@ class LatentQuantize(QuantizerModule):
         )
         with float32_region(tokens.device.type):
             digits = indices_to_digits(tokens, self.basis, self.levels_tensor)
-            codes = self._lookup(self.value_table(), digits).flatten(-2)
+            codes = self._lookup(self.flat_values(), digits).flatten(-2)
             out = project_from(self.project_out, codes) if project_out else codes
         return layout.from_tokens(out, spatial)
 
@@ -335,7 +344,7 @@ class LatentQuantize(QuantizerModule):
         axis = self.codebook_axis
         with float32_region(z.device.type):
             latents = axis.split(project_into(self.project_in, tokens))
-            table = self.value_table()
+            table = self.flat_values()
             digits = self._nearest(latents)
             zhat = self._lookup(table, digits)
             indices = digits_to_indices(digits, self.basis)
@@ -357,7 +366,7 @@ class LatentQuantize(QuantizerModule):
                         indices.reshape(1, -1),
                         valid,
                     )
-                    table = self.value_table()  # quantize again with the updated tables
+                    table = self.flat_values()  # quantize again with the updated tables
                     digits = self._nearest(latents)
                     zhat = self._lookup(table, digits)
                     indices = digits_to_indices(digits, self.basis)
