@@ -63,9 +63,6 @@ SETUPS = {
     ),
 }
 MEMORY_CASES = ("fsq", "rfsq", "rfsq_dim256", "grfsq")
-# steps of about a millisecond: each round times this many back-to-back steps (their mean is recorded), so
-# that the thread pool's wake-up after the idle wait between rounds is not what is measured
-REPEAT = 20
 
 
 def side_by_side(case: str, cfg: Config, reps: int = 15, warmup: int = 3) -> list[Row]:
@@ -77,7 +74,7 @@ def side_by_side(case: str, cfg: Config, reps: int = 15, warmup: int = 3) -> lis
     impls = []
     for lib in ("vqcore", "reference"):
         torch.manual_seed(0)
-        impls.append(Impl(lib, train_call(build(lib, cls, **kwargs), x), repeat=REPEAT))
+        impls.append(Impl(lib, train_call(build(lib, cls, **kwargs), x)))
     rows = run_case(case, impls, cfg, reps, warmup)
     for row in rows:
         row.impl = f"{row.impl} {cls}"

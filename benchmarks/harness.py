@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -79,13 +80,26 @@ def eval_call(module, x: torch.Tensor) -> Callable[[], object]:
 
 @dataclass
 class Impl:
-    """``call`` is timed once per round; ``repeat > 1`` makes one round ``repeat`` back-to-back calls and
-    records their mean, for steps short enough (well under a millisecond) that a single call measures the
-    thread pool's wake-up after the idle wait rather than the step."""
+    """One round times ``repeat`` back-to-back calls of ``call`` and records their mean. ``repeat=None``
+    (the default) picks it after the warm-up so that a round of this implementation lasts at least
+    ``MIN_ROUND_MS``: a single call of a millisecond step measures the thread pool's wake-up after the idle
+    wait (and whichever implementation runs first in a round pays it) rather than the step."""
 
     name: str
     call: Callable[[], object]
-    repeat: int = 1
+    repeat: int | None = None
+
+
+MIN_ROUND_MS = 20.0
+
+
+def _auto_repeat(impl: Impl) -> int:
+    if impl.repeat is not None:
+        return impl.repeat
+    start = time.perf_counter()
+    impl.call()
+    once_ms = (time.perf_counter() - start) * 1e3
+    return max(1, min(50, math.ceil(MIN_ROUND_MS / max(once_ms, 1e-3))))
 
 
 @dataclass
@@ -179,6 +193,7 @@ def interleaved(impls: Sequence[Impl], reps: int, warmup: int, noise: Noise | No
     for _ in range(warmup):
         for impl in impls:
             impl.call()
+    repeats = {impl.name: _auto_repeat(impl) for impl in impls}
     timing = Timing({impl.name: [] for impl in impls})
     retries_left = reps + 2
     attempt = 0
@@ -194,9 +209,9 @@ def interleaved(impls: Sequence[Impl], reps: int, warmup: int, noise: Noise | No
             this_round = {}
             for impl in impls[shift:] + impls[:shift]:
                 start = time.perf_counter()
-                for _ in range(impl.repeat):
+                for _ in range(repeats[impl.name]):
                     impl.call()
-                this_round[impl.name] = (time.perf_counter() - start) * 1e3 / impl.repeat
+                this_round[impl.name] = (time.perf_counter() - start) * 1e3 / repeats[impl.name]
             wall, foreign = Noise.foreign_s(mark)
             if noise is not None and Noise.disturbed(wall, foreign):
                 budget_left = noise.waited_s < noise.wait_budget_s

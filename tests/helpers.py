@@ -6,14 +6,17 @@ shadow ``vqcore.plugins`` and ``vqcore.export``).
   :func:`assert_state_finite`;
 - references computed the slow, obvious way: :func:`brute_nearest`, :func:`hand_ema`, :func:`hand_orthogonal`;
 - EMA codebooks: :func:`set_ema_state`;
-- data: :func:`generator`, :func:`blobs`.
+- data: :func:`generator`, :func:`blobs`;
+- artifacts: :func:`assert_save_load_equal`, :func:`assert_exports_with_parity`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -124,3 +127,36 @@ def blobs(centres: Tensor, per: int, sigma: float, seed: int) -> Tensor:
         len(centres) * per, centres.shape[1], generator=g
     )
     return points[torch.randperm(len(points), generator=g)]
+
+
+# -- artifacts -------------------------------------------------------------------------------------------
+
+
+def assert_save_load_equal(quantizer: nn.Module, x: Tensor, folder: Path) -> None:
+    """``vqcore.save`` then ``vqcore.load`` gives a module whose eval forward has the same quantized output
+    and indices as ``quantizer``'s."""
+    import vqcore
+
+    quantizer.eval()
+    vqcore.save(quantizer, folder / "quantizer.safetensors")
+    loaded = vqcore.load(folder / "quantizer.safetensors")
+    theirs, ours = loaded(x), quantizer(x)
+    assert torch.equal(theirs[0], ours[0]) and torch.equal(theirs[1], ours[1])
+
+
+def assert_exports_with_parity(
+    quantizer: nn.Module, x: Tensor, folder: Path, writers: Sequence[str] = ("onnx", "torchscript")
+) -> None:
+    """The eval ``encode`` (on ``x``) and ``decode`` (on ``encode(x)``) graphs export with verified parity
+    through each writer (ONNX needs onnxruntime and onnxscript: skipped without them)."""
+    from vqcore.export import to_onnx, to_torchscript
+
+    if "onnx" in writers:
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    quantizer.eval()
+    write = {"onnx": to_onnx, "torchscript": to_torchscript}
+    for name in writers:
+        for graph, example in (("encode", x), ("decode", quantizer.encode(x))):
+            result = write[name](quantizer, folder / f"{graph}.{name}", graph=graph, example=example)
+            assert result.parity.ok, (name, graph, result.parity)

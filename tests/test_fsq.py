@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_exports_with_parity
 
 from vqcore import FSQ, ResidualFSQ
 from vqcore.errors import ConfigurationError
@@ -634,12 +635,5 @@ def test_conformance_with_the_new_options(kwargs, example):
 
 @pytest.mark.parametrize("writer", ["onnx", "torchscript"])
 def test_export_with_rotation_and_hard_clamp(writer, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from vqcore.export import to_onnx, to_torchscript
-
-    write = to_onnx if writer == "onnx" else to_torchscript
-    q = FSQ([5, 5, 4], dim=6, orthogonal_rotation=True, bound_hard_clamp=True).eval()
-    x = torch.randn(2, 5, 6)
-    for graph, example in (("encode", x), ("decode", q.encode(x))):
-        result = write(q, tmp_path / f"{graph}.{writer}", graph=graph, example=example)
-        assert result.parity.ok
+    q = FSQ([5, 5, 4], dim=6, orthogonal_rotation=True, bound_hard_clamp=True)
+    assert_exports_with_parity(q, torch.randn(2, 5, 6), tmp_path, writers=(writer,))

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from helpers import assert_exports_with_parity, assert_save_load_equal
 
 from vqcore import LFQ, ResidualLFQ
 from vqcore.blocks.entropy import BatchEntropyLoss, PerSampleEntropyLoss
@@ -642,21 +643,12 @@ def test_reference_parity_of_the_new_options(kwargs):
     ids=["spherical_rotation_clamp", "cosine_frac", "softplus_codebooks"],
 )
 def test_new_options_conform_save_load_and_export(example, kwargs, tmp_path):
-    import vqcore
-    from vqcore.export import to_onnx, to_torchscript
-
     x = torch.randn(*example)
     check_quantizer(LFQ, x, **kwargs)
     torch.manual_seed(0)
-    q = LFQ(**kwargs).eval()
-    vqcore.save(q, tmp_path / "lfq.safetensors")
-    loaded = vqcore.load(tmp_path / "lfq.safetensors")
-    assert torch.equal(loaded(x).quantized, q(x).quantized) and torch.equal(loaded(x).indices, q(x).indices)
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    for writer, suffix in ((to_onnx, "onnx"), (to_torchscript, "pt")):
-        assert writer(q, tmp_path / f"enc.{suffix}", graph="encode", example=x).parity.ok
-        assert writer(q, tmp_path / f"dec.{suffix}", graph="decode", example=q.encode(x)).parity.ok
+    q = LFQ(**kwargs)
+    assert_save_load_equal(q, x, tmp_path)
+    assert_exports_with_parity(q, x, tmp_path)
 
 
 def test_spherical_2_18_codes_trains_without_a_codes_sized_tensor_per_token():

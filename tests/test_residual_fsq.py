@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_state, snapshot
+from helpers import assert_exports_with_parity, assert_same_state, snapshot
 
 import vqcore
 from vqcore import GroupedResidualFSQ, ResidualFSQ
@@ -349,14 +349,8 @@ def test_save_load_round_trip(
     ],
 )
 def test_export_parity(writer, name, kwargs, tmp_path):
-    pytest.importorskip("onnxruntime")
-    from vqcore.export import to_onnx, to_torchscript
-
-    write = to_onnx if writer == "onnx" else to_torchscript
-    q = vqcore.create(name, **kwargs).eval()
-    x = torch.randn(2, 5, kwargs["dim"])
-    for graph, example in (("encode", x), ("decode", q.encode(x))):
-        assert write(q, tmp_path / f"{graph}.{writer}", graph=graph, example=example).parity.ok
+    q = vqcore.create(name, **kwargs)
+    assert_exports_with_parity(q, torch.randn(2, 5, kwargs["dim"]), tmp_path, writers=(writer,))
 
 
 def test_grouped_output_type():

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_exports_with_parity, assert_save_load_equal
 
-import vqcore
 from vqcore import GroupedResidualLFQ, ResidualLFQ
 from vqcore.compat import from_reference
 from vqcore.errors import ConfigurationError
@@ -216,14 +216,6 @@ def test_conform_save_load_and_export(factory, kit_factory, example, kwargs, tmp
     x = torch.randn(*example)
     check_quantizer(kit_factory, x, **kwargs)
     torch.manual_seed(0)
-    q = factory(**kwargs).eval()
-    vqcore.save(q, tmp_path / "q.safetensors")
-    loaded = vqcore.load(tmp_path / "q.safetensors")
-    assert torch.equal(loaded(x).quantized, q(x).quantized) and torch.equal(loaded(x).indices, q(x).indices)
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from vqcore.export import to_onnx, to_torchscript
-
-    for writer, suffix in ((to_onnx, "onnx"), (to_torchscript, "pt")):
-        assert writer(q, tmp_path / f"enc.{suffix}", graph="encode", example=x).parity.ok
-        assert writer(q, tmp_path / f"dec.{suffix}", graph="decode", example=q.encode(x)).parity.ok
+    q = factory(**kwargs)
+    assert_save_load_equal(q, x, tmp_path)
+    assert_exports_with_parity(q, x, tmp_path)
