@@ -145,35 +145,36 @@ class FSQGrid(Float32State):
 
         ``slope``: also d codes / d z, shaped like z: a float tensor, or a bool mask (slope 1 where True,
         0 elsewhere) for the symmetric hard clamp. ``overwrite``: z is a scratch tensor this call may
-        overwrite (one allocation less)."""
-        with torch.no_grad():
-            d = None
-            if self.preserve_symmetry:
-                if self.hard_clamp:
-                    if slope:
-                        d = z.abs() <= 1.0
-                    t = z.clamp_(-1.0, 1.0) if overwrite else z.clamp(-1.0, 1.0)
-                else:
-                    t = z.tanh_() if overwrite else z.tanh()
-                    if slope:
-                        d = torch.mul(t, t).neg_().add_(1.0)
-                # (L - 1) * (t + 1) / 2 + 0.5, floored: the digit (arXiv 2411.19842, section 3.2)
-                digits = t.add_(1.0).mul_(self.levels_minus_1).div_(2.0).add_(0.5).floor_()
-                index = self._indices(digits, 0.0) if indices else None
-                codes = digits.mul_(self.step).sub_(1.0)
+        overwrite (one allocation less). Computed on ``z.detach()`` rather than under ``torch.no_grad()``,
+        which torch.export cannot nest inside the autocast-off region."""
+        z = z.detach()
+        d = None
+        if self.preserve_symmetry:
+            if self.hard_clamp:
+                if slope:
+                    d = z.abs() <= 1.0
+                t = z.clamp_(-1.0, 1.0) if overwrite else z.clamp(-1.0, 1.0)
             else:
-                u = z.add_(self.shift) if overwrite else z + self.shift
-                if self.hard_clamp:
-                    if slope:
-                        d = (u.abs() <= 1.0) * self.slope_scale
-                    u.clamp_(-1.0, 1.0)
-                else:
-                    u.tanh_()
-                    if slope:
-                        d = torch.mul(u, u).neg_().add_(1.0).mul_(self.slope_scale)
-                level = u.mul_(self.half_l).sub_(self.offset).round_()
-                index = self._indices(level, self.index_constant) if indices else None
-                codes = level.div_(self.half_width)
+                t = z.tanh_() if overwrite else z.tanh()
+                if slope:
+                    d = torch.mul(t, t).neg_().add_(1.0)
+            # (L - 1) * (t + 1) / 2 + 0.5, floored: the digit (arXiv 2411.19842, section 3.2)
+            digits = t.add_(1.0).mul_(self.levels_minus_1).div_(2.0).add_(0.5).floor_()
+            index = self._indices(digits, 0.0) if indices else None
+            codes = digits.mul_(self.step).sub_(1.0)
+        else:
+            u = z.add_(self.shift) if overwrite else z + self.shift
+            if self.hard_clamp:
+                if slope:
+                    d = (u.abs() <= 1.0) * self.slope_scale
+                u.clamp_(-1.0, 1.0)
+            else:
+                u.tanh_()
+                if slope:
+                    d = torch.mul(u, u).neg_().add_(1.0).mul_(self.slope_scale)
+            level = u.mul_(self.half_l).sub_(self.offset).round_()
+            index = self._indices(level, self.index_constant) if indices else None
+            codes = level.div_(self.half_width)
         return codes, index, d
 
     def _indices(self, digits: Tensor, constant: float) -> Tensor:
@@ -367,8 +368,7 @@ class FSQ(Float32State, QuantizerModule):
         if noisy and z.dtype in (torch.float32, torch.float64):  # the noise joins the one gradient node
             grad = z.requires_grad and torch.is_grad_enabled()
             codes, index, slope = self.grid.quantize_detached(z, slope=grad, indices=indices)
-            with torch.no_grad():
-                codes, inside = self.add_noise_(codes)
+            codes, inside = self.add_noise_(codes)  # codes are detached
             if slope is not None:
                 codes = with_slope(z, codes, slope * inside)
         else:

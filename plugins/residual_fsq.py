@@ -217,10 +217,11 @@ class ResidualFSQ(Float32State, QuantizerModule):
         return self.dropout.kept_layers(self.training, seed, sync=self.sync_quantize_dropout, device=device)
 
     def quantize_tokens(
-        self, tokens: Tensor, kept: int, want_codes: bool = False
+        self, tokens: Tensor, kept: int, want_codes: bool = False, project_out: bool = True
     ) -> tuple[Tensor, Tensor, list]:
         """Tokens (b, n, dim) -> (quantized tokens (b, n, dim), indices (b, n, Q) with -1 for the layers
-        past ``kept``, per-layer scaled codes (Q of (b, n, D), zeros past ``kept``) when ``want_codes``)."""
+        past ``kept``, per-layer scaled codes (Q of (b, n, D), zeros past ``kept``) when ``want_codes``).
+        ``project_out=False`` (encode) returns the summed codes before ``project_out``."""
         first = self.layers[0]
         dtype = first.quantization_dtype(projected_dtype(self.project_in, tokens))
         with first.quantization_region(tokens.device.type):
@@ -233,7 +234,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
                 indices.append(torch.full(z.shape[:-1], DROPPED_INDEX, dtype=INDEX_DTYPE, device=z.device))
                 if want_codes:
                     codes.append(torch.zeros_like(z))
-            out = project_from(self.project_out, total)
+            out = project_from(self.project_out, total) if project_out else total
         return out, torch.stack(indices, -1), codes
 
     def _fused(self, z: Tensor, kept: int, want_codes: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -242,33 +243,31 @@ class ResidualFSQ(Float32State, QuantizerModule):
         grad = z.requires_grad and torch.is_grad_enabled()
         grid, clamp = self.grid, self.soft_clamp_input_value
         indices, codes = [], []
-        with torch.no_grad():
-            outer = None
-            if clamp is None:
-                residual = z.clone()
-            else:
-                squashed = (z / clamp).tanh_()
-                residual = squashed * clamp
-                if grad:
-                    outer = torch.mul(squashed, squashed).neg_().add_(1.0)  # d tanh(z / c) c / dz
-            total = slope = None
-            for q in range(kept):
-                scale = self.scales[q]
-                code, index, layer_slope = grid.quantize_detached(
-                    residual / scale, slope=grad, overwrite=True
-                )
-                scaled = code.mul_(scale)
-                if q + 1 < kept:
-                    residual.sub_(scaled)
-                assert index is not None  # asked for
-                indices.append(index)
-                if want_codes:
-                    codes.append(scaled)
-                total = scaled if total is None else total + scaled if q == 1 else total.add_(scaled)
-                if layer_slope is not None:
-                    slope = layer_slope.to(z.dtype) if slope is None else slope.add_(layer_slope)
-            if slope is not None and outer is not None:
-                slope.mul_(outer)
+        z_detached = z.detach()  # no autograd below (torch.no_grad cannot nest in an export)
+        outer = None
+        if clamp is None:
+            residual = z_detached.clone()
+        else:
+            squashed = (z_detached / clamp).tanh_()
+            residual = squashed * clamp
+            if grad:
+                outer = torch.mul(squashed, squashed).neg_().add_(1.0)  # d tanh(z / c) c / dz
+        total = slope = None
+        for q in range(kept):
+            scale = self.scales[q]
+            code, index, layer_slope = grid.quantize_detached(residual / scale, slope=grad, overwrite=True)
+            scaled = code.mul_(scale)
+            if q + 1 < kept:
+                residual.sub_(scaled)
+            assert index is not None  # asked for
+            indices.append(index)
+            if want_codes:
+                codes.append(scaled)
+            total = scaled if total is None else total + scaled if q == 1 else total.add_(scaled)
+            if layer_slope is not None:
+                slope = layer_slope.to(z.dtype) if slope is None else slope.add_(layer_slope)
+        if slope is not None and outer is not None:
+            slope.mul_(outer)
         assert total is not None  # kept >= 1
         if grad and slope is not None:
             total = with_slope(z, total, slope)
@@ -293,7 +292,7 @@ class ResidualFSQ(Float32State, QuantizerModule):
 
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """Tokens (b, n, dim) -> indices (b, n, Q) int64 (every layer)."""
-        return self.quantize_tokens(tokens, self.num_quantizers)[1]
+        return self.quantize_tokens(tokens, self.num_quantizers, project_out=False)[1]
 
     def layer_codes(self, tokens: Tensor) -> list[Tensor]:
         """Tokens (b, n, Q), -1 allowed -> Q scaled codes (b, n, len(levels)), in the layers' quantization

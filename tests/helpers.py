@@ -148,14 +148,15 @@ def assert_exports_with_parity(
     quantizer: nn.Module, x: Tensor, folder: Path, writers: Sequence[str] = ("onnx", "torchscript")
 ) -> None:
     """The eval ``encode`` (on ``x``) and ``decode`` (on ``encode(x)``) graphs export with verified parity
-    through each writer (ONNX needs onnxruntime and onnxscript: skipped without them)."""
-    from vqcore.export import to_onnx, to_torchscript
+    through each writer (``onnx``, ``torchscript``, ``pt2``; ONNX needs onnxruntime and onnxscript, and is
+    skipped without them)."""
+    from vqcore.export import to_onnx, to_pt2, to_torchscript
 
     if "onnx" in writers:
         pytest.importorskip("onnxruntime")
         pytest.importorskip("onnxscript")
     quantizer.eval()
-    write = {"onnx": to_onnx, "torchscript": to_torchscript}
+    write = {"onnx": to_onnx, "torchscript": to_torchscript, "pt2": to_pt2}
     for name in writers:
         for graph, example in (("encode", x), ("decode", quantizer.encode(x))):
             result = write[name](quantizer, folder / f"{graph}.{name}", graph=graph, example=example)

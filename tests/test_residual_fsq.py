@@ -357,3 +357,12 @@ def test_grouped_output_type():
     q = GroupedResidualFSQ(**GROUPED).eval()
     out = q(torch.randn(1, 3, 8), return_all_codes=True)
     assert isinstance(out, GroupedFSQOutputWithCodes) and out.all_codes[0].shape == (3, 1, 3, 3)
+
+
+@pytest.mark.parametrize("name", ["fsq", "residual_fsq"])
+def test_projected_encode_exports_as_pt2(name, tmp_path):
+    # torch.export cannot nest torch.no_grad, nor leave an unused project_out, inside the autocast-off region
+    kwargs = dict(levels=[3, 5], dim=8) if name == "fsq" else dict(levels=[3, 5], dim=8, num_quantizers=2)
+    assert_exports_with_parity(
+        vqcore.create(name, **kwargs), torch.randn(2, 5, 8), tmp_path, writers=("pt2",)
+    )
