@@ -51,7 +51,7 @@ from vqcore.blocks.rotation import ORTHOGONAL_ROTATION_KEY, orthogonal_matrix, r
 from vqcore.blocks.validation import check_float, check_indices, check_positive_int
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
-from vqcore.module import QuantizerModule, get_config, set_config
+from vqcore.module import QuantizerModule
 from vqcore.protocols import INDEX_DTYPE
 
 
@@ -280,7 +280,6 @@ class FSQ(Float32State, QuantizerModule):
         super().__init__()
         levels = check_levels(levels, allow_two=preserve_symmetry)
         self.allowed_dtypes = _check_dtypes(allowed_dtypes)
-        record_dtype_names(self)
         self.noise_dropout = _check_noise_dropout(noise_dropout, preserve_symmetry)
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__} ({scale!r})")
@@ -485,19 +484,6 @@ def _check_dtypes(allowed_dtypes: object) -> tuple[torch.dtype, ...]:
             raise TypeError(f"allowed_dtypes must be floating torch dtypes (or their names), got {entry!r}")
         dtypes.append(dtype)
     return tuple(dtypes)
-
-
-def record_dtype_names(module: nn.Module) -> None:
-    """Rewrite ``allowed_dtypes`` in ``module``'s recorded config as dtype names, so that the config
-    stays JSON-serialisable (:func:`vqcore.save`, exported metadata); the constructor reads both."""
-    config = get_config(module)
-    if config is None or config["kwargs"] is None or "allowed_dtypes" not in config["kwargs"]:
-        return
-    kwargs = config["kwargs"]
-    kwargs["allowed_dtypes"] = [
-        str(d).removeprefix("torch.") for d in _check_dtypes(kwargs["allowed_dtypes"])
-    ]
-    set_config(module, config["name"], kwargs, config["version"])
 
 
 def _check_noise_dropout(noise_dropout: object, preserve_symmetry: bool) -> float:

@@ -47,7 +47,6 @@ from vqcore.plugins.fsq import (
     FSQOutput,
     FSQOutputWithCodes,
     projected_dtype,
-    record_dtype_names,
 )
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE
 
@@ -112,7 +111,6 @@ class ResidualFSQ(Float32State, QuantizerModule):
     ):
         super().__init__()
         levels = check_levels(levels, allow_two=True)
-        record_dtype_names(self)
         for name, only, why in _LAYER_FIXED:
             if name in fsq_kwargs and fsq_kwargs[name] != only:
                 raise ConfigurationError(
@@ -402,7 +400,6 @@ class GroupedResidualFSQ(GroupedStacks[ResidualFSQ]):
         if accept_image_fmap and kwargs.get("channel_first") is None:
             kwargs["channel_first"] = True  # the chunks are channel-first for every rank
         super().__init__(dim, groups, lambda group_dim: ResidualFSQ(dim=group_dim, **kwargs))
-        record_dtype_names(self)
         self.accept_image_fmap = bool(accept_image_fmap)
 
     def split_dim(self, ndim: int) -> int:

@@ -23,6 +23,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from vqcore.errors import MissingArgumentsError
@@ -182,6 +183,19 @@ def set_config(
     kwargs: Mapping[str, Any] | None,
     version: int = DEFAULT_CONFIG_VERSION,
 ) -> None:
-    """Record ``module``'s config (outside ``nn.Module``'s attribute machinery: not in the state_dict)."""
-    recorded = None if kwargs is None else dict(kwargs)
+    """Record ``module``'s config (outside ``nn.Module``'s attribute machinery: not in the state_dict).
+    A ``torch.dtype`` argument (alone, in a list or tuple, or in forwarded ``**kwargs``) is recorded by
+    name (``"bfloat16"``), so the config stays JSON: a constructor that takes dtypes accepts names too."""
+    recorded = None if kwargs is None else {key: _dtype_names(value) for key, value in kwargs.items()}
     object.__setattr__(module, CONFIG_ATTR, {"name": name, "version": version, "kwargs": recorded})
+
+
+def _dtype_names(value: Any) -> Any:
+    """``value`` with every ``torch.dtype`` in it replaced by its name (a sequence holding one: a list)."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.dtype) for v in value):
+        return [_dtype_names(v) for v in value]
+    if isinstance(value, dict):
+        return {key: _dtype_names(v) for key, v in value.items()}
+    return value
