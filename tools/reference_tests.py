@@ -41,6 +41,9 @@ MODULES = {
     "vector_quantize_pytorch.latent_quantization": "vqcore.plugins.latent",
     "vector_quantize_pytorch.binary_mapper": "vqcore.plugins.binary_mapper",
     "vector_quantize_pytorch.utils": "vqcore.blocks.sequential",
+    "vector_quantize_pytorch.sim_vq": "vqcore.plugins.sim_vq",
+    "vector_quantize_pytorch.residual_sim_vq": "vqcore.plugins.residual_sim_vq",
+    "vector_quantize_pytorch.hierarchical_vq": "vqcore.plugins.hierarchical_vq",
 }
 
 _MODULE = re.compile(r"\bvector_quantize_pytorch(?:\.[A-Za-z_][A-Za-z_0-9]*)*")
