@@ -51,6 +51,7 @@ from vqcore.blocks.losses import (
 )
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
+from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.protocols import DROPPED_INDEX, Codebook, Estimator
@@ -223,6 +224,21 @@ class VectorQuantize(QuantizerModule):
         ema_update: bool | None = None,
         learnable_codebook: bool = False,
         return_zeros_for_masked_padding: bool = True,
+        commitment_use_cross_entropy_loss: bool = False,
+        codebook_diversity_loss_weight: float = 0.0,
+        codebook_diversity_temperature: float = 100.0,
+        directional_reparam: bool = False,
+        directional_reparam_variance: float = 5e-3,
+        route_gradients_to_input: bool = True,
+        sync_update_v: float = 0.0,
+        vq_bridge: nn.Module | None = None,
+        manual_ema_update: bool = False,
+        in_place_codebook_optimizer: Any = None,
+        manual_in_place_optimizer_update: bool = False,
+        affine_param: bool = False,
+        sync_affine_param: bool = False,
+        affine_param_batch_decay: float = 0.99,
+        affine_param_codebook_decay: float = 0.9,
         codebook: str | Codebook | None = None,
         codebook_kwargs: dict[str, Any] | None = None,
         estimator: str | Estimator | None = None,
@@ -232,6 +248,23 @@ class VectorQuantize(QuantizerModule):
         check_positive_int(dim, "dim")
         check_positive_int(codebook_size, "codebook_size")
         check_positive_int(heads, "heads")
+        # placeholders: each of these options lands with its implementation (until then, refused)
+        pending = {
+            "commitment_use_cross_entropy_loss": commitment_use_cross_entropy_loss,
+            "codebook_diversity_loss_weight": codebook_diversity_loss_weight != 0.0,
+            "directional_reparam": directional_reparam,
+            "route_gradients_to_input": not route_gradients_to_input,
+            "sync_update_v": sync_update_v != 0.0,
+            "vq_bridge": vq_bridge is not None,
+            "manual_ema_update": manual_ema_update,
+            "in_place_codebook_optimizer": in_place_codebook_optimizer is not None,
+            "manual_in_place_optimizer_update": manual_in_place_optimizer_update,
+            "affine_param": affine_param,
+            "sync_affine_param": sync_affine_param,
+        }
+        refused = [name for name, given in pending.items() if given]
+        if refused:
+            raise ConfigurationError(f"{', '.join(refused)}: not supported yet")
         if codebook_dim is None:
             if dim % heads:
                 raise ValueError(
@@ -516,6 +549,10 @@ class VectorQuantize(QuantizerModule):
         return_loss_breakdown: bool = False,
         ema_update_weight: StepWeight | None = None,
         accum_ema_update: bool = False,
+        indices: Tensor | None = None,
+        topk: int | None = None,
+        codebook_transform_fn: Any = None,
+        ema_update: bool | None = None,
     ):
         """Quantize x; in training mode also take the codebook's step (see the module docstring).
 
@@ -526,6 +563,13 @@ class VectorQuantize(QuantizerModule):
         only accumulate this batch's EMA statistics; the next call without it takes one step from all of
         them (gradient accumulation).
         """
+        if (
+            indices is not None
+            or topk is not None
+            or codebook_transform_fn is not None
+            or ema_update is not None
+        ):
+            raise ValueError("indices, topk, codebook_transform_fn and ema_update are not supported yet")
         step_weight = self._ema_weight(ema_update_weight)  # checked before any state changes
         tokens, spatial = self.layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]

@@ -286,3 +286,29 @@ def test_sliced_code_norms_are_bitwise_the_one_shot_norms():
             for c in (codes, codes.transpose(1, 2).contiguous().transpose(1, 2)):
                 # a private helper (no public name returns the norms alone); the search relies on it
                 assert torch.equal(distance._sq_norms(c), c.pow(2).sum(-1)), (books, size, dim)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [4 * 2 * 37 * 16, distance.DEFAULT_CHUNK_BYTES])
+def test_nearest_k_is_the_sorted_brute_force_top_k(cosine, chunk_bytes):
+    g = torch.Generator().manual_seed(3)
+    x, codes = torch.randn(2, 301, 8, generator=g), torch.randn(2, 37, 8, generator=g)
+    if cosine:
+        x, codes = F.normalize(x, dim=-1), F.normalize(codes, dim=-1)
+    indices, scores = distance.nearest_k(x, codes, 5, cosine=cosine, chunk_bytes=chunk_bytes)
+    exact = (
+        -(x.double() @ codes.double().transpose(1, 2))
+        if cosine
+        else torch.cdist(x.double(), codes.double()) ** 2
+    )
+    expected = exact.topk(5, -1, largest=False)
+    assert indices.dtype == torch.int64 and indices.shape == scores.shape == (2, 301, 5)
+    assert torch.equal(indices, expected.indices)
+    torch.testing.assert_close(scores.double(), expected.values, rtol=0, atol=1e-5)
+    first, _ = distance.nearest_k(x, codes, 1, cosine=cosine, chunk_bytes=chunk_bytes)
+    assert torch.equal(first[..., 0], distance.nearest(x, codes, cosine=cosine))
+
+
+def test_nearest_k_refuses_k_outside_the_codebook():
+    with pytest.raises(ValueError, match="k must be between 1 and the codebook size 4, got 5"):
+        distance.nearest_k(torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), 5, cosine=False)

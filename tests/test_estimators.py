@@ -89,3 +89,23 @@ def test_gumbel_straight_through_value_is_q_and_gradient_is_the_soft_assignment(
         GumbelStraightThrough(temperature=0.0)
     with pytest.raises(TypeError, match="logits"):
         GumbelStraightThrough()(xg, q, indices, None)
+
+
+def test_directional_reparam_moves_along_the_error_sphere_and_trains_both_sides():
+    from vqcore.blocks.estimators import directional_reparam
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g).requires_grad_()
+    q = torch.randn(4, 6, generator=g).requires_grad_()
+    exact = directional_reparam(x, q, 0.0)
+    torch.testing.assert_close(exact, q, rtol=0, atol=1e-6)  # no noise: the value is q
+    noisy = directional_reparam(x, q, 0.5, generator=torch.Generator().manual_seed(1))
+    radius = (noisy - x).norm(dim=-1)
+    torch.testing.assert_close(radius, (q - x).norm(dim=-1))  # the error's length is kept
+    assert not torch.allclose(noisy, q)
+    noisy.sum().backward()
+    assert x.grad is not None and q.grad is not None
+    direction = torch.nn.functional.normalize((noisy - x).detach(), dim=-1)
+    unit_error = torch.nn.functional.normalize((q - x).detach(), dim=-1)
+    # d/dq of sum(x + dir * |q - x|) = (sum of dir) * unit(q - x)
+    torch.testing.assert_close(q.grad, direction.sum(-1, keepdim=True) * unit_error)

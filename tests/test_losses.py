@@ -152,3 +152,27 @@ def test_extra_loss_specs_by_name_or_object_and_their_errors():
         extra_loss_pairs({"commitment": 1.0}, reserved=("commitment",))
     with pytest.raises(TypeError, match="pairs"):
         extra_loss_pairs(["codebook"])
+
+
+def test_code_cross_entropy_is_the_mean_over_non_ignored_targets_of_distance_logits():
+    from vqcore.blocks.losses import code_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x, codes = torch.randn(2, 3, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    target = torch.tensor([[0, -1, 4], [2, 2, -1]])
+    total, count = 0.0, 0
+    for b in range(2):
+        for n in range(3):
+            t = int(target[b, n])
+            if t < 0:
+                continue
+            logits = -((x[b, n] - codes[b]) ** 2).sum(-1).sqrt()
+            total += float(torch.logsumexp(logits, 0) - logits[t])
+            count += 1
+    got = code_cross_entropy(x, codes, target, cosine=False)
+    assert got.shape == () and abs(float(got) - total / count) < 1e-5
+    cos = code_cross_entropy(x, codes, target, cosine=True)
+    logits = x @ codes.transpose(1, 2)
+    keep = target >= 0
+    expected = torch.nn.functional.cross_entropy(logits[keep], target[keep])
+    torch.testing.assert_close(cos, expected)

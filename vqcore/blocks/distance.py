@@ -200,6 +200,48 @@ def nearest(
     return indices
 
 
+def nearest_k(
+    x: Tensor, codes: Tensor, k: int, *, cosine: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest codes of x (B, N, d) among codes (B, K, d), nearest first: (indices (B, N, k) int64,
+    scores (B, N, k) in x's dtype).
+
+    The scores are the squared distances ``||x - c||^2`` (``||x||^2 + ||c||^2 - 2 x.c``, clamped at 0) for
+    Euclidean codebooks and ``-x.c`` for cosine ones. With ``k == 1`` ties go to the lowest index as in
+    :func:`nearest`; among more candidates the order of exactly equal scores is unspecified. Tokens are
+    scored in chunks whose (chunk x K) block stays under ``chunk_bytes`` (one block while tracing); no
+    gradient. ``1 <= k <= K``.
+    """
+    size = codes.shape[1]
+    if not 1 <= k <= size:
+        raise ValueError(f"k must be between 1 and the codebook size {size}, got {k}")
+    codes_t = codes.transpose(1, 2)
+
+    def best(part: Tensor) -> tuple[Tensor, Tensor]:
+        block = _scores(part, codes_t, sq)
+        if sq is not None:
+            block = (block + part.pow(2).sum(-1, keepdim=True)).clamp(min=0)
+        if k == 1:
+            where = block.argmin(-1, keepdim=True)
+            return where, block.gather(-1, where)
+        top, where = block.topk(k, -1, largest=False, sorted=True)
+        return where, top
+
+    with torch.no_grad():
+        sq = None if cosine else _sq_norms(codes)
+        n = x.shape[1]
+        chunk = _chunk_size(codes.shape[0], size, chunk_bytes)
+        if is_tracing() or n <= chunk:
+            return best(x)
+        indices = torch.empty(*x.shape[:2], k, dtype=torch.int64, device=x.device)
+        scores = torch.empty(*x.shape[:2], k, dtype=x.dtype, device=x.device)
+        for start in range(0, n, chunk):
+            where, top = best(x[:, start : start + chunk])
+            indices[:, start : start + chunk] = where
+            scores[:, start : start + chunk] = top
+    return indices, scores
+
+
 def gumbel_sample(
     x: Tensor,
     codes: Tensor,

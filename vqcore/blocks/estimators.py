@@ -86,6 +86,23 @@ class GumbelStraightThrough:
         return q.detach() + (soft_codes - soft_codes.detach())
 
 
+def directional_reparam(
+    x: Tensor, q: Tensor, variance: float = 5e-3, generator: torch.Generator | None = None
+):
+    """DiVeQ's directional reparameterisation (arXiv 2509.26469): ``x + ||q - x|| * sg(unit(q - x + noise))``,
+    ``noise ~ N(0, variance)`` per feature.
+
+    The value is q moved by the noise along the sphere of radius ``||q - x||`` around x (exactly q when
+    ``variance == 0``); the gradient reaches x (the identity plus the error norm's gradient) and q through
+    the error norm, so the codes are learned from the task loss without a commitment term. Not an
+    :class:`~vqcore.protocols.Estimator`: its value is not q.
+    """
+    error = q - x
+    noise = torch.randn(error.shape, generator=generator, device=error.device, dtype=error.dtype)
+    direction = l2norm((error + variance**0.5 * noise).detach())
+    return x + direction * error.norm(dim=-1, keepdim=True)
+
+
 def resolve_estimator(estimator: str | Estimator) -> Estimator:
     """An Estimator object, or one built from its registry name (``vqcore list --all`` shows the names)."""
     if isinstance(estimator, str):

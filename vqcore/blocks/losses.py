@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vqcore.blocks.distance import l2norm
+from vqcore.blocks.distance import l2norm, similarity
 from vqcore.blocks.precision import float32_region
 from vqcore.protocols import Codebook, Loss
 
@@ -38,6 +38,19 @@ def masked_mse(x: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
     diff = torch.where(valid.unsqueeze(-1), x - q, torch.zeros((), dtype=x.dtype, device=x.device))
     count = valid.sum(-1).to(diff.dtype) * diff.shape[-1]
     return diff.pow(2).sum((1, 2)) / count.clamp(min=1)
+
+
+def code_cross_entropy(x: Tensor, codes: Tensor, target: Tensor, *, cosine: bool) -> Tensor:
+    """Cross-entropy of the target codes under ``softmax(similarity(x, codes))``: 0-dim, the mean over the
+    tokens whose target is not -1 (ignored), all books together.
+
+    x (B, N, d), codes (B, K, d), target (B, N) int64. The logits are
+    :func:`vqcore.blocks.distance.similarity`: ``-||x - c||`` (Euclidean) or ``x . c`` (cosine), so the loss
+    pulls x towards its target code and away from the others (NaturalSpeech 2's residual VQ loss, and
+    vector-quantize-pytorch's cross-entropy commitment loss). Builds one (B, N, K) logits tensor.
+    """
+    logits = similarity(x, codes, cosine=cosine)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
 
 
 @dataclass(frozen=True)
