@@ -376,6 +376,17 @@ class FSQ(Float32State, QuantizerModule):
                 codes = self.add_noise(codes)
         return unrotate(codes, rotation), index
 
+    def quantize(self, z: Tensor) -> Tensor:
+        """Codebook-space z (..., len(levels)) -> its grid codes ``zhat`` (same shape), with the
+        straight-through gradient: the bound and rounding of the forward, without rotation or noise."""
+        check_float(z, "z")
+        if z.shape[-1] != self.codebook_dim:
+            raise ValueError(
+                f"z must have {self.codebook_dim} features on the last axis, got shape {tuple(z.shape)}"
+            )
+        codes, _ = self.grid.quantize(z, indices=False)
+        return codes
+
     def add_noise(self, codes: Tensor) -> Tensor:
         """Noise dropout on symmetric codes in [-1, 1]: each component with probability ``noise_dropout``
         gets uniform noise in [-0.5, 0.5), then the codes are clamped to [-1, 1] (the mask, then the
@@ -418,16 +429,15 @@ class FSQ(Float32State, QuantizerModule):
     indices_to_codes = decode
     get_output_from_indices = decode
 
-    def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """Codes (..., len(levels)) as the forward outputs them before ``project_out`` -> indices (...)
-        int64."""
-        check_float(codes, "codes")
-        if codes.shape[-1] != self.codebook_dim:
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """Codes ``zhat`` (..., len(levels)) as the forward outputs them before ``project_out`` -> indices
+        (...) int64."""
+        check_float(zhat, "zhat")
+        if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(
-                f"codes must have {self.codebook_dim} features on the last axis, "
-                f"got shape {tuple(codes.shape)}"
+                f"zhat must have {self.codebook_dim} features on the last axis, got shape {tuple(zhat.shape)}"
             )
-        grid_codes = rotate(codes.float(), self.orthogonal_rot)
+        grid_codes = rotate(zhat.float(), self.orthogonal_rot)
         return self.grid.digits_to_indices(self.grid.codes_to_digits(grid_codes))
 
     def indices_to_level_indices(self, indices: Tensor) -> Tensor:

@@ -326,15 +326,15 @@ class LatentQuantize(QuantizerModule):
 
     indices_to_codes = decode
 
-    def codes_to_indices(self, codes: Tensor) -> Tensor:
-        """Latent codes (..., len(levels)) -> indices (...) of the nearest grid point (current tables)."""
-        check_float(codes, "codes")
-        if codes.shape[-1] != self.codebook_dim:
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """Latent codes ``zhat`` (..., len(levels)) -> indices (...) of the nearest grid point (current
+        tables)."""
+        check_float(zhat, "zhat")
+        if zhat.shape[-1] != self.codebook_dim:
             raise ValueError(
-                f"codes must have {self.codebook_dim} features on the last axis, "
-                f"got shape {tuple(codes.shape)}"
+                f"zhat must have {self.codebook_dim} features on the last axis, got shape {tuple(zhat.shape)}"
             )
-        return digits_to_indices(self._nearest(codes.float()), self.basis)
+        return digits_to_indices(self._nearest(zhat.float()), self.basis)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, z: Tensor, return_loss_breakdown: bool = False):

@@ -350,6 +350,11 @@ class LFQ(Float32State, QuantizerModule):
         return self.codebook_axis.keep
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the codes (:attr:`codebook`): float32, the precision LFQ quantizes in."""
+        return torch.float32
+
+    @property
     def codebook(self) -> Tensor:
         """(codebook_size, codebook_dim) float32: every code as decoded (spherical and rotation applied),
         in index order (up to 2^20 codes)."""

@@ -637,3 +637,16 @@ def test_conformance_with_the_new_options(kwargs, example):
 def test_export_with_rotation_and_hard_clamp(writer, tmp_path):
     q = FSQ([5, 5, 4], dim=6, orthogonal_rotation=True, bound_hard_clamp=True)
     assert_exports_with_parity(q, torch.randn(2, 5, 6), tmp_path, writers=(writer,))
+
+
+def test_quantize_gives_the_forward_codes_with_the_straight_through_gradient():
+    q = FSQ(levels=[8, 5, 5])
+    z = torch.randn(2, 7, 3, requires_grad=True)
+    zhat = q.quantize(z)
+    out = q(z)
+    assert torch.equal(zhat, out.quantized)  # no projection: the forward's output is the codes
+    assert torch.equal(q.codes_to_indices(zhat), out.indices)
+    zhat.sum().backward()
+    assert z.grad is not None and torch.all(z.grad > 0)  # the bound's slope, never zero
+    with pytest.raises(ValueError, match="z must have 3 features on the last axis, got shape"):
+        q.quantize(torch.zeros(2, 4))

@@ -665,3 +665,9 @@ def test_spherical_2_18_codes_trains_without_a_codes_sized_tensor_per_token():
     torch.testing.assert_close(
         out.breakdown.per_sample_entropy.double(), bits.sum(-1).mean(), rtol=1e-4, atol=1e-6
     )
+
+
+def test_dtype_is_the_codebook_dtype():
+    q = LFQ(codebook_size=16, dim=4)
+    assert q.dtype == q.codebook.dtype == torch.float32
+    assert q.half().dtype == torch.float32  # the codes stay float32 under .half()
