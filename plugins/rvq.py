@@ -7,6 +7,15 @@ keyword arguments (decay, k-means, dead-code expiry, cosine, rotation trick, sto
 are forwarded. RQ-VAE's shared codebook (arXiv 2203.01941), quantize dropout with Encodec's structured
 ``multiple_of`` variant, and grouped residual VQ (HiFi-Codec, arXiv 2305.02765) are built in.
 
+Beam search (``beam_size`` in training, ``eval_beam_size`` in eval and ``encode``, or forward's
+``beam_size``): the best code path instead of the greedy one (:mod:`vqcore.blocks.beam`), scored by minus
+the weighted sum (``beam_score_quantizer_weights``) of the layers' commitment MSEs. A training forward
+searches first, then takes the usual training step along the chosen path (losses, estimator, one codebook
+step per layer with that path's residuals). ``diveq=True`` (DiVeQ, arXiv 2509.26469) trains learnable
+codebooks through a directional reparameterisation of the summed codes; ``quant_grad_frac`` lets a
+fraction of each layer's output gradient flow down the residual chain; ``forward(x, indices=...)`` gives
+NaturalSpeech 2's cross-entropy of target codes (:meth:`ResidualVQ.cross_entropy_tokens`).
+
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``shared_codebook=True`` holds ONE codebook object, passed to every layer: the EMA step runs once per
   training step on the residuals and indices of all (kept) layers together (the reference decays Q
@@ -16,7 +25,22 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - decode accepts indices with fewer than Q trailing entries (coarse codes): missing layers count as
   dropped, whether or not quantize dropout is on; -1 decodes to a zero contribution, and a token whose
   layers are all -1 (masked) decodes to zero, also after ``project_out``;
-- the losses are ``(Q,)`` (``(G, Q)`` grouped), fresh zeros in eval; no ``indices=`` cross-entropy path.
+- the losses are ``(Q,)`` (``(G, Q)`` grouped), fresh zeros in eval, also with an eval beam search (the
+  reference returns the best path's commitment losses there);
+- beam scores are the commitment MSEs whatever ``commitment_weight`` (the reference scales them by it, so
+  with ``commitment_weight=0`` its beams are unranked); a training beam with ``stochastic_sample_codes`` is
+  refused (the reference takes the top-k of Gumbel-noised distances); k-means initialises each layer on
+  the residuals of every kept path;
+- DiVeQ's reparameterisation runs in training only (the reference also perturbs eval outputs, which then
+  differ from the decode of their indices); options that contradict ``diveq`` (``ema_update=True``,
+  ``commitment_weight`` other than 0, an estimator, ``use_cosine_sim``, ``quant_grad_frac`` other than 1)
+  are refused, where the reference overrides them silently;
+- with ``quant_grad_frac`` the residual passed on is exactly ``r - code`` in value (the reference's
+  ``frac * q + (1 - frac) * sg(q)`` may round it);
+- ``forward(x, indices=...)`` works (the reference 1.32.0 raises): each layer's residual is that of the
+  greedy chain of the layers' own codes (as in the reference's earlier, working versions), whatever the beam
+  size, without quantize dropout; it touches no training state (no k-means, EMA or expiry); target codes
+  at masked positions are ignored; a list of per-layer ``(b, n)`` tensors is stacked on the last axis.
 """
 
 from __future__ import annotations
