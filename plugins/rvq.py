@@ -137,7 +137,11 @@ ESTIMATOR_OPTIONS = ("rotation_trick", "straight_through", "estimator")
 
 
 def beam_options(
-    beam_size: object, eval_beam_size: object, weights: object, num_quantizers: int, vq_kwargs: dict
+    beam_size: int | None,
+    eval_beam_size: int | None,
+    weights: Sequence[float] | None,
+    num_quantizers: int,
+    vq_kwargs: dict,
 ) -> tuple[int | None, int | None, tuple[float, ...]]:
     """Checked ``(beam_size, eval_beam_size, beam_score_quantizer_weights)``: beam sizes None or ints >= 1,
     ``eval_beam_size`` defaulting to ``beam_size``, one finite weight per layer (default all 1)."""
@@ -158,7 +162,7 @@ def beam_options(
         resolved = (1.0,) * num_quantizers
     else:
         try:
-            resolved = tuple(float(w) for w in weights)  # type: ignore[attr-defined]
+            resolved = tuple(float(w) for w in weights)
         except (TypeError, ValueError):
             raise ConfigurationError(
                 f"beam_score_quantizer_weights must be a sequence of numbers, got {weights!r}"
@@ -171,7 +175,7 @@ def beam_options(
         if not all(math.isfinite(w) for w in resolved):
             raise ConfigurationError(f"beam_score_quantizer_weights must be finite, got {resolved}")
     evaluation = beam_size if eval_beam_size is None else eval_beam_size
-    return cast("int | None", beam_size), cast("int | None", evaluation), resolved
+    return beam_size, evaluation, resolved
 
 
 def residual_gradient_fraction(quant_grad_frac: object, diveq: bool) -> float:
