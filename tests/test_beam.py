@@ -83,6 +83,17 @@ def test_full_beam_is_the_exact_optimum(cosine, weights):
         assert indices[b, n].tolist() == want
 
 
+def test_layers_of_different_sizes():
+    # 2, 5 and 3 codes: a beam of 10 keeps every path of the first two layers; k is capped per layer
+    rvq = tiny(codebook_size=(2, 5, 3), num_quantizers=None, beam_size=10).eval()
+    x = torch.randn(2, 4, 3)
+    indices = rvq.encode(x)
+    books = books_of(rvq)
+    for b, n in itertools.product(range(2), range(4)):
+        assert indices[b, n].tolist() == brute_best_path(x[b, n], books, [1.0, 1.0, 1.0])[0]
+        assert indices[b, n].tolist() == python_beam(x[b, n], books, [1.0, 1.0, 1.0], 10)
+
+
 @pytest.mark.parametrize("beam_size", [2, 3])
 @pytest.mark.parametrize("cosine", [False, True])
 def test_beam_follows_the_python_beam_search(beam_size, cosine):
