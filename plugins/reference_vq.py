@@ -50,15 +50,7 @@ VQ_UNSUPPORTED = UnsupportedOptions(
     ),
 )
 CODEBOOK_UNSUPPORTED = UnsupportedOptions(eval=(("affine_param", False), ("vq_bridge", None)))
-RVQ_UNSUPPORTED = UnsupportedOptions(
-    eval=(
-        ("implicit_neural_codebook", False),
-        ("diveq", False),
-        ("beam_size", None),
-        ("eval_beam_size", None),
-    ),
-    train=(("quant_grad_frac", 0.0),),
-)
+RVQ_UNSUPPORTED = UnsupportedOptions(eval=(("implicit_neural_codebook", False),))
 
 CODEBOOK_KEYS = ("embed", "cluster_size", "embed_avg", "initted")
 
@@ -87,11 +79,16 @@ def _initted(layer: ReferenceModule) -> bool:
 
 
 def layer_kwargs(
-    ref: ReferenceModule, allow_training_differences: bool, shared_codebook: bool = False
+    ref: ReferenceModule,
+    allow_training_differences: bool,
+    shared_codebook: bool = False,
+    set_by_stack: tuple[str, ...] = (),
 ) -> dict:
-    """The options a reference VectorQuantize shares with the layers of its ResidualVQ."""
+    """The options a reference VectorQuantize shares with the layers of its ResidualVQ; ``set_by_stack``:
+    layer options the residual stack sets itself (DiVeQ's), not reported as unsupported."""
     book: ReferenceModule = ref.get_submodule("_codebook")
     findings = VQ_UNSUPPORTED.findings(ref) + CODEBOOK_UNSUPPORTED.findings(book)
+    findings = [(kind, text) for kind, text in findings if text.split("=", 1)[0] not in set_by_stack]
     if bool(getattr(book, "manual_ema_update", False)) and not shared_codebook:
         findings.append((TRAINING_ONLY, "manual_ema_update=True"))
     raise_unsupported(findings, allow_training_differences, type(ref).__name__)
@@ -199,7 +196,14 @@ class ResidualVQConverter:
             )
         sizes = tuple(int(s) for s in ref.codebook_sizes)
         shared = bool(ref.shared_codebook)
-        options = layer_kwargs(layer, allow_training_differences, shared_codebook=shared)
+        diveq = bool(getattr(ref, "diveq", False))
+        options = layer_kwargs(
+            layer,
+            allow_training_differences,
+            shared_codebook=shared,
+            set_by_stack=DIVEQ_SETS if diveq else (),
+        )
+        search = search_kwargs(ref, options)  # takes DiVeQ's layer options out of ``options``
         # quantize dropout (or a layer called on its own) can leave later layers un-initialised while the
         # first one has run k-means
         options["kmeans_init"] = not all(_initted(lay) for lay in layers)
@@ -231,12 +235,36 @@ class ResidualVQConverter:
             quantize_dropout_multiple_of=int(ref.quantize_dropout_multiple_of),
             **layout,
             **options,
+            **search,
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         map_residual(module.state_dict(), ref_state_dict, "", out)
         return out
+
+
+# -- beam search, DiVeQ and quant_grad_frac ----------------------------------------------------------------
+
+# the layer options a reference ResidualVQ with diveq=True sets itself (vqcore's diveq sets its own)
+DIVEQ_SETS = ("route_gradients_to_input", "learnable_codebook", "ema_update", "commitment_weight")
+
+
+def search_kwargs(ref: ReferenceModule, options: dict[str, Any]) -> dict[str, Any]:
+    """A reference ResidualVQ's beam search, DiVeQ and residual-gradient options; with DiVeQ the layer
+    options it implies leave ``options`` (the layers' gradient estimator included: DiVeQ has none)."""
+    diveq = bool(getattr(ref, "diveq", False))
+    if diveq:
+        for name in (*DIVEQ_SETS, "rotation_trick"):
+            options.pop(name, None)
+    weights = getattr(ref, "beam_score_weights", None)
+    return dict(
+        diveq=diveq,
+        beam_size=getattr(ref, "beam_size", None),
+        eval_beam_size=getattr(ref, "eval_beam_size", None),
+        beam_score_quantizer_weights=None if weights is None else [float(w) for w in weights],
+        quant_grad_frac=float(getattr(ref, "quant_grad_frac", 0.0)),
+    )
 
 
 class GroupedResidualVQConverter:

@@ -7,6 +7,15 @@ keyword arguments (decay, k-means, dead-code expiry, cosine, rotation trick, sto
 are forwarded. RQ-VAE's shared codebook (arXiv 2203.01941), quantize dropout with Encodec's structured
 ``multiple_of`` variant, and grouped residual VQ (HiFi-Codec, arXiv 2305.02765) are built in.
 
+Beam search (``beam_size`` in training, ``eval_beam_size`` in eval and ``encode``, or forward's
+``beam_size``): the best code path instead of the greedy one (:mod:`vqcore.blocks.beam`), scored by minus
+the weighted sum (``beam_score_quantizer_weights``) of the layers' commitment MSEs. A training forward
+searches first, then takes the usual training step along the chosen path (losses, estimator, one codebook
+step per layer with that path's residuals). ``diveq=True`` (DiVeQ, arXiv 2509.26469) trains learnable
+codebooks through a directional reparameterisation of the summed codes; ``quant_grad_frac`` lets a
+fraction of each layer's output gradient flow down the residual chain; ``forward(x, indices=...)`` gives
+NaturalSpeech 2's cross-entropy of target codes (:meth:`ResidualVQ.cross_entropy_tokens`).
+
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``shared_codebook=True`` holds ONE codebook object, passed to every layer: the EMA step runs once per
   training step on the residuals and indices of all (kept) layers together (the reference decays Q
@@ -16,19 +25,39 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - decode accepts indices with fewer than Q trailing entries (coarse codes): missing layers count as
   dropped, whether or not quantize dropout is on; -1 decodes to a zero contribution, and a token whose
   layers are all -1 (masked) decodes to zero, also after ``project_out``;
-- the losses are ``(Q,)`` (``(G, Q)`` grouped), fresh zeros in eval; no ``indices=`` cross-entropy path.
+- the losses are ``(Q,)`` (``(G, Q)`` grouped), fresh zeros in eval, also with an eval beam search (the
+  reference returns the best path's commitment losses there);
+- beam scores are the commitment MSEs whatever ``commitment_weight`` (the reference scales them by it, so
+  with ``commitment_weight=0`` its beams are unranked); a training beam with ``stochastic_sample_codes`` is
+  refused (the reference takes the top-k of Gumbel-noised distances); k-means initialises each layer on
+  the residuals of every kept path;
+- DiVeQ's reparameterisation runs in training only (the reference also perturbs eval outputs, which then
+  differ from the decode of their indices); options that contradict ``diveq`` (``ema_update=True``,
+  ``commitment_weight`` other than 0, an estimator, ``use_cosine_sim``, ``quant_grad_frac`` other than 1)
+  are refused, where the reference overrides them silently;
+- with ``quant_grad_frac`` the residual passed on is exactly ``r - code`` in value (the reference's
+  ``frac * q + (1 - frac) * sg(q)`` may round it);
+- ``forward(x, indices=...)`` works (the reference 1.32.0 raises): each layer's residual is that of the
+  greedy chain of the layers' own codes (as in the reference's earlier, working versions), whatever the beam
+  size, without quantize dropout; it touches no training state (no k-means, EMA or expiry); target codes
+  at masked positions are ignored; a list of per-layer ``(b, n)`` tensors is stacked on the last axis.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
+from vqcore.blocks.beam import BeamPath, beam_search, nearest_candidates
 from vqcore.blocks.distance import is_tie
+from vqcore.blocks.distributed import should_sync
+from vqcore.blocks.estimators import directional_reparam
 from vqcore.blocks.layout import TokenLayout, zero_padding
+from vqcore.blocks.losses import code_cross_entropy
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.residual import (
     GroupedStacks,
@@ -40,6 +69,7 @@ from vqcore.blocks.residual import (
     zero_dropped,
 )
 from vqcore.blocks.validation import check_positive_int, check_tensor
+from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.plugins.vq import CODEBOOK_OPTIONS, VectorQuantize, codebook_from_options
@@ -65,6 +95,14 @@ class ResidualVQOutputWithCodes(NamedTuple):
     all_codes: Tensor | tuple[Tensor, ...]
 
 
+class ResidualVQCrossEntropy(NamedTuple):
+    """``forward(x, indices=...)``: the quantized output and ``ce_loss`` (0-dim), the sum over the layers of
+    the cross-entropy of the given codes (grouped: summed over the groups too)."""
+
+    quantized: Tensor
+    ce_loss: Tensor
+
+
 def _layer_sizes(codebook_size: object, num_quantizers: object) -> tuple[int, ...]:
     if codebook_size is None:
         raise TypeError("codebook_size is required (an int, or one int per layer)")
@@ -84,6 +122,102 @@ def _layer_sizes(codebook_size: object, num_quantizers: object) -> tuple[int, ..
     if num_quantizers is None:
         raise TypeError("num_quantizers is required when codebook_size is a single int")
     return (size,) * check_positive_int(num_quantizers, "num_quantizers")
+
+
+# -- beam search, DiVeQ and the residual gradient: option checks ------------------------------------------
+
+# VectorQuantize keyword arguments that DiVeQ sets on every layer, with the values it needs
+DIVEQ_LAYER_OPTIONS: dict[str, Any] = {
+    "learnable_codebook": True,
+    "ema_update": False,
+    "commitment_weight": 0.0,
+}
+# layer options that give the layers a gradient estimator (DiVeQ replaces them by its reparameterisation)
+ESTIMATOR_OPTIONS = ("rotation_trick", "straight_through", "estimator")
+
+
+def beam_options(
+    beam_size: int | None,
+    eval_beam_size: int | None,
+    weights: Sequence[float] | None,
+    num_quantizers: int,
+    vq_kwargs: dict,
+) -> tuple[int | None, int | None, tuple[float, ...]]:
+    """Checked ``(beam_size, eval_beam_size, beam_score_quantizer_weights)``: beam sizes None or ints >= 1,
+    ``eval_beam_size`` defaulting to ``beam_size``, one finite weight per layer (default all 1)."""
+    for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigurationError(f"{name} must be None or an int >= 1, got {value!r}")
+    if eval_beam_size is not None and beam_size is None:
+        raise ConfigurationError(
+            f"eval_beam_size={eval_beam_size} needs beam_size (the training beam): pass beam_size too "
+            "(beam_size=1 keeps training greedy)"
+        )
+    if beam_size is not None and beam_size > 1 and vq_kwargs.get("stochastic_sample_codes"):
+        raise ConfigurationError(
+            f"beam_size={beam_size} searches deterministically; stochastic_sample_codes=True samples the "
+            "codes: use one of them (eval_beam_size alone is fine with sampling)"
+        )
+    if weights is None:
+        resolved = (1.0,) * num_quantizers
+    else:
+        try:
+            resolved = tuple(float(w) for w in weights)
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"beam_score_quantizer_weights must be a sequence of numbers, got {weights!r}"
+            ) from None
+        if len(resolved) != num_quantizers:
+            raise ConfigurationError(
+                f"beam_score_quantizer_weights needs one weight per layer (num_quantizers={num_quantizers}), "
+                f"got {len(resolved)}"
+            )
+        if not all(math.isfinite(w) for w in resolved):
+            raise ConfigurationError(f"beam_score_quantizer_weights must be finite, got {resolved}")
+    evaluation = beam_size if eval_beam_size is None else eval_beam_size
+    return beam_size, evaluation, resolved
+
+
+def residual_gradient_fraction(quant_grad_frac: object, diveq: bool) -> float:
+    """``quant_grad_frac`` checked: a number in [0, 1]; DiVeQ uses 1 (0, the default, is read as 1)."""
+    if isinstance(quant_grad_frac, bool) or not isinstance(quant_grad_frac, (int, float)):
+        raise ConfigurationError(f"quant_grad_frac must be a number in [0, 1], got {quant_grad_frac!r}")
+    if not 0.0 <= quant_grad_frac <= 1.0:
+        raise ConfigurationError(f"quant_grad_frac must be in [0, 1], got {quant_grad_frac}")
+    if diveq and quant_grad_frac not in (0.0, 1.0):
+        raise ConfigurationError(
+            f"diveq=True passes the whole gradient along the residual chain (quant_grad_frac=1); "
+            f"got quant_grad_frac={quant_grad_frac}: leave it unset"
+        )
+    return 1.0 if diveq else float(quant_grad_frac)
+
+
+def diveq_layer_kwargs(vq_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The layers' keyword arguments under ``diveq=True``: learnable codebooks without EMA and without a
+    commitment term (:data:`DIVEQ_LAYER_OPTIONS`); an option given with another value is refused."""
+    for name, value in DIVEQ_LAYER_OPTIONS.items():
+        if name in vq_kwargs and vq_kwargs[name] != value:
+            raise ConfigurationError(
+                f"diveq=True trains the codebooks through its reparameterisation ({name}={value!r}); "
+                f"got {name}={vq_kwargs[name]!r}: leave {name} unset"
+            )
+    given = [name for name in ESTIMATOR_OPTIONS if vq_kwargs.get(name)]
+    if given:
+        raise ConfigurationError(
+            f"diveq=True replaces the layers' gradient estimator by its reparameterisation; got "
+            f"{', '.join(f'{name}={vq_kwargs[name]!r}' for name in given)}: leave it unset"
+        )
+    if vq_kwargs.get("use_cosine_sim"):
+        raise ConfigurationError(
+            "diveq=True needs learnable codebooks, which use_cosine_sim=True does not support "
+            "(gradient steps leave the unit sphere): use diveq with Euclidean codebooks"
+        )
+    if vq_kwargs.get("codebook") is not None:
+        raise ConfigurationError(
+            f"diveq=True builds learnable codebooks; codebook={vq_kwargs['codebook']!r} is another one: "
+            "pass one of them"
+        )
+    return {**vq_kwargs, **DIVEQ_LAYER_OPTIONS}
 
 
 class ResidualVQ(QuantizerModule):
@@ -113,14 +247,28 @@ class ResidualVQ(QuantizerModule):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         channel_last: bool = True,
+        heads: int = 1,
+        diveq: bool = False,
+        beam_size: int | None = None,
+        eval_beam_size: int | None = None,
+        beam_score_quantizer_weights: Sequence[float] | None = None,
+        quant_grad_frac: float = 0.0,
+        return_zeros_for_masked_padding: bool = True,
         **vq_kwargs: Any,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
         sizes = _layer_sizes(codebook_size, num_quantizers)
-        if vq_kwargs.pop("heads", 1) != 1:
-            raise ValueError("ResidualVQ layers have one head; heads must be 1")
+        if heads != 1:
+            raise ConfigurationError(f"ResidualVQ layers have one head: heads must be 1, got {heads!r}")
         vq_kwargs.pop("separate_codebook_per_head", None)
+        self.beam_size, self.eval_beam_size, self.beam_score_quantizer_weights = beam_options(
+            beam_size, eval_beam_size, beam_score_quantizer_weights, len(sizes), vq_kwargs
+        )
+        self.diveq = bool(diveq)
+        self.quant_grad_frac = residual_gradient_fraction(quant_grad_frac, self.diveq)
+        if self.diveq:
+            vq_kwargs = diveq_layer_kwargs(vq_kwargs)
         codebook_dim = dim if codebook_dim is None else codebook_dim
         check_positive_int(codebook_dim, "codebook_dim")
         if shared_codebook and len(set(sizes)) > 1:
@@ -140,7 +288,7 @@ class ResidualVQ(QuantizerModule):
         )
         self.has_projections = codebook_dim != dim
         self.project_in, self.project_out = projection_pair(dim, codebook_dim, enabled=self.has_projections)
-        self.return_zeros_for_masked_padding = vq_kwargs.pop("return_zeros_for_masked_padding", True)
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         if not shared_codebook and not isinstance(vq_kwargs.get("codebook"), (str, type(None))):
             raise ValueError(
                 "a codebook object is one codebook: pass shared_codebook=True to share it between layers, "
@@ -180,9 +328,9 @@ class ResidualVQ(QuantizerModule):
         return torch.stack(books) if len(set(self.codebook_sizes)) == 1 else books
 
     # -- token paths shared by encode, decode, forward and GroupedResidualVQ ----------------------------
-    def encode_tokens(self, tokens: Tensor, with_total: bool = False) -> Any:
+    def encode_tokens(self, tokens: Tensor, with_total: bool = False, beam_size: int | None = None) -> Any:
         """Features (b, n, dim) -> indices (b, n, Q): ``project_in``, then the greedy nearest code of each
-        residual.
+        residual, or the best path of a beam search of ``beam_size`` (default ``eval_beam_size``) beams.
 
         ``with_total``: also the sum of the chosen codes (codebook space), added in layer order exactly as
         :meth:`decode_tokens` adds them (so ``project_out(total)`` is bit for bit the decode of indices
@@ -190,6 +338,11 @@ class ResidualVQ(QuantizerModule):
         """
         z = project_into(self.project_in, tokens)
         b, n = z.shape[0], z.shape[1]
+        beam = self.eval_beam_size if beam_size is None else beam_size
+        if beam is not None and beam > 1:
+            found = self.beam_path(z.reshape(b * n, -1), beam, self.num_quantizers)
+            stacked = found.indices.reshape(b, n, -1)
+            return (stacked, found.total.reshape(b, n, -1)) if with_total else stacked
         residual, indices, codes = z, [], []
         for layer in self.layers:
             book = layer.codebook_module
@@ -210,6 +363,29 @@ class ResidualVQ(QuantizerModule):
             code = layer.codebook_module.lookup(idx.clamp(min=0).reshape(1, -1)).reshape(b, n, -1)
             codes.append(zero_dropped(code, idx))
         return codes
+
+    def beam_path(self, z: Tensor, beam_size: int, kept: int, valid: Tensor | None = None) -> BeamPath:
+        """The beam search's best path of tokens z (N, codebook_dim) through the first ``kept`` layers
+        (:func:`vqcore.blocks.beam.beam_search`; the cost of a code is its commitment MSE). In training
+        mode each layer's codebook is prepared (k-means) on the residuals of every kept path of the
+        ``valid`` (N,) tokens first. No gradient."""
+        n = z.shape[0]
+
+        def search(q: int, residual: Tensor, condition: Tensor, k: int) -> tuple[Tensor, Tensor]:
+            layer = self.layers[q]
+            book = layer.codebook_module
+            zq = layer.to_books(residual)  # (1, M, cd), l2-normalised for cosine codebooks
+            if self.training:
+                ok = None if valid is None else valid.repeat_interleave(residual.shape[0] // n).unsqueeze(0)
+                book.prepare_(zq, ok, sync=should_sync(layer.sync_codebook))
+            return nearest_candidates(zq[0], book.codes.detach()[0], k, cosine=layer.use_cosine_sim)
+
+        def codes_of(q: int, indices: Tensor, condition: Tensor) -> Tensor:
+            return self.layers[q].codebook_module.lookup(indices.unsqueeze(0))[0]
+
+        return beam_search(
+            z, self.codebook_sizes[:kept], search, codes_of, beam_size, self.beam_score_quantizer_weights
+        )
 
     def decode_tokens(self, indices: Tensor) -> Tensor:
         """(b, n, Q) indices -> (b, n, dim); the one decode path of eval forward and ``decode``."""
@@ -252,20 +428,37 @@ class ResidualVQ(QuantizerModule):
         self,
         x: Tensor,
         mask: Tensor | None = None,
+        indices: Tensor | Sequence[Tensor] | None = None,
         return_all_codes: bool = False,
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
+        beam_size: int | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
         accum_ema_update: bool = False,
     ):
-        """``accum_ema_update``: only accumulate this batch's EMA statistics (every codebook); the next call
-        without it takes one step from all of them, as for one large batch (gradient accumulation)."""
+        """``indices``: the cross-entropy path (:meth:`cross_entropy_tokens`), which returns
+        ``(quantized, ce_loss)``. ``beam_size``: this call's beam (default ``beam_size`` in training,
+        ``eval_beam_size`` in eval; 1 is greedy). ``accum_ema_update``: only accumulate this batch's EMA
+        statistics (every codebook); the next call without it takes one step from all of them, as for one
+        large batch (gradient accumulation)."""
         tokens, spatial = self.layout.to_tokens(x)
         b = tokens.shape[0]
         valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
+        if indices is not None:
+            targets = self.target_tokens(indices, b, spatial, valid)
+            out, ce = self.cross_entropy_tokens(tokens, targets, valid)
+            return ResidualVQCrossEntropy(self.layout.from_tokens(out.to(x.dtype), spatial), ce)
+        beam = self.call_beam_size(beam_size)
         kept = self.kept_layers(rand_quantize_dropout_fixed_seed, x.device)
         out, indices, losses, codes = self.quantize_tokens(
-            tokens, valid, kept, return_all_codes, sample_codebook_temp, freeze_codebook, accum_ema_update
+            tokens,
+            valid,
+            kept,
+            return_all_codes,
+            sample_codebook_temp,
+            freeze_codebook,
+            accum_ema_update,
+            beam_size=beam,
         )
         quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
         indices = self.layout.indices_from_tokens(indices, spatial)
@@ -273,6 +466,21 @@ class ResidualVQ(QuantizerModule):
             return ResidualVQOutput(quantized, indices, losses)
         codes = codes.reshape(codes.shape[0], b, *spatial, codes.shape[-1])
         return ResidualVQOutputWithCodes(quantized, indices, losses, codes)
+
+    def call_beam_size(self, beam_size: int | None = None) -> int:
+        """The beam of a forward in the module's mode: ``beam_size`` (checked), else ``beam_size`` in
+        training and ``eval_beam_size`` in eval; 1 (greedy) when none is set."""
+        if beam_size is not None:
+            if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+                raise ValueError(f"beam_size must be None or an int >= 1, got {beam_size!r}")
+            if self.training and beam_size > 1 and self.layers[0].stochastic_sample_codes:
+                raise ValueError(
+                    f"beam_size={beam_size} searches deterministically, but the layers sample their codes "
+                    "in training (stochastic_sample_codes=True): call with beam_size=1, or in eval mode"
+                )
+        else:
+            beam_size = self.beam_size if self.training else self.eval_beam_size
+        return 1 if beam_size is None else beam_size
 
     def quantize_tokens(
         self,
@@ -283,24 +491,31 @@ class ResidualVQ(QuantizerModule):
         temperature: float | None = None,
         freeze: bool | None = None,
         accumulate: bool = False,
+        beam_size: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """tokens (b, n, dim) with ``kept`` layers running -> (out (b, n, dim), indices (b, n, Q),
         losses (Q,), codes (Q, b, n, cd) or None); training-mode steps in training mode, plain encoding
-        otherwise."""
+        otherwise. ``beam_size``: the beam (default: the module's for its mode, :meth:`call_beam_size`)."""
+        beam = self.call_beam_size() if beam_size is None else beam_size
         raw = tokens
         tokens = zero_padding(tokens, valid)
         if not self.training:
             if valid is None:  # no -1 anywhere: the decode of the indices is project_out(sum of the codes)
-                indices, total = self.encode_tokens(tokens, with_total=True)
+                indices, total = self.encode_tokens(tokens, with_total=True, beam_size=beam)
                 out = project_from(self.project_out, total)
             else:
-                indices = self.encode_tokens(tokens).masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
+                indices = self.encode_tokens(tokens, beam_size=beam)
+                indices = indices.masked_fill(~valid.unsqueeze(-1), DROPPED_INDEX)
                 out = self.decode_tokens(indices)
             codes = torch.stack(self.layer_codes(indices)) if want_codes else None
             result = out, indices, out.new_zeros(self.num_quantizers, dtype=torch.float32), codes
         else:
             z = project_into(self.project_in, tokens)
-            result = self._train_tokens(z, valid, kept, want_codes, temperature, freeze, accumulate)
+            path = None
+            if beam > 1:  # the best path's codes, then the training step along it
+                flat_valid = None if valid is None else valid.reshape(-1)
+                path = self.beam_path(z.detach().reshape(-1, z.shape[-1]), beam, kept, flat_valid).indices
+            result = self._train_tokens(z, valid, kept, want_codes, temperature, freeze, accumulate, path)
         if valid is not None and not self.return_zeros_for_masked_padding:  # padding passes through unchanged
             result = (torch.where(valid.unsqueeze(-1), result[0], raw.to(result[0].dtype)), *result[1:])
         return result
@@ -314,14 +529,27 @@ class ResidualVQ(QuantizerModule):
         temperature: float | None,
         freeze: bool | None,
         accumulate: bool = False,
+        path: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Training step over the kept layers: each layer's ``quantize_books`` (code choice, losses,
-        k-means), its estimator, and its codebook step (once for all layers with a shared codebook)."""
+        k-means), its estimator, and its codebook step (once for all layers with a shared codebook).
+
+        ``path`` (b * n, kept): the codes a beam search chose, taken instead of each layer's own choice.
+        The residual passed on is ``r - code - quant_grad_frac * (out - sg(out))`` (``out`` the layer's
+        output: the value ``r - code``, a fraction of the output's gradient); with DiVeQ the outputs are
+        the codes themselves (gradient to the codebooks) and their sum goes through the directional
+        reparameterisation."""
         b, n = z.shape[0], z.shape[1]
         first = self.layers[0]
+        frac = self.quant_grad_frac
         # with the straight-through estimator and no normalisation, the sum of the layer outputs of a detached
         # chain is sum(codes) + kept * (z - sg(z)): the same values and gradient, without Q estimator graphs
-        fused = getattr(first.estimator, "identity_gradient", False) and not first.use_cosine_sim
+        # (with quant_grad_frac the residual of layer q carries (1 - frac)^q of that gradient)
+        fused = (
+            getattr(first.estimator, "identity_gradient", False)
+            and not first.use_cosine_sim
+            and not self.diveq
+        )
         residual, total = z, None
         indices, losses, codes, seen = [], [], [], []
         for q, layer in enumerate(self.layers):
@@ -334,12 +562,19 @@ class ResidualVQ(QuantizerModule):
             book_valid = None if valid is None else layer.book_mask(valid)
             zq = layer.to_books(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
             step = layer.quantize_books(
-                zq, book_valid, sample_codebook_temp=temperature, freeze_codebook=freeze
+                zq,
+                book_valid,
+                sample_codebook_temp=temperature,
+                freeze_codebook=freeze,
+                indices=None if path is None else path[:, q].reshape(1, -1),
             )
             code = step.codes
             if book_valid is not None:  # padding: no code, residual unchanged
                 code = code.masked_fill(~book_valid.unsqueeze(-1), 0.0)
-            out = code if fused else layer.estimate(zq, code, step.indices, temperature)
+            if self.diveq:
+                out = self._diveq_codes(layer, step.indices, book_valid, freeze)
+            else:
+                out = code if fused else layer.estimate(zq, code, step.indices, temperature)
             if self.shared_codebook:
                 seen.append((zq, step.indices))
             else:
@@ -349,7 +584,11 @@ class ResidualVQ(QuantizerModule):
             idx = step.indices if book_valid is None else step.indices.masked_fill(~book_valid, DROPPED_INDEX)
             out = out.reshape(b, n, -1)
             total = out if total is None else total + out
-            residual = residual - code.reshape(b, n, -1)
+            passed = residual - code.reshape(b, n, -1)
+            if frac > 0:  # the value stays r - code; the gradient: a fraction of the output's
+                moving = residual - residual.detach() if fused else out - out.detach()
+                passed = passed - frac * moving
+            residual = passed
             indices.append(idx.reshape(b, n))
             losses.append(step.loss)
             if want_codes:
@@ -365,22 +604,116 @@ class ResidualVQ(QuantizerModule):
                 accum_ema_update=accumulate,
             )
         assert total is not None  # kept >= 1: the first layer always runs
+        ran = min(kept, self.num_quantizers)
         if fused and z.requires_grad:
-            total = total + min(kept, self.num_quantizers) * (z - z.detach())
+            # the gradient of layer q's residual to z is (1 - frac)^q: the sum over the layers that ran
+            total = total + sum((1.0 - frac) ** q for q in range(ran)) * (z - z.detach())
             if want_codes:  # each layer's output carries the straight-through gradient of its residual
-                codes = [c + (z - z.detach()) if q < kept else c for q, c in enumerate(codes)]
+                codes = [
+                    c + (1.0 - frac) ** q * (z - z.detach()) if q < ran else c for q, c in enumerate(codes)
+                ]
+        if self.diveq:
+            total = directional_reparam(z, total)
         out = project_from(self.project_out, total)
         if valid is not None:
             out = torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
         return out, torch.stack(indices, -1), torch.stack(losses), torch.stack(codes) if want_codes else None
 
+    def _diveq_codes(
+        self, layer: VectorQuantize, indices: Tensor, valid: Tensor | None, freeze: bool | None
+    ) -> Tensor:
+        """DiVeQ's layer output: the chosen codes (1, N, cd) with their gradient to the learnable codebook
+        (detached when the codebook is frozen), zero at padding."""
+        codes = layer.codebook_module.lookup(indices)
+        if layer.freeze_codebook if freeze is None else freeze:
+            codes = codes.detach()
+        return codes if valid is None else codes.masked_fill(~valid.unsqueeze(-1), 0.0)
+
+    # -- the cross-entropy path (forward with indices) ---------------------------------------------------
+    def target_tokens(
+        self, indices: Tensor | Sequence[Tensor], b: int, spatial: tuple, valid: Tensor | None = None
+    ) -> Tensor:
+        """The target codes of the cross-entropy path -> checked tokens (b, n, Q) int64: ``indices``
+        (b, *positions, Q), or a list of Q tensors (b, *positions), one per layer. Every layer of every
+        ``valid`` (b, n) token needs a code: -1 (a dropped code) is refused there, and image fmaps are
+        refused (as vector-quantize-pytorch)."""
+        if self.layout.kind == "image":
+            raise ConfigurationError(
+                "the cross-entropy path (forward with indices) does not take image fmaps "
+                "(accept_image_fmap=True): quantize sequences (b, n, dim) for it"
+            )
+        if isinstance(indices, (list, tuple)):
+            if len(indices) != self.num_quantizers:
+                raise ValueError(
+                    f"indices as a list needs one tensor per layer ({self.num_quantizers}), "
+                    f"got {len(indices)}"
+                )
+            for q, entry in enumerate(indices):
+                check_tensor(entry, f"indices[{q}]")
+            indices = torch.stack(list(indices), -1)
+        tokens, given = self.index_tokens(cast(Tensor, indices))
+        if (tokens.shape[0], given) != (b, spatial) or (
+            cast(Tensor, indices).shape[-1] != self.num_quantizers
+        ):
+            raise ValueError(
+                f"indices must have shape {(b, *spatial, self.num_quantizers)} (the input's positions and "
+                f"one code per layer), got {tuple(cast(Tensor, indices).shape)}"
+            )
+        dropped = tokens < 0
+        if bool((dropped if valid is None else dropped & valid.unsqueeze(-1)).any()):
+            raise ValueError(
+                "indices hold -1 (dropped or masked codes); the cross-entropy path needs every layer's code: "
+                "use indices from an eval-mode forward without quantize dropout"
+            )
+        return tokens
+
+    def cross_entropy_tokens(
+        self, tokens: Tensor, targets: Tensor, valid: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """tokens (b, n, dim) and target codes (b, n, Q) -> (quantized (b, n, dim), ce_loss ()).
+
+        NaturalSpeech 2's residual-VQ loss: each layer's residual goes through the layer's own nearest code
+        (the greedy chain, as vector-quantize-pytorch), and the layer adds
+        :func:`~vqcore.blocks.losses.code_cross_entropy` of its target code under ``-||r - c||`` logits
+        (``r . c`` for cosine layers) over the valid tokens. The quantized output is the chain's (the
+        estimator's output in training mode). No training state is touched (no k-means, EMA or expiry)."""
+        z = project_into(self.project_in, zero_padding(tokens, valid))
+        b, n = z.shape[0], z.shape[1]
+        residual, total, ce = z, None, z.new_zeros(())
+        for q, layer in enumerate(self.layers):
+            book = layer.codebook_module
+            zq = layer.to_books(residual)
+            target = targets[..., q].reshape(1, -1)
+            if valid is not None:
+                target = target.masked_fill(~valid.reshape(1, -1), DROPPED_INDEX)
+            codes = book.codes if book.trained_by_gradient else book.codes.detach()
+            ce = ce + code_cross_entropy(zq, codes, target, cosine=layer.use_cosine_sim)
+            idx = book.nearest(zq.detach())
+            code = book.lookup(idx).detach()
+            out = layer.estimate(zq, code, idx) if self.training else code
+            total = out.reshape(b, n, -1) if total is None else total + out.reshape(b, n, -1)
+            residual = residual - code.reshape(b, n, -1)
+        assert total is not None  # at least one layer
+        out = project_from(self.project_out, total)
+        if valid is not None:
+            fill = out.new_zeros(()) if self.return_zeros_for_masked_padding else tokens.to(out.dtype)
+            out = torch.where(valid.unsqueeze(-1), out, fill)
+        return out, ce
+
     # -- export ------------------------------------------------------------------------------------
     def token_ties(self, tokens: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
         """Features (b, n, dim) and token indices a, b (b, n, Q) -> ok (b, n, Q): per token, the layers
         before the first differing one agree and that layer's two codes are genuinely tied (float64
-        distances within ``tolerance``); the layers after it legitimately follow another residual."""
+        distances within ``tolerance``); the layers after it legitimately follow another residual. With
+        an eval beam search, a token's two paths are tied when their float64 scores are."""
         z = project_into(self.project_in, tokens, torch.float64)
         ok = torch.ones_like(a, dtype=torch.bool)
+        if self.eval_beam_size is not None and self.eval_beam_size > 1:
+            for bi, ni in (a != b).any(-1).nonzero().tolist():
+                score_a, scale_a = self.path_score(z[bi, ni], a[bi, ni])
+                score_b, scale_b = self.path_score(z[bi, ni], b[bi, ni])
+                ok[bi, ni] = abs(score_a - score_b) <= tolerance * max(scale_a, scale_b)
+            return ok
         for bi, ni in (a != b).any(-1).nonzero().tolist():
             residual = z[bi, ni].reshape(1, 1, -1)
             for q, layer in enumerate(self.layers):
@@ -395,8 +728,22 @@ class ResidualVQ(QuantizerModule):
                 break
         return ok
 
+    def path_score(self, z: Tensor, path: Tensor) -> tuple[float, float]:
+        """The beam score of one token's code path: z (codebook_dim,) float64, path (Q,) -> (minus the
+        weighted commitment MSEs, the size of float32 rounding on it)."""
+        residual, score, scale = z.reshape(1, 1, -1), 0.0, 0.0
+        for q, layer in enumerate(self.layers):
+            code = layer.codebook_module.codes.detach()[0, int(path[q])].double()
+            zq = layer.to_books(residual, torch.float64).reshape(-1)
+            weight = self.beam_score_quantizer_weights[q]
+            score -= weight * float((zq - code).pow(2).mean())
+            scale += abs(weight) * float((zq.norm() + code.norm()) ** 2) / zq.numel()
+            residual = residual - code
+        return score, scale
+
     def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
-        """See vqcore.protocols.SupportsExportTieCheck: judged at the first layer where a and b differ."""
+        """See vqcore.protocols.SupportsExportTieCheck: judged at the first layer where a and b differ
+        (greedy), or on the two paths' scores (beam search)."""
         tokens, spatial = self.layout.to_tokens(x)
         ta, tb = (self.layout.indices_to_tokens(i, 1)[0].long() for i in (a, b))
         return self.layout.indices_from_tokens(self.token_ties(tokens, ta, tb, tolerance), spatial).reshape(
@@ -458,15 +805,21 @@ class GroupedResidualVQ(GroupedStacks[ResidualVQ]):
     def forward(
         self,
         x: Tensor,
-        mask: Tensor | None = None,
+        indices: Tensor | Sequence[Tensor | Sequence[Tensor]] | None = None,
         return_all_codes: bool = False,
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
+        mask: Tensor | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
         accum_ema_update: bool = False,
     ):
-        """``accum_ema_update``: only accumulate this batch's EMA statistics (every codebook); the next call
-        without it takes one step from all of them, as for one large batch (gradient accumulation)."""
+        """``indices``: one entry per group (a tensor (groups, b, *positions, Q) or a sequence, each as
+        :meth:`ResidualVQ.forward` takes them; empty: none): the cross-entropy path, returning
+        ``(quantized, ce_loss)`` with the groups' losses summed. ``accum_ema_update``: only accumulate this
+        batch's EMA statistics (every codebook); the next call without it takes one step from all of them,
+        as for one large batch (gradient accumulation)."""
+        if indices is not None and len(indices) > 0:
+            return self.cross_entropy(x, indices, mask)
 
         def run(rvq: ResidualVQ, chunk: Tensor, valid: Tensor | None, kept: int) -> GroupStep:
             return GroupStep(
@@ -488,6 +841,24 @@ class GroupedResidualVQ(GroupedStacks[ResidualVQ]):
         if return_all_codes:
             return ResidualVQOutputWithCodes(step.quantized, step.indices, step.losses, step.codes)
         return ResidualVQOutput(step.quantized, step.indices, step.losses)
+
+    def cross_entropy(
+        self, x: Tensor, indices: Tensor | Sequence[Tensor | Sequence[Tensor]], mask: Tensor | None = None
+    ) -> ResidualVQCrossEntropy:
+        """The cross-entropy path: each group's :meth:`ResidualVQ.cross_entropy_tokens` on its chunk with its
+        entry of ``indices``; the quantized chunks concatenated, the losses summed."""
+        if len(indices) != self.groups:
+            raise ValueError(f"indices needs one entry per group ({self.groups}), got {len(indices)}")
+        tokens, spatial = self.layout.to_tokens(x)
+        b = tokens.shape[0]
+        valid = None if mask is None else self.layout.mask_to_tokens(mask, b, spatial)
+        outs, total = [], x.new_zeros((), dtype=torch.float32)
+        for rvq, chunk, entry in zip(self.rvqs, self._chunks(tokens), indices):
+            out, ce = rvq.cross_entropy_tokens(chunk, rvq.target_tokens(entry, b, spatial, valid), valid)
+            outs.append(out)
+            total = total + ce
+        quantized = self.layout.from_tokens(torch.cat(outs, -1).to(x.dtype), spatial)
+        return ResidualVQCrossEntropy(quantized, total)
 
     def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
         """See vqcore.protocols.SupportsExportTieCheck: each group's residual stack judges its own indices."""

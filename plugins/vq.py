@@ -479,18 +479,20 @@ class VectorQuantize(QuantizerModule):
         *,
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
+        indices: Tensor | None = None,
     ) -> BookStep:
         """Training-mode quantization of books z (B, N, codebook_dim): the codebook's ``prepare_``
         (k-means), the code choice (nearest, or Gumbel-sampled with ``stochastic_sample_codes``), the
         lookup and the losses over ``valid`` (B, N) tokens. The codebook's own step is
-        :meth:`step_codebook_`; the estimator is :meth:`estimate`."""
+        :meth:`step_codebook_`; the estimator is :meth:`estimate`. ``indices`` (B, N): codes chosen
+        elsewhere (a residual stack's beam search), used instead of this layer's own choice."""
         book = self._codebook
         zd = z.detach()
         book.prepare_(zd, valid, sync=should_sync(self.sync_codebook))
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        if self.stochastic_sample_codes and temperature > 0:
+        if indices is None and self.stochastic_sample_codes and temperature > 0:
             indices = book.sample(zd, temperature)  # type: ignore[attr-defined]
-        else:
+        elif indices is None:
             indices = book.nearest(zd)
         q = book.lookup(indices)
         train_codes = book.trained_by_gradient and not self._frozen(freeze_codebook)

@@ -486,10 +486,8 @@ def test_training_only_options_need_opt_in(make, match, x):
     "make, match",
     [
         (lambda: vqp.LatentQuantize(levels=[5, 3], dim=4, codebook_dim=4), "codebook_dim"),
-        (lambda: vqp.ResidualVQ(**RVQ_BASE, beam_size=2), "beam_size"),
-        (lambda: vqp.ResidualVQ(**RVQ_BASE, quant_grad_frac=0.5), "quant_grad_frac"),
     ],
-    ids=["latent_codebook_dim", "rvq_beam", "rvq_quant_grad_frac"],
+    ids=["latent_codebook_dim"],
 )
 def test_more_unsupported_options_raise(make, match):
     with pytest.raises(ValueError, match=match):
