@@ -26,6 +26,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.conversion import (
@@ -92,7 +93,7 @@ def codebook_training_kwargs(ref: ReferenceModule, shared_codebook: bool) -> dic
     if bool(getattr(book, "manual_ema_update", False)) and not shared_codebook:
         out["manual_ema_update"] = True
     optimizer = getattr(ref, "in_place_codebook_optimizer", None)
-    if optimizer is not None and not shared_codebook:
+    if isinstance(optimizer, torch.optim.Optimizer) and not shared_codebook:
         out["in_place_codebook_optimizer"] = functools.partial(type(optimizer), **optimizer.defaults)
         out["manual_in_place_optimizer_update"] = bool(ref.manual_in_place_optimizer_update)
     return out

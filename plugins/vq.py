@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -430,6 +431,11 @@ class VectorQuantize(QuantizerModule):
         ``.grad`` a gradient-trained codebook fills)."""
         return self._codebook
 
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        """The codebook's trainable parameters (the codes of a learnable codebook, the ``vq_bridge``)."""
+        book = self._codebook
+        return book.parameters() if isinstance(book, nn.Module) else iter(())
+
     @property
     def codebook_size(self) -> int:
         return self._codebook.size
@@ -645,7 +651,7 @@ class VectorQuantize(QuantizerModule):
                 "in_place_codebook_optimizer steps a codebook trained by gradient; the EMA codebook "
                 "(ema_update=True, learnable_codebook=False) has none: pass learnable_codebook=True"
             )
-        optimizer = factory(self._codebook.parameters())
+        optimizer = factory(self.codebook_parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "in_place_codebook_optimizer must build a torch.optim.Optimizer, "

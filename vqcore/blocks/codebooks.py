@@ -699,16 +699,15 @@ def _check_derived_codes(
         )
 
 
-@contextlib.contextmanager
-def codes_held(codebook: Codebook) -> Iterator[None]:
-    """The codebook's ``holding_codes()`` block where it has one (its codes in use computed once in the
-    block), a no-op for other codebooks."""
-    hold = getattr(codebook, "holding_codes", None)
-    if hold is None:
-        yield
-        return
-    with hold():
-        yield
+_NO_HOLD = contextlib.nullcontext()
+
+
+def codes_held(codebook: Codebook) -> contextlib.AbstractContextManager[None]:
+    """The codebook's ``holding_codes()`` block where its codes in use are derived (computed once in the
+    block), a no-op otherwise (and for codebooks without one)."""
+    if not getattr(codebook, "derived_codes", False):
+        return _NO_HOLD
+    return codebook.holding_codes()  # type: ignore[attr-defined]
 
 
 def _finite_tokens(x: Tensor, valid: Tensor | None) -> Tensor:
