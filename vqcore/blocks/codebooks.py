@@ -287,9 +287,7 @@ class EMACodebook(Float32State):
     @float32_method
     def nearest(self, x: Tensor) -> Tensor:
         """x (B, N, d) float32 -> indices (B, N) int64."""
-        if (
-            self.derived_codes
-        ):  # no packed-codes cache: the derived codes change with the bridge and statistics
+        if self.derived_codes:  # no packed-codes cache: these codes change with the bridge and statistics
             return nearest(x, self.codes.detach(), cosine=self.cosine, chunk_bytes=self.chunk_bytes)
         codes = self.embed.detach()
         prepared = self._prepared_codes(codes) if fused_search_applies(x, codes) else None
