@@ -489,6 +489,27 @@ def test_reference_state_dict_loads_and_converts(case):
             torch.testing.assert_close(out.quantized, expected[0])
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_reference_residual_stacks_convert(shared):
+    ref = pytest.importorskip("vector_quantize_pytorch")
+    from vqcore.compat import from_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 8)
+    for kwargs in (dict(affine_param=True, affine_param_batch_decay=1.0), dict(vq_bridge=nn.Linear(8, 8))):
+        theirs = ref.ResidualVQ(
+            dim=8, num_quantizers=3, codebook_size=16, shared_codebook=shared, rotation_trick=False, **kwargs
+        ).train()
+        for _ in range(3):
+            theirs(x)
+        theirs.eval()
+        ours = from_reference(theirs).eval()
+        with torch.no_grad():
+            expected, out = theirs(x), ours(x)
+        assert torch.equal(out.indices, expected[1])
+        torch.testing.assert_close(out.quantized, expected[0])
+
+
 def test_untrained_reference_affine_state_dict_loads():
     ref = pytest.importorskip("vector_quantize_pytorch")
     theirs = ref.VectorQuantize(dim=8, codebook_size=16, affine_param=True)
