@@ -21,9 +21,12 @@ Mapping rules (the module docstring of :mod:`vqcore.compat` lists the user-visib
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.conversion import (
@@ -37,22 +40,55 @@ from vqcore.blocks.conversion import (
 )
 from vqcore.hookspecs import hookimpl
 
-# Reference options that vqcore does not implement. (``manual_ema_update`` is checked separately: the
-# reference's shared RVQ codebook sets it on its layers.)
+# Reference options that vqcore does not implement.
 VQ_UNSUPPORTED = UnsupportedOptions(
     eval=(("directional_reparam", False),),
     train=(
         ("commitment_use_cross_entropy_loss", False),
         ("codebook_diversity_loss_weight", 0.0),
-        ("in_place_codebook_optimizer", None),
         ("sync_update_v", 0.0),
         ("route_gradients_to_input", True),
     ),
 )
-CODEBOOK_UNSUPPORTED = UnsupportedOptions(eval=(("affine_param", False), ("vq_bridge", None)))
+CODEBOOK_UNSUPPORTED = UnsupportedOptions()
 RVQ_UNSUPPORTED = UnsupportedOptions(eval=(("implicit_neural_codebook", False),))
 
 CODEBOOK_KEYS = ("embed", "cluster_size", "embed_avg", "initted")
+AFFINE_KEYS = (
+    "batch_mean",
+    "batch_variance",
+    "codebook_mean",
+    "codebook_variance",
+    "codebook_mean_needs_init",
+    "codebook_variance_needs_init",
+)
+
+
+def codebook_training_kwargs(ref: ReferenceModule, shared_codebook: bool) -> dict[str, Any]:
+    """The codebook-training options of a reference VectorQuantize: ``vq_bridge`` (a copy of the reference's
+    module; its weights come with the state), the affine re-parameterisation, ``manual_ema_update`` (not for
+    a shared RVQ codebook, where the reference sets it on its layers and vqcore steps once anyway) and the
+    in-place optimizer, rebuilt as a factory of the reference optimizer's class and defaults (its state, as
+    in the reference, is not part of any state_dict)."""
+    book: ReferenceModule = ref.get_submodule("_codebook")
+    out: dict[str, Any] = {}
+    bridge = getattr(book, "vq_bridge", None)
+    if bridge is not None:
+        out["vq_bridge"] = copy.deepcopy(bridge)
+    if bool(getattr(book, "affine_param", False)):
+        out.update(
+            affine_param=True,
+            sync_affine_param=bool(book.sync_affine_param),
+            affine_param_batch_decay=float(book.affine_param_batch_decay),
+            affine_param_codebook_decay=float(book.affine_param_codebook_decay),
+        )
+    if bool(getattr(book, "manual_ema_update", False)) and not shared_codebook:
+        out["manual_ema_update"] = True
+    optimizer = getattr(ref, "in_place_codebook_optimizer", None)
+    if isinstance(optimizer, torch.optim.Optimizer) and not shared_codebook:
+        out["in_place_codebook_optimizer"] = functools.partial(type(optimizer), **optimizer.defaults)
+        out["manual_in_place_optimizer_update"] = bool(ref.manual_in_place_optimizer_update)
+    return out
 
 
 def _gumbel_keywords(book: ReferenceModule) -> dict[str, Any]:
@@ -89,8 +125,8 @@ def layer_kwargs(
     book: ReferenceModule = ref.get_submodule("_codebook")
     findings = VQ_UNSUPPORTED.findings(ref) + CODEBOOK_UNSUPPORTED.findings(book)
     findings = [(kind, text) for kind, text in findings if text.split("=", 1)[0] not in set_by_stack]
-    if bool(getattr(book, "manual_ema_update", False)) and not shared_codebook:
-        findings.append((TRAINING_ONLY, "manual_ema_update=True"))
+    if getattr(ref, "in_place_codebook_optimizer", None) is not None and shared_codebook:
+        findings.append((TRAINING_ONLY, "in_place_codebook_optimizer with shared_codebook=True"))
     raise_unsupported(findings, allow_training_differences, type(ref).__name__)
     orthogonal = float(ref.orthogonal_reg_weight)
     # the reference's codebook is learnable with orthogonal regularisation too (vqcore's is, internally);
@@ -117,6 +153,7 @@ def layer_kwargs(
         freeze_codebook=bool(ref.freeze_codebook),
         return_zeros_for_masked_padding=bool(ref.return_zeros_for_masked_padding),
         **_sync_options(book),
+        **codebook_training_kwargs(ref, shared_codebook),
     )
 
 
@@ -141,6 +178,23 @@ def map_codebook(
             out[f"{dst}{name}"] = own[f"{dst}{name}"]
         else:
             out[f"{dst}{name}"] = ref_state_dict[f"{src}{name}"]
+    map_codebook_extras(own, ref_state_dict, src, dst, out)
+
+
+def map_codebook_extras(
+    own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor], src: str, dst: str, out: dict
+) -> None:
+    """The ``vq_bridge.*`` weights and the affine statistics, same names in both. The reference registers its
+    batch statistics on its first forward only: a module that never ran one has none (vqcore's then stay
+    the placeholders it starts with, unused until its statistics are initialised)."""
+    for key in own:
+        if not key.startswith(dst):
+            continue
+        name = key[len(dst) :]
+        if name.startswith("vq_bridge.") or (name in AFFINE_KEYS and name.startswith("codebook_")):
+            out[key] = ref_state_dict[f"{src}{name}"]
+        elif name in AFFINE_KEYS:
+            out[key] = ref_state_dict.get(f"{src}{name}", own[key])
 
 
 def map_residual(

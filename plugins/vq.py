@@ -24,7 +24,31 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``sync_codebook=None`` is decided at every call, not at construction;
 - dead-code expiry also works without EMA (``ema_update=False``, learnable codebooks): usage counts are
   still tracked; a learnable codebook with cosine similarity is refused (the reference's is broken: its
-  issue #197).
+  issue #197);
+- ``learnable_codebook=True`` alone turns EMA off (the reference asserts unless ``ema_update=False`` is
+  passed too); the defaults are otherwise the reference's (``vq_bridge`` / ``directional_reparam``: learnable,
+  no EMA);
+- ``vq_bridge``: the bridged codes are computed once per forward; ``decode``, ``get_codes_from_indices``,
+  ``codebook`` and the orthogonal loss use them too (the reference's ``get_codes_from_indices`` and
+  ``codebook`` give the raw codes); ``vqcore.save`` needs JSON arguments, so a quantizer with a bridge (or an
+  in-place optimizer factory) is kept as a state_dict (the bridge's weights are ``_codebook.vq_bridge.*``);
+- ``affine_param``: the statistics change only in training-mode forwards (the reference also updates the
+  batch statistics in eval, so its eval changes state); until the first training step the transform is the
+  identity; dead codes are replaced by inverse-transformed batch vectors (the reference writes the raw
+  vectors into the untransformed codebook); with ``vq_bridge`` too, the codebook statistics are those of the
+  bridged codes (the transform's input; the reference's are of the raw codes);
+- ``manual_ema_update``: training steps accumulate this batch's EMA statistics (the ``accum_ema_update``
+  machinery) and ``update_ema()`` takes ONE EMA step from all of them, as for their concatenated batches
+  (the reference decays at every forward and only defers recomputing the codes); dead codes still expire
+  at every step; pending statistics are not saved;
+- forward ``ema_update=False``: only the usage counts (for dead-code expiry) take the step (the reference
+  also folds the batch's sums into ``embed_avg`` without recomputing the codes);
+- ``update_indices`` ignores -1 indices (the reference counts them as code 0 unless masked) and, like
+  ``expire_codes_``, acts in either mode (the reference's expiry acts in training mode only);
+- ``in_place_codebook_optimizer``: its step runs inside ``quantize_books``, so ResidualVQ layers take it
+  too, and the usage counts come from the codes chosen after the step (the reference counts the first
+  choice); refused with a codebook object (ResidualVQ's ``shared_codebook=True``: the reference never steps
+  it there); its loss is not added to the returned loss (as the reference), only reported.
 """
 
 from __future__ import annotations
@@ -32,14 +56,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from vqcore.blocks.codebooks import StepWeight, build_codebook
+from vqcore.blocks.codebooks import StepWeight, build_codebook, codes_held
 from vqcore.blocks.distance import is_tie
-from vqcore.blocks.distributed import should_sync
+from vqcore.blocks.distributed import all_reduce_mean_, should_sync
 from vqcore.blocks.estimators import GumbelStraightThrough, resolve_estimator
 from vqcore.blocks.layout import TokenLayout, token_mask, zero_padding
 from vqcore.blocks.losses import (
@@ -48,6 +73,7 @@ from vqcore.blocks.losses import (
     OrthogonalLoss,
     WeightedLosses,
     extra_loss_pairs,
+    masked_mse,
 )
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
@@ -94,7 +120,7 @@ class BookStep(NamedTuple):
     terms: dict[str, Tensor]
 
 
-# The seed keyword arguments of VectorQuantize that configure the built-in codebooks (``codebook=None``);
+# The keyword arguments of VectorQuantize that configure the built-in codebooks (``codebook=None``);
 # their defaults are the constructor's (see _codebook_option_defaults).
 CODEBOOK_OPTIONS = (
     "decay",
@@ -106,22 +132,46 @@ CODEBOOK_OPTIONS = (
     "use_cosine_sim",
     "ema_update",
     "learnable_codebook",
+    "manual_ema_update",
+    "vq_bridge",
+    "affine_param",
+    "sync_affine_param",
+    "affine_param_batch_decay",
+    "affine_param_codebook_decay",
 )
 
+# the in-place optimizer's loss in the loss terms (the reference's LossBreakdown field)
+INPLACE_OPTIMIZE = "inplace_optimize"
 
-def resolve_ema_update(ema_update: bool | None, learnable_codebook: bool, use_cosine_sim: bool) -> bool:
-    """``ema_update`` defaults to ``not learnable_codebook``; a codebook is trained by EMA or by gradient."""
-    if learnable_codebook and ema_update:
-        raise ValueError(
+
+def resolve_codebook_training(
+    learnable_codebook: bool | None,
+    ema_update: bool | None,
+    use_cosine_sim: bool,
+    *,
+    vq_bridge: nn.Module | None = None,
+    directional_reparam: bool = False,
+) -> tuple[bool, bool]:
+    """``(learnable_codebook, ema_update)``: a codebook is trained by EMA or by gradient.
+
+    ``learnable_codebook`` defaults to ``directional_reparam or vq_bridge is not None``, ``ema_update`` to
+    ``not learnable_codebook``."""
+    if learnable_codebook is None:
+        learnable_codebook = directional_reparam or vq_bridge is not None
+    learnable = bool(learnable_codebook)
+    if vq_bridge is not None and (ema_update or not learnable):
+        return learnable, bool(ema_update)  # the codebook's own check names vq_bridge and the option
+    if learnable and ema_update:
+        raise ConfigurationError(
             "learnable_codebook=True trains the codebook by gradient (the commitment term is its codebook "
             "loss); it cannot also take EMA steps: leave ema_update unset or pass ema_update=False"
         )
-    if learnable_codebook and use_cosine_sim:
-        raise ValueError(
+    if learnable and use_cosine_sim:
+        raise ConfigurationError(
             "learnable_codebook=True is not supported with use_cosine_sim=True (gradient steps would move "
             "the codes off the unit sphere the cosine search assumes); use the EMA codebook"
         )
-    return not learnable_codebook if ema_update is None else bool(ema_update)
+    return learnable, not learnable if ema_update is None else bool(ema_update)
 
 
 def codebook_from_options(
@@ -132,13 +182,15 @@ def codebook_from_options(
     dim: int,
     books: int,
     parameter: bool = False,
+    directional_reparam: bool = False,
     **options: Any,
 ) -> Codebook:
     """The codebook that VectorQuantize's arguments ask for.
 
     ``codebook=None``: a registered built-in chosen by the seed ``options`` (:data:`CODEBOOK_OPTIONS`):
     ``learnable`` (``learnable_codebook``), ``cosine`` (``use_cosine_sim``) or ``euclidean``, whose codes
-    are an ``nn.Parameter`` when ``parameter`` (for the orthogonal loss). Otherwise a registered name
+    are an ``nn.Parameter`` when ``parameter`` (for the orthogonal loss); ``directional_reparam`` makes the
+    codes learnable by default (see :func:`resolve_codebook_training`). Otherwise a registered name
     (built with ``codebook_kwargs``) or a :class:`~vqcore.protocols.Codebook` object; the seed options
     must then be left at their defaults (they configure the built-in codebooks only).
     """
@@ -156,12 +208,31 @@ def codebook_from_options(
         raise ValueError(
             "codebook_kwargs are the options of a codebook given by name: pass codebook=<name> too"
         )
-    learnable = bool(options["learnable_codebook"])
-    ema = resolve_ema_update(options["ema_update"], learnable, options["use_cosine_sim"])
+    bridge = options["vq_bridge"]
+    learnable, ema = resolve_codebook_training(
+        options["learnable_codebook"],
+        options["ema_update"],
+        options["use_cosine_sim"],
+        vq_bridge=bridge,
+        directional_reparam=directional_reparam,
+    )
     kwargs = {k: options[k] for k in ("decay", "eps", "kmeans_init", "kmeans_iters", "sync_kmeans")}
     kwargs["threshold_ema_dead_code"] = options["threshold_ema_dead_code"]
+    if options["sync_affine_param"] and not options["affine_param"]:
+        raise ConfigurationError(
+            "sync_affine_param=True all-reduces the statistics of affine_param: pass affine_param=True too"
+        )
+    kwargs.update(
+        manual_ema=options["manual_ema_update"],
+        vq_bridge=bridge,
+        affine=options["affine_param"],
+        affine_batch_decay=options["affine_param_batch_decay"],
+        affine_codebook_decay=options["affine_param_codebook_decay"],
+        sync_affine=options["sync_affine_param"],
+    )
     if learnable:
         name = "learnable"
+        kwargs["ema"] = ema  # False, but for a vq_bridge with ema_update=True, which the codebook refuses
     else:
         name = "cosine" if options["use_cosine_sim"] else "euclidean"
         kwargs.update(ema=ema, learnable=parameter)
@@ -222,7 +293,7 @@ class VectorQuantize(QuantizerModule):
         rotation_trick: bool = False,
         sync_codebook: bool | None = None,
         ema_update: bool | None = None,
-        learnable_codebook: bool = False,
+        learnable_codebook: bool | None = None,
         return_zeros_for_masked_padding: bool = True,
         commitment_use_cross_entropy_loss: bool = False,
         codebook_diversity_loss_weight: float = 0.0,
@@ -255,12 +326,6 @@ class VectorQuantize(QuantizerModule):
             "directional_reparam": directional_reparam,
             "route_gradients_to_input": not route_gradients_to_input,
             "sync_update_v": sync_update_v != 0.0,
-            "vq_bridge": vq_bridge is not None,
-            "manual_ema_update": manual_ema_update,
-            "in_place_codebook_optimizer": in_place_codebook_optimizer is not None,
-            "manual_in_place_optimizer_update": manual_in_place_optimizer_update,
-            "affine_param": affine_param,
-            "sync_affine_param": sync_affine_param,
         }
         refused = [name for name, given in pending.items() if given]
         if refused:
@@ -315,7 +380,18 @@ class VectorQuantize(QuantizerModule):
             use_cosine_sim=use_cosine_sim,
             ema_update=ema_update,
             learnable_codebook=learnable_codebook,
+            manual_ema_update=manual_ema_update,
+            vq_bridge=vq_bridge,
+            affine_param=affine_param,
+            sync_affine_param=sync_affine_param,
+            affine_param_batch_decay=affine_param_batch_decay,
+            affine_param_codebook_decay=affine_param_codebook_decay,
+            directional_reparam=directional_reparam,
         )
+        self.in_place_codebook_optimizer = self._in_place_optimizer(
+            in_place_codebook_optimizer, manual_in_place_optimizer_update, codebook
+        )
+        self.manual_in_place_optimizer_update = bool(manual_in_place_optimizer_update)
         self.estimator = self._estimator(estimator, rotation_trick, straight_through)
         self.commitment_weight = float(commitment_weight)
         self.orthogonal_reg_weight = float(orthogonal_reg_weight)
@@ -354,6 +430,11 @@ class VectorQuantize(QuantizerModule):
         codebook parameters (for the built-ins, ``codes`` is the ``(books, K, codebook_dim)`` tensor whose
         ``.grad`` a gradient-trained codebook fills)."""
         return self._codebook
+
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        """The codebook's trainable parameters (the codes of a learnable codebook, the ``vq_bridge``)."""
+        book = self._codebook
+        return book.parameters() if isinstance(book, nn.Module) else iter(())
 
     @property
     def codebook_size(self) -> int:
@@ -395,6 +476,11 @@ class VectorQuantize(QuantizerModule):
             norm = self.norm_in
             weight, bias = norm.weight.to(dtype), norm.bias.to(dtype)
             z = nn.functional.layer_norm(z, norm.normalized_shape, weight, bias, norm.eps)
+        return self._split_books(z)
+
+    def _split_books(self, z: Tensor) -> Tensor:
+        """Codebook-space features (..., heads * codebook_dim) -> books (B, N, codebook_dim), l2-normalised
+        for cosine codebooks."""
         h, cd = self.heads, self.codebook_dim
         z = z.reshape(-1, h, cd).transpose(0, 1) if self.separate_codebook_per_head else z.reshape(1, -1, cd)
         return nn.functional.normalize(z, dim=-1, eps=1e-12) if self.use_cosine_sim else z
@@ -490,14 +576,91 @@ class VectorQuantize(QuantizerModule):
         zd = z.detach()
         book.prepare_(zd, valid, sync=should_sync(self.sync_codebook))
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
-        if indices is None and self.stochastic_sample_codes and temperature > 0:
-            indices = book.sample(zd, temperature)  # type: ignore[attr-defined]
-        elif indices is None:
-            indices = book.nearest(zd)
-        q = book.lookup(indices)
-        train_codes = book.trained_by_gradient and not self._frozen(freeze_codebook)
-        total, terms = self.losses(z, q if train_codes else q.detach(), indices, book, valid)
-        return BookStep(indices, q.detach(), total.mean(), {name: t.mean() for name, t in terms.items()})
+        frozen = self._frozen(freeze_codebook)
+        in_place = None
+        if self.in_place_codebook_optimizer is not None:
+            in_place = zd.new_zeros(()) if frozen else self._in_place_step(zd, valid, temperature)
+        with codes_held(book):  # the codes in use (vq_bridge, affine_param) computed once
+            if indices is None:  # codes chosen elsewhere (a beam search) are kept
+                indices = self._choose_codes(zd, temperature)
+            q = book.lookup(indices)
+            train_codes = book.trained_by_gradient and not frozen
+            total, terms = self.losses(z, q if train_codes else q.detach(), indices, book, valid)
+        terms = {name: t.mean() for name, t in terms.items()}
+        if in_place is not None:
+            terms[INPLACE_OPTIMIZE] = in_place
+        return BookStep(indices, q.detach(), total.mean(), terms)
+
+    def _choose_codes(self, zd: Tensor, temperature: float) -> Tensor:
+        """The code choice of a training step: nearest, or Gumbel-sampled with ``stochastic_sample_codes``."""
+        if self.stochastic_sample_codes and temperature > 0:
+            return self._codebook.sample(zd, temperature)  # type: ignore[attr-defined]
+        return self._codebook.nearest(zd)
+
+    def _in_place_step(self, zd: Tensor, valid: Tensor | None, temperature: float) -> Tensor:
+        """The in-place codebook step of a training forward: ``mean ||lookup(choice) - sg(z)||^2`` over the
+        valid tokens (the codebook's gradient only, accumulated into its parameters' ``.grad``), then the
+        optimizer's step unless ``manual_in_place_optimizer_update``; returns the loss (0-dim, detached)."""
+        book = self._codebook
+        with codes_held(book), torch.enable_grad():
+            q = book.lookup(self._choose_codes(zd, temperature))
+            loss = masked_mse(zd, q, valid).mean()
+            loss.backward()
+        if not self.manual_in_place_optimizer_update:
+            self.update_in_place_optimizer()
+        return loss.detach()
+
+    def update_in_place_optimizer(self) -> None:
+        """The in-place optimizer's step from the codebook gradients accumulated so far (averaged over ranks
+        under torch.distributed with ``sync_codebook``), then its ``zero_grad``. Forwards call it unless
+        ``manual_in_place_optimizer_update``; without an in-place optimizer it does nothing."""
+        optimizer = self.in_place_codebook_optimizer
+        if optimizer is None:
+            return
+        sync = should_sync(self.sync_codebook)
+        if sync:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        all_reduce_mean_(param.grad, sync)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def _in_place_optimizer(
+        self, factory: Any, manual: bool, codebook: str | Codebook | None
+    ) -> torch.optim.Optimizer | None:
+        """``in_place_codebook_optimizer(codebook parameters)``, checked: it needs a codebook trained by
+        gradient that this quantizer owns."""
+        if factory is None:
+            if manual:
+                raise ConfigurationError(
+                    "manual_in_place_optimizer_update defers the step of in_place_codebook_optimizer: pass "
+                    "in_place_codebook_optimizer too, or leave manual_in_place_optimizer_update=False"
+                )
+            return None
+        if not callable(factory):
+            raise TypeError(
+                "in_place_codebook_optimizer must be a callable params -> torch.optim.Optimizer (e.g. "
+                f"functools.partial(torch.optim.SGD, lr=0.1)), got {type(factory).__name__}"
+            )
+        if codebook is not None and not isinstance(codebook, str):
+            raise ConfigurationError(
+                "in_place_codebook_optimizer steps the codebook this quantizer builds: with a codebook "
+                "object (codebook=..., as ResidualVQ's shared_codebook=True passes to every layer) it is not "
+                "supported; train a shared codebook by the losses with your own optimizer"
+            )
+        if not self._codebook.trained_by_gradient:
+            raise ConfigurationError(
+                "in_place_codebook_optimizer steps a codebook trained by gradient; the EMA codebook "
+                "(ema_update=True, learnable_codebook=False) has none: pass learnable_codebook=True"
+            )
+        optimizer = factory(self.codebook_parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "in_place_codebook_optimizer must build a torch.optim.Optimizer, "
+                f"got {type(optimizer).__name__}"
+            )
+        return optimizer
 
     def step_codebook_(
         self,
@@ -508,10 +671,12 @@ class VectorQuantize(QuantizerModule):
         freeze_codebook: bool | None = None,
         ema_update_weight: StepWeight | None = None,
         accum_ema_update: bool = False,
+        ema_update: bool | None = None,
     ) -> None:
         """The codebook's training step for books z (B, N, codebook_dim) that chose ``indices``, unless
-        frozen (``freeze_codebook``, default: the module's). ``ema_update_weight`` and ``accum_ema_update``
-        are passed on as the EMA codebooks' ``step_weight`` and ``accumulate`` (see :meth:`forward`)."""
+        frozen (``freeze_codebook``, default: the module's). ``ema_update_weight``, ``accum_ema_update`` and
+        ``ema_update`` (None: the codebook's) are passed on as the EMA codebooks' ``step_weight``,
+        ``accumulate`` and ``ema`` (see :meth:`forward`)."""
         if self._frozen(freeze_codebook):
             return
         options: dict[str, Any] = {}
@@ -519,6 +684,8 @@ class VectorQuantize(QuantizerModule):
             options["step_weight"] = self._ema_weight(ema_update_weight)
         if accum_ema_update:
             options["accumulate"] = True
+        if ema_update is not None:
+            options["ema"] = bool(ema_update)
         self._codebook.train_step_(
             z.detach(), indices, valid, sync=should_sync(self.sync_codebook), **options
         )
@@ -563,16 +730,14 @@ class VectorQuantize(QuantizerModule):
         (sums None where only the usage counts step: a gradient-trained codebook with dead-code expiry);
         0 freezes a code (its vector stays exactly as it is and it never expires). ``accum_ema_update``:
         only accumulate this batch's EMA statistics; the next call without it takes one step from all of
-        them (gradient accumulation).
+        them (gradient accumulation). ``ema_update``: None, the module's; False, no EMA step this call (the
+        usage counts of dead-code expiry still step); True, an EMA step also where ``ema_update=False`` was
+        built (not for a codebook trained by gradient).
         """
-        if (
-            indices is not None
-            or topk is not None
-            or codebook_transform_fn is not None
-            or ema_update is not None
-        ):
-            raise ValueError("indices, topk, codebook_transform_fn and ema_update are not supported yet")
+        if indices is not None or topk is not None or codebook_transform_fn is not None:
+            raise ValueError("indices, topk and codebook_transform_fn are not supported yet")
         step_weight = self._ema_weight(ema_update_weight)  # checked before any state changes
+        self._check_ema_call(ema_update, step_weight)
         tokens, spatial = self.layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
         valid = token_mask(self.layout, b, n, spatial, mask, lens)
@@ -591,6 +756,7 @@ class VectorQuantize(QuantizerModule):
                 freeze_codebook=freeze_codebook,
                 ema_update_weight=step_weight,
                 accum_ema_update=accum_ema_update,
+                ema_update=ema_update,
             )
             indices = step.indices
             if book_valid is not None:
@@ -598,14 +764,17 @@ class VectorQuantize(QuantizerModule):
             out = self.from_books(q, b, n)
             loss, terms = step.loss, step.terms
         else:
-            indices = self._codebook.nearest(z)
-            if book_valid is not None:
-                indices = indices.masked_fill(~book_valid, DROPPED_INDEX)
-                out = self._decode_books(indices, b, n)
-            else:  # no -1 to handle: skip decode's two masked copies (same values)
-                out = self.from_books(self._codebook.lookup(indices), b, n)
+            with codes_held(self._codebook):  # the codes in use (vq_bridge, affine_param) computed once
+                indices = self._codebook.nearest(z)
+                if book_valid is not None:
+                    indices = indices.masked_fill(~book_valid, DROPPED_INDEX)
+                    out = self._decode_books(indices, b, n)
+                else:  # no -1 to handle: skip decode's two masked copies (same values)
+                    out = self.from_books(self._codebook.lookup(indices), b, n)
             loss = torch.zeros((), device=x.device)
             terms = dict.fromkeys(self.losses.names, loss)
+            if self.in_place_codebook_optimizer is not None:
+                terms[INPLACE_OPTIMIZE] = loss
 
         if valid is not None:
             fill = (
@@ -638,6 +807,74 @@ class VectorQuantize(QuantizerModule):
         if not torch.isfinite(weight).all() or (weight < 0).any():
             raise ValueError("ema_update_weight must be finite and >= 0")
         return weight.float().reshape(-1, book.size).expand(book.books, book.size)
+
+    def _check_ema_call(self, ema_update: bool | None, step_weight: StepWeight | None) -> None:
+        """A forward's ``ema_update`` / ``ema_update_weight`` against the codebook (before any state
+        change)."""
+        book = self._codebook
+        if ema_update and book.trained_by_gradient:
+            raise ValueError(
+                "ema_update=True: this codebook is trained by gradient (learnable_codebook=True), it takes "
+                "no EMA steps; leave ema_update unset"
+            )
+        if step_weight is not None and getattr(book, "manual_ema", False):
+            raise ValueError(
+                "ema_update_weight weighs an EMA step, which manual_ema_update=True defers to update_ema(): "
+                "pass it there (vq.update_ema(ema_update_weight=...))"
+            )
+
+    # -- explicit codebook steps (beam search replays, manual EMA, manual expiry) -----------------------
+    def update_ema(self, ema_update_weight: StepWeight | None = None) -> None:
+        """The EMA step from the statistics the training steps accumulated (``manual_ema_update=True``, or
+        forwards with ``accum_ema_update``), as one step on their concatenated batches, then the codes
+        recomputed; collectives under torch.distributed with ``sync_codebook`` (every rank calls it). The
+        reference's ``vq._codebook.update_ema()`` is the same step."""
+        update = getattr(self._codebook, "update_ema", None)
+        if update is None:
+            raise TypeError(f"{type(self._codebook).__name__} has no deferred EMA step (update_ema)")
+        update(sync=should_sync(self.sync_codebook), step_weight=self._ema_weight(ema_update_weight))
+
+    def update_indices(self, x: Tensor, indices: Tensor, mask: Tensor | None = None) -> None:
+        """The codebook's training step (EMA, usage counts, dead-code expiry) for x in the forward's layout
+        whose codes are ``indices`` (shaped like the forward's; -1 and masked tokens are left out): what a
+        training forward would do to the codebook had it chosen them (beam search replays its winners with
+        it). Acts in either mode (an explicit request); nothing with ``freeze_codebook``."""
+        check_tensor(x, "x")
+        tokens, spatial = self.layout.to_tokens(x)
+        b, n = tokens.shape[0], tokens.shape[1]
+        valid = token_mask(self.layout, b, n, spatial, mask, None)
+        index_tokens, _ = self._index_tokens(indices)
+        if tuple(index_tokens.shape[:2]) != (b, n):
+            raise ValueError(
+                f"indices must be shaped like the forward's indices for x ({b} x {n} tokens), got shape "
+                f"{tuple(indices.shape)}"
+            )
+        books = self.book_indices(index_tokens.long())
+        book_valid = books >= 0
+        if valid is not None:
+            book_valid = book_valid & self.book_mask(valid)
+        with torch.no_grad():
+            z = self.to_books(zero_padding(tokens, valid))
+        self.step_codebook_(z, books.clamp(min=0), book_valid)
+
+    update_ema_indices = update_indices
+
+    def expire_codes_(self, x: Tensor) -> None:
+        """Dead-code expiry from codebook-space vectors x (..., heads * codebook_dim) (after ``project_in``,
+        as the reference's ``expire_codes_``): codes whose usage fell below ``threshold_ema_dead_code`` are
+        replaced by vectors of x. Acts in either mode (an explicit request)."""
+        check_tensor(x, "x")
+        width = self.heads * self.codebook_dim
+        if x.shape[-1] != width:
+            raise ValueError(
+                f"x must end with heads * codebook_dim = {width} codebook-space features, got shape "
+                f"{tuple(x.shape)}"
+            )
+        expire = getattr(self._codebook, "expire_", None)
+        if expire is None:
+            raise TypeError(f"{type(self._codebook).__name__} has no dead-code expiry (expire_)")
+        z = self._split_books(x.detach().reshape(-1, width).float())
+        expire(self._codebook.untransform(z), sync=should_sync(self.sync_codebook))  # type: ignore[attr-defined]
 
     # -- export ------------------------------------------------------------------------------------
     def export_tie_check(self, x: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:

@@ -196,9 +196,8 @@ def test_reference_kwargs_roundtrip_config():
             ),
             "directional_reparam",
         ),
-        (lambda: vqp.VectorQuantize(dim=8, codebook_size=16, affine_param=True), "affine_param"),
     ],
-    ids=["directional_reparam", "affine_param"],
+    ids=["directional_reparam"],
 )
 def test_unsupported_option_raises(make, match):
     with pytest.raises(ValueError, match=match):
@@ -455,18 +454,12 @@ def test_latent_quantize_channel_first_sequence(optimize_values):
     "make, match, x",
     [
         (
-            lambda: vqp.VectorQuantize(dim=8, codebook_size=16, manual_ema_update=True),
-            "manual_ema_update",
-            (2, 5, 8),
-        ),
-        (
             lambda: vqp.LFQ(codebook_size=16, force_quantization_f32=False),
             "force_quantization_f32",
             (2, 5, 4),
         ),
     ],
     ids=[
-        "vq_manual_ema",
         "lfq_f32",
     ],
 )

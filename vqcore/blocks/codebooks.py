@@ -18,13 +18,28 @@ EMA step (per book, counts ``c_k``, sums ``s_k``, decay ``γ``, Laplace ``ε``):
 
 Tokens marked invalid (masked, or non-finite) contribute to nothing: they are excluded by weight,
 so a NaN in a batch never reaches the statistics.
+
+Codes in use. ``embed`` holds the trained codes; the search and the lookup may use codes derived from it:
+
+- ``vq_bridge`` (FVQ, arXiv 2509.10140): a module applied to the whole codebook, ``codes = vq_bridge(embed)``
+  (learnable codes, no EMA: the bridge and the codes learn from the quantizer's losses);
+- ``affine`` (affine re-parameterisation): ``codes = (c - codebook_mean) * batch_std / codebook_std +
+  batch_mean`` for the (bridged) codes ``c``, from EMA statistics of the batches (``batch_mean``,
+  ``batch_variance``: per feature over the valid tokens, all-reduced with ``sync_affine``) and of the codes
+  (``codebook_mean``, ``codebook_variance``), taken in :meth:`EMACodebook.prepare_` (training-mode forwards
+  only); the first step initialises them (``codebook_*_needs_init``), and until then the transform is the
+  identity. The EMA step and dead-code expiry see the inputs through the inverse transform (the space of
+  ``embed``).
+
+:func:`codes_held` computes them once for a block of searches and lookups (one forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -40,12 +55,19 @@ from vqcore.blocks.distance import (
     prepare_codes,
     similarity,
 )
-from vqcore.blocks.distributed import all_reduce_max_, all_reduce_sum_, broadcast_, global_pool_draw
+from vqcore.blocks.distributed import (
+    all_reduce_max_,
+    all_reduce_sum_,
+    broadcast_,
+    global_pool_draw,
+    should_sync,
+)
 from vqcore.blocks.distributed import rank as dist_rank
 from vqcore.blocks.kmeans import kmeans
-from vqcore.blocks.precision import Float32State, float32_method
+from vqcore.blocks.precision import Float32State, float32_method, float32_region
 from vqcore.blocks.stats import bincount_per_book, sum_per_code
 from vqcore.blocks.validation import check_positive_int
+from vqcore.errors import ConfigurationError
 from vqcore.protocols import Codebook
 
 # EMACodebook -> (key, weakref to embed, PreparedCodes): the packed codes of the fused CPU search
@@ -71,6 +93,13 @@ class EMACodebook(Float32State):
     # non-persistent buffers, registered on the first accumulating step (see update)
     pending_counts: Tensor
     pending_sums: Tensor
+    # with ``affine`` (see the module docstring): (books, 1, dim) statistics and their () init flags
+    batch_mean: Tensor
+    batch_variance: Tensor
+    codebook_mean: Tensor
+    codebook_variance: Tensor
+    codebook_mean_needs_init: Tensor
+    codebook_variance_needs_init: Tensor
 
     def __init__(
         self,
@@ -88,6 +117,12 @@ class EMACodebook(Float32State):
         learnable: bool = False,
         sync_kmeans: bool = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        manual_ema: bool = False,
+        vq_bridge: nn.Module | None = None,
+        affine: bool = False,
+        affine_batch_decay: float = 0.99,
+        affine_codebook_decay: float = 0.9,
+        sync_affine: bool = False,
     ):
         super().__init__()
         check_positive_int(size, "codebook_size")
@@ -100,6 +135,9 @@ class EMACodebook(Float32State):
             raise ValueError(f"eps must be > 0, got {eps}")
         if threshold_ema_dead_code < 0:
             raise ValueError(f"threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code}")
+        _check_derived_codes(
+            cosine, ema, learnable, manual_ema, vq_bridge, affine, affine_batch_decay, affine_codebook_decay
+        )
         self.cosine, self.decay, self.eps = cosine, float(decay), float(eps)
         self.kmeans_init, self.kmeans_iters, self.sync_kmeans = kmeans_init, kmeans_iters, sync_kmeans
         self.ema = bool(ema)
@@ -121,6 +159,23 @@ class EMACodebook(Float32State):
             not kmeans_init
         )  # host-side cache of ``initted`` once it is True (see needs_init)
         self._has_pending = False  # accumulated EMA statistics waiting for the next step (see update)
+        # manual_ema: training steps only accumulate the EMA statistics; update_ema() takes the step
+        self.manual_ema = bool(manual_ema)
+        self.vq_bridge = vq_bridge  # a submodule (its state_dict keys ``vq_bridge.*``) or None
+        self.affine = bool(affine)
+        self.sync_affine = bool(sync_affine)
+        self.affine_batch_decay, self.affine_codebook_decay = (
+            float(affine_batch_decay),
+            float(affine_codebook_decay),
+        )
+        if affine:
+            for name, value in (("batch_mean", 0.0), ("batch_variance", 1.0)):
+                self.register_buffer(name, torch.full((books, 1, dim), value))
+            for name, value in (("codebook_mean", 0.0), ("codebook_variance", 1.0)):
+                self.register_buffer(name, torch.full((books, 1, dim), value))
+                self.register_buffer(f"{name}_needs_init", torch.tensor(True))
+        self.derived_codes = vq_bridge is not None or self.affine  # codes in use != embed
+        self._held: Tensor | None = None  # the codes in use, while codes_held() computes them once
 
     # -- protocol ----------------------------------------------------------------------------------
     @property
@@ -137,9 +192,71 @@ class EMACodebook(Float32State):
 
     @property
     def codes(self) -> Tensor:
-        """(books, size, dim): ``embed`` itself (an ``nn.Parameter`` when learnable: its ``.grad`` is the
-        codebook's gradient)."""
-        return self.embed
+        """(books, size, dim), the codes in use: ``embed`` itself (an ``nn.Parameter`` when learnable: its
+        ``.grad`` is the codebook's gradient), or the codes derived from it with ``vq_bridge`` / ``affine``
+        (differentiable with respect to ``embed`` and the bridge's parameters)."""
+        if not self.derived_codes:
+            return self.embed
+        return self._held if self._held is not None else self.derive_codes(self.embed)
+
+    def derive_codes(self, embed: Tensor) -> Tensor:
+        """Trained codes (books, size, dim) -> the codes in use: :meth:`bridged`, then the affine transform
+        (the identity until its statistics exist)."""
+        codes = self.bridged(embed)
+        if self.affine:
+            shift_from, scale, shift_to = self._affine_parts()
+            codes = (codes - shift_from) * scale + shift_to
+        return codes
+
+    def bridged(self, embed: Tensor) -> Tensor:
+        """``vq_bridge(embed)`` in the bridge's own dtype with autocast off, float32 out (``embed`` itself
+        without a bridge)."""
+        bridge = self.vq_bridge
+        if bridge is None:
+            return embed
+        first = next(bridge.parameters(), None)
+        dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        with float32_region(embed.device.type):
+            return bridge(embed.to(dtype)).float()
+
+    def _affine_parts(self, inverse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(a, s, b)`` (books, 1, dim) with ``codes = (c - a) * s + b``: ``(codebook_mean, batch_std /
+        codebook_std, batch_mean)``, or the inverse ``(batch_mean, codebook_std / batch_std,
+        codebook_mean)``; ``(0, 1, 0)`` until the statistics are initialised (no branch: export-safe)."""
+        ready = ~(self.codebook_mean_needs_init | self.codebook_variance_needs_init)
+        codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()
+        batch_std = self.batch_variance.clamp(min=1e-5).sqrt()
+        zero, one = torch.zeros((), device=ready.device), torch.ones((), device=ready.device)
+        source, target = (
+            (self.batch_mean, self.codebook_mean) if inverse else (self.codebook_mean, self.batch_mean)
+        )
+        scale = codebook_std / batch_std if inverse else batch_std / codebook_std
+        return (
+            torch.where(ready, source, zero),
+            torch.where(ready, scale, one),
+            torch.where(ready, target, zero),
+        )
+
+    def untransform(self, x: Tensor) -> Tensor:
+        """Inputs x (B, N, dim) as the search sees them -> the space of ``embed``: the inverse of the affine
+        transform (the identity without ``affine``). The EMA step and dead-code expiry work there."""
+        if not self.affine:
+            return x
+        shift_from, scale, shift_to = self._affine_parts(inverse=True)
+        return (x - shift_from) * scale + shift_to
+
+    @contextlib.contextmanager
+    def holding_codes(self) -> Iterator[None]:
+        """Within the block, the codes in use are computed once (``vq_bridge`` runs once per forward, not per
+        search and lookup), with the grad mode at entry; nested blocks reuse the outer one's codes."""
+        if not self.derived_codes or self._held is not None:
+            yield
+            return
+        self._held = self.derive_codes(self.embed)
+        try:
+            yield
+        finally:
+            self._held = None
 
     @property
     def trained_by_gradient(self) -> bool:
@@ -150,11 +267,17 @@ class EMACodebook(Float32State):
     def logits(self, x: Tensor) -> Tensor:
         """Similarities (B, N, size), higher is nearer: ``-||x - c||`` (``x . c`` for cosine codebooks),
         differentiable with respect to x; a full (tokens x codes) tensor (for soft assignments)."""
-        return similarity(x, self.embed.detach(), cosine=self.cosine)
+        return similarity(x, self.codes.detach(), cosine=self.cosine)
 
     def set_codes_(self, codes: Tensor) -> None:
         """Replace the codes (books, size, dim); the EMA statistics follow (``embed_avg = codes *
-        cluster_size``) and k-means counts as done."""
+        cluster_size``) and k-means counts as done. Refused where the codes in use are derived
+        (``vq_bridge``, ``affine``): assign the trained codes, ``embed``, yourself there."""
+        if self.derived_codes:
+            raise TypeError(
+                "the codes in use are derived from the trained codes (vq_bridge / affine_param): they cannot "
+                "be assigned; write the trained codes, codebook_module.embed, instead"
+            )
         with torch.no_grad():
             self.embed.copy_(codes.reshape(self.embed.shape))
             self.embed_avg.copy_(self.embed * self.cluster_size.unsqueeze(-1))
@@ -164,6 +287,8 @@ class EMACodebook(Float32State):
     @float32_method
     def nearest(self, x: Tensor) -> Tensor:
         """x (B, N, d) float32 -> indices (B, N) int64."""
+        if self.derived_codes:  # no packed-codes cache: these codes change with the bridge and statistics
+            return nearest(x, self.codes.detach(), cosine=self.cosine, chunk_bytes=self.chunk_bytes)
         codes = self.embed.detach()
         prepared = self._prepared_codes(codes) if fused_search_applies(x, codes) else None
         return nearest(x, codes, cosine=self.cosine, chunk_bytes=self.chunk_bytes, prepared=prepared)
@@ -187,7 +312,7 @@ class EMACodebook(Float32State):
             return self.nearest(x)
         return gumbel_sample(
             x,
-            self.embed.detach(),
+            self.codes.detach(),
             cosine=self.cosine,
             temperature=temperature,
             generator=generator,
@@ -196,9 +321,10 @@ class EMACodebook(Float32State):
 
     def lookup(self, indices: Tensor) -> Tensor:
         """indices (B, N) in [0, K) -> codes (B, N, d); one gather into the flat (B*K, d) table."""
-        books, size, dim = self.embed.shape
+        table = self.codes
+        books, size, dim = table.shape
         offsets = torch.arange(books, device=indices.device).unsqueeze(1) * size
-        return nn.functional.embedding(indices + offsets, self.embed.reshape(books * size, dim))
+        return nn.functional.embedding(indices + offsets, table.reshape(books * size, dim))
 
     # -- training state ----------------------------------------------------------------------------
     def needs_init(self) -> bool:
@@ -216,13 +342,64 @@ class EMACodebook(Float32State):
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
+        if self.affine and isinstance(state_dict, dict):
+            # vector-quantize-pytorch registers its batch statistics only on its first forward: a state_dict
+            # of a reference codebook whose statistics were never initialised lacks them (they are unused)
+            flag = state_dict.get(f"{prefix}codebook_mean_needs_init")
+            if flag is not None and bool(flag):
+                for name in ("batch_mean", "batch_variance"):
+                    state_dict.setdefault(f"{prefix}{name}", self.get_buffer(name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initted_seen = bool(self.initted)  # loading is eager: read the loaded flag here, not in forward
 
     def prepare_(self, x: Tensor, valid: Tensor | None = None, *, sync: bool = False) -> None:
-        """Before a training batch's search: k-means initialisation, once (see :meth:`init_`)."""
+        """Before a training batch's search: k-means initialisation, once (see :meth:`init_`); then, with
+        ``affine``, the step of the affine statistics (:meth:`update_affine_`)."""
         if self.kmeans_init and self.needs_init():
             self.init_(x, valid, sync=sync, sync_kmeans=self.sync_kmeans)
+        if self.affine:
+            self.update_affine_(x, valid, sync=should_sync(self.sync_affine))
+
+    @torch.no_grad()
+    @float32_method
+    def update_affine_(self, x: Tensor, valid: Tensor | None = None, sync: bool = False) -> None:
+        """One EMA step of the affine statistics: ``batch_*`` from the valid tokens of x (B, N, dim), per
+        book and feature (variance unbiased=False), ``codebook_*`` from the codes before the transform;
+        decays ``affine_batch_decay`` / ``affine_codebook_decay``:
+        ``stat <- decay * stat + (1 - decay) * new``, the first step with tokens sets them. Under ``sync``
+        the batch statistics are those of every rank's tokens together (sums and counts all-reduced, then
+        the squared deviations from the global mean)."""
+        valid = _finite_tokens(x, valid)
+        keep = valid.unsqueeze(-1)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        kept = torch.where(keep, x, zero)
+        count = valid.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)  # (B, 1, 1)
+        sums = all_reduce_sum_(torch.cat([kept.sum(1, keepdim=True), count], -1), sync)
+        count = sums[..., -1:]
+        mean = sums[..., :-1] / count.clamp(min=1)
+        deviation = all_reduce_sum_(torch.where(keep, x - mean, zero).pow(2).sum(1, keepdim=True), sync)
+        variance = deviation / count.clamp(min=1)
+        seen = count > 0  # (B, 1, 1): books without any valid token keep their batch statistics
+        first = self.codebook_mean_needs_init | self.codebook_variance_needs_init
+        codes = self.bridged(self.embed.detach())
+        updates = (
+            ("batch_mean", mean, self.affine_batch_decay, seen),
+            ("batch_variance", variance, self.affine_batch_decay, seen),
+            ("codebook_mean", codes.mean(1, keepdim=True), self.affine_codebook_decay, None),
+            (
+                "codebook_variance",
+                codes.var(1, unbiased=False, keepdim=True),
+                self.affine_codebook_decay,
+                None,
+            ),
+        )
+        for name, new, decay, where in updates:
+            old = self.get_buffer(name)
+            value = torch.where(first, new, old * decay + new * (1 - decay))
+            old.copy_(value if where is None else torch.where(where, value, old))
+        started = seen.any()
+        self.codebook_mean_needs_init.copy_(self.codebook_mean_needs_init & ~started)
+        self.codebook_variance_needs_init.copy_(self.codebook_variance_needs_init & ~started)
 
     @torch.no_grad()
     @float32_method
@@ -307,6 +484,30 @@ class EMACodebook(Float32State):
         if accumulate:
             self._add_pending(counts, sums)
             return None
+        return self._ema_step(counts, sums, sync, step_weight)
+
+    @torch.no_grad()
+    def update_ema(self, *, sync: bool | None = None, step_weight: StepWeight | None = None) -> None:
+        """The EMA step from the statistics accumulated since the last one (every training step of a
+        ``manual_ema`` codebook, or steps with ``accumulate``), as one step on their concatenated batches,
+        then the codes recomputed. Nothing accumulated: nothing changes. ``sync`` (None: an initialised
+        process group of more than one rank) all-reduces the statistics: every rank must call it."""
+        if not self.ema:
+            raise ValueError(
+                "update_ema: this codebook takes no EMA steps (ema_update=False, or trained by gradient)"
+            )
+        with float32_region(self.embed.device.type):
+            self._ema_step(
+                torch.zeros_like(self.cluster_size),
+                torch.zeros_like(self.embed_avg),
+                should_sync(sync),
+                step_weight,
+            )
+
+    def _ema_step(
+        self, counts: Tensor, sums: Tensor | None, sync: bool, step_weight: StepWeight | None
+    ) -> Tensor | None:
+        """The EMA step (see :meth:`update`) from this batch's counts and sums plus the pending ones."""
         counts, sums = self._take_pending(counts, sums)
         counts = all_reduce_sum_(counts, sync)
         sums = None if sums is None else all_reduce_sum_(sums, sync)
@@ -357,14 +558,26 @@ class EMACodebook(Float32State):
         sync: bool = False,
         step_weight: StepWeight | None = None,
         accumulate: bool = False,
+        ema: bool | None = None,
     ) -> None:
-        """What a training batch does to the codebook: the EMA step (``ema``; otherwise, with expiry on,
-        only the usage counts expiry reads), then dead-code expiry. An ``accumulate`` batch only adds to
-        the pending statistics (see :meth:`update`); codes frozen by a zero ``step_weight`` never expire."""
-        if not self.ema and self.threshold_ema_dead_code <= 0:
+        """What a training batch does to the codebook: the EMA step (``ema``, default the codebook's;
+        otherwise, with expiry on, only the usage counts expiry reads), then dead-code expiry. An
+        ``accumulate`` batch only adds to the pending statistics (see :meth:`update`), and so does every
+        EMA step of a ``manual_ema`` codebook (:meth:`update_ema` takes the step; expiry still runs);
+        codes frozen by a zero ``step_weight`` never expire. With ``affine`` both work on
+        :meth:`untransform` of x."""
+        ema = self.ema if ema is None else bool(ema)
+        if not ema and self.threshold_ema_dead_code <= 0:
             return
+        x = self.untransform(x)
         frozen = self.update(
-            x, indices, valid, sync, codes=self.ema, step_weight=step_weight, accumulate=accumulate
+            x,
+            indices,
+            valid,
+            sync,
+            codes=ema,
+            step_weight=step_weight,
+            accumulate=accumulate or (ema and self.manual_ema),
         )
         if not accumulate:
             self.expire_(x, valid, sync=sync, protect=frozen)
@@ -435,7 +648,64 @@ class EMACodebook(Float32State):
         training = (
             "gradient" if self.trained_by_gradient else f"ema, decay={self.decay}" if self.ema else "frozen"
         )
-        return f"books={self.books}, size={self.size}, dim={self.dim}, {kind}, {training}"
+        extras = [name for name, on in (("manual_ema", self.manual_ema), ("affine", self.affine)) if on]
+        return ", ".join(
+            [f"books={self.books}, size={self.size}, dim={self.dim}, {kind}, {training}", *extras]
+        )
+
+
+def _check_derived_codes(
+    cosine: bool,
+    ema: bool,
+    learnable: bool,
+    manual_ema: bool,
+    vq_bridge: object,
+    affine: bool,
+    affine_batch_decay: float,
+    affine_codebook_decay: float,
+) -> None:
+    """The EMACodebook options of VectorQuantize's codebook-training keywords, checked together (the
+    messages name VectorQuantize's keywords)."""
+    if vq_bridge is not None:
+        if not isinstance(vq_bridge, nn.Module):
+            raise TypeError(f"vq_bridge must be an nn.Module or None, got {type(vq_bridge).__name__}")
+        if ema:
+            raise ConfigurationError(
+                "vq_bridge trains the codes through the bridge by gradient: it cannot take EMA steps; "
+                "leave ema_update unset (or False) with vq_bridge"
+            )
+        if not learnable:
+            raise ConfigurationError(
+                "vq_bridge needs learnable codes: leave learnable_codebook unset (or True) with vq_bridge"
+            )
+    if affine:
+        if cosine:
+            raise ConfigurationError(
+                "affine_param is for euclidean codebooks (it re-centres and re-scales the codes): "
+                "use_cosine_sim=True does not support it; pass use_cosine_sim=False or affine_param=False"
+            )
+        for name, decay in (
+            ("affine_param_batch_decay", affine_batch_decay),
+            ("affine_param_codebook_decay", affine_codebook_decay),
+        ):
+            if not 0.0 <= decay <= 1.0:
+                raise ConfigurationError(f"{name} must be in [0, 1], got {decay}")
+    if manual_ema and not ema:
+        raise ConfigurationError(
+            "manual_ema_update defers the EMA step of an EMA codebook: with ema_update=False (or a codebook "
+            "trained by gradient) there is none; pass manual_ema_update=False or ema_update=True"
+        )
+
+
+_NO_HOLD = contextlib.nullcontext()
+
+
+def codes_held(codebook: Codebook) -> contextlib.AbstractContextManager[None]:
+    """The codebook's ``holding_codes()`` block where its codes in use are derived (computed once in the
+    block), a no-op otherwise (and for codebooks without one)."""
+    if not getattr(codebook, "derived_codes", False):
+        return _NO_HOLD
+    return codebook.holding_codes()  # type: ignore[attr-defined]
 
 
 def _finite_tokens(x: Tensor, valid: Tensor | None) -> Tensor:

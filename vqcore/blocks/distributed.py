@@ -149,3 +149,12 @@ def global_pool_draw(
             vectors[b, take] = pool[local[b, take]]
     all_reduce_sum_(vectors, sync)  # each slot is filled by exactly one rank: the sum is exact
     return vectors, positions >= 0
+
+
+def all_reduce_mean_(tensor: Tensor, sync: bool) -> Tensor:
+    """In-place mean over ranks (a no-op when ``sync`` is False): the gradient averaging of data parallel
+    training."""
+    if sync:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
