@@ -32,7 +32,10 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
   output is the rotated input, equal up to rounding);
 - ``return_loss_breakdown=True`` adds the unweighted terms (``codebook``: ``mse(sg x, q)``,
   ``commitment``: ``mse(x, sg q)``); indices -1 decode to zeros; wrong shapes and out-of-range indices
-  raise a ValueError naming what was expected.
+  raise a ValueError naming what was expected;
+- ``init_fn`` defaults to None (the identity). A module built with a ``codebook_transform`` module or an
+  ``init_fn`` function has a config that is not JSON: ``vqcore.save`` refuses it (save its
+  ``state_dict``, which holds everything, frozen codebook included).
 """
 
 from __future__ import annotations

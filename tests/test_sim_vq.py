@@ -255,3 +255,14 @@ def test_reference_state_dict_loads_strictly_with_an_mlp_transform():
         ref_quantized, ref_indices, _ = ref(x)
         assert torch.equal(indices, ref_indices)
         torch.testing.assert_close(quantized, ref_quantized)
+
+
+def test_a_transform_module_in_the_config_is_refused_by_save_not_by_state_dict(tmp_path):
+    q = SimVQ(dim=4, codebook_size=8, codebook_transform=nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="must be JSON-serialisable to save: Object of type Linear"):
+        vqcore.save(q, tmp_path / "q.safetensors")
+    assert not (tmp_path / "q.safetensors").exists()
+    twin = SimVQ(dim=4, codebook_size=8, codebook_transform=nn.Linear(4, 4))
+    twin.load_state_dict(q.state_dict())
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(twin.encode(x), q.encode(x))
