@@ -217,7 +217,7 @@ def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
     supported = (
         "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, "
-        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize"
+        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize"
     )
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
