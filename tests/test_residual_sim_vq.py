@@ -220,3 +220,36 @@ def test_reference_state_dict_loads_strictly_with_a_shared_mlp():
         torch.testing.assert_close(
             module.get_output_from_indices(indices), ref.get_output_from_indices(indices)
         )
+
+
+def _dropout_worker(rank: int, world: int, folder: str) -> None:
+    """One rank of test_quantize_dropout_draw_is_agreed_across_ranks: its own torch seed, the same weights."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/store",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        torch.manual_seed(0)
+        q = ResidualSimVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True).train()
+        torch.manual_seed(100 + rank)  # each rank's own draw, before rank 0's is broadcast
+        kept = [int((q(torch.randn(2, 3, 4)).indices[0, 0] >= 0).sum()) for _ in range(8)]
+        torch.save(kept, f"{folder}/kept{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_quantize_dropout_draw_is_agreed_across_ranks(tmp_path):
+    """Two gloo processes drawing from different torch seeds keep the same layers at every step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dropout_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    kept = [torch.load(tmp_path / f"kept{rank}.pt") for rank in range(2)]
+    assert kept[0] == kept[1]
+    assert len(set(kept[0])) > 1  # the draw really varied over the steps
