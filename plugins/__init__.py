@@ -17,6 +17,8 @@ BUILTIN_PLUGINS = (
     "vqcore.plugins.evo_lfq",
     "vqcore.plugins.binary_mapper",
     "vqcore.plugins.latent",
+    "vqcore.plugins.sim_vq",
+    "vqcore.plugins.residual_sim_vq",
     "vqcore.plugins.reference_vq",
     "vqcore.plugins.reference_scalar",
 )

@@ -216,7 +216,7 @@ def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
     supported = (
         "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, "
-        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize"
+        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize"
     )
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
@@ -569,6 +569,8 @@ def test_converters_are_registered_under_the_reference_class_names():
         "LatentQuantize": "vqcore.plugins.reference_scalar",
         "FSP": "vqcore.plugins.reference_scalar",
         "BinaryMapper": "vqcore.plugins.reference_scalar",
+        "SimVQ": "vqcore.plugins.sim_vq",
+        "ResidualSimVQ": "vqcore.plugins.residual_sim_vq",
     }
     # each builds the quantizer registered under the same class name (an alias of the canonical name)
     for entry in entries:
@@ -603,9 +605,10 @@ def test_load_reference_state_dict_errors():
         load_reference_state_dict(vq, {}, reference="FSQ")
 
 
-class SimVQConverter:
-    """A third-party converter: the reference's SimVQ (codes = code_transform(frozen_codebook), a linear
-    map trained by gradient) as a vqcore VectorQuantize whose gradient-trained codebook holds those codes."""
+class MySimVQConverter:
+    """A third-party converter: a subclass of the reference's SimVQ (codes = code_transform(frozen_codebook),
+    a linear map trained by gradient) as a vqcore VectorQuantize whose gradient-trained codebook holds
+    those codes."""
 
     quantizer = "vq"
 
@@ -629,13 +632,15 @@ class SimVQConverter:
 class SimVQConverterPlugin:
     @vqcore.hookimpl
     def register_converters(self, register):
-        register("SimVQ", SimVQConverter, summary="SimVQ as a VectorQuantize with its implicit codes")
+        register("MySimVQ", MySimVQConverter, summary="MySimVQ as a VectorQuantize with its implicit codes")
 
 
 def test_a_plugin_registers_a_converter_at_run_time(fresh_registry):
     vqcore.register_plugin(SimVQConverterPlugin(), name="simvq-converter")
     torch.manual_seed(20)
-    ref = _train(vqp.SimVQ(dim=8, codebook_size=16), (2, 32, 8))
+    # vqcore converts the reference's SimVQ itself; a project's subclass is another reference class
+    my_sim_vq = type("MySimVQ", (vqp.SimVQ,), {})
+    ref = _train(my_sim_vq(dim=8, codebook_size=16), (2, 32, 8))
     with pytest.raises(ValueError, match="allow_training_differences"):
         from_reference(ref)
     assert reference_kwargs(ref, allow_training_differences=True)[0] == "vq"
@@ -643,16 +648,18 @@ def test_a_plugin_registers_a_converter_at_run_time(fresh_registry):
     assert mine.config["name"] == "vq" and mine.codebook_module.trained_by_gradient
     assert not mine.training
     _compare(ref, mine, torch.randn(3, 20, 8))
-    with pytest.raises(ValueError, match="supported: BinaryMapper, FSP, FSQ, .*, SimVQ, VectorQuantize$"):
+    with pytest.raises(
+        ValueError, match="supported: BinaryMapper, FSP, FSQ, .*, MySimVQ, .*, VectorQuantize$"
+    ):
         from_reference(torch.nn.Linear(2, 2))
 
     # two reference classes now convert to "vq": a prebuilt module needs to be told which one
     prebuilt = vqcore.create("vq", dim=8, codebook_size=16, learnable_codebook=True)
     with pytest.raises(
-        ValueError, match=r"several reference classes convert to 'vq' \(SimVQ, VectorQuantize\)"
+        ValueError, match=r"several reference classes convert to 'vq' \(MySimVQ, VectorQuantize\)"
     ):
         load_reference_state_dict(prebuilt, ref.state_dict())
-    load_reference_state_dict(prebuilt, ref.state_dict(), reference="SimVQ")
+    load_reference_state_dict(prebuilt, ref.state_dict(), reference="MySimVQ")
     _compare(ref, prebuilt.eval(), torch.randn(3, 20, 8))
 
 

@@ -36,7 +36,9 @@ from vqcore import (
     RandomProjectionQuantizer,
     ResidualFSQ,
     ResidualLFQ,
+    ResidualSimVQ,
     ResidualVQ,
+    SimVQ,
     VectorQuantize,
 )
 from vqcore.blocks.codebooks import EMACodebook
@@ -170,6 +172,13 @@ CASES = [
     ),
     Case("latent", lambda: LatentQuantize([5, 5, 8]), 3),
     Case("latent_projection", lambda: LatentQuantize([5, 4], dim=8, num_codebooks=2), 8, projections=True),
+    Case("sim_vq", lambda: SimVQ(dim=8, codebook_size=16), 8, projections=True),  # the transform's dtype
+    Case(
+        "residual_sim_vq",
+        lambda: ResidualSimVQ(dim=8, num_quantizers=2, codebook_size=16),
+        8,
+        projections=True,
+    ),
 ]
 
 PRECISIONS = [
@@ -192,6 +201,8 @@ BUILTIN_CLASSES = {
     ResidualLFQ,
     GroupedResidualLFQ,
     LatentQuantize,
+    SimVQ,
+    ResidualSimVQ,
 }
 # int32 forward indices (FSP, as the reference) and one-hot outputs (BinaryMapper) do not fit this matrix;
 # their own test files check the same precision rules

@@ -58,11 +58,12 @@ def test_the_installed_plugin_is_the_example_in_this_repo():
 def test_vqcore_list_shows_the_quantizer_with_the_plugin_name():
     result = _vqcore("list")
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("simvq "))
-    assert row.split()[:3] == ["simvq", PLUGIN, "SimVQ"]
-    assert "arXiv 2411.02038" in row
+    row = next(line for line in result.stdout.splitlines() if line.startswith("gain_shape_vq "))
+    assert row.split()[:3] == ["gain_shape_vq", PLUGIN, "GainShapeVQ"]
+    assert "gain-shape VQ" in row
     all_rows = [line.split()[:3] for line in _vqcore("list", "--all").stdout.splitlines()]
-    assert ["codebook", "simvq", PLUGIN] in all_rows and ["loss", "codebook_fit", PLUGIN] in all_rows
+    assert ["codebook", "unit_direction", PLUGIN] in all_rows
+    assert ["loss", "direction_commitment", PLUGIN] in all_rows
 
 
 def test_vqcore_plugins_shows_name_version_hooks_and_registrations():
@@ -73,41 +74,49 @@ def test_vqcore_plugins_shows_name_version_hooks_and_registrations():
     assert lines[start].split()[:2] == [PLUGIN, metadata.version(DIST)] and lines[start].endswith("ok")
     block = "\n".join(lines[start + 1 : start + 5])
     assert "hooks: register_quantizers, register_codebooks, register_losses" in block
-    assert "quantizers: simvq" in block and "codebooks: simvq" in block and "losses: codebook_fit" in block
+    assert "quantizers: gain_shape_vq" in block and "codebooks: unit_direction" in block
+    assert "losses: direction_commitment" in block
 
 
 def test_create_builds_it_from_the_entry_point(fresh_registry):
-    from vqcore_plugin_example import SimVQ
+    from vqcore_plugin_example import GainShapeVQ
 
-    entry = vqcore.get_entry("SimVQ")  # alias
-    assert entry.name == "simvq" and entry.plugin == PLUGIN
-    q = vqcore.create("simvq", dim=16, codebook_size=32, beta=0.5)
-    assert isinstance(q, SimVQ) and (q.dim, q.codebook_size, q.num_codebooks) == (16, 32, 1)
+    entry = vqcore.get_entry("GainShapeVQ")  # alias
+    assert entry.name == "gain_shape_vq" and entry.plugin == PLUGIN
+    q = vqcore.create("gain_shape_vq", dim=16, codebook_size=32, gain_levels=4)
+    assert isinstance(q, GainShapeVQ) and (q.dim, q.codebook_size, q.num_codebooks) == (16, 128, 1)
     assert q.config == {
-        "name": "simvq",
+        "name": "gain_shape_vq",
         "version": 1,
-        "kwargs": {"dim": 16, "codebook_size": 32, "beta": 0.5},
+        "kwargs": {
+            "dim": 16,
+            "codebook_size": 32,
+            "gain_levels": 4,
+            "gain_min": 0.1,
+            "gain_max": 10.0,
+            "decay": 0.9,
+            "commitment_weight": 1.0,
+            "direction_weight": 0.1,
+        },
     }
     quantized, indices, loss = q(torch.randn(2, 8, 16))
     assert quantized.shape == (2, 8, 16) and indices.dtype == torch.int64 and loss.shape == ()
-    assert "simvq" in vqcore.list_quantizers("sim*")
+    assert "gain_shape_vq" in vqcore.list_quantizers("gain*")
 
 
 def test_it_passes_the_conformance_kit(fresh_registry):
     from vqcore.testing import check_quantizer
 
-    report = check_quantizer("simvq", torch.randn(2, 12, 16), dim=16, codebook_size=32)
+    report = check_quantizer("gain_shape_vq", torch.randn(2, 12, 16), dim=16, codebook_size=32)
     assert report.checks[-1].startswith("torch.export")
 
 
 def test_save_and_load_round_trip(fresh_registry, tmp_path):
-    q = vqcore.create("simvq", dim=16, codebook_size=32)
+    q = vqcore.create("gain_shape_vq", dim=16, codebook_size=32)
     q.train()
-    q(torch.randn(4, 8, 16)).loss.backward()
-    with torch.no_grad():
-        q.codebook.weight.add_(0.1 * torch.randn(16, 16))  # W moved away from its initial value
-    vqcore.save(q, tmp_path / "simvq.safetensors")
-    loaded = vqcore.load(tmp_path / "simvq.safetensors")
+    q(torch.randn(4, 8, 16))  # one EMA step: the directions moved
+    vqcore.save(q, tmp_path / "gain_shape.safetensors")
+    loaded = vqcore.load(tmp_path / "gain_shape.safetensors")
     assert type(loaded) is type(q) and loaded.config == q.config
     for key, value in q.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
@@ -118,13 +127,13 @@ def test_save_and_load_round_trip(fresh_registry, tmp_path):
 
 def test_vqcore_export_cli_writes_onnx(fresh_registry, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    q = vqcore.create("simvq", dim=16, codebook_size=32).eval()
-    checkpoint = tmp_path / "simvq.safetensors"
+    q = vqcore.create("gain_shape_vq", dim=16, codebook_size=32).eval()
+    checkpoint = tmp_path / "gain_shape.safetensors"
     vqcore.save(q, checkpoint)
-    artifact = tmp_path / "simvq_encode.onnx"
+    artifact = tmp_path / "gain_shape_encode.onnx"
     result = _vqcore("export", str(checkpoint), "--format", "onnx", "--graph", "encode", "-o", str(artifact))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "simvq encode (onnx)" in result.stdout and "parity ok" in result.stdout
+    assert "gain_shape_vq encode (onnx)" in result.stdout and "parity ok" in result.stdout
     session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
     x = torch.randn(3, 7, 16)  # another batch and sequence length than the export example
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -163,7 +172,9 @@ def test_a_broken_plugin_is_reported_and_the_others_keep_working(tmp_path):
 
     assert _vqcore("plugins", "--strict", env_extra=env).returncode == 1
     listing = _vqcore("list", env_extra=env)
-    assert listing.returncode == 0 and any(line.startswith("simvq ") for line in listing.stdout.splitlines())
+    assert listing.returncode == 0 and any(
+        line.startswith("gain_shape_vq ") for line in listing.stdout.splitlines()
+    )
     assert any(line.startswith("vq ") for line in listing.stdout.splitlines())
 
     strict = _vqcore("list", env_extra={**env, "VQCORE_STRICT_PLUGINS": "1"})

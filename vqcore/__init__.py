@@ -35,6 +35,8 @@ _LAZY = {
     "BinaryMapper": "vqcore.plugins.binary_mapper:BinaryMapper",
     "Sequential": "vqcore.blocks.sequential:Sequential",
     "LatentQuantize": "vqcore.plugins.latent:LatentQuantize",
+    "SimVQ": "vqcore.plugins.sim_vq:SimVQ",
+    "ResidualSimVQ": "vqcore.plugins.residual_sim_vq:ResidualSimVQ",
     "UnknownNameError": "vqcore.errors:UnknownNameError",
     "DuplicateNameError": "vqcore.errors:DuplicateNameError",
     "VQCoreWarning": "vqcore.errors:VQCoreWarning",

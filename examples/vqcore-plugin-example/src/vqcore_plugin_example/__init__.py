@@ -1,4 +1,4 @@
-"""vqcore-plugin-example: SimVQ (arXiv 2411.02038) as an out-of-tree vqcore plugin.
+"""vqcore-plugin-example: gain-shape vector quantization as an out-of-tree vqcore plugin.
 
 vqcore finds this module through the entry point declared in this package's pyproject.toml::
 
@@ -9,30 +9,30 @@ and calls the ``@vqcore.hookimpl`` functions below once, on first registry use. 
 ``pip install vqcore-plugin-example``::
 
     import vqcore
-    q = vqcore.create("simvq", dim=64, codebook_size=1024)
+    q = vqcore.create("gain_shape_vq", dim=64, codebook_size=256, gain_levels=16)
 """
 
 from __future__ import annotations
 
 from vqcore import hookimpl
-from vqcore_plugin_example.simvq import (
-    CodebookFitLoss,
-    LinearReparamCodebook,
-    SimVQ,
-    SimVQLossBreakdown,
-    SimVQOutput,
-    SimVQOutputWithBreakdown,
+from vqcore_plugin_example.gain_shape import (
+    DirectionCodebook,
+    DirectionLoss,
+    GainShapeLossBreakdown,
+    GainShapeOutput,
+    GainShapeOutputWithBreakdown,
+    GainShapeVQ,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "CodebookFitLoss",
-    "LinearReparamCodebook",
-    "SimVQ",
-    "SimVQLossBreakdown",
-    "SimVQOutput",
-    "SimVQOutputWithBreakdown",
+    "DirectionCodebook",
+    "DirectionLoss",
+    "GainShapeLossBreakdown",
+    "GainShapeOutput",
+    "GainShapeOutputWithBreakdown",
+    "GainShapeVQ",
     "register_codebooks",
     "register_losses",
     "register_quantizers",
@@ -42,25 +42,26 @@ __all__ = [
 @hookimpl
 def register_quantizers(register):
     register(
-        "simvq",
-        SimVQ,
-        aliases=("SimVQ",),
-        summary="SimVQ: frozen random codebook reparameterised by one learned linear map (arXiv 2411.02038)",
+        "gain_shape_vq",
+        GainShapeVQ,
+        aliases=("GainShapeVQ",),
+        summary="gain-shape VQ: unit directions (EMA) times a scalar gain grid; K * L codes for K + L",
     )
 
 
 @hookimpl
 def register_codebooks(register):
     register(
-        "simvq",
-        LinearReparamCodebook,
-        aliases=("linear_reparam",),
-        summary="codes = C W: frozen Gaussian basis C, learned linear map W, Euclidean nearest code",
+        "unit_direction",
+        DirectionCodebook,
+        summary="unit directions trained by EMA (spherical k-means step), largest dot product",
     )
 
 
 @hookimpl
 def register_losses(register):
     register(
-        CodebookFitLoss.name, CodebookFitLoss, summary="mean ||sg(x) - q||^2: pulls the codes to their inputs"
+        DirectionLoss.name,
+        DirectionLoss,
+        summary="mean ||x/|x| - sg(s)||^2: the input's direction to its chosen shape",
     )
