@@ -17,6 +17,7 @@ BUILTIN_PLUGINS = (
     "vqcore.plugins.evo_lfq",
     "vqcore.plugins.binary_mapper",
     "vqcore.plugins.latent",
+    "vqcore.plugins.hierarchical_vq",
     "vqcore.plugins.reference_vq",
     "vqcore.plugins.reference_scalar",
 )

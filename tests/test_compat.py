@@ -216,8 +216,8 @@ def test_training_only_option_needs_opt_in():
 def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
     supported = (
-        "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, "
-        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize"
+        "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, "
+        "HierarchicalVQ, LFQ, LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualVQ, VectorQuantize"
     )
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))

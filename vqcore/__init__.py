@@ -35,6 +35,7 @@ _LAZY = {
     "BinaryMapper": "vqcore.plugins.binary_mapper:BinaryMapper",
     "Sequential": "vqcore.blocks.sequential:Sequential",
     "LatentQuantize": "vqcore.plugins.latent:LatentQuantize",
+    "HierarchicalVQ": "vqcore.plugins.hierarchical_vq:HierarchicalVQ",
     "UnknownNameError": "vqcore.errors:UnknownNameError",
     "DuplicateNameError": "vqcore.errors:DuplicateNameError",
     "VQCoreWarning": "vqcore.errors:VQCoreWarning",
