@@ -106,22 +106,22 @@ class HierarchicalVQOutputWithCutoff(NamedTuple):
     cutoff: int | None
 
 
-def level_shape_of(scale: object, spatial_dims: int, name: str = "scales") -> tuple[int, ...]:
-    """A scale (an int for every axis, or one int per axis) -> the level's shape, checked."""
+def level_shape_of(scale: object, spatial_dims: int, what: str = "each entry of scales") -> tuple[int, ...]:
+    """A scale (an int for every axis, or one int per axis) -> the level's shape, checked; errors name
+    ``what`` was given (a :class:`~vqcore.errors.ConfigurationError`, a ValueError)."""
     if isinstance(scale, int) and not isinstance(scale, bool):
         shape: tuple = (scale,) * spatial_dims
     elif isinstance(scale, Sequence) and not isinstance(scale, str):
         shape = tuple(scale)
-        if len(shape) != spatial_dims:
-            raise ConfigurationError(
-                f"each entry of {name} must be an int or {spatial_dims} ints (one per spatial axis), "
-                f"got {scale!r}"
-            )
     else:
-        raise ConfigurationError(f"each entry of {name} must be an int or a sequence of ints, got {scale!r}")
+        shape = ()
+    if len(shape) != spatial_dims:
+        raise ConfigurationError(
+            f"{what} must be an int or {spatial_dims} ints (one per spatial axis), got {scale!r}"
+        )
     for size in shape:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ConfigurationError(f"{name} must hold positive ints, got {scale!r}")
+            raise ConfigurationError(f"{what} must hold positive ints, got {scale!r}")
     return shape
 
 

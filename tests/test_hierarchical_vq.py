@@ -443,7 +443,8 @@ def test_from_reference(case):
     [
         (dict(scales=(2, 1)), "non-decreasing"),
         (dict(scales=((1, 2), (2, 1)), accept_image_fmap=True), "non-decreasing"),
-        (dict(scales=((1, 2, 3),), accept_image_fmap=True), "2 ints"),
+        (dict(scales=((1, 2, 3),), accept_image_fmap=True), r"each entry of scales must be an int or 2 ints"),
+        (dict(scales=("ab",)), "each entry of scales must be an int"),
         (dict(scales=()), "non-empty"),
         (dict(scales=(0, 1)), "positive"),
         (dict(accept_image_fmap=True, accept_3d_fmap=True), "accept_image_fmap and accept_3d_fmap"),
@@ -501,6 +502,8 @@ def test_bad_indices():
         q.decode(torch.full((2, 7), 8))
     with pytest.raises(TypeError, match="integer"):
         q.decode(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match=r"full_shape must be an int or 1 ints .*got \(4, 4\)"):
+        q.get_output_from_indices(torch.zeros(2, 7, dtype=torch.long), full_shape=(4, 4))
 
 
 # -- precision -------------------------------------------------------------------------------------------
