@@ -578,6 +578,7 @@ def test_converters_are_registered_under_the_reference_class_names():
         "LatentQuantize": "vqcore.plugins.reference_scalar",
         "FSP": "vqcore.plugins.reference_scalar",
         "BinaryMapper": "vqcore.plugins.reference_scalar",
+        "HierarchicalVQ": "vqcore.plugins.hierarchical_vq",
     }
     # each builds the quantizer registered under the same class name (an alias of the canonical name)
     for entry in entries:
