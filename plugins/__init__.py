@@ -19,6 +19,7 @@ BUILTIN_PLUGINS = (
     "vqcore.plugins.latent",
     "vqcore.plugins.sim_vq",
     "vqcore.plugins.residual_sim_vq",
+    "vqcore.plugins.hierarchical_vq",
     "vqcore.plugins.reference_vq",
     "vqcore.plugins.reference_scalar",
 )

@@ -215,8 +215,9 @@ def test_training_only_option_needs_opt_in():
 def test_unknown_class_raises():
     # the supported classes are the registry's converters, sorted
     supported = (
-        "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, LFQ, "
-        "LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualSimVQ, ResidualVQ, SimVQ, VectorQuantize"
+        "BinaryMapper, FSP, FSQ, GroupedResidualFSQ, GroupedResidualLFQ, GroupedResidualVQ, "
+        "HierarchicalVQ, LFQ, LatentQuantize, ResidualFSQ, ResidualLFQ, ResidualSimVQ, ResidualVQ, "
+        "SimVQ, VectorQuantize"
     )
     with pytest.raises(ValueError) as err:
         from_reference(torch.nn.Linear(2, 2))
@@ -571,6 +572,7 @@ def test_converters_are_registered_under_the_reference_class_names():
         "BinaryMapper": "vqcore.plugins.reference_scalar",
         "SimVQ": "vqcore.plugins.sim_vq",
         "ResidualSimVQ": "vqcore.plugins.residual_sim_vq",
+        "HierarchicalVQ": "vqcore.plugins.hierarchical_vq",
     }
     # each builds the quantizer registered under the same class name (an alias of the canonical name)
     for entry in entries:

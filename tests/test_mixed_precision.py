@@ -206,7 +206,7 @@ BUILTIN_CLASSES = {
 }
 # int32 forward indices (FSP, as the reference) and one-hot outputs (BinaryMapper) do not fit this matrix;
 # their own test files check the same precision rules
-OWN_PRECISION_TESTS = {FSP, BinaryMapper}
+OWN_PRECISION_TESTS = {FSP, BinaryMapper, vqcore.HierarchicalVQ}  # HierarchicalVQ: a tuple of index maps
 
 
 def test_the_matrix_covers_every_builtin_method():

@@ -37,6 +37,7 @@ _LAZY = {
     "LatentQuantize": "vqcore.plugins.latent:LatentQuantize",
     "SimVQ": "vqcore.plugins.sim_vq:SimVQ",
     "ResidualSimVQ": "vqcore.plugins.residual_sim_vq:ResidualSimVQ",
+    "HierarchicalVQ": "vqcore.plugins.hierarchical_vq:HierarchicalVQ",
     "UnknownNameError": "vqcore.errors:UnknownNameError",
     "DuplicateNameError": "vqcore.errors:DuplicateNameError",
     "VQCoreWarning": "vqcore.errors:VQCoreWarning",
