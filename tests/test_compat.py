@@ -186,19 +186,9 @@ def test_reference_kwargs_roundtrip_config():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (
-            lambda: vqp.VectorQuantize(
-                dim=8,
-                codebook_size=16,
-                directional_reparam=True,
-                rotation_trick=False,
-                threshold_ema_dead_code=1,
-            ),
-            "directional_reparam",
-        ),
         (lambda: vqp.VectorQuantize(dim=8, codebook_size=16, affine_param=True), "affine_param"),
     ],
-    ids=["directional_reparam", "affine_param"],
+    ids=["affine_param"],
 )
 def test_unsupported_option_raises(make, match):
     with pytest.raises(ValueError, match=match):
@@ -206,7 +196,14 @@ def test_unsupported_option_raises(make, match):
 
 
 def test_training_only_option_needs_opt_in():
-    ref = vqp.VectorQuantize(dim=8, codebook_size=16, codebook_diversity_loss_weight=0.5)
+    ref = vqp.ResidualVQ(
+        dim=8,
+        codebook_size=16,
+        num_quantizers=2,
+        sync_update_v=0.5,
+        learnable_codebook=True,
+        ema_update=False,
+    )
     with pytest.raises(ValueError, match="allow_training_differences"):
         from_reference(ref)
     mine = from_reference(ref, allow_training_differences=True).eval()

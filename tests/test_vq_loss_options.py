@@ -413,3 +413,61 @@ def test_modules_with_the_options_pass_the_kit(kwargs, tmp_path):
         VectorQuantize, torch.randn(2, 6, 4), check_export=False, dim=4, codebook_size=8, **kwargs
     )
     assert_save_load_equal(VectorQuantize(dim=4, codebook_size=8, **kwargs), torch.randn(2, 6, 4), tmp_path)
+
+
+# -- against the installed reference -------------------------------------------------------------------------
+
+
+def reference_and_converted(**kwargs):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    from vqcore.compat import from_reference
+
+    torch.manual_seed(16)
+    ref = vqp.VectorQuantize(dim=8, codebook_size=16, **kwargs)
+    return ref, from_reference(ref)
+
+
+def test_converter_carries_the_options_and_the_cross_entropy_commitment_matches():
+    ref, mine = reference_and_converted(
+        commitment_use_cross_entropy_loss=True, commitment_weight=0.5, rotation_trick=False
+    )
+    assert mine.commitment_use_cross_entropy_loss and mine.commitment_loss_name == "cross_entropy_commitment"
+    x = torch.randn(2, 7, 8)
+    torch.testing.assert_close(mine.train()(x).loss, ref.train()(x)[2], atol=1e-5, rtol=1e-5)
+
+
+def test_diversity_loss_matches_the_reference_where_its_mean_is_over_the_whole_batch():
+    # the reference averages over the batch axis per position: with one position that is every token
+    ref, mine = reference_and_converted(
+        codebook_diversity_loss_weight=2.0, codebook_diversity_temperature=3.0, rotation_trick=False
+    )
+    x = torch.randn(9, 1, 8)
+    ours, theirs = mine.train()(x, return_loss_breakdown=True), ref.train()(x, return_loss_breakdown=True)
+    torch.testing.assert_close(
+        ours.breakdown.codebook_diversity, theirs[3].codebook_diversity, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(ours.loss, theirs[2], atol=1e-4, rtol=1e-4)
+
+
+def test_topk_and_indices_match_the_reference_in_eval():
+    ref, mine = reference_and_converted()
+    ref.eval(), mine.eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with torch.no_grad():
+        theirs, ours = ref(x, mask=mask, topk=4), mine(x, mask=mask, topk=4)
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b.to(a.dtype), atol=1e-5, rtol=1e-5)
+        target = torch.randint(-1, 16, (2, 5))
+        torch.testing.assert_close(
+            mine(x, indices=target).loss, ref(x, indices=target)[1], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_directional_reparam_converts_with_its_learnable_codebook():
+    ref, mine = reference_and_converted(directional_reparam=True, threshold_ema_dead_code=1)
+    assert mine.directional_reparam and mine.codebook_module.trained_by_gradient
+    x = torch.randn(2, 5, 8)
+    ref.eval(), mine.eval()
+    with torch.no_grad():
+        assert torch.equal(mine(x).indices, ref(x)[1])
