@@ -89,24 +89,30 @@ class VQLossBreakdown(_VQLossTerms):
     """Unweighted terms of a VectorQuantize loss (0-dim tensors; ``commitment`` is per token and candidate
     with ``topk``): unpacks as vector-quantize-pytorch's ``LossBreakdown(commitment, codebook_diversity,
     orthogonal_reg, inplace_optimize)``. ``extra``: the terms of ``extra_losses`` by name, each also
-    readable as an attribute (``breakdown.<name>``)."""
+    readable as an attribute (``breakdown.<name>``); :meth:`of` builds one with them."""
 
-    extra: dict[str, Tensor]
-
-    def __new__(
+    @classmethod
+    def of(
         cls,
         commitment: Tensor,
         codebook_diversity: Tensor,
         orthogonal_reg: Tensor,
         inplace_optimize: Tensor,
         extra: dict[str, Tensor] | None = None,
-    ):
-        self = super().__new__(cls, commitment, codebook_diversity, orthogonal_reg, inplace_optimize)
-        self.extra = dict(extra or {})
-        return self
+    ) -> VQLossBreakdown:
+        """The breakdown of the four terms and the ``extra`` ones."""
+        out = cls(commitment, codebook_diversity, orthogonal_reg, inplace_optimize)
+        out.__dict__["extra"] = dict(extra or {})
+        return out
 
-    def __getattr__(self, name: str) -> Tensor:  # only for names that are not fields: the extra terms
+    def _replace(self, /, **changes: Any) -> VQLossBreakdown:
+        extra = changes.pop("extra", self.extra)
+        return self.of(*super()._replace(**changes), extra=extra)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the extra terms
         extra = self.__dict__.get("extra", {})
+        if name == "extra":  # built by the tuple constructor (``_make``): no extra terms
+            return extra
         if name in extra:
             return extra[name]
         raise AttributeError(f"{type(self).__name__} has no term {name!r} (extra terms: {sorted(extra)})")
@@ -287,7 +293,9 @@ class VectorQuantize(QuantizerModule):
       the gradient-trained ``learnable`` codebook, configured by the seed arguments); ``codebook_kwargs``
       are the options of a codebook given by name. :attr:`codebook_module` is the codebook object.
     - ``estimator``: the gradient estimator (default ``straight_through``; ``rotation_trick=True`` and
-      ``straight_through=True`` (Gumbel straight-through) select the others).
+      ``straight_through=True`` (Gumbel straight-through) select the others). ``directional_reparam=True``
+      (DiVeQ) takes its place; it is not a registered :class:`~vqcore.protocols.Estimator`, whose value
+      must be the code exactly (DiVeQ's is moved by noise).
     - ``extra_losses``: ``{"name": weight}`` or ``[(name or Loss, weight), ...]``, added to the loss and
       reported in the breakdown's ``extra``.
     """
@@ -931,7 +939,7 @@ class VectorQuantize(QuantizerModule):
         terms = dict(terms)
         commitment = terms.pop(self.commitment_loss_name)
         inplace = terms.pop("inplace_optimize", None)
-        return VQLossBreakdown(
+        return VQLossBreakdown.of(
             commitment,
             terms.pop(CodebookDiversityLoss.name),
             terms.pop(OrthogonalLoss.name),

@@ -389,6 +389,8 @@ def test_breakdown_unpacks_as_the_references_four_terms_with_the_extra_terms_by_
     assert commitment is out.breakdown.commitment and orthogonal.item() > 0
     assert diversity.item() == 0.0 and inplace.item() == 0.0
     assert out.breakdown.codebook is out.breakdown.extra["codebook"]
+    replaced = out.breakdown._replace(inplace_optimize=commitment)
+    assert replaced.inplace_optimize is commitment and replaced.codebook is out.breakdown.codebook
     with pytest.raises(AttributeError, match="no term 'nothing'"):
         _ = out.breakdown.nothing
 

@@ -66,14 +66,15 @@ def book_cross_entropy(x: Tensor, codes: Tensor, target: Tensor, *, cosine: bool
     return per_token.sum(-1) / count.clamp(min=1)
 
 
-def _loss_codes(codebook: Codebook | None, q: Tensor, loss: str) -> Tensor:
-    """The codebook's codes (B, K, d) for a loss over distances: a copy (the codebook's step rewrites its
-    codes in place after the losses are taken) that carries the gradient to the codes when ``q`` does (a
-    gradient-trained codebook that is not frozen, see :class:`vqcore.protocols.Loss`)."""
+def _loss_codes(codebook: Codebook | None, q: Tensor, loss: str) -> tuple[Tensor, bool]:
+    """The codebook's codes (B, K, d) for a loss over distances, and whether they are compared by cosine:
+    a copy (the codebook's step rewrites its codes in place after the losses are taken) that carries the
+    gradient to the codes when ``q`` does (a gradient-trained codebook that is not frozen, see
+    :class:`vqcore.protocols.Loss`)."""
     if codebook is None:
         raise ValueError(f"the {loss} loss needs the quantizer's codebook")
     codes = codebook.codes
-    return codes.clone() if q.requires_grad else codes.detach().clone()
+    return (codes.clone() if q.requires_grad else codes.detach().clone()), bool(codebook.cosine)
 
 
 def _zero_masked(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -125,10 +126,10 @@ class CrossEntropyCommitmentLoss:
     def __call__(
         self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
     ) -> Tensor:
-        codes = _loss_codes(codebook, q, self.name)
+        codes, cosine = _loss_codes(codebook, q, self.name)
         target = indices if valid is None else indices.masked_fill(~valid, -1)
         with float32_region(x.device.type):
-            return book_cross_entropy(_zero_masked(x, valid), codes, target, cosine=bool(codebook.cosine))
+            return book_cross_entropy(_zero_masked(x, valid), codes, target, cosine=cosine)
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,7 @@ class CodebookDiversityLoss:
     def __call__(
         self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
     ) -> Tensor:
-        codes = _loss_codes(codebook, q, self.name)
-        cosine = bool(codebook.cosine)
+        codes, cosine = _loss_codes(codebook, q, self.name)
         books, tokens, size = x.shape[0], x.shape[1], codes.shape[1]
         weights = None if valid is None else valid.to(x.dtype)
         chunk = max(1, self.chunk_bytes // (4 * books * size))
