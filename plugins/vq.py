@@ -30,9 +30,9 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
   the per-token entropy), masked tokens excluded, with the exact entropy (no 1e-5 clamp); tokens x codes
   blocks are chunked (recomputed in the backward pass) instead of one block;
 - ``forward(x, indices=...)`` changes no state (the reference takes an EMA step and runs k-means on the
-  side) and returns ``quantized`` in the input's layout after ``project_out`` (the reference's is in
-  codebook space, heads unmerged); masked tokens are ignored in the cross-entropy; an all-ignored batch
-  gives 0, not NaN;
+  side) and returns ``quantized`` (of the nearest codes, never sampled) in the input's layout after
+  ``project_out`` (the reference's is in codebook space, heads unmerged); masked tokens are ignored in
+  the cross-entropy; an all-ignored batch gives 0, not NaN;
 - ``topk``: the candidates are always the k nearest codes (no Gumbel sampling), k-means runs only in
   training; with ``commitment_weight=0`` the per-candidate loss is the unweighted MSE in training too (the
   reference's is a scalar 0 there);
