@@ -473,3 +473,17 @@ def test_directional_reparam_converts_with_its_learnable_codebook():
     ref.eval(), mine.eval()
     with torch.no_grad():
         assert torch.equal(mine(x).indices, ref(x)[1])
+
+
+def test_codebook_transform_fn_with_an_ema_codebook_survives_the_ema_step_before_backward():
+    torch.manual_seed(17)
+    vq = VectorQuantize(dim=4, codebook_size=6, route_gradients_to_input=False).train()
+    mlp = torch.nn.Linear(4, 4)
+    before = vq.codebook.detach().clone()
+    out = vq(
+        torch.randn(2, 3, 4),
+        codebook_transform_fn=lambda codes: mlp(codes)[:, None, None].expand(1, 2, 3, 6, 4),
+    )
+    assert not torch.equal(vq.codebook, before)  # the EMA step rewrote the codes the transform saw
+    out.quantized.sum().backward()  # the output carries the transform's gradient only
+    assert mlp.weight.grad.abs().sum() > 0
