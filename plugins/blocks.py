@@ -12,7 +12,13 @@ import functools
 from vqcore.blocks.codebooks import EMACodebook
 from vqcore.blocks.entropy import BatchEntropyLoss, PerSampleEntropyLoss
 from vqcore.blocks.estimators import GumbelStraightThrough, RotationTrick, StraightThrough
-from vqcore.blocks.losses import CodebookLoss, CommitmentLoss, OrthogonalLoss
+from vqcore.blocks.losses import (
+    CodebookDiversityLoss,
+    CodebookLoss,
+    CommitmentLoss,
+    CrossEntropyCommitmentLoss,
+    OrthogonalLoss,
+)
 from vqcore.hookspecs import hookimpl
 
 
@@ -44,6 +50,16 @@ def register_losses(register):
         CodebookLoss.name, CodebookLoss, summary="mean ||sg(x) - q||^2 over valid tokens (trains the codes)"
     )
     register(OrthogonalLoss.name, OrthogonalLoss, summary="mean squared cosine similarity between codes")
+    register(
+        CrossEntropyCommitmentLoss.name,
+        CrossEntropyCommitmentLoss,
+        summary="cross-entropy of the chosen codes under distance logits (a commitment term)",
+    )
+    register(
+        CodebookDiversityLoss.name,
+        CodebookDiversityLoss,
+        summary="negative entropy of the batch-mean code distribution (codebook usage; to be minimised)",
+    )
     register(
         PerSampleEntropyLoss.name,
         PerSampleEntropyLoss,

@@ -41,14 +41,21 @@ from vqcore.blocks.conversion import (
 from vqcore.hookspecs import hookimpl
 
 # Reference options that vqcore does not implement.
-VQ_UNSUPPORTED = UnsupportedOptions(
-    eval=(("directional_reparam", False),),
-    train=(
-        ("commitment_use_cross_entropy_loss", False),
-        ("codebook_diversity_loss_weight", 0.0),
-        ("sync_update_v", 0.0),
-        ("route_gradients_to_input", True),
-    ),
+VQ_UNSUPPORTED = UnsupportedOptions()
+# The reference's estimator and loss options, carried as they are (where not at these defaults).
+VQ_ESTIMATOR_AND_LOSS_OPTIONS = (
+    ("commitment_use_cross_entropy_loss", False),
+    ("codebook_diversity_loss_weight", 0.0),
+    ("codebook_diversity_temperature", 100.0),
+    ("directional_reparam", False),
+    ("directional_reparam_variance", 5e-3),
+    ("route_gradients_to_input", True),
+    ("sync_update_v", 0.0),
+)
+# Of those, the ones that change a layer's output (its estimator), which vqcore's ResidualVQ does not take
+# from its layers: refused there.
+RVQ_LAYER_UNSUPPORTED = UnsupportedOptions(
+    train=(("directional_reparam", False), ("route_gradients_to_input", True), ("sync_update_v", 0.0))
 )
 CODEBOOK_UNSUPPORTED = UnsupportedOptions()
 RVQ_UNSUPPORTED = UnsupportedOptions(eval=(("implicit_neural_codebook", False),))
@@ -114,6 +121,15 @@ def _initted(layer: ReferenceModule) -> bool:
     return bool(layer.get_submodule("_codebook").get_buffer("initted"))
 
 
+def _estimator_and_loss_options(ref: ReferenceModule) -> dict[str, Any]:
+    """:data:`VQ_ESTIMATOR_AND_LOSS_OPTIONS` that a reference VectorQuantize sets, by name."""
+    return {
+        name: getattr(ref, name)
+        for name, default in VQ_ESTIMATOR_AND_LOSS_OPTIONS
+        if hasattr(ref, name) and getattr(ref, name) != default
+    }
+
+
 def layer_kwargs(
     ref: ReferenceModule,
     allow_training_differences: bool,
@@ -154,6 +170,7 @@ def layer_kwargs(
         return_zeros_for_masked_padding=bool(ref.return_zeros_for_masked_padding),
         **_sync_options(book),
         **codebook_training_kwargs(ref, shared_codebook),
+        **_estimator_and_loss_options(ref),
     )
 
 
@@ -241,9 +258,10 @@ class ResidualVQConverter:
 
     def kwargs(self, ref: ReferenceModule, allow_training_differences: bool = False) -> dict[str, Any]:
         what = type(ref).__name__
-        raise_unsupported(RVQ_UNSUPPORTED.findings(ref), allow_training_differences, what)
         layers = list(ref.layers)
         layer = layers[0]
+        findings = RVQ_UNSUPPORTED.findings(ref) + RVQ_LAYER_UNSUPPORTED.findings(layer)
+        raise_unsupported(findings, allow_training_differences, what)
         if any(bool(getattr(lay, "has_projections", False)) for lay in layers):
             raise ValueError(
                 "vqcore.compat: reference ResidualVQ layers with their own projections are not supported"

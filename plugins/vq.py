@@ -49,6 +49,23 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
   too, and the usage counts come from the codes chosen after the step (the reference counts the first
   choice); refused with a codebook object (ResidualVQ's ``shared_codebook=True``: the reference never steps
   it there); its loss is not added to the returned loss (as the reference), only reported.
+- ``codebook_diversity_loss_weight``: the mean code distribution is taken per codebook over all valid
+  tokens (the reference averages over the batch axis only, per sequence position, so with batch 1 it is
+  the per-token entropy), masked tokens excluded, with the exact entropy (no 1e-5 clamp); tokens x codes
+  blocks are chunked (recomputed in the backward pass) instead of one block;
+- ``forward(x, indices=...)`` changes no state (the reference takes an EMA step and runs k-means on the
+  side) and returns ``quantized`` (of the nearest codes, never sampled) in the input's layout after
+  ``project_out`` (the reference's is in codebook space, heads unmerged); masked tokens are ignored in
+  the cross-entropy; an all-ignored batch gives 0, not NaN;
+- ``topk``: the candidates are always the k nearest codes (no Gumbel sampling), k-means runs only in
+  training; with ``commitment_weight=0`` the per-candidate loss is the unweighted MSE in training too (the
+  reference's is a scalar 0 there);
+- ``codebook_transform_fn`` is refused with shared-codebook heads (``heads > 1`` without
+  ``separate_codebook_per_head``), and in training with ``codebook_diversity_loss_weight`` or
+  ``commitment_use_cross_entropy_loss`` (those terms use the codebook's own codes); the codes are the
+  nearest (no Gumbel sampling);
+- with a gradient-trained codebook and ``freeze_codebook``, no gradient reaches the codes through the
+  output (DiVeQ, ``route_gradients_to_input=False``), as through the losses.
 """
 
 from __future__ import annotations
@@ -63,18 +80,22 @@ import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.codebooks import StepWeight, build_codebook, codes_held
-from vqcore.blocks.distance import is_tie
+from vqcore.blocks.distance import is_tie, l2norm, nearest_k
 from vqcore.blocks.distributed import all_reduce_mean_, should_sync
-from vqcore.blocks.estimators import GumbelStraightThrough, resolve_estimator
+from vqcore.blocks.estimators import GumbelStraightThrough, directional_reparam, resolve_estimator
 from vqcore.blocks.layout import TokenLayout, token_mask, zero_padding
 from vqcore.blocks.losses import (
+    CodebookDiversityLoss,
     CommitmentLoss,
+    CrossEntropyCommitmentLoss,
     LossSpec,
     OrthogonalLoss,
     WeightedLosses,
+    code_cross_entropy,
     extra_loss_pairs,
     masked_mse,
 )
+from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
 from vqcore.errors import ConfigurationError
@@ -83,13 +104,50 @@ from vqcore.module import QuantizerModule
 from vqcore.protocols import DROPPED_INDEX, Codebook, Estimator
 
 
-class VQLossBreakdown(NamedTuple):
-    """Unweighted terms of a VectorQuantize loss (0-dim tensors); ``extra``: the terms of
-    ``extra_losses`` by name."""
-
+class _VQLossTerms(NamedTuple):
     commitment: Tensor
+    codebook_diversity: Tensor
     orthogonal_reg: Tensor
-    extra: dict[str, Tensor]
+    inplace_optimize: Tensor
+
+
+class VQLossBreakdown(_VQLossTerms):
+    """Unweighted terms of a VectorQuantize loss (0-dim tensors; ``commitment`` is per token and candidate
+    with ``topk``): unpacks as vector-quantize-pytorch's ``LossBreakdown(commitment, codebook_diversity,
+    orthogonal_reg, inplace_optimize)``. ``extra``: the terms of ``extra_losses`` by name, each also
+    readable as an attribute (``breakdown.<name>``); :meth:`of` builds one with them."""
+
+    @classmethod
+    def of(
+        cls,
+        commitment: Tensor,
+        codebook_diversity: Tensor,
+        orthogonal_reg: Tensor,
+        inplace_optimize: Tensor,
+        extra: dict[str, Tensor] | None = None,
+    ) -> VQLossBreakdown:
+        """The breakdown of the four terms and the ``extra`` ones."""
+        out = cls(commitment, codebook_diversity, orthogonal_reg, inplace_optimize)
+        out.__dict__["extra"] = dict(extra or {})
+        return out
+
+    def _replace(self, /, **changes: Any) -> VQLossBreakdown:
+        extra = changes.pop("extra", self.extra)
+        return self.of(*super()._replace(**changes), extra=extra)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the extra terms
+        extra = self.__dict__.get("extra", {})
+        if name == "extra":  # built by the tuple constructor (``_make``): no extra terms
+            return extra
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no term {name!r} (extra terms: {sorted(extra)})")
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, extra={self.extra!r})"
+
+
+LossBreakdown = VQLossBreakdown  # vector-quantize-pytorch's name
 
 
 class VQOutput(NamedTuple):
@@ -105,6 +163,14 @@ class VQOutputWithBreakdown(NamedTuple):
     indices: Tensor
     loss: Tensor
     breakdown: VQLossBreakdown
+
+
+class VQCrossEntropyOutput(NamedTuple):
+    """``forward(x, indices=...)``: ``quantized`` as in :class:`VQOutput`; ``loss`` 0-dim, the cross-entropy
+    of the given indices under the distance logits."""
+
+    quantized: Tensor
+    loss: Tensor
 
 
 class BookStep(NamedTuple):
@@ -239,6 +305,45 @@ def codebook_from_options(
     return build_codebook(name, size=size, dim=dim, books=books, **kwargs)
 
 
+def _check_estimator_options(
+    *,
+    directional_reparam: bool,
+    directional_reparam_variance: float,
+    threshold_ema_dead_code: float,
+    rotation_trick: bool,
+    straight_through: bool,
+    estimator: object,
+    sync_update_v: float,
+) -> None:
+    """The constructor's checks of DiVeQ (``directional_reparam``) and ``sync_update_v``."""
+    if directional_reparam:
+        others = [
+            name
+            for name, given in (
+                ("rotation_trick=True", rotation_trick),
+                ("straight_through=True", straight_through),
+                (f"estimator={estimator!r}", estimator is not None),
+            )
+            if given
+        ]
+        if others:
+            raise ConfigurationError(
+                f"directional_reparam=True is the gradient path itself; it excludes {', '.join(others)}: "
+                "pass one of them"
+            )
+        if not threshold_ema_dead_code > 0:
+            raise ConfigurationError(
+                "directional_reparam=True needs dead-code expiry to revive unused codes: set "
+                f"threshold_ema_dead_code > 0, got threshold_ema_dead_code={threshold_ema_dead_code}"
+            )
+        if not directional_reparam_variance >= 0:
+            raise ConfigurationError(
+                f"directional_reparam_variance must be >= 0, got {directional_reparam_variance}"
+            )
+    if not 0 <= sync_update_v <= 1:
+        raise ConfigurationError(f"sync_update_v must be between 0 and 1, got {sync_update_v}")
+
+
 @functools.cache
 def _codebook_option_defaults() -> dict[str, Any]:
     """The defaults of :data:`CODEBOOK_OPTIONS`, read from VectorQuantize's signature (their one home)."""
@@ -259,7 +364,9 @@ class VectorQuantize(QuantizerModule):
       the gradient-trained ``learnable`` codebook, configured by the seed arguments); ``codebook_kwargs``
       are the options of a codebook given by name. :attr:`codebook_module` is the codebook object.
     - ``estimator``: the gradient estimator (default ``straight_through``; ``rotation_trick=True`` and
-      ``straight_through=True`` (Gumbel straight-through) select the others).
+      ``straight_through=True`` (Gumbel straight-through) select the others). ``directional_reparam=True``
+      (DiVeQ) takes its place; it is not a registered :class:`~vqcore.protocols.Estimator`, whose value
+      must be the code exactly (DiVeQ's is moved by noise).
     - ``extra_losses``: ``{"name": weight}`` or ``[(name or Loss, weight), ...]``, added to the loss and
       reported in the breakdown's ``extra``.
     """
@@ -319,17 +426,6 @@ class VectorQuantize(QuantizerModule):
         check_positive_int(dim, "dim")
         check_positive_int(codebook_size, "codebook_size")
         check_positive_int(heads, "heads")
-        # placeholders: each of these options lands with its implementation (until then, refused)
-        pending = {
-            "commitment_use_cross_entropy_loss": commitment_use_cross_entropy_loss,
-            "codebook_diversity_loss_weight": codebook_diversity_loss_weight != 0.0,
-            "directional_reparam": directional_reparam,
-            "route_gradients_to_input": not route_gradients_to_input,
-            "sync_update_v": sync_update_v != 0.0,
-        }
-        refused = [name for name, given in pending.items() if given]
-        if refused:
-            raise ConfigurationError(f"{', '.join(refused)}: not supported yet")
         if codebook_dim is None:
             if dim % heads:
                 raise ValueError(
@@ -348,6 +444,24 @@ class VectorQuantize(QuantizerModule):
             )
         if orthogonal_reg_max_codes is not None:
             check_positive_int(orthogonal_reg_max_codes, "orthogonal_reg_max_codes")
+        _check_estimator_options(
+            directional_reparam=directional_reparam,
+            directional_reparam_variance=directional_reparam_variance,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            rotation_trick=rotation_trick,
+            straight_through=straight_through,
+            estimator=estimator,
+            sync_update_v=sync_update_v,
+        )
+        if codebook_diversity_loss_weight < 0:
+            raise ConfigurationError(
+                f"codebook_diversity_loss_weight must be >= 0, got {codebook_diversity_loss_weight}"
+            )
+        if codebook_diversity_loss_weight > 0 and not codebook_diversity_temperature > 0:
+            raise ConfigurationError(
+                "codebook_diversity_loss_weight > 0 needs codebook_diversity_temperature > 0, "
+                f"got {codebook_diversity_temperature}"
+            )
 
         self.dim, self.heads, self.codebook_dim = dim, heads, codebook_dim
         self.separate_codebook_per_head = separate
@@ -392,19 +506,38 @@ class VectorQuantize(QuantizerModule):
             in_place_codebook_optimizer, manual_in_place_optimizer_update, codebook
         )
         self.manual_in_place_optimizer_update = bool(manual_in_place_optimizer_update)
+        if sync_update_v > 0 and not self._codebook.trained_by_gradient:
+            raise ConfigurationError(
+                f"sync_update_v={sync_update_v} scales the codebook's gradient through the output: it needs "
+                "a codebook trained by gradient (learnable_codebook=True), got learnable_codebook=False"
+            )
         self.estimator = self._estimator(estimator, rotation_trick, straight_through)
+        self.directional_reparam = bool(directional_reparam)
+        self.directional_reparam_variance = float(directional_reparam_variance)
+        self.route_gradients_to_input = bool(route_gradients_to_input)
+        self.sync_update_v = float(sync_update_v)
         self.commitment_weight = float(commitment_weight)
         self.orthogonal_reg_weight = float(orthogonal_reg_weight)
-        self.losses = WeightedLosses(
-            [
-                (CommitmentLoss(train_codes=self._codebook.trained_by_gradient), commitment_weight),
-                (
-                    OrthogonalLoss(orthogonal_reg_active_codes_only, orthogonal_reg_max_codes),
-                    orthogonal_reg_weight,
-                ),
-                *extra_loss_pairs(extra_losses, reserved=(CommitmentLoss.name, OrthogonalLoss.name)),
-            ]
+        self.codebook_diversity_loss_weight = float(codebook_diversity_loss_weight)
+        self.commitment_use_cross_entropy_loss = bool(commitment_use_cross_entropy_loss)
+        # DiVeQ learns the codes through the output: no commitment term
+        self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
+        commitment: CommitmentLoss | CrossEntropyCommitmentLoss = (
+            CrossEntropyCommitmentLoss()
+            if commitment_use_cross_entropy_loss
+            else CommitmentLoss(train_codes=self._codebook.trained_by_gradient)
         )
+        self.commitment_loss_name = commitment.name
+        own = [
+            (commitment, commitment_weight if self.has_commitment_loss else 0.0),
+            (CodebookDiversityLoss(float(codebook_diversity_temperature)), codebook_diversity_loss_weight),
+            (
+                OrthogonalLoss(orthogonal_reg_active_codes_only, orthogonal_reg_max_codes),
+                orthogonal_reg_weight,
+            ),
+        ]
+        reserved = [loss.name for loss, _ in own]
+        self.losses = WeightedLosses([*own, *extra_loss_pairs(extra_losses, reserved=reserved)])
 
     def _estimator(
         self, estimator: str | Estimator | None, rotation_trick: bool, straight_through: bool
@@ -566,12 +699,16 @@ class VectorQuantize(QuantizerModule):
         sample_codebook_temp: float | None = None,
         freeze_codebook: bool | None = None,
         indices: Tensor | None = None,
+        token_codes: Tensor | None = None,
     ) -> BookStep:
         """Training-mode quantization of books z (B, N, codebook_dim): the codebook's ``prepare_``
         (k-means), the code choice (nearest, or Gumbel-sampled with ``stochastic_sample_codes``), the
-        lookup and the losses over ``valid`` (B, N) tokens. The codebook's own step is
-        :meth:`step_codebook_`; the estimator is :meth:`estimate`. ``indices`` (B, N): codes chosen
-        elsewhere (a residual stack's beam search), used instead of this layer's own choice."""
+        lookup and the losses over ``valid`` (B, N) tokens. ``indices`` (B, N): codes chosen elsewhere (a
+        residual stack's beam search), used instead of this layer's own choice. ``token_codes`` (B, N, K,
+        codebook_dim): each token's own codebook (``codebook_transform_fn``) to take the nearest code from
+        instead. The codebook's own step is :meth:`step_codebook_`; the estimator is :meth:`estimate`."""
+        if token_codes is not None:
+            self._check_token_codes_losses()
         book = self._codebook
         zd = z.detach()
         book.prepare_(zd, valid, sync=should_sync(self.sync_codebook))
@@ -581,10 +718,15 @@ class VectorQuantize(QuantizerModule):
         if self.in_place_codebook_optimizer is not None:
             in_place = zd.new_zeros(()) if frozen else self._in_place_step(zd, valid, temperature)
         with codes_held(book):  # the codes in use (vq_bridge, affine_param) computed once
-            if indices is None:  # codes chosen elsewhere (a beam search) are kept
-                indices = self._choose_codes(zd, temperature)
-            q = book.lookup(indices)
-            train_codes = book.trained_by_gradient and not frozen
+            if token_codes is not None:
+                if indices is None:
+                    indices = _nearest_token_codes(zd, token_codes, cosine=self.use_cosine_sim)
+                q = _gather_token_codes(token_codes, indices)
+            else:
+                if indices is None:  # codes chosen elsewhere (a beam search) are kept
+                    indices = self._choose_codes(zd, temperature)
+                q = book.lookup(indices)
+            train_codes = self._trains_codes(freeze_codebook)
             total, terms = self.losses(z, q if train_codes else q.detach(), indices, book, valid)
         terms = {name: t.mean() for name, t in terms.items()}
         if in_place is not None:
@@ -693,19 +835,129 @@ class VectorQuantize(QuantizerModule):
     def estimate(
         self, z: Tensor, codes: Tensor, indices: Tensor, sample_codebook_temp: float | None = None
     ) -> Tensor:
-        """The estimator's output for books z and their chosen codes (equal to the codes, with the
-        estimator's gradient to z); the codes themselves when z carries no gradient."""
-        if not z.requires_grad:
-            return codes
-        estimator = self.estimator
-        if sample_codebook_temp is not None and isinstance(estimator, GumbelStraightThrough):
-            if sample_codebook_temp <= 0:  # no soft assignment at temperature 0: straight-through
-                return resolve_estimator("straight_through")(z, codes, indices, self._codebook)
-            estimator = dataclasses.replace(estimator, temperature=sample_codebook_temp)
-        return estimator(z, codes, indices, self._codebook)
+        """The training output for books z and their chosen codes: the estimator's (equal to the codes,
+        with the estimator's gradient to z), DiVeQ's ``directional_reparam(z, codes)``
+        (``directional_reparam=True``), or the codes themselves when z carries no gradient or
+        ``route_gradients_to_input=False``; then, with ``sync_update_v = v > 0``, the synchronized update
+        ``out + v * (out - sg(out))``. The codes reach the output's gradient only where they carry one
+        (the caller passes them detached otherwise)."""
+        if not z.requires_grad or not self.route_gradients_to_input:
+            out = codes
+        elif self.directional_reparam:
+            out = directional_reparam(z, codes, self.directional_reparam_variance)
+        else:
+            estimator = self.estimator
+            if sample_codebook_temp is not None and isinstance(estimator, GumbelStraightThrough):
+                if sample_codebook_temp <= 0:  # no soft assignment at temperature 0: straight-through
+                    estimator = resolve_estimator("straight_through")
+                else:
+                    estimator = dataclasses.replace(estimator, temperature=sample_codebook_temp)
+            out = estimator(z, codes, indices, self._codebook)
+        if self.sync_update_v > 0:
+            out = out + self.sync_update_v * (out - out.detach())
+        return out
 
     def _frozen(self, freeze_codebook: bool | None) -> bool:
         return self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
+
+    def _trains_codes(self, freeze_codebook: bool | None) -> bool:
+        """Whether this call's losses and output may carry a gradient to the codes."""
+        return self._codebook.trained_by_gradient and not self._frozen(freeze_codebook)
+
+    def _output_takes_codes(self, z: Tensor) -> bool:
+        """Whether the training output's gradient reaches the chosen codes themselves: no estimator runs
+        (z without gradient, ``route_gradients_to_input=False``) or DiVeQ's reparameterisation does."""
+        return not z.requires_grad or not self.route_gradients_to_input or self.directional_reparam
+
+    def _check_token_codes_losses(self) -> None:
+        given = [
+            name
+            for name, on in (
+                ("codebook_diversity_loss_weight > 0", self.codebook_diversity_loss_weight > 0),
+                ("commitment_use_cross_entropy_loss=True", self.commitment_use_cross_entropy_loss),
+            )
+            if on
+        ]
+        if given:
+            raise ValueError(
+                f"codebook_transform_fn is not supported in training with {' or '.join(given)} (those terms "
+                "are taken over the codebook's own codes); leave them off or call in eval mode"
+            )
+
+    def _token_codes(self, transform: Any, z: Tensor, freeze_codebook: bool | None) -> Tensor:
+        """``codebook_transform_fn(codes (B, K, d))`` -> per-token codebooks (B, N, K, d), l2-normalised
+        for cosine codebooks. The codes it sees carry their gradient when the codebook is trained by
+        gradient (a copy: the codebook's step rewrites them in place)."""
+        codes = self._codebook.codes
+        codes = codes.clone() if self._trains_codes(freeze_codebook) else codes.detach().clone()
+        out = transform(codes)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"codebook_transform_fn must return a tensor, got {type(out).__name__}")
+        books, tokens, dim = z.shape
+        size = codes.shape[1]
+        if (
+            out.ndim < 4
+            or out.shape[0] != books
+            or tuple(out.shape[-2:]) != (size, dim)
+            or (out.numel() != books * tokens * size * dim)
+        ):
+            raise ValueError(
+                f"codebook_transform_fn must map the codes {tuple(codes.shape)} to per-token codebooks "
+                f"({books}, batch, seq, {size}, {dim}) for {tokens} tokens, got shape {tuple(out.shape)}"
+            )
+        out = out.reshape(books, tokens, size, dim).to(z.dtype)
+        return l2norm(out) if self.use_cosine_sim else out
+
+    def _check_forward_options(
+        self, indices: Tensor | None, topk: int | None, codebook_transform_fn: Any
+    ) -> int | None:
+        """Checks of forward's ``indices`` / ``topk`` / ``codebook_transform_fn`` (before any state
+        changes); returns topk's k, clamped to the codebook size, or None."""
+        if codebook_transform_fn is not None:
+            if not callable(codebook_transform_fn):
+                raise TypeError(
+                    f"codebook_transform_fn must be callable, got {type(codebook_transform_fn).__name__}"
+                )
+            if self.heads > 1 and not self.separate_codebook_per_head:
+                raise ConfigurationError(
+                    f"codebook_transform_fn with heads={self.heads} needs separate_codebook_per_head=True "
+                    "(per-token codebooks of one shared codebook over heads are not supported)"
+                )
+            if self.training and indices is None:
+                self._check_token_codes_losses()
+        if topk is None:
+            return None
+        if indices is not None:
+            raise ValueError("pass either indices (the cross-entropy of given codes) or topk, not both")
+        if isinstance(topk, bool) or int(topk) != topk or int(topk) <= 0:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        if self.heads > 1:
+            raise ConfigurationError(
+                f"topk is supported with heads=1 only, got topk={topk} with heads={self.heads}"
+            )
+        if self.training and self.commitment_use_cross_entropy_loss:
+            raise ConfigurationError(
+                "topk is not supported in training with commitment_use_cross_entropy_loss=True "
+                "(the per-candidate loss is the commitment MSE): call it in eval mode or turn the option off"
+            )
+        if self.training and getattr(self, "in_place_codebook_optimizer", None) is not None:
+            raise ConfigurationError(
+                "topk is not supported in training with in_place_codebook_optimizer (the optimizer "
+                "step re-quantizes one code per token): call it in eval mode"
+            )
+        return min(int(topk), self.codebook_size)
+
+    def _target_books(self, indices: Tensor, b: int, n: int, book_valid: Tensor | None) -> Tensor:
+        """forward's ``indices`` (the output's index layout, -1 ignored) -> book targets (B, N), masked
+        tokens -1."""
+        target, _ = self._index_tokens(indices)
+        if tuple(target.shape[:2]) != (b, n):
+            raise ValueError(
+                f"indices must give one index per token of x ({b} x {n} tokens), "
+                f"got shape {tuple(indices.shape)}"
+            )
+        books = self.book_indices(target.long())
+        return books if book_valid is None else books.masked_fill(~book_valid, DROPPED_INDEX)
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(
@@ -733,22 +985,62 @@ class VectorQuantize(QuantizerModule):
         them (gradient accumulation). ``ema_update``: None, the module's; False, no EMA step this call (the
         usage counts of dead-code expiry still step); True, an EMA step also where ``ema_update=False`` was
         built (not for a codebook trained by gradient).
+
+        ``indices`` (shaped like the returned indices, -1 ignored): returns ``(quantized, loss)``, the
+        output of the nearest codes and the cross-entropy of the given indices under the distance logits;
+        no state changes. ``topk=k`` (heads=1): the k nearest codes per token, nearest first: quantized
+        ``(b, n, k, dim)``, indices ``(b, n, k)`` and loss ``(b, n, k)``, the per-candidate commitment MSE
+        (times commitment_weight when > 0; 0 at masked tokens; plus the other weighted terms in training);
+        no codebook step. ``codebook_transform_fn``: codes ``(books, K, cd)`` -> per-token codebooks
+        ``(books, b, n, K, cd)`` to quantize with (an implicit neural codebook).
         """
-        if indices is not None or topk is not None or codebook_transform_fn is not None:
-            raise ValueError("indices, topk and codebook_transform_fn are not supported yet")
         step_weight = self._ema_weight(ema_update_weight)  # checked before any state changes
         self._check_ema_call(ema_update, step_weight)
+        k = self._check_forward_options(indices, topk, codebook_transform_fn)
         tokens, spatial = self.layout.to_tokens(x)
         b, n = tokens.shape[0], tokens.shape[1]
         valid = token_mask(self.layout, b, n, spatial, mask, lens)
         book_valid = None if valid is None else self.book_mask(valid)
+        target = None if indices is None else self._target_books(indices, b, n, book_valid)
         z = self.to_books(zero_padding(tokens, valid))
+        token_codes = None
+        if codebook_transform_fn is not None:
+            if self.training and target is None:  # k-means first: the transform sees this batch's codes
+                self._codebook.prepare_(z.detach(), book_valid, sync=should_sync(self.sync_codebook))
+            token_codes = self._token_codes(codebook_transform_fn, z, freeze_codebook)
+        if target is not None:
+            return self._cross_entropy_forward(
+                x, tokens, spatial, valid, z, target, token_codes, freeze_codebook, sample_codebook_temp
+            )
+        if k is not None:
+            return self._topk_forward(
+                x,
+                tokens,
+                spatial,
+                valid,
+                z,
+                k,
+                token_codes,
+                freeze_codebook,
+                sample_codebook_temp,
+                return_loss_breakdown,
+            )
 
         if self.training:
             step = self.quantize_books(
-                z, book_valid, sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook
+                z,
+                book_valid,
+                sample_codebook_temp=sample_codebook_temp,
+                freeze_codebook=freeze_codebook,
+                token_codes=token_codes,
             )
-            q = self.estimate(z, step.codes, step.indices, sample_codebook_temp)
+            codes = step.codes
+            if self._output_takes_codes(z):
+                if token_codes is not None:
+                    codes = _gather_token_codes(token_codes, step.indices)
+                elif self._trains_codes(freeze_codebook):
+                    codes = self._codebook.lookup(step.indices)
+            q = self.estimate(z, codes, step.indices, sample_codebook_temp)
             self.step_codebook_(
                 z,
                 step.indices,
@@ -764,32 +1056,175 @@ class VectorQuantize(QuantizerModule):
             out = self.from_books(q, b, n)
             loss, terms = step.loss, step.terms
         else:
-            with codes_held(self._codebook):  # the codes in use (vq_bridge, affine_param) computed once
-                indices = self._codebook.nearest(z)
+            if token_codes is not None:
+                indices = _nearest_token_codes(z.detach(), token_codes, cosine=self.use_cosine_sim)
+                out = self.from_books(_gather_token_codes(token_codes, indices), b, n)
                 if book_valid is not None:
                     indices = indices.masked_fill(~book_valid, DROPPED_INDEX)
-                    out = self._decode_books(indices, b, n)
-                else:  # no -1 to handle: skip decode's two masked copies (same values)
-                    out = self.from_books(self._codebook.lookup(indices), b, n)
+            else:
+                with codes_held(self._codebook):  # the codes in use (vq_bridge, affine_param) computed once
+                    indices = self._codebook.nearest(z)
+                    if book_valid is not None:
+                        indices = indices.masked_fill(~book_valid, DROPPED_INDEX)
+                        out = self._decode_books(indices, b, n)
+                    else:  # no -1 to handle: skip decode's two masked copies (same values)
+                        out = self.from_books(self._codebook.lookup(indices), b, n)
             loss = torch.zeros((), device=x.device)
             terms = dict.fromkeys(self.losses.names, loss)
             if self.in_place_codebook_optimizer is not None:
                 terms[INPLACE_OPTIMIZE] = loss
 
+        quantized = self._output(out, tokens, valid, spatial, x.dtype)
+        indices = self.layout.indices_from_tokens(self.token_indices(indices, b, n), spatial)
+        if return_loss_breakdown:
+            return VQOutputWithBreakdown(quantized, indices, loss, self._breakdown(terms))
+        return VQOutput(quantized, indices, loss)
+
+    def _output(
+        self, out: Tensor, tokens: Tensor, valid: Tensor | None, spatial: tuple, dtype: torch.dtype
+    ) -> Tensor:
+        """Output tokens (b, n, dim), or candidates (b, n, k, dim) -> the input's layout (candidates on
+        the axis after the positions, channel-first layouts: ``(b, dim, *spatial, k)``); masked tokens
+        zero or the input (``return_zeros_for_masked_padding``)."""
+        candidates = out.ndim == 4
         if valid is not None:
+            keep = valid.unsqueeze(-1)
+            if candidates:
+                keep, tokens = keep.unsqueeze(-1), tokens.unsqueeze(2)
             fill = (
                 torch.zeros((), dtype=out.dtype, device=out.device)
                 if self.return_zeros_for_masked_padding
                 else tokens
             )
-            out = torch.where(valid.unsqueeze(-1), out, fill)
-        quantized = self.layout.from_tokens(out.to(x.dtype), spatial)
-        indices = self.layout.indices_from_tokens(self.token_indices(indices, b, n), spatial)
-        if return_loss_breakdown:
-            commitment, orthogonal = terms.pop(CommitmentLoss.name), terms.pop(OrthogonalLoss.name)
-            return VQOutputWithBreakdown(
-                quantized, indices, loss, VQLossBreakdown(commitment, orthogonal, terms)
+            out = torch.where(keep, out, fill)
+        out = out.to(dtype)
+        if candidates and self.layout.channel_first:
+            return out.permute(0, 3, 1, 2).reshape(out.shape[0], out.shape[-1], *spatial, out.shape[2])
+        return self.layout.from_tokens(out, spatial)
+
+    def _breakdown(self, terms: dict[str, Tensor]) -> VQLossBreakdown:
+        """The loss terms by name -> the breakdown (its four fields, ``inplace_optimize`` zero unless given;
+        the rest are ``extra``)."""
+        terms = dict(terms)
+        commitment = terms.pop(self.commitment_loss_name)
+        inplace = terms.pop("inplace_optimize", None)
+        return VQLossBreakdown.of(
+            commitment,
+            terms.pop(CodebookDiversityLoss.name),
+            terms.pop(OrthogonalLoss.name),
+            commitment.new_zeros(()) if inplace is None else inplace,
+            terms,
+        )
+
+    def _cross_entropy_forward(
+        self,
+        x: Tensor,
+        tokens: Tensor,
+        spatial: tuple,
+        valid: Tensor | None,
+        z: Tensor,
+        target: Tensor,
+        token_codes: Tensor | None,
+        freeze_codebook: bool | None,
+        sample_codebook_temp: float | None,
+    ) -> VQCrossEntropyOutput:
+        """``forward(x, indices=...)``: the nearest codes' output (through the estimator in training) and
+        the cross-entropy of ``target`` (B, N); no k-means, no codebook step."""
+        b, n = tokens.shape[0], tokens.shape[1]
+        book, cosine = self._codebook, self.use_cosine_sim
+        train_codes = self._trains_codes(freeze_codebook)
+        with float32_region(z.device.type):
+            if token_codes is not None:
+                chosen = _nearest_token_codes(z.detach(), token_codes, cosine=cosine)
+                codes = _gather_token_codes(token_codes, chosen)
+                logits = _token_similarity(z, token_codes, cosine=cosine)
+                per_token = nn.functional.cross_entropy(
+                    logits.transpose(1, 2), target, ignore_index=DROPPED_INDEX, reduction="none"
+                )
+                loss = per_token.sum() / (target >= 0).sum().clamp(min=1)
+            else:
+                chosen = book.nearest(z.detach())
+                codes = book.lookup(chosen)
+                table = book.codes if train_codes else book.codes.detach()
+                loss = code_cross_entropy(z, table, target, cosine=cosine)
+        if self.training:
+            if not (self._output_takes_codes(z) and (train_codes or token_codes is not None)):
+                codes = codes.detach()
+            codes = self.estimate(z, codes, chosen, sample_codebook_temp)
+        quantized = self._output(self.from_books(codes, b, n), tokens, valid, spatial, x.dtype)
+        return VQCrossEntropyOutput(quantized, loss)
+
+    def _topk_forward(
+        self,
+        x: Tensor,
+        tokens: Tensor,
+        spatial: tuple,
+        valid: Tensor | None,
+        z: Tensor,
+        k: int,
+        token_codes: Tensor | None,
+        freeze_codebook: bool | None,
+        sample_codebook_temp: float | None,
+        return_loss_breakdown: bool,
+    ):
+        """``forward(x, topk=k)`` (one head: books (1, b*n, cd)): the k nearest codes of every token, their
+        outputs (the estimator applied to each candidate in training), indices and per-candidate commitment
+        MSE; k-means in training, no codebook step (replay the chosen indices with the codebook's update)."""
+        b, n = tokens.shape[0], tokens.shape[1]
+        book = self._codebook
+        zd = z.detach()
+        book_valid = None if valid is None else self.book_mask(valid)
+        if token_codes is None:
+            if self.training:
+                book.prepare_(zd, book_valid, sync=should_sync(self.sync_codebook))
+            candidates, _ = nearest_k(zd, book.codes.detach(), k, cosine=self.use_cosine_sim)
+            codes = book.lookup(candidates.reshape(1, -1)).reshape(*candidates.shape, -1)
+        else:
+            candidates = _nearest_token_codes(zd, token_codes, cosine=self.use_cosine_sim, k=k)
+            codes = _gather_token_codes(token_codes, candidates)
+        train_codes = self._trains_codes(freeze_codebook)
+        z_candidates = z.unsqueeze(2).expand_as(codes)
+        per_candidate = (z_candidates - (codes if train_codes else codes.detach())).pow(2).mean(-1)
+        if book_valid is not None:
+            per_candidate = per_candidate.masked_fill(~book_valid.unsqueeze(-1), 0.0)
+        weight = self.commitment_weight if self.has_commitment_loss else 1.0
+        loss = per_candidate * weight
+        zero = torch.zeros((), device=x.device)
+        terms = dict.fromkeys(self.losses.names, zero)
+        if self.training:
+            gradient = self._output_takes_codes(z) and (train_codes or token_codes is not None)
+            flat = candidates.reshape(1, -1)
+            q = self.estimate(
+                z_candidates.reshape(1, -1, z.shape[-1]),
+                (codes if gradient else codes.detach()).reshape(1, -1, z.shape[-1]),
+                flat,
+                sample_codebook_temp,
             )
+            nearest_codes = codes[:, :, 0]
+            others, parts = self.losses(
+                z,
+                nearest_codes if train_codes else nearest_codes.detach(),
+                candidates[:, :, 0],
+                book,
+                book_valid,
+                skip=(self.commitment_loss_name,),
+            )
+            loss = loss + others.mean()  # the scalar terms on every candidate, as the reference
+            terms = {name: part.mean() for name, part in parts.items()}
+        else:
+            q = codes
+        if book_valid is not None:
+            candidates = candidates.masked_fill(~book_valid.unsqueeze(-1), DROPPED_INDEX)
+        out = self.from_books(q.reshape(1, -1, q.shape[-1]), b, n * k).reshape(b, n, k, -1)
+        quantized = self._output(out, tokens, valid, spatial, x.dtype)
+
+        def layout(t: Tensor) -> Tensor:
+            return self.layout.indices_from_tokens(t.reshape(b, n, k), spatial)
+
+        indices, loss = layout(candidates), layout(loss)
+        if return_loss_breakdown:
+            terms[self.commitment_loss_name] = layout(per_candidate)
+            return VQOutputWithBreakdown(quantized, indices, loss, self._breakdown(terms))
         return VQOutput(quantized, indices, loss)
 
     def _ema_weight(self, weight: StepWeight | None) -> StepWeight | None:
@@ -907,6 +1342,38 @@ class VectorQuantize(QuantizerModule):
             f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
             f"heads={self.heads}, layout={self.layout.kind}, estimator={self.estimator.name}"
         )
+
+
+def _token_scores(z: Tensor, token_codes: Tensor, *, cosine: bool) -> Tensor:
+    """Scores (B, N, K), lower is nearer, of books z (B, N, d) against per-token codebooks (B, N, K, d):
+    squared distances, or ``-z . c`` for cosine codebooks."""
+    if cosine:
+        return -torch.einsum("bnd,bnkd->bnk", z, token_codes)
+    return (token_codes - z.unsqueeze(2)).pow(2).sum(-1)
+
+
+def _token_similarity(z: Tensor, token_codes: Tensor, *, cosine: bool) -> Tensor:
+    """Differentiable similarities (B, N, K) to per-token codebooks: ``-||z - c||`` or ``z . c``."""
+    scores = _token_scores(z, token_codes, cosine=cosine)
+    return -scores if cosine else -scores.clamp(min=1e-12).sqrt()
+
+
+def _nearest_token_codes(z: Tensor, token_codes: Tensor, *, cosine: bool, k: int | None = None) -> Tensor:
+    """The nearest code of every token in its own codebook: (B, N); with ``k``, the k nearest, nearest
+    first: (B, N, k)."""
+    with torch.no_grad():
+        scores = _token_scores(z.detach(), token_codes.detach(), cosine=cosine)
+        if k is None:
+            return scores.argmin(-1)
+        return scores.topk(k, -1, largest=False, sorted=True).indices
+
+
+def _gather_token_codes(token_codes: Tensor, indices: Tensor) -> Tensor:
+    """Per-token codebooks (B, N, K, d) at indices (B, N) -> (B, N, d), or (B, N, k) -> (B, N, k, d)."""
+    single = indices.ndim == 2
+    where = indices.unsqueeze(-1) if single else indices
+    out = token_codes.gather(2, where.unsqueeze(-1).expand(*where.shape, token_codes.shape[-1]))
+    return out.squeeze(2) if single else out
 
 
 @hookimpl

@@ -187,17 +187,18 @@ def test_reference_kwargs_roundtrip_config():
     "make, match",
     [
         (
-            lambda: vqp.VectorQuantize(
+            lambda: vqp.ResidualVQ(
                 dim=8,
                 codebook_size=16,
-                directional_reparam=True,
-                rotation_trick=False,
-                threshold_ema_dead_code=1,
+                num_quantizers=2,
+                sync_update_v=0.5,
+                learnable_codebook=True,
+                ema_update=False,
             ),
-            "directional_reparam",
+            "sync_update_v",
         ),
     ],
-    ids=["directional_reparam"],
+    ids=["rvq_layer_sync_update_v"],
 )
 def test_unsupported_option_raises(make, match):
     with pytest.raises(ValueError, match=match):
@@ -205,7 +206,14 @@ def test_unsupported_option_raises(make, match):
 
 
 def test_training_only_option_needs_opt_in():
-    ref = vqp.VectorQuantize(dim=8, codebook_size=16, codebook_diversity_loss_weight=0.5)
+    ref = vqp.ResidualVQ(
+        dim=8,
+        codebook_size=16,
+        num_quantizers=2,
+        sync_update_v=0.5,
+        learnable_codebook=True,
+        ema_update=False,
+    )
     with pytest.raises(ValueError, match="allow_training_differences"):
         from_reference(ref)
     mine = from_reference(ref, allow_training_differences=True).eval()

@@ -17,8 +17,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from vqcore.blocks.distance import l2norm, similarity
+from vqcore.blocks.distance import DEFAULT_CHUNK_BYTES, l2norm, similarity
+from vqcore.blocks.entropy import entropy
 from vqcore.blocks.precision import float32_region
 from vqcore.protocols import Codebook, Loss
 
@@ -42,7 +44,7 @@ def masked_mse(x: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
 
 def code_cross_entropy(x: Tensor, codes: Tensor, target: Tensor, *, cosine: bool) -> Tensor:
     """Cross-entropy of the target codes under ``softmax(similarity(x, codes))``: 0-dim, the mean over the
-    tokens whose target is not -1 (ignored), all books together.
+    tokens whose target is not -1 (ignored), all books together (0 when all are ignored).
 
     x (B, N, d), codes (B, K, d), target (B, N) int64. The logits are
     :func:`vqcore.blocks.distance.similarity`: ``-||x - c||`` (Euclidean) or ``x . c`` (cosine), so the loss
@@ -50,7 +52,36 @@ def code_cross_entropy(x: Tensor, codes: Tensor, target: Tensor, *, cosine: bool
     vector-quantize-pytorch's cross-entropy commitment loss). Builds one (B, N, K) logits tensor.
     """
     logits = similarity(x, codes, cosine=cosine)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1)
+    flat = target.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-1, reduction="sum")
+    return total / (flat >= 0).sum().clamp(min=1)  # 0, not NaN, when every target is ignored
+
+
+def book_cross_entropy(x: Tensor, codes: Tensor, target: Tensor, *, cosine: bool) -> Tensor:
+    """:func:`code_cross_entropy` per book: (B,), each book's mean over its tokens whose target is not -1
+    (0 for a book without any)."""
+    logits = similarity(x, codes, cosine=cosine)
+    per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-1, reduction="none")
+    count = (target >= 0).sum(-1).to(per_token.dtype)
+    return per_token.sum(-1) / count.clamp(min=1)
+
+
+def _loss_codes(codebook: Codebook | None, q: Tensor, loss: str) -> tuple[Tensor, bool]:
+    """The codebook's codes (B, K, d) for a loss over distances, and whether they are compared by cosine:
+    a copy (the codebook's step rewrites its codes in place after the losses are taken) that carries the
+    gradient to the codes when ``q`` does (a gradient-trained codebook that is not frozen, see
+    :class:`vqcore.protocols.Loss`)."""
+    if codebook is None:
+        raise ValueError(f"the {loss} loss needs the quantizer's codebook")
+    codes = codebook.codes
+    return (codes.clone() if q.requires_grad else codes.detach().clone()), bool(codebook.cosine)
+
+
+def _zero_masked(x: Tensor, valid: Tensor | None) -> Tensor:
+    """x with masked tokens set to 0, so that padding (even NaN) reaches neither a value nor a gradient."""
+    if valid is None:
+        return x
+    return torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,77 @@ class CodebookLoss:
         self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
     ) -> Tensor:
         return masked_mse(x.detach(), q, valid)
+
+
+@dataclass(frozen=True)
+class CrossEntropyCommitmentLoss:
+    """Cross-entropy of the chosen codes under ``softmax(similarity(x, codes))`` over valid tokens
+    (:func:`book_cross_entropy`; ``-||x - c||`` or ``x . c`` for cosine codebooks): pulls x towards its
+    code and away from the others. A commitment term (vector-quantize-pytorch's
+    ``commitment_use_cross_entropy_loss``); the codes learn from it too when the codebook is trained by
+    gradient. Builds one (B, N, K) logits tensor."""
+
+    name: ClassVar[str] = "cross_entropy_commitment"
+
+    def __call__(
+        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
+    ) -> Tensor:
+        codes, cosine = _loss_codes(codebook, q, self.name)
+        target = indices if valid is None else indices.masked_fill(~valid, -1)
+        with float32_region(x.device.type):
+            return book_cross_entropy(_zero_masked(x, valid), codes, target, cosine=cosine)
+
+
+@dataclass(frozen=True)
+class CodebookDiversityLoss:
+    """Negative entropy of the mean code distribution: ``-H(mean_n softmax(temperature * similarity(x_n,
+    codes)))`` per book, the mean over its valid tokens (similarity ``-||x - c||``, or ``x . c`` for
+    cosine codebooks). Minimising it spreads the batch over the codes.
+
+    The entropy is exact (``0 log 0 = 0``). The (tokens x codes) probabilities are summed in chunks whose
+    block stays under ``chunk_bytes``; when there is more than one chunk and a gradient to take, each chunk
+    is recomputed in the backward pass instead of kept (activation checkpointing), so the memory stays one
+    chunk's. Computed in float32 whatever the autocast context.
+    """
+
+    temperature: float = 100.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    name: ClassVar[str] = "codebook_diversity"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(
+                f"the codebook diversity temperature must be a finite number > 0, got {self.temperature}"
+            )
+
+    def __call__(
+        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
+    ) -> Tensor:
+        codes, cosine = _loss_codes(codebook, q, self.name)
+        books, tokens, size = x.shape[0], x.shape[1], codes.shape[1]
+        weights = None if valid is None else valid.to(x.dtype)
+        chunk = max(1, self.chunk_bytes // (4 * books * size))
+        recompute = tokens > chunk and (x.requires_grad or codes.requires_grad)
+        with float32_region(x.device.type):
+            x = _zero_masked(x, valid)
+            total = x.new_zeros(books, size)
+            for start in range(0, tokens, chunk):
+                part = x[:, start : start + chunk]
+                w = None if weights is None else weights[:, start : start + chunk]
+                if recompute:
+                    summed = checkpoint(self._probability_sum, part, codes, w, cosine, use_reentrant=False)
+                else:
+                    summed = self._probability_sum(part, codes, w, cosine)
+                total = total + summed
+            count = x.new_full((books,), tokens) if weights is None else weights.sum(-1)
+            return -entropy(total / count.clamp(min=1).unsqueeze(-1))
+
+    def _probability_sum(self, x: Tensor, codes: Tensor, weights: Tensor | None, cosine: bool) -> Tensor:
+        """Sum over the tokens of x (B, n, d) of their code distributions: (B, K)."""
+        prob = torch.softmax(similarity(x, codes, cosine=cosine) * self.temperature, dim=-1)
+        if weights is not None:
+            prob = prob * weights.unsqueeze(-1)
+        return prob.sum(1)
 
 
 @dataclass(frozen=True)
@@ -141,12 +243,19 @@ class WeightedLosses(nn.Module):
         return tuple(loss.name for loss, _ in self.pairs)
 
     def forward(
-        self, x: Tensor, q: Tensor, indices: Tensor, codebook: Codebook | None, valid: Tensor | None
+        self,
+        x: Tensor,
+        q: Tensor,
+        indices: Tensor,
+        codebook: Codebook | None,
+        valid: Tensor | None,
+        skip: Iterable[str] = (),
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``skip``: names of terms not to compute here (reported as zeros, left out of the total)."""
         zeros = x.new_zeros(x.shape[0])
         total, terms = zeros, {}
         for loss, weight in self.pairs:
-            if weight == 0:
+            if weight == 0 or loss.name in skip:
                 terms[loss.name] = zeros
                 continue
             term = loss(x, q, indices, codebook, valid)
