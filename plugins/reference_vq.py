@@ -52,11 +52,6 @@ VQ_ESTIMATOR_AND_LOSS_OPTIONS = (
     ("route_gradients_to_input", True),
     ("sync_update_v", 0.0),
 )
-# Of those, the ones that change a layer's output (its estimator), which vqcore's ResidualVQ does not take
-# from its layers: refused there.
-RVQ_LAYER_UNSUPPORTED = UnsupportedOptions(
-    train=(("directional_reparam", False), ("route_gradients_to_input", True), ("sync_update_v", 0.0))
-)
 CODEBOOK_UNSUPPORTED = UnsupportedOptions()
 RVQ_UNSUPPORTED = UnsupportedOptions(eval=(("implicit_neural_codebook", False),))
 
@@ -260,7 +255,7 @@ class ResidualVQConverter:
         what = type(ref).__name__
         layers = list(ref.layers)
         layer = layers[0]
-        findings = RVQ_UNSUPPORTED.findings(ref) + RVQ_LAYER_UNSUPPORTED.findings(layer)
+        findings = RVQ_UNSUPPORTED.findings(ref)
         raise_unsupported(findings, allow_training_differences, what)
         if any(bool(getattr(lay, "has_projections", False)) for lay in layers):
             raise ValueError(

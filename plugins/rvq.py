@@ -545,11 +545,7 @@ class ResidualVQ(QuantizerModule):
         # with the straight-through estimator and no normalisation, the sum of the layer outputs of a detached
         # chain is sum(codes) + kept * (z - sg(z)): the same values and gradient, without Q estimator graphs
         # (with quant_grad_frac the residual of layer q carries (1 - frac)^q of that gradient)
-        fused = (
-            getattr(first.estimator, "identity_gradient", False)
-            and not first.use_cosine_sim
-            and not self.diveq
-        )
+        fused = first.straight_through_output and not first.use_cosine_sim and not self.diveq
         residual, total = z, None
         indices, losses, codes, seen = [], [], [], []
         for q, layer in enumerate(self.layers):
@@ -574,7 +570,16 @@ class ResidualVQ(QuantizerModule):
             if self.diveq:
                 out = self._diveq_codes(layer, step.indices, book_valid, freeze)
             else:
-                out = code if fused else layer.estimate(zq, code, step.indices, temperature)
+                out = (
+                    code
+                    if fused
+                    else layer.estimate(
+                        zq,
+                        self._output_codes(layer, zq, code, step.indices, book_valid, freeze),
+                        step.indices,
+                        temperature,
+                    )
+                )
             if self.shared_codebook:
                 seen.append((zq, step.indices))
             else:
@@ -700,6 +705,21 @@ class ResidualVQ(QuantizerModule):
             out = torch.where(valid.unsqueeze(-1), out, fill)
         return out, ce
 
+    @staticmethod
+    def _output_codes(
+        layer: VectorQuantize,
+        zq: Tensor,
+        code: Tensor,
+        idx: Tensor,
+        book_valid: Tensor | None,
+        freeze: bool | None,
+    ) -> Tensor:
+        """A layer's :meth:`VectorQuantize.output_codes`, zero at padding like ``code``."""
+        out = layer.output_codes(zq, code, idx, freeze)
+        if out is not code and book_valid is not None:
+            out = out.masked_fill(~book_valid.unsqueeze(-1), 0.0)
+        return out
+
     # -- export ------------------------------------------------------------------------------------
     def token_ties(self, tokens: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
         """Features (b, n, dim) and token indices a, b (b, n, Q) -> ok (b, n, Q): per token, the layers
@@ -801,6 +821,11 @@ class GroupedResidualVQ(GroupedStacks[ResidualVQ]):
         )
         super().__init__(dim, groups, lambda group_dim: ResidualVQ(group_dim, **rvq_kwargs))
         self.layout = layout
+
+    @property
+    def split_dim(self) -> int:
+        """The input's feature axis the groups split: 1 for channel-first layouts, else -1."""
+        return 1 if self.layout.channel_first else -1
 
     def forward(
         self,

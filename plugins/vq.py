@@ -94,6 +94,7 @@ from vqcore.blocks.losses import (
     code_cross_entropy,
     extra_loss_pairs,
     masked_mse,
+    orthogonal_error,
 )
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
@@ -558,6 +559,12 @@ class VectorQuantize(QuantizerModule):
 
     # -- properties --------------------------------------------------------------------------------
     @property
+    def ema_update(self) -> bool:
+        """Whether training steps move the codes by EMA (False for codebooks trained by gradient and for
+        codebooks that are not EMA codebooks)."""
+        return bool(getattr(self._codebook, "ema", False))
+
+    @property
     def codebook_module(self) -> Codebook:
         """The :class:`~vqcore.protocols.Codebook` object: its ``parameters()`` are the trainable
         codebook parameters (for the built-ins, ``codes`` is the ``(books, K, codebook_dim)`` tensor whose
@@ -864,6 +871,30 @@ class VectorQuantize(QuantizerModule):
         """Whether this call's losses and output may carry a gradient to the codes."""
         return self._codebook.trained_by_gradient and not self._frozen(freeze_codebook)
 
+    @property
+    def straight_through_output(self) -> bool:
+        """Whether a training output is the chosen codes with the identity gradient to the input (the
+        straight-through estimator, without DiVeQ, ``route_gradients_to_input=False`` or ``sync_update_v``):
+        residual stacks then add the codes of all layers and one straight-through term."""
+        identity = bool(getattr(self.estimator, "identity_gradient", False))
+        return (
+            identity
+            and self.route_gradients_to_input
+            and not self.directional_reparam
+            and not self.sync_update_v
+        )
+
+    def output_codes(
+        self, z: Tensor, codes: Tensor, indices: Tensor, freeze_codebook: bool | None = None
+    ) -> Tensor:
+        """The codes a training output of books z is built from (the input of :meth:`estimate`): ``codes``
+        (detached, as :meth:`quantize_books` gives them), or their lookup with the codebook's gradient where
+        the output's gradient reaches the codes themselves (no estimator runs, or DiVeQ's) and the codebook
+        is trained by gradient."""
+        if self._output_takes_codes(z) and self._trains_codes(freeze_codebook):
+            return self._codebook.lookup(indices)
+        return codes
+
     def _output_takes_codes(self, z: Tensor) -> bool:
         """Whether the training output's gradient reaches the chosen codes themselves: no estimator runs
         (z without gradient, ``route_gradients_to_input=False``) or DiVeQ's reparameterisation does."""
@@ -1034,12 +1065,10 @@ class VectorQuantize(QuantizerModule):
                 freeze_codebook=freeze_codebook,
                 token_codes=token_codes,
             )
-            codes = step.codes
-            if self._output_takes_codes(z):
-                if token_codes is not None:
-                    codes = _gather_token_codes(token_codes, step.indices)
-                elif self._trains_codes(freeze_codebook):
-                    codes = self._codebook.lookup(step.indices)
+            if token_codes is not None and self._output_takes_codes(z):
+                codes = _gather_token_codes(token_codes, step.indices)
+            else:
+                codes = self.output_codes(z, step.codes, step.indices, freeze_codebook)
             q = self.estimate(z, codes, step.indices, sample_codebook_temp)
             self.step_codebook_(
                 z,
@@ -1374,6 +1403,12 @@ def _gather_token_codes(token_codes: Tensor, indices: Tensor) -> Tensor:
     where = indices.unsqueeze(-1) if single else indices
     out = token_codes.gather(2, where.unsqueeze(-1).expand(*where.shape, token_codes.shape[-1]))
     return out.squeeze(2) if single else out
+
+
+def orthogonal_loss_fn(t: Tensor) -> Tensor:
+    """The orthogonal regulariser of codes ``t`` (books, n, d), 0-dim: the mean over books of
+    :func:`vqcore.blocks.losses.orthogonal_error` (vector-quantize-pytorch's helper of the same name)."""
+    return orthogonal_error(t).mean()
 
 
 @hookimpl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -187,18 +188,11 @@ def test_reference_kwargs_roundtrip_config():
     "make, match",
     [
         (
-            lambda: vqp.ResidualVQ(
-                dim=8,
-                codebook_size=16,
-                num_quantizers=2,
-                sync_update_v=0.5,
-                learnable_codebook=True,
-                ema_update=False,
-            ),
-            "sync_update_v",
+            lambda: vqp.ResidualVQ(dim=8, codebook_size=16, num_quantizers=2, implicit_neural_codebook=True),
+            "implicit_neural_codebook",
         ),
     ],
-    ids=["rvq_layer_sync_update_v"],
+    ids=["implicit_neural_codebook"],
 )
 def test_unsupported_option_raises(make, match):
     with pytest.raises(ValueError, match=match):
@@ -206,13 +200,15 @@ def test_unsupported_option_raises(make, match):
 
 
 def test_training_only_option_needs_opt_in():
+    # vqcore refuses an in-place optimizer on a codebook shared by every layer (the reference never steps it)
     ref = vqp.ResidualVQ(
         dim=8,
         codebook_size=16,
         num_quantizers=2,
-        sync_update_v=0.5,
+        shared_codebook=True,
         learnable_codebook=True,
         ema_update=False,
+        in_place_codebook_optimizer=functools.partial(torch.optim.SGD, lr=0.1),
     )
     with pytest.raises(ValueError, match="allow_training_differences"):
         from_reference(ref)

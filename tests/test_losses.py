@@ -176,3 +176,23 @@ def test_code_cross_entropy_is_the_mean_over_non_ignored_targets_of_distance_log
     keep = target >= 0
     expected = torch.nn.functional.cross_entropy(logits[keep], target[keep])
     torch.testing.assert_close(cos, expected)
+
+
+def test_orthogonal_error_counts_a_zero_code_as_an_error_not_a_bonus():
+    from vqcore.blocks.losses import orthogonal_error
+    from vqcore.plugins.vq import orthogonal_loss_fn
+
+    # one zero code among orthonormal ones: its normalised vector is 0, so its diagonal entry misses 1
+    codes = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    assert torch.allclose(orthogonal_error(codes), torch.tensor([1 / 9]))
+    # orthonormal codes: 0; equal codes: every off-diagonal pair counts 1
+    assert float(orthogonal_error(torch.eye(3).unsqueeze(0))) == 0.0
+    same = torch.ones(1, 2, 2)
+    assert torch.allclose(orthogonal_error(same), torch.tensor([2 / 4]))
+    # nonzero codes: the classic form sum((C C^T)^2) / n^2 - 1/n
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(2, 5, 3, generator=g)
+    normed = torch.nn.functional.normalize(c, dim=-1)
+    classic = (normed @ normed.transpose(1, 2)).pow(2).sum((1, 2)) / 25 - 1 / 5
+    torch.testing.assert_close(orthogonal_error(c), classic)
+    torch.testing.assert_close(orthogonal_loss_fn(c), classic.mean())

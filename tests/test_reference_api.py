@@ -28,7 +28,9 @@ REQUIRED = object()
 
 # the reference's module-level helpers -> where vqcore has them
 HELPERS = {
-    "vector_quantize_pytorch.vector_quantize_pytorch:orthogonal_loss_fn": "vqcore.plugins.vq:orthogonal_loss_fn"
+    "vector_quantize_pytorch.vector_quantize_pytorch:orthogonal_loss_fn": (
+        "vqcore.plugins.vq:orthogonal_loss_fn"
+    )
 }
 
 # (class, method, argument) -> why vqcore's default differs
@@ -53,6 +55,8 @@ DIFFERENT_DEFAULTS = {
     ): "None uses the forward's epsilon, so that decoding equals the forward",
     ("VectorQuantize", "__init__", "rotation_trick"): "vqcore's default estimator is straight-through; "
     "rotation_trick=True opts in (plugins/vq.py)",
+    ("HierarchicalVQ", "sample_nested_cutoff", "device"): "optional: the draw is made on the CPU unless told",
+    ("SimVQ", "__init__", "init_fn"): "None means the identity (a config records no function)",
     ("ResidualVQ", "forward", "freeze_codebook"): "None means the layers' own freeze_codebook setting",
     ("GroupedResidualVQ", "forward", "freeze_codebook"): "None means the layers' own freeze_codebook setting",
 }

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers import snapshot
 
-from vqcore import GroupedResidualVQ, ResidualVQ
+from vqcore import GroupedResidualVQ, ResidualVQ, VectorQuantize
 from vqcore.blocks.estimators import directional_reparam, resolve_estimator
 from vqcore.errors import ConfigurationError
 
@@ -319,3 +319,37 @@ def test_converter_carries_diveq():
     x = torch.randn(2, 10, 8)
     ref.eval(), ours.eval()
     assert torch.equal(ref.get_output_from_indices(ours.encode(x)), ours.decode(ours.encode(x)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"sync_update_v": 0.5},
+        {"route_gradients_to_input": False},
+        {"directional_reparam": True, "threshold_ema_dead_code": 1, "directional_reparam_variance": 0.0},
+    ],
+    ids=["sync_update_v", "no_route_to_input", "directional_reparam"],
+)
+def test_layer_output_options_reach_the_layers_as_in_a_vector_quantize(options):
+    """A one-layer ResidualVQ with a layer option that changes the output's gradient gives the values and
+    gradients of the VectorQuantize with that option (the stack does not fuse such layers)."""
+    kwargs = {"learnable_codebook": True, "ema_update": False, **options}
+    rvq = ResidualVQ(dim=4, num_quantizers=1, codebook_size=8, **kwargs).train()
+    vq = VectorQuantize(dim=4, codebook_size=8, **kwargs).train()
+    vq.codebook_module.embed.data.copy_(rvq.layers[0].codebook_module.embed.data)
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, idx_r, _ = rvq(xa)
+    out_v, idx_v, _ = vq(xb)
+    assert torch.equal(idx_r[..., 0], idx_v)
+    torch.testing.assert_close(out_r, out_v)
+    weights = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(1))
+    (out_r * weights).sum().backward()
+    (out_v * weights).sum().backward()
+    torch.testing.assert_close(
+        rvq.layers[0].codebook_module.embed.grad, vq.codebook_module.embed.grad, rtol=1e-5, atol=1e-6
+    )
+    if xa.grad is None:
+        assert xb.grad is None
+    else:
+        torch.testing.assert_close(xa.grad, xb.grad)

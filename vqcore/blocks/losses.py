@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vqcore.blocks.distance import DEFAULT_CHUNK_BYTES, l2norm, similarity
+from vqcore.blocks.distance import DEFAULT_CHUNK_BYTES, similarity
 from vqcore.blocks.entropy import entropy
 from vqcore.blocks.precision import float32_region
 from vqcore.protocols import Codebook, Loss
@@ -184,13 +184,26 @@ class CodebookDiversityLoss:
         return prob.sum(1)
 
 
+def orthogonal_error(codes: Tensor) -> Tensor:
+    """Per book, ``mean (Ĉ Ĉᵀ - I)²`` over the n x n pairs of codes (B, n, d) -> (B,): 0 when the codes
+    are orthonormal after normalisation; Ĉ the codes scaled to unit length (``F.normalize``, eps 1e-6).
+
+    For nonzero codes this is ``Σ (Ĉ Ĉᵀ)² / n² - 1/n``; a zero code (whose normalised vector is zero, not
+    unit) counts as an error of 1 on the diagonal instead of lowering the loss below 0.
+    """
+    normed = F.normalize(codes, dim=-1, eps=1e-6)
+    gram = normed @ normed.transpose(-1, -2)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).pow(2).mean((-2, -1))
+
+
 @dataclass(frozen=True)
 class OrthogonalLoss:
     """Orthogonal codebook regulariser (arXiv 2112.00384): mean squared cosine similarity between codes.
 
-    Per book, ``Σ (Ĉ Ĉᵀ)² / n² - 1/n`` over the l2-normalised codes Ĉ (n of them): 0 when the codes
-    are orthogonal (the diagonal's contribution, 1/n, is removed). ``active_codes_only``: only the codes
-    this batch chose (one book only); ``max_codes``: at most that many codes, drawn at random.
+    Per book, :func:`orthogonal_error` of the codes: 0 when they are orthogonal. ``active_codes_only``:
+    only the codes this batch chose (one book only); ``max_codes``: at most that many codes, drawn at
+    random.
     Computed in float32 whatever the autocast context: the codebook it regularises is float32.
     """
 
@@ -212,11 +225,8 @@ class OrthogonalLoss:
         if self.max_codes is not None and codes.shape[1] > self.max_codes:
             pick = torch.randperm(codes.shape[1], device=codes.device)[: self.max_codes]
             codes = codes[:, pick]
-        n = codes.shape[1]
         with float32_region(codes.device.type):
-            normed = l2norm(codes.float())
-            cosine = normed @ normed.transpose(1, 2)
-            return cosine.pow(2).sum((1, 2)) / (n * n) - 1.0 / n
+            return orthogonal_error(codes.float())
 
 
 LossSpec = Mapping[str, float] | Iterable[tuple["str | Loss", float]] | None
