@@ -21,6 +21,7 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -28,6 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from vqcore.blocks.distance import is_tie
+from vqcore.blocks.distributed import should_sync
+from vqcore.blocks.implicit_codebook import (
+    ImplicitCodebookMLP,
+    decode_implicit,
+    lookup_transformed,
+    nearest_transformed,
+    transformed_codes,
+)
 from vqcore.blocks.layout import TokenLayout, zero_padding
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.residual import (
@@ -40,9 +49,10 @@ from vqcore.blocks.residual import (
     zero_dropped,
 )
 from vqcore.blocks.validation import check_positive_int, check_tensor
+from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.plugins.vq import CODEBOOK_OPTIONS, VectorQuantize, codebook_from_options
+from vqcore.plugins.vq import CODEBOOK_OPTIONS, BookStep, VectorQuantize, codebook_from_options
 from vqcore.protocols import DROPPED_INDEX
 
 
@@ -113,11 +123,22 @@ class ResidualVQ(QuantizerModule):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         channel_last: bool = True,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict[str, Any] | None = None,
         **vq_kwargs: Any,
     ):
         super().__init__()
         check_positive_int(dim, "dim")
         sizes = _layer_sizes(codebook_size, num_quantizers)
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        cosine = bool(vq_kwargs.get("use_cosine_sim", False))
+        if implicit_neural_codebook:  # QINCo: the codes are trained by gradient, through the MLPs
+            _implicit_codebook_options(vq_kwargs)
+        elif mlp_kwargs:
+            raise ConfigurationError(
+                "mlp_kwargs configure the MLPs of the implicit neural codebook: pass "
+                "implicit_neural_codebook=True with them, or leave mlp_kwargs unset"
+            )
         if vq_kwargs.pop("heads", 1) != 1:
             raise ValueError("ResidualVQ layers have one head; heads must be 1")
         vq_kwargs.pop("separate_codebook_per_head", None)
@@ -161,6 +182,12 @@ class ResidualVQ(QuantizerModule):
             "Sequence[VectorQuantize]",
             nn.ModuleList(VectorQuantize(codebook_dim, size, **vq_kwargs) for size in sizes),
         )
+        # layer q > 0 of an implicit neural codebook searches mlps[q - 1](its codes, sum of the codes before)
+        self.mlps: Sequence[ImplicitCodebookMLP] | None = None
+        if implicit_neural_codebook:
+            mlp_kwargs = _checked_mlp_kwargs(mlp_kwargs)
+            mlps = [ImplicitCodebookMLP(codebook_dim, **mlp_kwargs, l2norm_output=cosine) for _ in sizes[1:]]
+            self.mlps = cast("Sequence[ImplicitCodebookMLP]", nn.ModuleList(mlps))
         self.register_load_state_dict_pre_hook(_shared_codebook_keys)
 
     # -- properties --------------------------------------------------------------------------------
@@ -191,8 +218,16 @@ class ResidualVQ(QuantizerModule):
         z = project_into(self.project_in, tokens)
         b, n = z.shape[0], z.shape[1]
         residual, indices, codes = z, [], []
-        for layer in self.layers:
+        condition = z  # implicit neural codebook: the sum of the codes so far (set after layer 0)
+        for q, layer in enumerate(self.layers):
             book = layer.codebook_module
+            if q and self.mlps is not None:  # the transformed codes of this token's condition
+                condition = codes[0] if q == 1 else condition + codes[-1]
+                idx, code = self._implicit_code(q, layer.to_books(residual), condition)
+                indices.append(idx.reshape(b, n))
+                residual = residual - code
+                codes.append(code)
+                continue
             idx = book.nearest(layer.to_books(residual))
             indices.append(idx.reshape(b, n))
             code = book.lookup(idx).reshape(b, n, -1)
@@ -204,6 +239,11 @@ class ResidualVQ(QuantizerModule):
     def layer_codes(self, indices: Tensor) -> list[Tensor]:
         """(b, n, Q) indices, -1 allowed -> Q codebook-space tensors (b, n, cd); -1 gives zeros."""
         b, n = indices.shape[0], indices.shape[1]
+        if self.mlps is not None:  # implicit neural codebook: layer by layer, the running sum as condition
+            flat = decode_implicit(
+                [layer.codebook for layer in self.layers], self.mlps, indices.reshape(b * n, -1)
+            )
+            return [code.reshape(b, n, -1) for code in flat]
         codes = []
         for q, layer in enumerate(self.layers):
             idx = indices[..., q]
@@ -322,6 +362,7 @@ class ResidualVQ(QuantizerModule):
         # with the straight-through estimator and no normalisation, the sum of the layer outputs of a detached
         # chain is sum(codes) + kept * (z - sg(z)): the same values and gradient, without Q estimator graphs
         fused = getattr(first.estimator, "identity_gradient", False) and not first.use_cosine_sim
+        fused = fused and self.mlps is None  # an implicit codebook's condition carries the layers' gradient
         residual, total = z, None
         indices, losses, codes, seen = [], [], [], []
         for q, layer in enumerate(self.layers):
@@ -333,9 +374,15 @@ class ResidualVQ(QuantizerModule):
                 continue
             book_valid = None if valid is None else layer.book_mask(valid)
             zq = layer.to_books(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
-            step = layer.quantize_books(
-                zq, book_valid, sample_codebook_temp=temperature, freeze_codebook=freeze
-            )
+            if (
+                q and self.mlps is not None
+            ):  # implicit neural codebook, the layers' outputs so far as condition
+                assert total is not None  # layer 0 ran
+                step = self._implicit_step(q, zq, total, book_valid, temperature, freeze)
+            else:
+                step = layer.quantize_books(
+                    zq, book_valid, sample_codebook_temp=temperature, freeze_codebook=freeze
+                )
             code = step.codes
             if book_valid is not None:  # padding: no code, residual unchanged
                 code = code.masked_fill(~book_valid.unsqueeze(-1), 0.0)
@@ -374,6 +421,47 @@ class ResidualVQ(QuantizerModule):
             out = torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
         return out, torch.stack(indices, -1), torch.stack(losses), torch.stack(codes) if want_codes else None
 
+    # -- implicit neural codebook (QINCo): layer q > 0 ----------------------------------------------------
+    def _implicit_code(
+        self, q: int, zq: Tensor, condition: Tensor, temperature: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Books zq (1, b*n, cd) and condition (b, n, cd) -> (indices (1, b*n), chosen transformed codes
+        (b, n, cd), differentiable with respect to the MLP, the codes and the condition)."""
+        assert self.mlps is not None  # implicit_neural_codebook=True
+        layer, mlp = self.layers[q], self.mlps[q - 1]
+        cond = condition.reshape(-1, condition.shape[-1])
+        x = zq.reshape(cond.shape[0], -1)
+        search = nearest_transformed(
+            mlp, x, cond, layer.codebook, cosine=layer.use_cosine_sim, temperature=temperature
+        )
+        code = lookup_transformed(mlp, cond, layer.codebook, search)
+        return search.reshape(1, -1), code.reshape(condition.shape)
+
+    def _implicit_step(
+        self,
+        q: int,
+        zq: Tensor,
+        condition: Tensor,
+        valid: Tensor | None,
+        temperature: float | None,
+        freeze: bool | None,
+    ) -> BookStep:
+        """What ``quantize_books`` does for a plain layer, for layer q > 0 of an implicit neural codebook:
+        k-means (on the codebook's own codes), the search (or a Gumbel sample) over this token's transformed
+        codes, and the layer's losses, whose commitment term trains the MLP, the codes and the condition
+        (unless the codebook is frozen)."""
+        layer = self.layers[q]
+        book = layer.codebook_module
+        book.prepare_(zq.detach(), valid, sync=should_sync(layer.sync_codebook))
+        temp = layer.sample_codebook_temp if temperature is None else temperature
+        sample = temp if layer.stochastic_sample_codes and temp > 0 else None
+        frozen = layer.freeze_codebook if freeze is None else bool(freeze)
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            indices, code = self._implicit_code(q, zq.detach(), condition, sample)
+        code = code.reshape(zq.shape)
+        total, terms = layer.losses(zq, code, indices, book, valid)
+        return BookStep(indices, code.detach(), total.mean(), {name: t.mean() for name, t in terms.items()})
+
     # -- export ------------------------------------------------------------------------------------
     def token_ties(self, tokens: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
         """Features (b, n, dim) and token indices a, b (b, n, Q) -> ok (b, n, Q): per token, the layers
@@ -383,11 +471,16 @@ class ResidualVQ(QuantizerModule):
         ok = torch.ones_like(a, dtype=torch.bool)
         for bi, ni in (a != b).any(-1).nonzero().tolist():
             residual = z[bi, ni].reshape(1, 1, -1)
+            condition = None  # implicit neural codebook: the sum of the chosen (transformed) codes so far
             for q, layer in enumerate(self.layers):
                 codes = layer.codebook_module.codes.detach()[0].double()
+                if q and self.mlps is not None:
+                    assert condition is not None  # layer 0 ran
+                    codes = transformed_codes(self.mlps[q - 1], condition, codes)
                 ia, ib = int(a[bi, ni, q]), int(b[bi, ni, q])
                 if ia == ib:
                     residual = residual - codes[ia]
+                    condition = codes[ia] if condition is None else condition + codes[ia]
                     continue
                 zq = layer.to_books(residual, torch.float64).reshape(-1)
                 tied = is_tie(zq, codes[ia], codes[ib], cosine=layer.use_cosine_sim, tolerance=tolerance)
@@ -418,6 +511,48 @@ class ResidualVQ(QuantizerModule):
             f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, "
             f"layout={self.layout.kind}"
         )
+
+
+def _implicit_codebook_options(vq_kwargs: dict[str, Any]) -> None:
+    """``implicit_neural_codebook=True``: every layer's codebook is trained by gradient (the commitment term
+    reaches the codes through the MLPs), as ``learnable_codebook=True, ema_update=False``; ``vq_kwargs`` are
+    rewritten in place. Options that contradict it are refused."""
+    if vq_kwargs.get("ema_update"):
+        raise ConfigurationError(
+            "implicit_neural_codebook=True trains the codes by gradient through the MLPs; ema_update=True "
+            "would move them by EMA too: leave ema_update unset (or False) with implicit_neural_codebook"
+        )
+    if vq_kwargs.get("codebook") is not None:
+        raise ConfigurationError(
+            "implicit_neural_codebook=True builds the layers' gradient-trained codebooks itself; "
+            f"codebook={vq_kwargs['codebook']!r} cannot be combined with it: leave codebook unset"
+        )
+    if vq_kwargs.get("straight_through"):
+        raise ConfigurationError(
+            "straight_through=True (Gumbel straight-through) takes its soft assignment over the plain "
+            "codebook, not the transformed codes of implicit_neural_codebook=True: use the default "
+            "straight-through estimator or rotation_trick=True"
+        )
+    if vq_kwargs.pop("use_cosine_sim", False):  # the built-in cosine codebook, trained by gradient
+        options = {k: vq_kwargs.pop(k) for k in CODEBOOK_OPTIONS if k in vq_kwargs}
+        options = {k: v for k, v in options.items() if k not in ("ema_update", "learnable_codebook")}
+        vq_kwargs.update(codebook="cosine", codebook_kwargs={**options, "ema": False, "learnable": True})
+    else:
+        vq_kwargs.update(learnable_codebook=True, ema_update=False)
+
+
+def _checked_mlp_kwargs(mlp_kwargs: object) -> dict[str, Any]:
+    """mlp_kwargs -> the options of every :class:`ImplicitCodebookMLP` (``dim_hidden``, ``depth``)."""
+    if mlp_kwargs is None:
+        return {}
+    if not isinstance(mlp_kwargs, dict):
+        raise ConfigurationError(f"mlp_kwargs must be a dict, got {type(mlp_kwargs).__name__}")
+    unknown = sorted(set(mlp_kwargs) - {"dim_hidden", "depth"})
+    if unknown:
+        raise ConfigurationError(
+            f"mlp_kwargs takes dim_hidden and depth, got {unknown} (l2norm_output follows use_cosine_sim)"
+        )
+    return dict(mlp_kwargs)
 
 
 def _shared_codebook_keys(module: ResidualVQ, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
