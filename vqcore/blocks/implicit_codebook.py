@@ -38,6 +38,9 @@ from vqcore.blocks.distance import DEFAULT_CHUNK_BYTES
 from vqcore.blocks.validation import check_positive_int, is_tracing
 from vqcore.errors import ConfigurationError
 
+# the search's activation budget when the caller gives none (read at every call)
+SEARCH_CHUNK_BYTES = DEFAULT_CHUNK_BYTES
+
 
 class ImplicitCodebookMLP(nn.Module):
     """The code transform ``f(c, s)`` of one residual layer (see the module docstring).
@@ -46,7 +49,8 @@ class ImplicitCodebookMLP(nn.Module):
     ``[condition, code]``), ``layers.{j}.0.*`` and ``layers.{j}.2.*`` (the two ``Linear`` of block ``j``).
     Calling the module materialises every transformed code (the reference's ``MLP.forward``: codes
     (c, d) or (h, c, d), condition (b, n, d) or (b, d) -> (b, n, c, d) or (h, b, n, c, d)); the residual
-    stacks use the bounded-memory functions of this module instead.
+    stacks use the bounded-memory functions of this module instead. A (b, d) condition counts as one
+    position, (b, 1, c, d), as in the reference.
     """
 
     def __init__(self, dim: int, dim_hidden: int | None = None, depth: int = 4, l2norm_output: bool = False):
@@ -83,8 +87,6 @@ class ImplicitCodebookMLP(nn.Module):
             x = block(x) + x
         if self.l2norm_output:
             x = F.normalize(x, dim=-1)
-        if condition.ndim == 2:
-            x = x.squeeze(2)
         return x[0] if one_headed else x
 
     def extra_repr(self) -> str:
@@ -162,12 +164,14 @@ def nearest_transformed(
     codes: Tensor,
     *,
     cosine: bool,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     temperature: float | None = None,
 ) -> Tensor:
     """Indices (N,) int64 of each token's nearest transformed code: x (N, d) (unit vectors for cosine),
     condition (N, d), codes (K, d). ``temperature > 0`` samples instead (Gumbel-max). No gradient; the
-    activations stay under ``chunk_bytes`` (see :func:`search_chunk_rows`)."""
+    activations stay under ``chunk_bytes`` (default :data:`SEARCH_CHUNK_BYTES`; see
+    :func:`search_chunk_rows`)."""
+    chunk_bytes = SEARCH_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     with torch.no_grad():
         x, condition, codes = x.float(), condition.float(), codes.float()
         tokens, d = condition_part(mlp, condition), code_part(mlp, codes)
