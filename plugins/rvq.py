@@ -6,6 +6,10 @@ a :class:`~vqcore.plugins.vq.VectorQuantize` in codebook space (the layers never
 keyword arguments (decay, k-means, dead-code expiry, cosine, rotation trick, stochastic sampling, ...)
 are forwarded. RQ-VAE's shared codebook (arXiv 2203.01941), quantize dropout with Encodec's structured
 ``multiple_of`` variant, and grouped residual VQ (HiFi-Codec, arXiv 2305.02765) are built in.
+``implicit_neural_codebook=True`` (QINCo, arXiv 2401.14732) gives layer ``q > 0`` the codebook
+``mlps[q - 1](codes, condition)``, conditioned on the sum of the codes before it, searched and trained
+without ever holding a (tokens, codes, dim) tensor (:mod:`vqcore.blocks.implicit_codebook`);
+``mlp_kwargs`` (``dim_hidden``, ``depth``) configure the MLPs.
 
 Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``shared_codebook=True`` holds ONE codebook object, passed to every layer: the EMA step runs once per
@@ -16,7 +20,14 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - decode accepts indices with fewer than Q trailing entries (coarse codes): missing layers count as
   dropped, whether or not quantize dropout is on; -1 decodes to a zero contribution, and a token whose
   layers are all -1 (masked) decodes to zero, also after ``project_out``;
-- the losses are ``(Q,)`` (``(G, Q)`` grouped), fresh zeros in eval; no ``indices=`` cross-entropy path.
+- the losses are ``(Q,)`` (``(G, Q)`` grouped), fresh zeros in eval; no ``indices=`` cross-entropy path;
+- implicit neural codebook: the search compares squared distances summed exactly (the reference's
+  ``F.pairwise_distance`` adds 1e-6 to every difference, which can flip near ties); it works with
+  ``use_cosine_sim=True`` (refused by the reference: its layers' codebooks are learnable): every layer's
+  codes are then trained by gradient and the MLPs' outputs are l2-normalised; layer 0's codes are
+  searched by cosine as stored, so an optimiser may move them off the unit sphere; ``ema_update=True``,
+  a ``codebook`` object or name, and ``straight_through=True`` are refused with it, as is ``mlp_kwargs``
+  without it (the reference ignores it).
 """
 
 from __future__ import annotations
@@ -217,7 +228,8 @@ class ResidualVQ(QuantizerModule):
         """
         z = project_into(self.project_in, tokens)
         b, n = z.shape[0], z.shape[1]
-        residual, indices, codes = z, [], []
+        residual, indices = z, []
+        codes: list[Tensor] = []
         condition = z  # implicit neural codebook: the sum of the codes so far (set after layer 0)
         for q, layer in enumerate(self.layers):
             book = layer.codebook_module

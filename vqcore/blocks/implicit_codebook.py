@@ -28,7 +28,8 @@ cosine codebooks, ``-x.t / ||t||``. Under tracing (export) the search is one blo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,13 @@ class ImplicitCodebookMLP(nn.Module):
         return f"l2norm_output={self.l2norm_output}"
 
 
+def _block_linears(mlp: ImplicitCodebookMLP) -> Iterator[tuple[nn.Linear, nn.Linear]]:
+    """The (inner, outer) Linear pair of each residual block."""
+    for block in mlp.layers:
+        sequential = cast(nn.Sequential, block)
+        yield cast(nn.Linear, sequential[0]), cast(nn.Linear, sequential[2])
+
+
 def _split_proj_in(mlp: ImplicitCodebookMLP) -> tuple[Tensor, Tensor, Tensor]:
     """proj_in's weight split into its condition half and its code half, and its bias (float32)."""
     weight, d = mlp.proj_in.weight.float(), mlp.dim
@@ -113,8 +121,7 @@ def code_part(mlp: ImplicitCodebookMLP, codes: Tensor) -> Tensor:
 
 def _blocks(mlp: ImplicitCodebookMLP, x: Tensor) -> Tensor:
     """The residual blocks on rows x (R, d), out of place (autograd, tracing)."""
-    for block in mlp.layers:
-        inner, outer = block[0], block[2]
+    for inner, outer in _block_linears(mlp):
         hidden = F.silu(F.linear(x, inner.weight.float(), inner.bias.float()))
         x = x + F.linear(hidden, outer.weight.float(), outer.bias.float())
     return x
@@ -122,8 +129,7 @@ def _blocks(mlp: ImplicitCodebookMLP, x: Tensor) -> Tensor:
 
 def _blocks_(mlp: ImplicitCodebookMLP, x: Tensor, hidden: Tensor) -> Tensor:
     """The residual blocks on rows x (R, d) in place, ``hidden`` (R, dim_hidden) a scratch buffer."""
-    for block in mlp.layers:
-        inner, outer = block[0], block[2]
+    for inner, outer in _block_linears(mlp):
         torch.addmm(inner.bias.float(), x, inner.weight.float().t(), out=hidden)
         F.silu(hidden, inplace=True)
         x.add_(outer.bias.float()).addmm_(hidden, outer.weight.float().t())
@@ -220,8 +226,7 @@ def transformed_codes(mlp: ImplicitCodebookMLP, condition: Tensor, codes: Tensor
         + mlp.proj_in.bias.to(dtype)
         + codes @ weight[:, mlp.dim :].t()
     )
-    for block in mlp.layers:
-        inner, outer = block[0], block[2]
+    for inner, outer in _block_linears(mlp):
         hidden = F.silu(F.linear(x, inner.weight.to(dtype), inner.bias.to(dtype)))
         x = x + F.linear(hidden, outer.weight.to(dtype), outer.bias.to(dtype))
     return F.normalize(x, dim=-1, eps=1e-12) if mlp.l2norm_output else x
