@@ -14,8 +14,9 @@ d 256); this block never does:
 - ``proj_in`` is separable: ``W [s, c] + b = (W_s s + b) + W_c c``. The token part (tokens, d) and the
   code part (K, d) are computed once, and only added per block of (tokens, codes) pairs;
 - the search (:func:`nearest_transformed`) runs under ``no_grad`` over chunks of tokens whose
-  (chunk, K, max(d, hidden)) activations stay under ``chunk_bytes`` (:func:`search_chunk_rows`), the
-  blocks updated in place in two reused buffers;
+  (chunk, K, d) activations and (chunk, K, hidden) hidden units stay under ``chunk_bytes``
+  (:func:`search_chunk_rows`), updated in place in two reused buffers (and the first block's inner layer
+  and the outer biases separated too, see :class:`_SearchPlan`);
 - the chosen code of each token (:func:`lookup_transformed`) is recomputed with gradient for the chosen
   (token, code) pairs only, (tokens, d): the indices are an argmin (no gradient), and the gradient of a
   one-hot selection of ``T`` reaches the MLP, the codes and the condition through the chosen pairs
@@ -127,13 +128,47 @@ def _blocks(mlp: ImplicitCodebookMLP, x: Tensor) -> Tensor:
     return x
 
 
-def _blocks_(mlp: ImplicitCodebookMLP, x: Tensor, hidden: Tensor) -> Tensor:
-    """The residual blocks on rows x (R, d) in place, ``hidden`` (R, dim_hidden) a scratch buffer."""
-    for inner, outer in _block_linears(mlp):
-        torch.addmm(inner.bias.float(), x, inner.weight.float().t(), out=hidden)
-        F.silu(hidden, inplace=True)
-        x.add_(outer.bias.float()).addmm_(hidden, outer.weight.float().t())
-    return x
+class _SearchPlan:
+    """The MLP's weights arranged for the in-place search (float32, no gradient).
+
+    Two more separable steps save passes over the (chunk, K, ·) blocks:
+
+    - the first block's inner layer is affine in ``x = t + c`` (token part plus code part), so its
+      pre-activation is ``(W1 t + b1) + W1 c``: a broadcast add of a (tokens, hidden) and a (K, hidden)
+      table instead of a GEMM;
+    - the outer biases are not added to the block: the block holds ``x - o_j`` with ``o_j`` the sum of
+      the outer biases so far, which later inner layers take into their bias (``b1 + W1 o_j``) and the
+      distance into the token (``||(x - o) - (r - o)||``).
+    """
+
+    def __init__(self, mlp: ImplicitCodebookMLP, tokens: Tensor, codes: Tensor):
+        pairs = list(_block_linears(mlp))
+        self.inner = [inner.weight.float().t() for inner, _ in pairs]
+        self.outer = [outer.weight.float().t() for _, outer in pairs]
+        offset = tokens.new_zeros(mlp.dim)
+        self.inner_bias = []
+        for (inner, outer), w_inner in zip(pairs, self.inner):
+            self.inner_bias.append(torch.addmv(inner.bias.float(), w_inner.t(), offset))
+            offset = offset + outer.bias.float()
+        self.offset = offset  # what the block lacks after the last block
+        self.first_tokens = self.first_codes = None
+        if pairs:
+            self.first_tokens = torch.addmm(self.inner_bias[0], tokens, self.inner[0])
+            self.first_codes = codes @ self.inner[0]
+
+    def run_(self, acts: Tensor, hidden: Tensor, start: int) -> None:
+        """The blocks on ``acts`` (m, K, d) in place (holding ``x - offset`` after), rows from ``start``."""
+        m, size = acts.shape[0], acts.shape[1]
+        flat = acts.view(m * size, -1)
+        for j, (w_inner, w_outer) in enumerate(zip(self.inner, self.outer)):
+            if j == 0:
+                assert self.first_tokens is not None and self.first_codes is not None  # a first block
+                rows = self.first_tokens[start : start + m].unsqueeze(1)
+                torch.add(rows, self.first_codes, out=hidden.view(m, size, -1))
+            else:
+                torch.addmm(self.inner_bias[j], flat, w_inner, out=hidden)
+            F.silu(hidden, inplace=True)
+            flat.addmm_(hidden, w_outer)
 
 
 def search_chunk_rows(mlp: ImplicitCodebookMLP, codebook_size: int, chunk_bytes: int) -> int:
@@ -192,6 +227,9 @@ def nearest_transformed(
             else:
                 scores = (block - x.unsqueeze(1)).pow(2).sum(-1)
             return _choose(scores, cosine, temperature)
+        plan = _SearchPlan(mlp, tokens, d)
+        exact = cosine or mlp.l2norm_output  # the block itself is needed, not only its distance to x
+        target = x if exact else x - plan.offset
         rows = min(n, search_chunk_rows(mlp, size, chunk_bytes))
         block = x.new_empty(rows * size, mlp.dim)
         hidden = x.new_empty(rows * size, mlp.dim_hidden) if mlp.depth else block
@@ -200,10 +238,12 @@ def nearest_transformed(
             m = min(rows, n - start)
             acts = block[: m * size].view(m, size, mlp.dim)
             torch.add(tokens[start : start + m].unsqueeze(1), d, out=acts)
-            _blocks_(mlp, acts.view(m * size, mlp.dim), hidden[: m * size])
+            plan.run_(acts, hidden[: m * size], start)
+            if exact:
+                acts.add_(plan.offset)
             if mlp.l2norm_output:
                 acts.div_(torch.linalg.vector_norm(acts, dim=-1, keepdim=True).clamp_(min=1e-12))
-            scores = _scores(acts, x[start : start + m], cosine)
+            scores = _scores(acts, target[start : start + m], cosine)
             indices[start : start + m] = _choose(scores, cosine, temperature)
         return indices
 
@@ -211,7 +251,7 @@ def nearest_transformed(
 def lookup_transformed(mlp: ImplicitCodebookMLP, condition: Tensor, codes: Tensor, indices: Tensor) -> Tensor:
     """The chosen transformed codes ``f(codes[indices], condition)`` (N, d), differentiable with respect to
     the MLP, the codes and the condition; ``indices`` (N,) in [0, K)."""
-    chosen = code_part(mlp, codes).index_select(0, indices)
+    chosen = code_part(mlp, codes.index_select(0, indices))
     x = _blocks(mlp, condition_part(mlp, condition) + chosen)
     return F.normalize(x, dim=-1, eps=1e-12) if mlp.l2norm_output else x
 
