@@ -482,3 +482,23 @@ def test_decode_implicit_zero_for_dropped_layers_and_condition_chain():
     expected = _materialised(mlp, books[0][1].unsqueeze(0), books[1])[0, 3].float()
     torch.testing.assert_close(codes[1][0], expected)
     assert torch.equal(codes[1][1], torch.zeros(4)) and torch.equal(codes[0][2], torch.zeros(4))
+
+
+def test_mlps_stay_float32_and_compute_in_float32_under_autocast():
+    torch.manual_seed(16)
+    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=8, implicit_neural_codebook=True)
+    rvq.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in rvq.mlps.parameters())
+    rvq.float()
+    x = torch.randn(2, 6, 8)
+    rvq.eval()
+    plain = rvq(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = rvq(x)
+        assert torch.equal(rvq.decode(mixed.indices), mixed.quantized)
+    assert torch.equal(mixed.indices, plain.indices) and torch.equal(mixed.quantized, plain.quantized)
+    rvq.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _, losses = rvq(x.requires_grad_())
+        (out.sum() + losses.sum()).backward()
+    assert rvq.mlps[0].proj_in.weight.grad.dtype == torch.float32

@@ -29,7 +29,7 @@ cosine codebooks, ``-x.t / ||t||``. Under tracing (export) the search is one blo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import torch
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vqcore.blocks.distance import DEFAULT_CHUNK_BYTES
+from vqcore.blocks.precision import float32_region
 from vqcore.blocks.validation import check_positive_int, is_tracing
 from vqcore.errors import ConfigurationError
 
@@ -52,7 +53,8 @@ class ImplicitCodebookMLP(nn.Module):
     Calling the module materialises every transformed code (the reference's ``MLP.forward``: codes
     (c, d) or (h, c, d), condition (b, n, d) or (b, d) -> (b, n, c, d) or (h, b, n, c, d)); the residual
     stacks use the bounded-memory functions of this module instead. A (b, d) condition counts as one
-    position, (b, 1, c, d), as in the reference.
+    position, (b, 1, c, d), as in the reference. Part of the codebook: its parameters stay float32 under
+    ``.half()`` / ``.to(bfloat16)``, and the functions below compute in float32 under autocast.
     """
 
     def __init__(self, dim: int, dim_hidden: int | None = None, depth: int = 4, l2norm_output: bool = False):
@@ -90,6 +92,18 @@ class ImplicitCodebookMLP(nn.Module):
         if self.l2norm_output:
             x = F.normalize(x, dim=-1)
         return x[0] if one_headed else x
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ImplicitCodebookMLP:
+        """dtype casts leave every parameter of the MLP (its Linear children's too) float32; device moves
+        apply."""
+
+        def keep_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            if not t.is_floating_point() or out.dtype == t.dtype:
+                return out
+            return t.to(device=out.device)
+
+        return super()._apply(keep_float32, recurse)
 
     def extra_repr(self) -> str:
         return f"l2norm_output={self.l2norm_output}"
@@ -213,7 +227,7 @@ def nearest_transformed(
     activations stay under ``chunk_bytes`` (default :data:`SEARCH_CHUNK_BYTES`; see
     :func:`search_chunk_rows`)."""
     chunk_bytes = SEARCH_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    with torch.no_grad():
+    with torch.no_grad(), float32_region(x.device.type):
         x, condition, codes = x.float(), condition.float(), codes.float()
         tokens, d = condition_part(mlp, condition), code_part(mlp, codes)
         n, size = x.shape[0], codes.shape[0]
@@ -251,14 +265,20 @@ def nearest_transformed(
 def lookup_transformed(mlp: ImplicitCodebookMLP, condition: Tensor, codes: Tensor, indices: Tensor) -> Tensor:
     """The chosen transformed codes ``f(codes[indices], condition)`` (N, d), differentiable with respect to
     the MLP, the codes and the condition; ``indices`` (N,) in [0, K)."""
-    chosen = code_part(mlp, codes.index_select(0, indices))
-    x = _blocks(mlp, condition_part(mlp, condition) + chosen)
-    return F.normalize(x, dim=-1, eps=1e-12) if mlp.l2norm_output else x
+    with float32_region(codes.device.type):
+        chosen = code_part(mlp, codes.index_select(0, indices))
+        x = _blocks(mlp, condition_part(mlp, condition) + chosen)
+        return F.normalize(x, dim=-1, eps=1e-12) if mlp.l2norm_output else x
 
 
 def transformed_codes(mlp: ImplicitCodebookMLP, condition: Tensor, codes: Tensor) -> Tensor:
     """Every transformed code (K, d) of ONE token's condition (d,), in the codes' dtype (the export layer's
     float64 tie check): one token's materialised codebook."""
+    with float32_region(codes.device.type):
+        return _transformed_codes(mlp, condition, codes)
+
+
+def _transformed_codes(mlp: ImplicitCodebookMLP, condition: Tensor, codes: Tensor) -> Tensor:
     dtype = codes.dtype
     weight = mlp.proj_in.weight.to(dtype)
     x = (
