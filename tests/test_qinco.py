@@ -502,3 +502,22 @@ def test_mlps_stay_float32_and_compute_in_float32_under_autocast():
         out, _, losses = rvq(x.requires_grad_())
         (out.sum() + losses.sum()).backward()
     assert rvq.mlps[0].proj_in.weight.grad.dtype == torch.float32
+
+
+def test_grouped_converter_carries_every_groups_mlps():
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    from vqcore.compat import from_reference
+
+    torch.manual_seed(17)
+    ref = vqp.GroupedResidualVQ(
+        dim=8, groups=2, num_quantizers=2, codebook_size=8, implicit_neural_codebook=True
+    )
+    ref.eval()
+    mine = from_reference(ref).eval()
+    assert torch.equal(mine.rvqs[1].mlps[0].proj_in.weight, ref.rvqs[1].mlps[0].proj_in.weight)
+    x = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        ref_out, ref_indices, _ = ref(x)
+        out, indices, _ = mine(x)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
