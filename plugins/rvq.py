@@ -386,10 +386,8 @@ class ResidualVQ(QuantizerModule):
                 continue
             book_valid = None if valid is None else layer.book_mask(valid)
             zq = layer.to_books(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
-            if (
-                q and self.mlps is not None
-            ):  # implicit neural codebook, the layers' outputs so far as condition
-                assert total is not None  # layer 0 ran
+            if q and self.mlps is not None:  # implicit neural codebook
+                assert total is not None  # layer 0 ran: the layers' outputs so far are the condition
                 step = self._implicit_step(q, zq, total, book_valid, temperature, freeze)
             else:
                 step = layer.quantize_books(
