@@ -34,11 +34,16 @@ def _mlp(dim=8, seed=0, **kwargs) -> ImplicitCodebookMLP:
 
 
 def _materialised(mlp: ImplicitCodebookMLP, condition, codes):
-    """The reference formulation: every (token, code) pair through the MLP, in float64: (N, K, d)."""
-    twin = ImplicitCodebookMLP(mlp.dim, mlp.dim_hidden, mlp.depth, mlp.l2norm_output).double()
-    twin.load_state_dict(mlp.state_dict())
-    with torch.no_grad():
-        return twin(codes.double(), condition=condition.double().unsqueeze(0))[0]
+    """The reference formulation in float64: every (token, code) pair concatenated and through the MLP's
+    layers, (N, K, d)."""
+    w = {k: v.detach().double() for k, v in mlp.state_dict().items()}
+    n, k = condition.shape[0], codes.shape[0]
+    pairs = (condition.double()[:, None].expand(n, k, -1), codes.double()[None].expand(n, k, -1))
+    x = F.linear(torch.cat(pairs, -1), w["proj_in.weight"], w["proj_in.bias"])
+    for j in range(mlp.depth):
+        hidden = F.silu(F.linear(x, w[f"layers.{j}.0.weight"], w[f"layers.{j}.0.bias"]))
+        x = x + F.linear(hidden, w[f"layers.{j}.2.weight"], w[f"layers.{j}.2.bias"])
+    return F.normalize(x, dim=-1) if mlp.l2norm_output else x
 
 
 # -- the MLP ------------------------------------------------------------------------------------------
