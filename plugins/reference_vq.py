@@ -53,7 +53,7 @@ VQ_ESTIMATOR_AND_LOSS_OPTIONS = (
     ("sync_update_v", 0.0),
 )
 CODEBOOK_UNSUPPORTED = UnsupportedOptions()
-RVQ_UNSUPPORTED = UnsupportedOptions(eval=(("implicit_neural_codebook", False),))
+RVQ_UNSUPPORTED = UnsupportedOptions()
 
 CODEBOOK_KEYS = ("embed", "cluster_size", "embed_avg", "initted")
 AFFINE_KEYS = (
@@ -217,6 +217,33 @@ def map_residual(
     for q in list_entries(own, f"{prefix}layers."):
         codebook = f"{prefix}layers.{q}._codebook."
         map_codebook(own, ref_state_dict, codebook, codebook, out)
+    map_implicit_mlps(own, ref_state_dict, prefix, out)
+
+
+# -- implicit neural codebook (QINCo) ------------------------------------------------------------------
+
+
+def implicit_codebook_kwargs(ref: ReferenceModule) -> dict[str, Any]:
+    """``implicit_neural_codebook`` / ``mlp_kwargs`` of a reference ResidualVQ, read from its MLPs."""
+    if not bool(getattr(ref, "implicit_neural_codebook", False)):
+        return {}
+    mlps = [m for m in ref.mlps if m is not None]
+    if not mlps:  # one layer: no MLP to read the options from (and none to build)
+        return dict(implicit_neural_codebook=True)
+    blocks = list(mlps[0].layers)
+    mlp_kwargs: dict[str, Any] = {"depth": len(blocks)}
+    if blocks:
+        mlp_kwargs["dim_hidden"] = int(blocks[0][0].out_features)
+    return dict(implicit_neural_codebook=True, mlp_kwargs=mlp_kwargs)
+
+
+def map_implicit_mlps(
+    own: Mapping[str, Tensor], ref_state_dict: Mapping[str, Tensor], prefix: str, out: dict[str, Tensor]
+) -> None:
+    """The MLPs of an implicit neural codebook: ``{prefix}mlps.*``, the same keys in both."""
+    for key in own:
+        if key.startswith(f"{prefix}mlps."):
+            out[key] = ref_state_dict[key]
 
 
 class VectorQuantizeConverter:
@@ -303,6 +330,7 @@ class ResidualVQConverter:
             **layout,
             **options,
             **search,
+            **implicit_codebook_kwargs(ref),
         )
 
     def state_dict(self, module: nn.Module, ref_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -6,6 +6,10 @@ a :class:`~vqcore.plugins.vq.VectorQuantize` in codebook space (the layers never
 keyword arguments (decay, k-means, dead-code expiry, cosine, rotation trick, stochastic sampling, ...)
 are forwarded. RQ-VAE's shared codebook (arXiv 2203.01941), quantize dropout with Encodec's structured
 ``multiple_of`` variant, and grouped residual VQ (HiFi-Codec, arXiv 2305.02765) are built in.
+``implicit_neural_codebook=True`` (QINCo, arXiv 2401.14732) gives layer ``q > 0`` the codebook
+``mlps[q - 1](codes, condition)``, conditioned on the sum of the codes before it, searched and trained
+without ever holding a (tokens, codes, dim) tensor (:mod:`vqcore.blocks.implicit_codebook`);
+``mlp_kwargs`` (``dim_hidden``, ``depth``) configure the MLPs.
 
 Beam search (``beam_size`` in training, ``eval_beam_size`` in eval and ``encode``, or forward's
 ``beam_size``): the best code path instead of the greedy one (:mod:`vqcore.blocks.beam`), scored by minus
@@ -40,11 +44,19 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 - ``forward(x, indices=...)`` works (the reference 1.32.0 raises): each layer's residual is that of the
   greedy chain of the layers' own codes (as in the reference's earlier, working versions), whatever the beam
   size, without quantize dropout; it touches no training state (no k-means, EMA or expiry); target codes
-  at masked positions are ignored; a list of per-layer ``(b, n)`` tensors is stacked on the last axis.
+  at masked positions are ignored; a list of per-layer ``(b, n)`` tensors is stacked on the last axis;
+- implicit neural codebook: the search compares squared distances summed exactly (the reference's
+  ``F.pairwise_distance`` adds 1e-6 to every difference, which can flip near ties); it works with
+  ``use_cosine_sim=True`` (refused by the reference: its layers' codebooks are learnable): every layer's
+  codes are then trained by gradient and the MLPs' outputs are l2-normalised; layer 0's codes are
+  searched by cosine as stored, so an optimiser may move them off the unit sphere; ``ema_update=True``,
+  a ``codebook`` object or name, and ``straight_through=True`` are refused with it, as is ``mlp_kwargs``
+  without it (the reference ignores it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
@@ -56,6 +68,13 @@ from vqcore.blocks.beam import BeamPath, beam_search, nearest_candidates
 from vqcore.blocks.distance import is_tie
 from vqcore.blocks.distributed import should_sync
 from vqcore.blocks.estimators import directional_reparam
+from vqcore.blocks.implicit_codebook import (
+    ImplicitCodebookMLP,
+    decode_implicit,
+    lookup_transformed,
+    nearest_transformed,
+    transformed_codes,
+)
 from vqcore.blocks.layout import TokenLayout, zero_padding
 from vqcore.blocks.losses import code_cross_entropy
 from vqcore.blocks.projection import project_from, project_into, projection_pair
@@ -72,7 +91,7 @@ from vqcore.blocks.validation import check_positive_int, check_tensor
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
-from vqcore.plugins.vq import CODEBOOK_OPTIONS, VectorQuantize, codebook_from_options
+from vqcore.plugins.vq import CODEBOOK_OPTIONS, BookStep, VectorQuantize, codebook_from_options
 from vqcore.protocols import DROPPED_INDEX
 
 
@@ -254,6 +273,8 @@ class ResidualVQ(QuantizerModule):
         beam_score_quantizer_weights: Sequence[float] | None = None,
         quant_grad_frac: float = 0.0,
         return_zeros_for_masked_padding: bool = True,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict[str, Any] | None = None,
         **vq_kwargs: Any,
     ):
         super().__init__()
@@ -261,6 +282,15 @@ class ResidualVQ(QuantizerModule):
         sizes = _layer_sizes(codebook_size, num_quantizers)
         if heads != 1:
             raise ConfigurationError(f"ResidualVQ layers have one head: heads must be 1, got {heads!r}")
+        self.implicit_neural_codebook = bool(implicit_neural_codebook)
+        cosine = bool(vq_kwargs.get("use_cosine_sim", False))
+        if implicit_neural_codebook:  # QINCo: the codes are trained by gradient, through the MLPs
+            _implicit_codebook_options(vq_kwargs, beam_size, eval_beam_size, diveq)
+        elif mlp_kwargs:
+            raise ConfigurationError(
+                "mlp_kwargs configure the MLPs of the implicit neural codebook: pass "
+                "implicit_neural_codebook=True with them, or leave mlp_kwargs unset"
+            )
         vq_kwargs.pop("separate_codebook_per_head", None)
         self.beam_size, self.eval_beam_size, self.beam_score_quantizer_weights = beam_options(
             beam_size, eval_beam_size, beam_score_quantizer_weights, len(sizes), vq_kwargs
@@ -309,6 +339,12 @@ class ResidualVQ(QuantizerModule):
             "Sequence[VectorQuantize]",
             nn.ModuleList(VectorQuantize(codebook_dim, size, **vq_kwargs) for size in sizes),
         )
+        # layer q > 0 of an implicit neural codebook searches mlps[q - 1](its codes, sum of the codes before)
+        self.mlps: Sequence[ImplicitCodebookMLP] | None = None
+        if implicit_neural_codebook:
+            mlp_kwargs = _checked_mlp_kwargs(mlp_kwargs)
+            mlps = [ImplicitCodebookMLP(codebook_dim, **mlp_kwargs, l2norm_output=cosine) for _ in sizes[1:]]
+            self.mlps = cast("Sequence[ImplicitCodebookMLP]", nn.ModuleList(mlps))
         self.register_load_state_dict_pre_hook(_shared_codebook_keys)
 
     # -- properties --------------------------------------------------------------------------------
@@ -343,9 +379,18 @@ class ResidualVQ(QuantizerModule):
             found = self.beam_path(z.reshape(b * n, -1), beam, self.num_quantizers)
             stacked = found.indices.reshape(b, n, -1)
             return (stacked, found.total.reshape(b, n, -1)) if with_total else stacked
-        residual, indices, codes = z, [], []
-        for layer in self.layers:
+        residual, indices = z, []
+        codes: list[Tensor] = []
+        condition = z  # implicit neural codebook: the sum of the codes so far (set after layer 0)
+        for q, layer in enumerate(self.layers):
             book = layer.codebook_module
+            if q and self.mlps is not None:  # the transformed codes of this token's condition
+                condition = codes[0] if q == 1 else condition + codes[-1]
+                idx, code = self._implicit_code(q, layer.to_books(residual), condition)
+                indices.append(idx.reshape(b, n))
+                residual = residual - code
+                codes.append(code)
+                continue
             idx = book.nearest(layer.to_books(residual))
             indices.append(idx.reshape(b, n))
             code = book.lookup(idx).reshape(b, n, -1)
@@ -357,6 +402,11 @@ class ResidualVQ(QuantizerModule):
     def layer_codes(self, indices: Tensor) -> list[Tensor]:
         """(b, n, Q) indices, -1 allowed -> Q codebook-space tensors (b, n, cd); -1 gives zeros."""
         b, n = indices.shape[0], indices.shape[1]
+        if self.mlps is not None:  # implicit neural codebook: layer by layer, the running sum as condition
+            flat = decode_implicit(
+                [layer.codebook for layer in self.layers], self.mlps, indices.reshape(b * n, -1)
+            )
+            return [code.reshape(b, n, -1) for code in flat]
         codes = []
         for q, layer in enumerate(self.layers):
             idx = indices[..., q]
@@ -546,6 +596,7 @@ class ResidualVQ(QuantizerModule):
         # chain is sum(codes) + kept * (z - sg(z)): the same values and gradient, without Q estimator graphs
         # (with quant_grad_frac the residual of layer q carries (1 - frac)^q of that gradient)
         fused = first.straight_through_output and not first.use_cosine_sim and not self.diveq
+        fused = fused and self.mlps is None  # an implicit codebook's condition carries the layers' gradient
         residual, total = z, None
         indices, losses, codes, seen = [], [], [], []
         for q, layer in enumerate(self.layers):
@@ -557,13 +608,17 @@ class ResidualVQ(QuantizerModule):
                 continue
             book_valid = None if valid is None else layer.book_mask(valid)
             zq = layer.to_books(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
-            step = layer.quantize_books(
-                zq,
-                book_valid,
-                sample_codebook_temp=temperature,
-                freeze_codebook=freeze,
-                indices=None if path is None else path[:, q].reshape(1, -1),
-            )
+            if q and self.mlps is not None:  # implicit neural codebook
+                assert total is not None  # layer 0 ran: the layers' outputs so far are the condition
+                step = self._implicit_step(q, zq, total, book_valid, temperature, freeze)
+            else:
+                step = layer.quantize_books(
+                    zq,
+                    book_valid,
+                    sample_codebook_temp=temperature,
+                    freeze_codebook=freeze,
+                    indices=None if path is None else path[:, q].reshape(1, -1),
+                )
             code = step.codes
             if book_valid is not None:  # padding: no code, residual unchanged
                 code = code.masked_fill(~book_valid.unsqueeze(-1), 0.0)
@@ -720,6 +775,47 @@ class ResidualVQ(QuantizerModule):
             out = out.masked_fill(~book_valid.unsqueeze(-1), 0.0)
         return out
 
+    # -- implicit neural codebook (QINCo): layer q > 0 ----------------------------------------------------
+    def _implicit_code(
+        self, q: int, zq: Tensor, condition: Tensor, temperature: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Books zq (1, b*n, cd) and condition (b, n, cd) -> (indices (1, b*n), chosen transformed codes
+        (b, n, cd), differentiable with respect to the MLP, the codes and the condition)."""
+        assert self.mlps is not None  # implicit_neural_codebook=True
+        layer, mlp = self.layers[q], self.mlps[q - 1]
+        cond = condition.reshape(-1, condition.shape[-1])
+        x = zq.reshape(cond.shape[0], -1)
+        search = nearest_transformed(
+            mlp, x, cond, layer.codebook, cosine=layer.use_cosine_sim, temperature=temperature
+        )
+        code = lookup_transformed(mlp, cond, layer.codebook, search)
+        return search.reshape(1, -1), code.reshape(condition.shape)
+
+    def _implicit_step(
+        self,
+        q: int,
+        zq: Tensor,
+        condition: Tensor,
+        valid: Tensor | None,
+        temperature: float | None,
+        freeze: bool | None,
+    ) -> BookStep:
+        """What ``quantize_books`` does for a plain layer, for layer q > 0 of an implicit neural codebook:
+        k-means (on the codebook's own codes), the search (or a Gumbel sample) over this token's transformed
+        codes, and the layer's losses, whose commitment term trains the MLP, the codes and the condition
+        (unless the codebook is frozen)."""
+        layer = self.layers[q]
+        book = layer.codebook_module
+        book.prepare_(zq.detach(), valid, sync=should_sync(layer.sync_codebook))
+        temp = layer.sample_codebook_temp if temperature is None else temperature
+        sample = temp if layer.stochastic_sample_codes and temp > 0 else None
+        frozen = layer.freeze_codebook if freeze is None else bool(freeze)
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            indices, code = self._implicit_code(q, zq.detach(), condition, sample)
+        code = code.reshape(zq.shape)
+        total, terms = layer.losses(zq, code, indices, book, valid)
+        return BookStep(indices, code.detach(), total.mean(), {name: t.mean() for name, t in terms.items()})
+
     # -- export ------------------------------------------------------------------------------------
     def token_ties(self, tokens: Tensor, a: Tensor, b: Tensor, tolerance: float) -> Tensor:
         """Features (b, n, dim) and token indices a, b (b, n, Q) -> ok (b, n, Q): per token, the layers
@@ -736,11 +832,16 @@ class ResidualVQ(QuantizerModule):
             return ok
         for bi, ni in (a != b).any(-1).nonzero().tolist():
             residual = z[bi, ni].reshape(1, 1, -1)
+            condition = None  # implicit neural codebook: the sum of the chosen (transformed) codes so far
             for q, layer in enumerate(self.layers):
                 codes = layer.codebook_module.codes.detach()[0].double()
+                if q and self.mlps is not None:
+                    assert condition is not None  # layer 0 ran
+                    codes = transformed_codes(self.mlps[q - 1], condition, codes)
                 ia, ib = int(a[bi, ni, q]), int(b[bi, ni, q])
                 if ia == ib:
                     residual = residual - codes[ia]
+                    condition = codes[ia] if condition is None else condition + codes[ia]
                     continue
                 zq = layer.to_books(residual, torch.float64).reshape(-1)
                 tied = is_tie(zq, codes[ia], codes[ib], cosine=layer.use_cosine_sim, tolerance=tolerance)
@@ -785,6 +886,69 @@ class ResidualVQ(QuantizerModule):
             f"codebook_dim={self.codebook_dim}, shared_codebook={self.shared_codebook}, "
             f"layout={self.layout.kind}"
         )
+
+
+def _implicit_codebook_options(
+    vq_kwargs: dict[str, Any], beam_size: int | None, eval_beam_size: int | None, diveq: bool
+) -> None:
+    """``implicit_neural_codebook=True``: every layer's codebook is trained by gradient (the commitment term
+    reaches the codes through the MLPs), as ``learnable_codebook=True, ema_update=False``; ``vq_kwargs`` are
+    rewritten in place. Options that contradict it, or that vqcore does not combine with it yet, are
+    refused."""
+    for name, value in (("beam_size", beam_size), ("eval_beam_size", eval_beam_size)):
+        if value is not None and value > 1:
+            raise ConfigurationError(
+                f"implicit_neural_codebook=True with {name}={value}: beam search over implicit neural "
+                f"codebooks is not supported yet; leave {name} unset (greedy search)"
+            )
+    layer_output = {
+        "diveq": diveq,
+        "directional_reparam": vq_kwargs.get("directional_reparam", False),
+        "route_gradients_to_input": not vq_kwargs.get("route_gradients_to_input", True),
+        "sync_update_v": vq_kwargs.get("sync_update_v", 0.0) != 0.0,
+    }
+    for name, given in layer_output.items():
+        if given:
+            raise ConfigurationError(
+                f"implicit_neural_codebook=True with {name}: the layers' outputs are the transformed codes "
+                f"with the straight-through or rotation-trick gradient; {name} is not supported with it"
+            )
+    if vq_kwargs.get("ema_update"):
+        raise ConfigurationError(
+            "implicit_neural_codebook=True trains the codes by gradient through the MLPs; ema_update=True "
+            "would move them by EMA too: leave ema_update unset (or False) with implicit_neural_codebook"
+        )
+    if vq_kwargs.get("codebook") is not None:
+        raise ConfigurationError(
+            "implicit_neural_codebook=True builds the layers' gradient-trained codebooks itself; "
+            f"codebook={vq_kwargs['codebook']!r} cannot be combined with it: leave codebook unset"
+        )
+    if vq_kwargs.get("straight_through"):
+        raise ConfigurationError(
+            "straight_through=True (Gumbel straight-through) takes its soft assignment over the plain "
+            "codebook, not the transformed codes of implicit_neural_codebook=True: use the default "
+            "straight-through estimator or rotation_trick=True"
+        )
+    if vq_kwargs.pop("use_cosine_sim", False):  # the built-in cosine codebook, trained by gradient
+        options = {k: vq_kwargs.pop(k) for k in CODEBOOK_OPTIONS if k in vq_kwargs}
+        options = {k: v for k, v in options.items() if k not in ("ema_update", "learnable_codebook")}
+        vq_kwargs.update(codebook="cosine", codebook_kwargs={**options, "ema": False, "learnable": True})
+    else:
+        vq_kwargs.update(learnable_codebook=True, ema_update=False)
+
+
+def _checked_mlp_kwargs(mlp_kwargs: object) -> dict[str, Any]:
+    """mlp_kwargs -> the options of every :class:`ImplicitCodebookMLP` (``dim_hidden``, ``depth``)."""
+    if mlp_kwargs is None:
+        return {}
+    if not isinstance(mlp_kwargs, dict):
+        raise ConfigurationError(f"mlp_kwargs must be a dict, got {type(mlp_kwargs).__name__}")
+    unknown = sorted(set(mlp_kwargs) - {"dim_hidden", "depth"})
+    if unknown:
+        raise ConfigurationError(
+            f"mlp_kwargs takes dim_hidden and depth, got {unknown} (l2norm_output follows use_cosine_sim)"
+        )
+    return dict(mlp_kwargs)
 
 
 def _shared_codebook_keys(module: ResidualVQ, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
