@@ -608,7 +608,8 @@ class ResidualVQ(QuantizerModule):
                 continue
             book_valid = None if valid is None else layer.book_mask(valid)
             zq = layer.to_books(residual)  # (1, b*n, cd); l2-normalised for cosine codebooks
-            if q and self.mlps is not None:  # implicit neural codebook
+            implicit = bool(q) and self.mlps is not None
+            if implicit:  # implicit neural codebook
                 assert total is not None  # layer 0 ran: the layers' outputs so far are the condition
                 step = self._implicit_step(q, zq, total, book_valid, temperature, freeze)
             else:
@@ -630,7 +631,9 @@ class ResidualVQ(QuantizerModule):
                     if fused
                     else layer.estimate(
                         zq,
-                        self._output_codes(layer, zq, code, step.indices, book_valid, freeze),
+                        code
+                        if implicit
+                        else self._output_codes(layer, zq, code, step.indices, book_valid, freeze),
                         step.indices,
                         temperature,
                     )

@@ -184,21 +184,6 @@ def test_reference_kwargs_roundtrip_config():
     assert kwargs["codebook_dim"] == 4 and kwargs["decay"] == 0.9 and kwargs["num_quantizers"] == 2
 
 
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (
-            lambda: vqp.ResidualVQ(dim=8, codebook_size=16, num_quantizers=2, implicit_neural_codebook=True),
-            "implicit_neural_codebook",
-        ),
-    ],
-    ids=["implicit_neural_codebook"],
-)
-def test_unsupported_option_raises(make, match):
-    with pytest.raises(ValueError, match=match):
-        from_reference(make())
-
-
 def test_training_only_option_needs_opt_in():
     # vqcore refuses an in-place optimizer on a codebook shared by every layer (the reference never steps it)
     ref = vqp.ResidualVQ(

@@ -57,6 +57,12 @@ DIFFERENT_DEFAULTS = {
     "rotation_trick=True opts in (plugins/vq.py)",
     ("HierarchicalVQ", "sample_nested_cutoff", "device"): "optional: the draw is made on the CPU unless told",
     ("SimVQ", "__init__", "init_fn"): "None means the identity (a config records no function)",
+    (
+        "ResidualVQ",
+        "__init__",
+        "codebook_size",
+    ): "positional after num_quantizers (vqcore's arguments are not "
+    "keyword-only); leaving it out raises TypeError as a required argument does",
     ("ResidualVQ", "forward", "freeze_codebook"): "None means the layers' own freeze_codebook setting",
     ("GroupedResidualVQ", "forward", "freeze_codebook"): "None means the layers' own freeze_codebook setting",
 }
