@@ -63,6 +63,7 @@ DIFFERENT_DEFAULTS = {
         "codebook_size",
     ): "positional after num_quantizers (vqcore's arguments are not "
     "keyword-only); leaving it out raises TypeError as a required argument does",
+    ("ResidualVQ", "__init__", "mlp_kwargs"): "None means no options (a mutable {} default would be shared)",
     ("ResidualVQ", "forward", "freeze_codebook"): "None means the layers' own freeze_codebook setting",
     ("GroupedResidualVQ", "forward", "freeze_codebook"): "None means the layers' own freeze_codebook setting",
 }
