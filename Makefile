@@ -39,6 +39,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scalar_new.py
 	$(PY) benchmarks/bench_latent.py
 	$(PY) benchmarks/bench_saved.py
+	$(PY) benchmarks/bench_beam.py
+	$(PY) benchmarks/bench_qinco.py
+	$(PY) benchmarks/bench_sim_vq.py
+	$(PY) benchmarks/bench_hierarchical_vq.py
+	$(PY) benchmarks/bench_vq_codebook_options.py
+	$(PY) benchmarks/bench_vq_loss_options.py
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_quality.py
 

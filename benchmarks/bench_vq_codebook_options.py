@@ -93,18 +93,7 @@ def child(lib: str) -> None:
 
 
 def case_affine_memory(cfg: Config) -> list[Row]:
-    results = harness.child_results(__file__, ["vqcore", "reference"], timeout=600)
-    ours, ref = results["vqcore"], results["reference"]
-    rows = [
-        Row("affine_memory", "vqcore", ours["ms"], [ours["ms"]], ratio=1.0),
-        Row("affine_memory", "reference", ref["ms"], [ref["ms"]], ratio=ref["ms"] / ours["ms"]),
-    ]
-    for row, info in zip(rows, (ours, ref), strict=True):
-        row.peak_mib = info["peak_above_baseline_mib"]
-    rows[1].target = "vqcore peak <= reference peak (+10%)"
-    rows[1].passed = ours["peak_above_baseline_mib"] <= 1.1 * ref["peak_above_baseline_mib"] + 0.5
-    rows[0].note = f"one step per fresh process ({ours['method']})"
-    return rows
+    return harness.peak_memory_rows("affine_memory", __file__)
 
 
 CASES = {

@@ -101,18 +101,7 @@ def child(lib: str) -> None:
 
 
 def case_diversity_memory(cfg: Config) -> list[Row]:
-    results = harness.child_results(__file__, ["vqcore", "reference"], timeout=600)
-    ours, ref = results["vqcore"], results["reference"]
-    rows = [
-        Row("diversity_memory", "vqcore", ours["ms"], [ours["ms"]], ratio=1.0),
-        Row("diversity_memory", "reference", ref["ms"], [ref["ms"]], ratio=ref["ms"] / ours["ms"]),
-    ]
-    for row, info in zip(rows, (ours, ref), strict=True):
-        row.peak_mib = info["peak_above_baseline_mib"]
-    rows[1].target = "vqcore peak <= reference peak (+10%)"
-    rows[1].passed = ours["peak_above_baseline_mib"] <= 1.1 * ref["peak_above_baseline_mib"] + 0.5
-    rows[0].note = f"one step per fresh process ({ours['method']})"
-    return rows
+    return harness.peak_memory_rows("diversity_memory", __file__)
 
 
 CASES = {f"{option}_{mode}": make_case(option, mode) for option in OPTIONS for mode in ("train", "eval")}

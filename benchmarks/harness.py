@@ -351,6 +351,24 @@ def child_results(script: str, names: Sequence[str], timeout: float | None = Non
     return results
 
 
+def peak_memory_rows(case: str, script: str, timeout: float = 600) -> list[Row]:
+    """The side-by-side peak-memory case of ``script``: its ``child("vqcore")`` and ``child("reference")``
+    each run one step in a fresh process (:func:`child_results`); two rows with their wall times and peak
+    RSS above baseline, the reference's row carrying the target "vqcore peak <= reference peak (+10%)"."""
+    results = child_results(script, ["vqcore", "reference"], timeout=timeout)
+    ours, ref = results["vqcore"], results["reference"]
+    rows = [
+        Row(case, "vqcore", ours["ms"], [ours["ms"]], ratio=1.0),
+        Row(case, "reference", ref["ms"], [ref["ms"]], ratio=ref["ms"] / ours["ms"]),
+    ]
+    for row, info in zip(rows, (ours, ref), strict=True):
+        row.peak_mib = info["peak_above_baseline_mib"]
+    rows[1].target = "vqcore peak <= reference peak (+10%)"
+    rows[1].passed = ours["peak_above_baseline_mib"] <= 1.1 * ref["peak_above_baseline_mib"] + 0.5
+    rows[0].note = f"one step per fresh process ({ours['method']})"
+    return rows
+
+
 def attach_peaks(rows: list[Row], peaks: dict[str, dict], describe: Callable[[dict], str]) -> list[Row]:
     """Give each row its implementation's peak from :func:`child_results` (``peak_above_baseline_mib``),
     and ``describe(that child's result)`` after the row's note."""

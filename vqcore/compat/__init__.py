@@ -9,9 +9,10 @@ per head, so pass ``codebook_dim`` explicitly when converting a module with head
 
 Supported: ``VectorQuantize``, ``ResidualVQ``, ``GroupedResidualVQ``, ``FSQ``, ``ResidualFSQ``,
 ``GroupedResidualFSQ``, ``FSP``, ``LFQ``, ``ResidualLFQ``, ``GroupedResidualLFQ``, ``BinaryMapper``,
-``LatentQuantize``, and any reference class a plugin registers a converter for (``vqcore list --all``
-shows them). An ``EvoLFQ`` holds the user's encoder and decoder: convert its ``lfq``. Reference options that
-vqcore does not implement raise a ``ValueError`` naming them. Options that only change training (losses,
+``LatentQuantize``, ``SimVQ``, ``ResidualSimVQ``, ``HierarchicalVQ``, and any reference class a plugin
+registers a converter for (``vqcore list --all`` shows them). An ``EvoLFQ`` holds the user's encoder
+and decoder: convert its ``lfq``. Reference options that vqcore does not implement raise a ``ValueError``
+naming them. Options that only change training (losses,
 gradient routing, the precision of the quantization step) raise too unless
 ``allow_training_differences=True``: the converted module then gives the reference's eval outputs (for
 float32 inputs), while training follows vqcore's semantics. vqcore's own training semantics differ on
