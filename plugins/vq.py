@@ -266,13 +266,13 @@ def codebook_from_options(
     if codebook is not None:
         given = [k for k, v in options.items() if v != defaults[k]]
         if given:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{', '.join(given)} configure the built-in codebooks (codebook=None); with "
                 f"codebook={codebook!r} pass the codebook's own options in codebook_kwargs"
             )
         return build_codebook(codebook, size=size, dim=dim, books=books, **(codebook_kwargs or {}))
     if codebook_kwargs:
-        raise ValueError(
+        raise ConfigurationError(
             "codebook_kwargs are the options of a codebook given by name: pass codebook=<name> too"
         )
     bridge = options["vq_bridge"]
@@ -429,18 +429,18 @@ class VectorQuantize(QuantizerModule):
         check_positive_int(heads, "heads")
         if codebook_dim is None:
             if dim % heads:
-                raise ValueError(
+                raise ConfigurationError(
                     f"dim ({dim}) must be divisible by heads ({heads}) when codebook_dim is not given"
                 )
             codebook_dim = dim // heads
         check_positive_int(codebook_dim, "codebook_dim")
         if commitment_weight < 0 or orthogonal_reg_weight < 0:
-            raise ValueError("commitment_weight and orthogonal_reg_weight must be >= 0")
+            raise ConfigurationError("commitment_weight and orthogonal_reg_weight must be >= 0")
         if sample_codebook_temp < 0:
-            raise ValueError(f"sample_codebook_temp must be >= 0, got {sample_codebook_temp}")
+            raise ConfigurationError(f"sample_codebook_temp must be >= 0, got {sample_codebook_temp}")
         separate = separate_codebook_per_head and heads > 1
         if orthogonal_reg_active_codes_only and separate:
-            raise ValueError(
+            raise ConfigurationError(
                 "orthogonal_reg_active_codes_only is not supported with separate_codebook_per_head"
             )
         if orthogonal_reg_max_codes is not None:
@@ -545,10 +545,12 @@ class VectorQuantize(QuantizerModule):
     ) -> Estimator:
         if estimator is not None:
             if rotation_trick or straight_through:
-                raise ValueError("pass either estimator or rotation_trick / straight_through, not both")
+                raise ConfigurationError(
+                    "pass either estimator or rotation_trick / straight_through, not both"
+                )
             return resolve_estimator(estimator)
         if rotation_trick and straight_through:
-            raise ValueError(
+            raise ConfigurationError(
                 "rotation_trick and straight_through (Gumbel straight-through) exclude each other"
             )
         if rotation_trick:
