@@ -419,6 +419,11 @@ class ResidualVQ(QuantizerModule):
         (:func:`vqcore.blocks.beam.beam_search`; the cost of a code is its commitment MSE). In training
         mode each layer's codebook is prepared (k-means) on the residuals of every kept path of the
         ``valid`` (N,) tokens first. No gradient."""
+        if self.mlps is not None:
+            raise ValueError(
+                "beam search over implicit neural codebooks (implicit_neural_codebook=True) is not supported "
+                "yet: use beam_size=1 (greedy search)"
+            )
         n = z.shape[0]
 
         def search(q: int, residual: Tensor, condition: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -527,6 +532,11 @@ class ResidualVQ(QuantizerModule):
                 raise ValueError(
                     f"beam_size={beam_size} searches deterministically, but the layers sample their codes "
                     "in training (stochastic_sample_codes=True): call with beam_size=1, or in eval mode"
+                )
+            if beam_size > 1 and self.mlps is not None:
+                raise ValueError(
+                    f"beam_size={beam_size} with implicit_neural_codebook=True: beam search over implicit "
+                    "neural codebooks is not supported yet; call with beam_size=1 (greedy search)"
                 )
         else:
             beam_size = self.beam_size if self.training else self.eval_beam_size

@@ -526,3 +526,17 @@ def test_grouped_converter_carries_every_groups_mlps():
         out, indices, _ = mine(x)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_a_beam_asked_per_call_is_refused_with_the_implicit_codebook_and_changes_no_state():
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, implicit_neural_codebook=True)
+    state = snapshot(rvq)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="beam_size=2 with implicit_neural_codebook=True"):
+        rvq(x, beam_size=2)
+    with pytest.raises(ValueError, match="beam search over implicit neural codebooks"):
+        rvq.encode_tokens(x, beam_size=3)
+    for key, value in rvq.state_dict().items():
+        assert torch.equal(value, state[key])
+    with pytest.raises(ConfigurationError, match="implicit_neural_codebook=True with beam_size=4"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, implicit_neural_codebook=True, beam_size=4)
