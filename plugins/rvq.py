@@ -333,6 +333,7 @@ class ResidualVQ(QuantizerModule):
                 dim=codebook_dim,
                 books=1,
                 parameter=vq_kwargs.get("orthogonal_reg_weight", 0.0) > 0,
+                directional_reparam=bool(vq_kwargs.get("directional_reparam", False)),
                 **options,
             )
         self.layers = cast(

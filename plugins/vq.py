@@ -448,7 +448,8 @@ class VectorQuantize(QuantizerModule):
         _check_estimator_options(
             directional_reparam=directional_reparam,
             directional_reparam_variance=directional_reparam_variance,
-            threshold_ema_dead_code=threshold_ema_dead_code,
+            # a codebook object (a residual stack's shared one) carries its own dead-code threshold
+            threshold_ema_dead_code=getattr(codebook, "threshold_ema_dead_code", threshold_ema_dead_code),
             rotation_trick=rotation_trick,
             straight_through=straight_through,
             estimator=estimator,

@@ -353,3 +353,25 @@ def test_layer_output_options_reach_the_layers_as_in_a_vector_quantize(options):
         assert xb.grad is None
     else:
         torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_a_shared_codebook_follows_the_layers_directional_reparam():
+    """DiVeQ in the layers of a shared-codebook stack: the one codebook is gradient-trained (no EMA) and
+    its dead-code threshold is the one the DiVeQ check reads."""
+    rvq = ResidualVQ(
+        dim=8,
+        codebook_size=16,
+        num_quantizers=2,
+        shared_codebook=True,
+        directional_reparam=True,
+        threshold_ema_dead_code=1,
+    )
+    book = rvq.layers[0].codebook_module
+    assert book is rvq.layers[1].codebook_module
+    assert book.trained_by_gradient and not rvq.layers[0].ema_update
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    out, _, _ = rvq(x)
+    out.sum().backward()
+    assert book.codes.grad is not None and x.grad is not None
+    with pytest.raises(ConfigurationError, match="threshold_ema_dead_code > 0"):
+        ResidualVQ(dim=8, codebook_size=16, num_quantizers=2, shared_codebook=True, directional_reparam=True)
