@@ -247,8 +247,8 @@ class ResidualVQ(QuantizerModule):
     ``accept_3d_fmap``; the indices keep the positions and gain a trailing Q axis.
 
     The layers are VectorQuantize modules used through their public API only (``to_books``,
-    ``quantize_books``, ``estimate``, ``step_codebook_``, ``codebook_module``); a shared codebook is one
-    codebook object passed to every layer as its ``codebook``.
+    ``quantize_books``, ``output_codes``, ``estimate``, ``straight_through_output``, ``step_codebook_``,
+    ``codebook_module``); a shared codebook is one codebook object passed to every layer as its ``codebook``.
     """
 
     layers: Sequence[VectorQuantize]  # an nn.ModuleList (whose items torch types as plain Modules)
