@@ -28,21 +28,10 @@ import sys
 
 import harness
 import torch
-from harness import Config, Impl, Row, build, eval_call, run_case, train_call
+from harness import Config, Impl, Row, build, eval_call, side_by_side, train_call
 
 FMAP = (8, 256, 16, 16)
 HVQ = dict(dim=256, codebook_size=4096, scales=(1, 2, 4, 8, 16), accept_image_fmap=True)
-
-
-def no_slower(rows: list[Row]) -> list[Row]:
-    rows[1].target = "vqcore no slower (ratio >= 0.9)"
-    rows[1].passed = rows[1].ratio >= 0.9
-    return rows
-
-
-def side_by_side(case: str, impls: list[Impl], cfg: Config, reps: int = 9, warmup: int = 2) -> list[Row]:
-    torch.manual_seed(0)
-    return no_slower(run_case(case, impls, cfg, reps, warmup))
 
 
 def _trained(lib: str, x: torch.Tensor):

@@ -35,24 +35,13 @@ import sys
 
 import harness
 import torch
-from harness import Config, Impl, Row, build, eval_call, run_case, train_call
+from harness import Config, Impl, Row, build, eval_call, run_case, side_by_side, train_call
 from torch import nn
 
 IMAGE = (4, 16, 32, 32)
 SEQUENCE = (4, 16, 1024)
 LATENT = dict(levels=[5, 5, 8], dim=16)
 EVO_LFQ = dict(dim=16, codebook_size=65536)
-
-
-def no_slower(rows: list[Row]) -> list[Row]:
-    rows[1].target = "vqcore no slower (ratio >= 0.9)"
-    rows[1].passed = rows[1].ratio >= 0.9
-    return rows
-
-
-def side_by_side(case: str, impls: list[Impl], cfg: Config, reps: int = 9, warmup: int = 2) -> list[Row]:
-    torch.manual_seed(0)
-    return no_slower(run_case(case, impls, cfg, reps, warmup))
 
 
 def case_latent_train(cfg: Config) -> list[Row]:

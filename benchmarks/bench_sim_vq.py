@@ -28,7 +28,7 @@ import sys
 
 import harness
 import torch
-from harness import Config, Impl, Row, build, eval_call, run_case, train_call
+from harness import Config, Impl, Row, build, eval_call, side_by_side, train_call
 
 TOKENS = (4, 1024, 256)
 SIM = dict(dim=256, codebook_size=1024)
@@ -44,17 +44,6 @@ def pair(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     ours = build("vqcore", cls, **kwargs)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
-
-
-def no_slower(rows: list[Row]) -> list[Row]:
-    rows[1].target = "vqcore no slower (ratio >= 0.9)"
-    rows[1].passed = rows[1].ratio >= 0.9
-    return rows
-
-
-def side_by_side(case: str, impls: list[Impl], cfg: Config, reps: int = 9, warmup: int = 2) -> list[Row]:
-    torch.manual_seed(0)
-    return no_slower(run_case(case, impls, cfg, reps, warmup))
 
 
 def _train(kind: str, cfg: Config) -> list[Row]:

@@ -30,7 +30,7 @@ import sys
 
 import harness
 import torch
-from harness import Config, Impl, Row, build, eval_call, run_case, train_call
+from harness import Config, Impl, Row, build, eval_call, side_by_side, train_call
 from torch import nn
 
 SHAPE = (8, 512, 256)
@@ -52,14 +52,6 @@ def options(lib: str, case: str) -> dict:
 def quantizer(lib: str, case: str):
     torch.manual_seed(0)
     return build(lib, "VectorQuantize", **options(lib, case))
-
-
-def side_by_side(case: str, impls: list[Impl], cfg: Config, reps: int = 9, warmup: int = 2) -> list[Row]:
-    torch.manual_seed(0)
-    rows = run_case(case, impls, cfg, reps, warmup)
-    rows[1].target = "vqcore no slower (ratio >= 0.9)"
-    rows[1].passed = rows[1].ratio >= 0.9
-    return rows
 
 
 def training(case: str):

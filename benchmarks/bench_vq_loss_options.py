@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import harness
 import torch
-from harness import Config, Impl, Row, build, run_case
+from harness import Config, Impl, Row, build, side_by_side
 
 SHAPE = (4, 1024, 64)
 BASE = dict(dim=64, codebook_size=512, rotation_trick=False)
@@ -68,14 +68,6 @@ def eval_forward(module, x: torch.Tensor, **forward: object) -> Callable[[], obj
             return module(x, **forward)
 
     return call
-
-
-def side_by_side(case: str, impls: list[Impl], cfg: Config) -> list[Row]:
-    torch.manual_seed(0)
-    rows = run_case(case, impls, cfg, 9, 2)
-    rows[1].target = "vqcore no slower (ratio >= 0.9)"
-    rows[1].passed = rows[1].ratio >= 0.9
-    return rows
 
 
 def make_case(option: str, mode: str) -> Callable[[Config], list[Row]]:

@@ -256,6 +256,21 @@ def run_case(
     return rows_from_timing(case, interleaved(impls, reps, warmup, Noise(cfg.wait_budget_s)))
 
 
+def target_no_slower(rows: list[Row]) -> list[Row]:
+    """The reference's row (``rows[1]``) of a vqcore-against-reference pair gets the target "vqcore no
+    slower" (ratio >= 0.9, the noise margin of these runs)."""
+    rows[1].target = "vqcore no slower (ratio >= 0.9)"
+    rows[1].passed = rows[1].ratio >= 0.9
+    return rows
+
+
+def side_by_side(case: str, impls: Sequence[Impl], cfg: Config, reps: int = 9, warmup: int = 2) -> list[Row]:
+    """vqcore's and the reference's calls (``impls``, vqcore first) timed interleaved after seeding torch,
+    with the target "vqcore no slower" (:func:`target_no_slower`)."""
+    torch.manual_seed(0)
+    return target_no_slower(run_case(case, impls, cfg, reps, warmup))
+
+
 def target_faster(row: Row, factor: float) -> None:
     """Reference rows: vqcore must be >= factor times faster."""
     row.target = f"vqcore >= {factor:g}x faster"
