@@ -67,6 +67,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -77,6 +78,7 @@ from vqcore.blocks.distributed import broadcast_, should_sync
 from vqcore.blocks.layout import TokenLayout, token_mask
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.validation import check_float, check_indices, check_positive_int, check_tensor
+from vqcore.book_layout import BookAxis, BookLayout
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
@@ -123,6 +125,37 @@ def level_shape_of(scale: object, spatial_dims: int, what: str = "each entry of 
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigurationError(f"{what} must hold positive ints, got {scale!r}")
     return shape
+
+
+@dataclass(frozen=True)
+class LevelBookLayout(BookLayout):
+    """The levels of :class:`HierarchicalVQ` as books: the indices are the tuple of the levels' maps or
+    their packed ``(b, S)`` form, whose last axis holds ``level_cells[l]`` cells of each level in turn."""
+
+    level_cells: tuple[int, ...] = ()
+
+    def check(self, indices: Any, what: str = "indices") -> None:
+        for level in self._levels(indices, what):
+            if level.is_floating_point() or level.dtype == torch.bool:
+                raise TypeError(f"{what} must be integer tensors, got {level.dtype}")
+
+    def books_first(self, indices: Any) -> Tensor:
+        levels = [level.reshape(-1).long() for level in self._levels(indices, "indices")]
+        longest = max(level.numel() for level in levels)
+        return torch.stack([F.pad(level, (0, longest - level.numel()), value=-1) for level in levels])
+
+    def _levels(self, indices: Any, what: str) -> tuple[Tensor, ...]:
+        if isinstance(indices, Tensor):
+            total = sum(self.level_cells)
+            if indices.ndim != 2 or indices.shape[1] != total:
+                raise ValueError(
+                    f"packed {what} must be (batch, {total}): the levels' {list(self.level_cells)} cells; "
+                    f"got shape {tuple(indices.shape)}"
+                )
+            return tuple(indices.split(self.level_cells, dim=1))
+        if not isinstance(indices, (tuple, list)) or len(indices) != len(self.level_cells):
+            raise ValueError(f"{what} must hold one index map per level ({len(self.level_cells)})")
+        return tuple(indices)
 
 
 class Phi(nn.Module):
@@ -275,6 +308,13 @@ class HierarchicalVQ(QuantizerModule):
     def num_codebooks(self) -> int:
         """How many codebooks the levels use: 1 when shared, else one per level."""
         return 1 if self.shared_codebook else self.num_levels
+
+    def book_layout(self) -> LevelBookLayout:
+        """One book per level (a shared codebook is counted per level): the forward's tuple of the
+        levels' maps or encode's packed ``(b, S)`` (vqcore.book_layout)."""
+        return LevelBookLayout(
+            (BookAxis("level", -1, self.num_levels),), self.codebook_sizes, None, self.level_sizes
+        )
 
     # -- the levels' parts ---------------------------------------------------------------------------
     def get_vq(self, level_index: int) -> VectorQuantize:

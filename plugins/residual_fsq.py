@@ -38,6 +38,7 @@ from vqcore.blocks.residual import (
     zero_dropped,
 )
 from vqcore.blocks.validation import check_positive_int, check_tensor
+from vqcore.book_layout import BookLayout
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
@@ -183,6 +184,10 @@ class ResidualFSQ(Float32State, QuantizerModule):
     @property
     def num_codebooks(self) -> int:
         return 1
+
+    def book_layout(self) -> BookLayout:
+        """The books of the indices ``(..., layers)``: one per layer (vqcore.book_layout)."""
+        return BookLayout.residual_stack(self.codebook_sizes)
 
     @property
     def codebooks(self) -> Tensor:

@@ -44,6 +44,7 @@ from vqcore.blocks.residual import (
 )
 from vqcore.blocks.rotation import unrotate
 from vqcore.blocks.validation import check_positive_int
+from vqcore.book_layout import BookLayout
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
 from vqcore.plugins.lfq import (
@@ -155,6 +156,10 @@ class ResidualLFQ(QuantizerModule):
     @property
     def num_codebooks(self) -> int:
         return 1
+
+    def book_layout(self) -> BookLayout:
+        """The books of the indices ``(..., layers)``: one per layer (vqcore.book_layout)."""
+        return BookLayout.residual_stack(self.codebook_sizes)
 
     @property
     def codebooks(self) -> Tensor:

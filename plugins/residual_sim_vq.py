@@ -38,6 +38,7 @@ from vqcore.blocks.distance import is_tie
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.residual import QuantizeDropout, pad_layers, sum_layers
 from vqcore.blocks.validation import check_positive_int
+from vqcore.book_layout import BookLayout
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
@@ -130,6 +131,10 @@ class ResidualSimVQ(QuantizerModule):
     @property
     def num_codebooks(self) -> int:
         return self.num_quantizers
+
+    def book_layout(self) -> BookLayout:
+        """The books of the indices ``(..., layers)``: one per layer (vqcore.book_layout)."""
+        return BookLayout.residual_stack(self.codebook_sizes)
 
     @property
     def codebooks(self) -> Tensor:

@@ -99,6 +99,7 @@ from vqcore.blocks.losses import (
 from vqcore.blocks.precision import float32_region
 from vqcore.blocks.projection import project_from, project_into, projection_pair
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
+from vqcore.book_layout import BookLayout
 from vqcore.errors import ConfigurationError
 from vqcore.hookspecs import hookimpl
 from vqcore.module import QuantizerModule
@@ -586,6 +587,11 @@ class VectorQuantize(QuantizerModule):
     @property
     def num_codebooks(self) -> int:
         return self._codebook.books
+
+    def book_layout(self) -> BookLayout:
+        """The books of the indices: one, or a trailing axis of ``heads`` (a shared codebook is counted
+        per head)."""
+        return BookLayout.trailing("head", self.heads, self.codebook_size)
 
     @property
     def use_cosine_sim(self) -> bool:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"contracts": 0, "blocks": 1, "plugins": 2, "export": 3, "apps": 4}
 # the registry loads the built-in plugins: the one place the contracts refer to the methods
 ALLOWED = {("vqcore.registry", "vqcore.plugins")}
-KNOW_NO_METHOD = ("vqcore.export", "vqcore.compat", "vqcore.testing")
+KNOW_NO_METHOD = ("vqcore.export", "vqcore.compat", "vqcore.testing", "vqcore.metrics")
 
 
 def _module_name(path: Path) -> str:
@@ -38,7 +38,7 @@ def _layer(module: str) -> str:
         return "blocks"
     if second in ("plugins", "export"):
         return second
-    if second in ("cli", "compat", "testing", "__main__"):
+    if second in ("cli", "compat", "testing", "metrics", "__main__"):
         return "apps"
     return "contracts"
 

@@ -43,7 +43,8 @@ class Quantizer(Protocol):
     sequence axes: no Python branches on tensor values there.
 
     Optional members the export layer uses when present: ``export_tie_check(x, a, b, tolerance)``
-    and ``export_metadata()`` (see :class:`SupportsExportTieCheck`, :class:`SupportsExportMetadata`).
+    and ``export_metadata()`` (see :class:`SupportsExportTieCheck`, :class:`SupportsExportMetadata`);
+    the codebook monitor uses ``book_layout()`` (:class:`SupportsBookLayout`).
     """
 
     dim: int
@@ -169,6 +170,16 @@ class SupportsExportMetadata(Protocol):
     """Optional Quantizer member: JSON-serialisable hyper-parameters embedded in exported artifacts."""
 
     def export_metadata(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class SupportsBookLayout(Protocol):
+    """Optional Quantizer member: where the books (heads, residual layers, groups, codebooks) are in the
+    indices, as a :class:`vqcore.book_layout.BookLayout`. Without it, readers of indices (the codebook
+    monitor, :mod:`vqcore.metrics`) assume one book when ``num_codebooks == 1``, else a trailing axis of
+    ``num_codebooks`` books of ``codebook_size`` codes each."""
+
+    def book_layout(self) -> Any: ...
 
 
 @runtime_checkable

@@ -29,6 +29,7 @@ from vqcore.blocks.distributed import broadcast_, should_sync
 from vqcore.blocks.layout import TokenLayout, auto_index_layout, token_mask
 from vqcore.blocks.projection import project_from
 from vqcore.blocks.validation import check_indices, check_positive_int, check_tensor
+from vqcore.book_layout import BookLayout
 from vqcore.errors import ConfigurationError
 from vqcore.module import QuantizerModule
 from vqcore.protocols import DROPPED_INDEX
@@ -233,6 +234,11 @@ class GroupedStacks(QuantizerModule, Generic[Stack]):
     @property
     def num_codebooks(self) -> int:
         return self.groups * self.num_quantizers
+
+    def book_layout(self) -> BookLayout:
+        """The books of the indices ``(groups, ..., layers)``: one per group and layer
+        (vqcore.book_layout)."""
+        return BookLayout.residual_stack(tuple(self.rvqs[0].codebook_sizes)).grouped(self.groups)
 
     @property
     def codebooks(self) -> Tensor | tuple[Tensor | tuple[Tensor, ...], ...]:
