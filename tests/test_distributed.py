@@ -144,6 +144,23 @@ def scenario_ddp(rank, world):
     return snapshot(model)
 
 
+def scenario_monitor(rank, world):
+    """Codebook monitor on a training ResidualVQ (per-layer errors in the hooks) and an eval encode: the
+    report is read on every rank (the counts are summed over ranks when read)."""
+    from vqcore import ResidualVQ
+    from vqcore.metrics import CodebookMonitor
+
+    torch.manual_seed(5)
+    rvq = ResidualVQ(dim=8, codebook_size=16, num_quantizers=2, decay=0.8).train()
+    monitor = CodebookMonitor(rvq, layer_errors=True, name="rvq")
+    xs = data(7, STEPS, (8, 10, 8))
+    for x in xs:
+        rvq(shard(x, rank, world))
+    rvq.eval()
+    rvq.encode(shard(xs[0], rank, world))
+    return {"report": monitor.report(), "counts": monitor.counts()}
+
+
 def eval_on_rank0_only(rank):
     """Eval forwards, encode and decode on rank 0 alone, with sync forced: no collective may run."""
     from vqcore import LFQ, ResidualVQ, VectorQuantize
@@ -172,6 +189,7 @@ SCENARIOS = {
     "rvq_dropout": scenario_rvq_dropout,
     "lfq": scenario_lfq,
     "ddp": scenario_ddp,
+    "monitor": scenario_monitor,
 }
 
 
@@ -280,6 +298,19 @@ def test_lfq_entropy_over_the_global_batch(ranks):
     grad = torch.cat([r["lfq"]["grad"] for r in ranks]) / WORLD
     torch.testing.assert_close(grad, single["grad"], rtol=1e-4, atol=1e-7)
     assert single["grad"].abs().sum() > 0
+
+
+def test_codebook_monitor_report_equals_one_process_on_the_concatenated_data(ranks):
+    single = scenario_monitor(0, 1)
+    for r in ranks:
+        got, want = r["monitor"]["report"], single["report"]
+        assert got.keys() == want.keys() and "rvq/layer1/energy_share" in want
+        for key in want:  # counts (tokens, used codes, perplexity, ...) exactly; error sums to rounding
+            exact = not key.endswith(("mse", "error", "energy_share"))
+            assert got[key] == want[key] if exact else got[key] == pytest.approx(want[key], rel=1e-6), key
+        for book, counts in single["counts"].items():
+            assert torch.equal(r["monitor"]["counts"][book], counts), book
+    assert single["report"]["rvq/layer0/tokens"] == (STEPS + 1) * 80
 
 
 def test_eval_on_rank0_alone_does_not_hang(ranks):

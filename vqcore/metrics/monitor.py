@@ -40,7 +40,20 @@ from vqcore.module import get_config
 
 EXACT_LIMIT = 2**24
 SKETCH_BUCKETS = 2**22
-_HASH_MULTIPLIER = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (Fibonacci hashing)
+# splitmix64's finaliser constants as signed int64 (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_MIX = (-4658895280553007687, -7723592293110705685)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 (wrapping products, logical shifts): a random-looking hash, which the
+    linear-counting estimate assumes (a multiplicative hash spreads consecutive codes too evenly)."""
+
+    def shifted(v: Tensor, s: int) -> Tensor:
+        return (v >> s) & ((1 << (64 - s)) - 1)
+
+    x = (x ^ shifted(x, 30)) * _MIX[0]
+    x = (x ^ shifted(x, 27)) * _MIX[1]
+    return x ^ shifted(x, 31)
 
 
 def _not_observable() -> bool:
@@ -279,8 +292,7 @@ class CodebookMonitor:
         books = self.layout.books_first(indices)
         position = books
         if self._any_hashed:
-            mixed = (books * _HASH_MULTIPLIER) >> (64 - self.sketch_bits)
-            position = torch.where(self._hashed, mixed & ((1 << self.sketch_bits) - 1), books)
+            position = torch.where(self._hashed, _mix64(books) & ((1 << self.sketch_bits) - 1), books)
         position = torch.where(
             books < 0, self._width + 1, torch.where(books >= self._sizes, self._width, position)
         )
