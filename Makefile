@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_hierarchical_vq.py
 	$(PY) benchmarks/bench_vq_codebook_options.py
 	$(PY) benchmarks/bench_vq_loss_options.py
+	$(PY) benchmarks/bench_monitor.py
 	$(PY) benchmarks/bench_export.py
 	$(PY) benchmarks/bench_quality.py
 

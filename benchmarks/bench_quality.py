@@ -9,8 +9,8 @@
   method's own loss), LatentQuantize levels [4, 4, 4, 4].
 
 The fit is on the 1,438 train images; MSE is reported on them (the k-means objective) and on the 359
-held-out images. Usage and perplexity on the train images. Prints a markdown table and writes it to
-benchmarks/results/quality.md.
+held-out images. Usage and perplexity on the train images, by ``vqcore.metrics.CodebookMonitor``. Prints
+a markdown table and writes it to benchmarks/results/quality.md.
 
     python benchmarks/bench_quality.py [--threads 1] [--ema-steps 150] [--steps 4000] [--lr 1e-2]
 """
@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from vqcore import create
-from vqcore.cli.demo import code_statistics, load_digits_vectors
+from vqcore.book_layout import BookLayout
+from vqcore.cli.demo import load_digits_vectors
+from vqcore.metrics import CodebookMonitor
 
 BITS = 8
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
@@ -102,11 +104,14 @@ def fit_adam(quantizer, train: torch.Tensor, steps: int, lr: float = 1e-2, seed:
     return eval_reconstruct(quantizer)
 
 
-def layer_stats(indices: torch.Tensor, size: int, n: int) -> tuple[float, float]:
-    """(min usage over layers, mean perplexity over layers)."""
-    flat = indices.reshape(n, -1)
-    stats = [code_statistics(flat[:, q], size) for q in range(flat.shape[1])]
-    return min(s[0] for s in stats), sum(s[1] for s in stats) / len(stats)
+def layer_stats(source, indices: torch.Tensor) -> tuple[float, float]:
+    """(min usage over books, mean perplexity over books) by a CodebookMonitor of ``source`` (a quantizer,
+    or the BookLayout of indices from elsewhere)."""
+    monitor = CodebookMonitor(source, hooks=False, name="q")
+    monitor.update(indices)
+    report = monitor.report()
+    books = [f"q/{b.name}/" if b.name else "q/" for b in monitor.books]
+    return min(report[b + "usage"] for b in books), sum(report[b + "perplexity"] for b in books) / len(books)
 
 
 def main(argv=None) -> int:
@@ -129,10 +134,10 @@ def main(argv=None) -> int:
 
     rows = []
 
-    def report(name, bits, fn, size, seconds):
+    def report(name, bits, fn, size, seconds, source):
         rec_train, idx = fn(train)
         rec_test, _ = fn(test)
-        usage, ppl = layer_stats(idx, size, train.shape[0])
+        usage, ppl = layer_stats(source, idx)
         rows.append(
             dict(
                 name=name,
@@ -175,7 +180,7 @@ def main(argv=None) -> int:
     )
 
     fn, s = timed(lambda: faiss_kmeans(train, 2**BITS, args.seed))
-    report("faiss k-means, 256 centroids (niter 100, best of 3)", BITS, fn, 256, s)
+    report("faiss k-means, 256 centroids (niter 100, best of 3)", BITS, fn, 256, s, BookLayout.single(256))
 
     vq = create(
         "vq",
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
         threshold_ema_dead_code=1.0,
     )
     fn, s = timed(lambda: fit_ema(vq, train, args.ema_steps, 30))
-    report("VectorQuantize 256, kmeans_init + EMA (decay 0.8, expiry < 1)", BITS, fn, 256, s)
+    report("VectorQuantize 256, kmeans_init + EMA (decay 0.8, expiry < 1)", BITS, fn, 256, s, vq)
 
     rvq = create(
         "rvq",
@@ -200,19 +205,19 @@ def main(argv=None) -> int:
         threshold_ema_dead_code=1.0,
     )
     fn, s = timed(lambda: fit_ema(rvq, train, args.ema_steps, 30))
-    report("ResidualVQ 2 x 16, kmeans_init + EMA", BITS, fn, 16, s)
+    report("ResidualVQ 2 x 16, kmeans_init + EMA", BITS, fn, 16, s, rvq)
 
     fsq = create("fsq", dim=dim, levels=[4, 4, 4, 4])
     fn, s = timed(lambda: fit_adam(fsq, train, args.steps, lr=args.lr, seed=args.seed))
-    report("FSQ [4, 4, 4, 4], learned 64 -> 4 -> 64 projections", BITS, fn, 256, s)
+    report("FSQ [4, 4, 4, 4], learned 64 -> 4 -> 64 projections", BITS, fn, 256, s, fsq)
 
     lfq = create("lfq", dim=dim, codebook_size=256, entropy_loss_weight=0.1)
     fn, s = timed(lambda: fit_adam(lfq, train, args.steps, lr=args.lr, seed=args.seed))
-    report("LFQ 256, learned 64 -> 8 -> 64 projections", BITS, fn, 256, s)
+    report("LFQ 256, learned 64 -> 8 -> 64 projections", BITS, fn, 256, s, lfq)
 
     latent = create("latent", dim=dim, levels=[4, 4, 4, 4])
     fn, s = timed(lambda: fit_adam(latent, train, args.steps, lr=args.lr, seed=args.seed))
-    report("LatentQuantize [4, 4, 4, 4], learned projections and values", BITS, fn, 256, s)
+    report("LatentQuantize [4, 4, 4, 4], learned projections and values", BITS, fn, 256, s, latent)
 
     ref = rows[1]["train"]
     vq_row = rows[2]

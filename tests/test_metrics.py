@@ -462,7 +462,7 @@ def test_bad_options_and_update_input():
         monitor.update(torch.zeros(2, 3))
     with pytest.raises(ValueError, match=r"x of shape \(1, 3, 2\).*\(1, 2, 2\)"):
         monitor.update(torch.zeros(1, 2, dtype=torch.long), x=torch.zeros(1, 3, 2))
-    assert monitor.report()[f"{monitor.name}/tokens"] == 2  # counted before the error check on x
+    assert monitor.report()[f"{monitor.name}/tokens"] == 0  # a refused update counts nothing
 
 
 def test_book_layout_of_plugins_and_builtins():
@@ -507,3 +507,17 @@ def test_plot_and_table(tmp_path):
     )
     path = monitor.plot(tmp_path / "usage.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_book_layout_counts_indices_from_elsewhere():
+    monitor = CodebookMonitor(BookLayout.trailing("codebook", 2, 4))
+    assert monitor.name == "codes" and not monitor.attached
+    monitor.update(torch.tensor([[0, 3], [1, 3], [-1, 3]]))
+    counts = monitor.counts()
+    assert counts["codebook0"].tolist() == [1, 1, 0, 0] and counts["codebook1"].tolist() == [0, 0, 0, 3]
+    with pytest.raises(ValueError, match="no decode: pass quantized"):
+        monitor.update(torch.zeros(1, 2, dtype=torch.long), x=torch.zeros(1, 2, 1))
+    assert monitor.report()["codes/codebook0/tokens"] == 2  # the refused update counted nothing
+    x, q = torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]])
+    monitor.update(torch.zeros(1, 2, dtype=torch.long), x=x, quantized=q)
+    assert monitor.report()["codes/relative_error"] == pytest.approx(1 / 5)

@@ -111,7 +111,7 @@ class BookLayout:
                 return axis
         raise KeyError(f"BookLayout has no axis {name!r}; its axes are {[a.name for a in self.axes]}")
 
-    def check(self, indices: Tensor, what: str = "indices") -> None:
+    def check(self, indices: Any, what: str = "indices") -> None:
         """Raise a ValueError when ``indices`` cannot hold this layout's book axes (shapes only: no sync)."""
         if not isinstance(indices, Tensor):
             raise TypeError(f"{what} must be a tensor, got {type(indices).__name__}")

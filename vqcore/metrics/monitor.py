@@ -129,6 +129,9 @@ class CodebookMonitor:
     """Counts, exactly, how often each code of ``quantizer`` is used, per book (head, layer, group,
     codebook), in every forward and ``encode`` call, training or eval, until :meth:`reset`.
 
+    ``quantizer`` may also be a :class:`~vqcore.book_layout.BookLayout` (``BookLayout.single(256)``) to
+    count indices from elsewhere (a dataset's tokens, another library) with :meth:`update`.
+
     - ``name``: the key prefix of :meth:`report` (default: the quantizer's registry name, else its class
       name in lower case).
     - ``hooks``: attach to the quantizer's forward (a forward hook) and ``encode`` (the instance's
@@ -159,7 +162,10 @@ class CodebookMonitor:
         sketch_buckets: int = SKETCH_BUCKETS,
         sync: bool | None = None,
     ):
-        self.layout: BookLayout = book_layout_of(quantizer)
+        if isinstance(quantizer, BookLayout):
+            self.layout, quantizer, hooks = quantizer, None, False
+        else:
+            self.layout = book_layout_of(quantizer)
         if not (
             isinstance(rare_threshold, (int, float)) and math.isfinite(rare_threshold) and rare_threshold >= 0
         ):
@@ -169,9 +175,12 @@ class CodebookMonitor:
         if not isinstance(sketch_buckets, int) or sketch_buckets < 2 or sketch_buckets & (sketch_buckets - 1):
             raise ValueError(f"sketch_buckets must be a power of two >= 2, got {sketch_buckets!r}")
         self.quantizer: Any = quantizer  # members of vqcore.protocols.Quantizer, not of nn.Module
-        config = get_config(quantizer)
+        config = get_config(quantizer) if quantizer is not None else None
         self.name = (
-            name if name is not None else (config or {}).get("name") or type(quantizer).__name__.lower()
+            name
+            if name is not None
+            else (config or {}).get("name")
+            or ("codes" if quantizer is None else type(quantizer).__name__.lower())
         )
         self.track_error = bool(track_error)
         self.layer_errors = bool(layer_errors)
@@ -183,7 +192,7 @@ class CodebookMonitor:
             BookInfo(book, size, size <= exact_limit) for book, size in zip(layout.names, layout.sizes)
         )
         self._width = max(b.size if b.exact else sketch_buckets for b in self.books)
-        device = _device_of(quantizer)
+        device = _device_of(quantizer) if quantizer is not None else torch.device("cpu")
         books = layout.books
         # per book: [codes or buckets ... | overflow (index >= size) | not counted (index < 0)]
         self._counts = torch.zeros(books, self._width + 2, dtype=torch.int64, device=device)
@@ -219,7 +228,7 @@ class CodebookMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        wrapper = self.quantizer.__dict__.get("encode")
+        wrapper = None if self.quantizer is None else self.quantizer.__dict__.get("encode")
         if isinstance(wrapper, _ObservedEncode):
             if self in wrapper.monitors:
                 wrapper.monitors.remove(self)
@@ -271,19 +280,25 @@ class CodebookMonitor:
         quantizer's input), also the quantization error: of ``quantized`` if given, else of
         ``decode(indices)``; for residual stacks also each layer's error (``layers + 1`` decodes)."""
         with torch.no_grad():
+            if x is not None:  # every check before anything is counted: a refused call changes nothing
+                self.layout.check(indices)
+                if quantized is None:
+                    if self.quantizer is None:
+                        raise ValueError(
+                            "a monitor built from a BookLayout has no decode: pass quantized with x"
+                        )
+                    quantized = self.quantizer.decode(indices)
+                if quantized.shape != x.shape:
+                    raise ValueError(
+                        f"x of shape {tuple(x.shape)} and its quantized version of shape "
+                        f"{tuple(quantized.shape)} differ: pass the quantizer's input in the layout "
+                        f"its decode returns"
+                    )
             self._count(indices)
-            if x is None:
+            if x is None or quantized is None:
                 return
-            if quantized is None:
-                quantized = self.quantizer.decode(indices)
-            if quantized.shape != x.shape:
-                raise ValueError(
-                    f"x of shape {tuple(x.shape)} and its quantized version of shape "
-                    f"{tuple(quantized.shape)} differ: pass the quantizer's input in the layout its decode "
-                    f"returns"
-                )
             self._add_error(x, quantized)
-            if self.layout.residual:
+            if self.layout.residual and self.quantizer is not None:
                 self._add_layer_errors(x, indices)
 
     def _count(self, indices: Any) -> None:
