@@ -28,12 +28,13 @@ VQ_CONFIGS = [
 def test_vector_quantize_passes(shape, kwargs):
     dynamic = (0, 2) if kwargs.get("channel_last") is False else None  # (b, d, n): seq is axis 2
     report = check_quantizer(VectorQuantize, torch.randn(*shape), dynamic_dims=dynamic, **kwargs)
-    assert len(report.checks) == 5 and report.checks[-1].startswith("torch.export")
+    assert len(report.checks) == 6 and report.checks[-1].startswith("torch.export")
+    assert any(check.startswith("book layout") for check in report.checks)
 
 
 def test_registry_name_as_factory():
     report = check_quantizer("vq", torch.randn(2, 6, 8), dim=8, codebook_size=4, check_export=False)
-    assert report.name == "vq" and len(report.checks) == 4
+    assert report.name == "vq" and len(report.checks) == 5
 
 
 class SignQuantizer(nn.Module):
@@ -111,6 +112,23 @@ class OutOfRange(SignQuantizer):
     def forward(self, x):
         q, indices = super().forward(x)
         return q, indices + self.codebook_size
+
+
+class DeclaresTwoCodebooks(SignQuantizer):
+    """num_codebooks=2 without a book_layout(): readers expect a trailing axis of 2 books."""
+
+    def __init__(self, dim=4):
+        super().__init__(dim)
+        self.num_codebooks = 2
+
+
+class SmallerBooksThanItsCodes(SignQuantizer):
+    """A book_layout() of 2 books of 4 codes on a trailing axis the indices do not have."""
+
+    def book_layout(self):
+        from vqcore.book_layout import BookLayout
+
+        return BookLayout.trailing("head", 5, 4)
 
 
 class LossCarriesTheOnlyGradient(SignQuantizer):
@@ -203,6 +221,12 @@ def test_correct_plugin_passes_through_the_protocol_alone():
         ),
         (BranchOnValues, "torch.export of encode/decode with dynamic axes (0, 1) failed"),
         (OutOfRange, "indices out of range [0, 16)"),
+        (
+            DeclaresTwoCodebooks,
+            "book layout: indices of shape (2, 5) do not match the quantizer's book layout: "
+            "axis -1 should enumerate 2 codebooks (got 5)",
+        ),
+        (SmallerBooksThanItsCodes, "book layout: indices at or above their book's codebook size"),
         (NotAModule, "must build an nn.Module"),
     ],
 )

@@ -122,7 +122,7 @@ class BookLayout:
             if not -ndim <= axis.dim < ndim or indices.shape[axis.dim] != axis.size:
                 got = indices.shape[axis.dim] if -ndim <= axis.dim < ndim else "no such axis"
                 raise ValueError(
-                    f"{what} of shape {tuple(indices.shape)} do not match the quantizer's index layout: "
+                    f"{what} of shape {tuple(indices.shape)} do not match the quantizer's book layout: "
                     f"axis {axis.dim} should enumerate {axis.size} {axis.name}s (got {got}); "
                     f"layout: {self.describe()}"
                 )
@@ -142,7 +142,7 @@ class BookLayout:
     def truncate(self, indices: Tensor, keep: int) -> Tensor:
         """A copy of ``indices`` with the residual axis's entries from position ``keep`` on set to -1."""
         if self.residual is None:
-            raise ValueError(f"the index layout {self.describe()} declares no residual axis")
+            raise ValueError(f"the book layout {self.describe()} declares no residual axis")
         axis = self.axis(self.residual)
         out = indices.clone()
         out.narrow(axis.dim % indices.ndim, keep, axis.size - keep).fill_(-1)

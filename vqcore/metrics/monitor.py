@@ -138,7 +138,7 @@ class CodebookMonitor:
       ``encode`` is wrapped); False: only explicit :meth:`update` calls count. :meth:`detach` undoes it.
     - ``track_error``: in hooked forwards, also sum ``||x - quantized||^2`` and ``||x||^2`` (forwards
       given a ``mask`` are not included, nor calls whose sums are not finite).
-    - ``layer_errors``: residual stacks (an index layout with a ``residual`` axis): in hooked forwards,
+    - ``layer_errors``: residual stacks (a book layout with a ``residual`` axis): in hooked forwards,
       also decode the indices truncated after each layer to measure each layer's error (``layers + 1``
       decodes per call: for evaluation, not the training loop). :meth:`update` given ``x`` always does.
     - ``rare_threshold``: a code is *rare* when used fewer than ``rare_threshold * tokens / codebook

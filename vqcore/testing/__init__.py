@@ -21,7 +21,9 @@ It raises :class:`ConformanceError` naming the first broken rule, and returns a
    rejects -1 with a ValueError/TypeError passes; one that maps it to a code fails); encode, decode
    and the eval forward leave the state_dict unchanged;
 4. state_dict round trip into a freshly built module gives identical eval outputs;
-5. ``torch.export.export(strict=False)`` of encode and decode with dynamic batch and sequence axes;
+5. the book layout (``book_layout()``, or one book / a trailing axis of ``num_codebooks`` books) fits
+   the indices, each index below its book's codebook size (what the codebook monitor relies on);
+6. ``torch.export.export(strict=False)`` of encode and decode with dynamic batch and sequence axes;
    the exported programs run (no guard fails) and match eager on a larger shape and at size 1.
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vqcore.book_layout import book_layout_of
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, check_quantizer_instance
 
 # The helpers hold the quantizer under test as ``Any``, as vqcore.create returns it: its members are those of
@@ -135,6 +138,8 @@ def check_quantizer(
     report.passed(
         f"eval: encode == forward indices, decode(encode(x)) == forward quantized, {dropped}, state untouched"
     )
+    _check_book_layout(quantizer, indices)
+    report.passed("book layout: the indices hold the declared books, each index below its book's size")
 
     # -- state_dict round trip ------------------------------------------------------------------------
     torch.manual_seed(seed + 1)
@@ -176,6 +181,22 @@ def _check_outputs(quantizer: Any, example: Tensor, quantized: Any, indices: Any
             low >= 0 and high < quantizer.codebook_size,
             f"{where}: indices out of range [0, {quantizer.codebook_size}): min {low}, max {high}",
         )
+
+
+def _check_book_layout(quantizer: Any, indices: Tensor) -> None:
+    """The books that readers of indices (the codebook monitor) see: ``book_layout()``, or one book /
+    a trailing axis of ``num_codebooks`` books, must fit the indices, each below its book's size."""
+    try:
+        layout = book_layout_of(quantizer)
+        books = layout.books_first(indices)
+    except (TypeError, ValueError) as err:
+        raise ConformanceError(f"book layout: {err}") from err
+    sizes = torch.tensor(layout.sizes, device=books.device).unsqueeze(1)
+    _require(
+        bool((books < sizes).all()),
+        f"book layout: indices at or above their book's codebook size ({layout.describe()}); a quantizer "
+        "whose indices hold several books declares them with book_layout()",
+    )
 
 
 def _check_quantized_gradient(x: Tensor, quantized: Tensor, step: int, seed: int) -> None:
