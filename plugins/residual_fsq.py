@@ -186,8 +186,9 @@ class ResidualFSQ(Float32State, QuantizerModule):
         return 1
 
     def book_layout(self) -> BookLayout:
-        """The books of the indices ``(..., layers)``: one per layer (vqcore.book_layout)."""
-        return BookLayout.residual_stack(self.codebook_sizes)
+        """The books of the indices ``(..., layers)``, or ``(b, layers, ...)`` with ``is_channel_first``: one
+        per layer (vqcore.book_layout)."""
+        return BookLayout.residual_stack(self.codebook_sizes, 1 if self.is_channel_first else -1)
 
     @property
     def codebooks(self) -> Tensor:

@@ -318,6 +318,9 @@ class PackedIndices(QuantizerModule):
     def decode(self, indices):
         return self.inner.decode(indices)
 
+    def book_layout(self):
+        return self.inner.book_layout()
+
 
 KIT_CASES = {
     "sequence": (dict(dim=8, codebook_size=16, scales=(1, 2, 4, 8)), (2, 8, 8)),

@@ -66,6 +66,18 @@ CASES = {
         (4, 10, 8),
         _last("layer", 2),
     ),
+    "residual_fsq_channel_first": (
+        "residual_fsq",
+        dict(dim=8, levels=[3, 5], num_quantizers=2, is_channel_first=True),
+        (4, 8, 10),
+        lambda i: {f"layer{k}": i[:, k].reshape(-1) for k in range(2)},
+    ),
+    "grouped_residual_fsq_channel_first": (
+        "grouped_residual_fsq",
+        dict(dim=8, levels=[3, 5], num_quantizers=2, groups=2, is_channel_first=True),
+        (4, 8, 10),
+        lambda i: {f"group{a}/layer{k}": i[a, :, k].reshape(-1) for a in range(2) for k in range(2)},
+    ),
     "grouped_residual_fsq": (
         "grouped_residual_fsq",
         dict(dim=8, levels=[3, 5], num_quantizers=2, groups=2),

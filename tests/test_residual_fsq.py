@@ -10,6 +10,7 @@ from helpers import assert_exports_with_parity, assert_same_state, snapshot
 
 import vqcore
 from vqcore import GroupedResidualFSQ, ResidualFSQ
+from vqcore.book_layout import BookAxis, BookLayout
 from vqcore.compat import from_reference
 from vqcore.errors import ConfigurationError
 from vqcore.module import QuantizerModule
@@ -305,6 +306,11 @@ class BatchFirstGrouped(QuantizerModule):
 
     def decode(self, indices):
         return self.inner.decode(indices.movedim(-2, 0))
+
+    def book_layout(self):
+        inner = self.inner.book_layout()  # (groups, b, ..., Q) -> (b, ..., groups, Q)
+        axes = (BookAxis("group", -2, self.inner.groups), BookAxis("layer", -1, self.inner.num_quantizers))
+        return BookLayout(axes, inner.sizes, "layer")
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import torch
 from helpers import assert_exports_with_parity, assert_save_load_equal
 
 from vqcore import GroupedResidualLFQ, ResidualLFQ
+from vqcore.book_layout import BookAxis, BookLayout
 from vqcore.compat import from_reference
 from vqcore.errors import ConfigurationError
 from vqcore.module import QuantizerModule
@@ -192,6 +193,11 @@ class BatchFirstGrouped(QuantizerModule):
 
     def decode(self, indices):
         return self.inner.decode(indices.movedim(-2, 0))
+
+    def book_layout(self):
+        inner = self.inner.book_layout()  # (groups, b, ..., Q) -> (b, ..., groups, Q)
+        axes = (BookAxis("group", -2, self.inner.groups), BookAxis("layer", -1, self.inner.num_quantizers))
+        return BookLayout(axes, inner.sizes, "layer")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from helpers import brute_nearest, snapshot
 
 import vqcore
 from vqcore import GroupedResidualVQ, ResidualVQ
+from vqcore.book_layout import BookAxis, BookLayout
 from vqcore.module import QuantizerModule
 from vqcore.testing import check_quantizer
 
@@ -460,6 +461,11 @@ class BatchFirstGrouped(QuantizerModule):
 
     def decode(self, indices):
         return self.inner.decode(indices.movedim(-2, 0))
+
+    def book_layout(self):
+        inner = self.inner.book_layout()  # (groups, b, ..., Q) -> (b, ..., groups, Q)
+        axes = (BookAxis("group", -2, self.inner.groups), BookAxis("layer", -1, self.inner.num_quantizers))
+        return BookLayout(axes, inner.sizes, "layer")
 
 
 def test_check_quantizer_grouped_through_batch_first_adapter():

@@ -83,13 +83,15 @@ class BookLayout:
         return cls((BookAxis(name, -1, count),), sizes, name if residual else None)
 
     @classmethod
-    def residual_stack(cls, sizes: tuple[int, ...]) -> BookLayout:
-        """A residual stack's ``(..., layers)`` indices: one book per layer, ``sizes[k]`` codes in layer k."""
-        return cls((BookAxis("layer", -1, len(sizes)),), tuple(sizes), "layer")
+    def residual_stack(cls, sizes: tuple[int, ...], dim: int = -1) -> BookLayout:
+        """A residual stack's ``(..., layers)`` indices (the layer axis at ``dim``): one book per layer,
+        ``sizes[k]`` codes in layer k."""
+        return cls((BookAxis("layer", dim, len(sizes)),), tuple(sizes), "layer")
 
     def grouped(self, groups: int) -> BookLayout:
         """This layout behind a leading axis of ``groups`` (the grouped stacks' ``(groups, b, ...)``)."""
-        return BookLayout((BookAxis("group", 0, groups), *self.axes), self.sizes * groups, self.residual)
+        shifted = (BookAxis(a.name, a.dim + 1 if a.dim >= 0 else a.dim, a.size) for a in self.axes)
+        return BookLayout((BookAxis("group", 0, groups), *shifted), self.sizes * groups, self.residual)
 
     @property
     def books(self) -> int:

@@ -171,6 +171,8 @@ class ResidualStack(Protocol):
 
     def layer_codes(self, tokens: Tensor, /) -> list[Tensor]: ...
 
+    def book_layout(self) -> BookLayout: ...
+
 
 Stack = TypeVar("Stack", bound=ResidualStack)
 
@@ -238,7 +240,7 @@ class GroupedStacks(QuantizerModule, Generic[Stack]):
     def book_layout(self) -> BookLayout:
         """The books of the indices ``(groups, ..., layers)``: one per group and layer
         (vqcore.book_layout)."""
-        return BookLayout.residual_stack(tuple(self.rvqs[0].codebook_sizes)).grouped(self.groups)
+        return self.rvqs[0].book_layout().grouped(self.groups)
 
     @property
     def codebooks(self) -> Tensor | tuple[Tensor | tuple[Tensor, ...], ...]:

@@ -21,7 +21,7 @@ def test_gain_shape_vq_passes_the_conformance_kit(shape, dynamic_dims):
     report = check_quantizer(
         GainShapeVQ, torch.randn(shape), dynamic_dims=dynamic_dims, dim=32, codebook_size=64
     )
-    assert len(report.checks) == 5  # protocol, training, eval, state_dict, torch.export
+    assert len(report.checks) == 6  # protocol, training, eval, book layout, state_dict, torch.export
 
 
 def test_registered_through_the_entry_point():
