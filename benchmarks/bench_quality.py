@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vqcore import create
-from vqcore.cli.demo import code_statistics, load_digits_vectors
+from vqcore.cli.demo import load_digits_vectors
 
 BITS = 8
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
@@ -100,6 +100,15 @@ def fit_adam(quantizer, train: torch.Tensor, steps: int, lr: float = 1e-2, seed:
         opt.step()
         sched.step()
     return eval_reconstruct(quantizer)
+
+
+def code_statistics(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
+    """(fraction of codes used, perplexity exp(H) of the code distribution) of int indices (faiss's
+    included: no quantizer to attach a vqcore.metrics.CodebookMonitor to)."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((counts > 0).float().mean()), float(entropy.exp())
 
 
 def layer_stats(indices: torch.Tensor, size: int, n: int) -> tuple[float, float]:
