@@ -211,11 +211,11 @@ def _check_feature_axis(quantizer, data, path: str) -> None:
     from vqcore import export
     from vqcore.export.graphs import EXAMPLE_SHAPES
 
-    dim = getattr(quantizer, "dim", None)
     try:
-        example = export.default_example_shape(quantizer)
+        example = export.default_example_shape(quantizer)  # checks that dim is a positive int
     except (TypeError, ValueError):
         return
+    dim: int = quantizer.dim
     last = example == EXAMPLE_SHAPES["sequence"](dim)
     axis = -1 if last else 1
     if data.shape[axis] != dim:
