@@ -190,3 +190,29 @@ def test_stats_batch_size_must_be_positive(vq_three_codes, capsys):
         main(["stats", str(checkpoint), str(data), "--batch-size", "0"])
     assert info.value.code == 2
     assert "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_stats_reports_an_encode_failure_in_one_line(vq_three_codes, monkeypatch, capsys):
+    """Data that passes the file checks but that the quantizer's encode rejects: its message, one line."""
+    import vqcore.serialization
+
+    checkpoint, data = vq_three_codes
+    real_load = vqcore.serialization.load
+
+    def load_rejecting(path, device="cpu"):
+        quantizer = real_load(path, device=device)
+
+        def encode(x):
+            raise ValueError("expected tokens\nof another kind")
+
+        quantizer.encode = encode
+        return quantizer
+
+    monkeypatch.setattr(vqcore.serialization, "load", load_rejecting)
+    assert main(["stats", str(checkpoint), str(data)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"vqcore stats: the quantizer cannot encode {data} (shape (3, 2, 2)): "
+        "expected tokens of another kind\n"
+    )

@@ -244,7 +244,7 @@ def _cmd_stats(args) -> int:
         return 2
     monitor = CodebookMonitor(quantizer, hooks=False)
     dtype = next((p.dtype for p in quantizer.parameters() if p.is_floating_point()), torch.float32)
-    errors = None  # whether decode(indices) has the input's shape: then the quantization error is counted
+    track_error = None  # whether decode(indices) has the input's shape: then the error is counted too
     with torch.no_grad():
         for start in range(0, data.shape[0], args.batch_size):
             batch = np.array(data[start : start + args.batch_size])  # a writable copy of the memory map
@@ -260,9 +260,11 @@ def _cmd_stats(args) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            quantized = quantizer.decode(indices) if errors is not False else None
-            errors = quantized is not None and quantized.shape == x.shape
-            monitor.update(indices, x=x if errors else None, quantized=quantized if errors else None)
+            quantized = quantizer.decode(indices) if track_error is not False else None
+            track_error = quantized is not None and quantized.shape == x.shape
+            monitor.update(
+                indices, x=x if track_error else None, quantized=quantized if track_error else None
+            )
     report = monitor.report()
     vectors = data.size // quantizer.dim
     notes = sys.stderr if args.json else sys.stdout
@@ -273,7 +275,7 @@ def _cmd_stats(args) -> int:
             f"{args.checkpoint}: {monitor.name} ({type(quantizer).__name__}), {data.shape[0]} samples of "
             f"{args.data} {tuple(data.shape)}, {vectors} vectors of dim {quantizer.dim} counted"
         )
-        if not errors:
+        if not track_error:
             print("(its decode does not return the input's layout: no quantization error)")
         print(monitor.table())
     if args.out:
