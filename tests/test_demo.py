@@ -3,13 +3,13 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vqcore.cli.demo import (
     GRID,
-    code_statistics,
-    layer_indices,
+    TrainingProgress,
     load_digits_images,
     load_digits_vectors,
     run_demo,
@@ -29,18 +29,47 @@ def test_digits_split_is_fixed_and_scaled():
     assert images.shape == (1438, 1, 8, 8) and torch.equal(images.reshape(-1, 64), train)
 
 
-def test_code_statistics_hand_computed():
-    usage, perplexity = code_statistics(torch.tensor([0, 0, 1, 3]), 4)
-    p = torch.tensor([0.5, 0.25, 0.25])
-    assert usage == 0.75
-    assert math.isclose(perplexity, float(torch.exp(-(p * p.log()).sum())), rel_tol=1e-6)
+@pytest.mark.parametrize(
+    "steps, lines", [(3, [1, 2, 3]), (10, [1, 2, 5, 8, 10]), (300, [1, 75, 150, 225, 300])]
+)
+def test_progress_off_a_terminal_prints_a_line_per_quarter(capsys, steps, lines):
+    progress = TrainingProgress(steps, "training vq tokenizer")
+    for done in range(1, steps + 1):
+        progress.update(done, torch.tensor(0.125), torch.tensor(0.5))
+    progress.close()
+    captured = capsys.readouterr()
+    printed = captured.err.splitlines()
+    assert captured.out == "" and len(printed) == len(lines)
+    for line, done in zip(printed, lines):
+        assert line.startswith(f"training vq tokenizer: step {done}/{steps} ({100 * done / steps:.0f}%)  ")
+        assert "mse 0.1250  aux 0.5000  " in line and line.endswith(" s")
 
 
-def test_layer_indices_splits_residual_layers():
-    ids = torch.arange(2 * 16 * 3).reshape(2, 16, 3)
-    layers = layer_indices(ids, 16)
-    assert len(layers) == 3 and torch.equal(layers[1], ids[..., 1].reshape(-1))
-    assert len(layer_indices(torch.zeros(2, 16, dtype=torch.long), 16)) == 1
+def test_progress_quiet_or_without_steps_prints_nothing(capsys):
+    for progress in (TrainingProgress(10, "quiet", quiet=True), TrainingProgress(0, "no steps")):
+        for done in range(1, progress.steps + 1):
+            progress.update(done, torch.tensor(0.0), torch.tensor(0.0))
+        progress.close()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_in_a_terminal_is_a_live_bar(monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    progress = TrainingProgress(30, "training vq tokenizer")
+    assert progress.bar is not None and not progress.marks
+    for done in range(1, 31):
+        progress.update(done, torch.tensor(0.25), torch.tensor(0.0))
+    progress.close()
+    text = terminal.getvalue()
+    assert "\r" in text and "30/30" in text and "mse=0.2500" in text  # a bar redrawn in place
 
 
 def test_verification_ok_thresholds():
@@ -59,20 +88,28 @@ def _is_png(path):
 def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys, quantizer):
     import onnx
 
+    from vqcore.cli import main
     from vqcore.export import read_metadata
 
     out = tmp_path / "demo"
-    result = run_demo(quantizer, steps=30, out=out, dim=8, width=16, batch_size=64, quiet=True)
-    printed = capsys.readouterr().out
+    result = run_demo(quantizer, steps=30, out=out, dim=8, width=16, batch_size=64)
+    captured = capsys.readouterr()
+    printed = captured.out
     for needle in (
         "reconstruction MSE",
         "PSNR",
         "bits per image",
-        "| layer | codebook size | usage | perplexity |",
+        "codebooks on the 359 held-out images (vqcore.metrics.CodebookMonitor):",
+        "book ",
+        "quantization error: mse ",
         "onnxruntime",
         "TorchScript (fresh process)",
+        f"vqcore stats {out / 'quantizer.safetensors'} {out / 'heldout_latents.npy'}",
     ):
         assert needle in printed
+    # not a terminal: one progress line at 0%, 25%, 50%, 75% and 100% of the 30 steps, not a bar
+    progress = [line for line in captured.err.splitlines() if line.startswith("training ")]
+    assert [line.split()[4] for line in progress] == ["1/30", "8/30", "15/30", "22/30", "30/30"]
 
     names = {
         "reconstructions.png",
@@ -82,6 +119,8 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys, quantizer):
         "detokenizer.onnx",
         "detokenizer.pt",
         "summary.json",
+        "quantizer.safetensors",
+        "heldout_latents.npy",
     }
     assert names <= {p.name for p in out.iterdir()}
     assert _is_png(out / "reconstructions.png") and _is_png(out / "code_usage.png")
@@ -107,6 +146,41 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys, quantizer):
         assert 0 < layer.usage <= 1 and 1 <= layer.perplexity <= size
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quantizer"] == quantizer and math.isclose(summary["mse"], result.mse)
+
+    # summary.json: the per-book layers are the monitor's report, which is under "codebook"
+    report = summary["codebook"]
+    books = {"fsq": [""], "rvq": ["layer0", "layer1"], "grouped_rvq": ["group0/layer0", "group1/layer0"]}
+    assert [layer["book"] for layer in summary["layers"]] == books[quantizer]
+    for layer in summary["layers"]:
+        prefix = f"{quantizer}/{layer['book']}/" if layer["book"] else f"{quantizer}/"
+        assert (
+            layer["usage"] == report[prefix + "usage"]
+            and layer["perplexity"] == report[prefix + "perplexity"]
+        )
+        assert report[prefix + "tokens"] == 359 * GRID * GRID
+        assert report[prefix + "nominal_bits"] == math.log2(size)
+    # residual stacks: each layer's share of the held-out error (of all groups together)
+    shares = sorted(key for key in report if key.endswith("/energy_share"))
+    assert (
+        shares
+        == {
+            "fsq": [],
+            "rvq": ["rvq/layer0/energy_share", "rvq/layer1/energy_share"],
+            "grouped_rvq": ["grouped_rvq/layer0/energy_share"],
+        }[quantizer]
+    )
+
+    # the saved quantizer and latents give `vqcore stats` the demo's own held-out report
+    latents = np.load(out / "heldout_latents.npy")
+    assert latents.dtype == np.float32 and latents.shape == (359, GRID * GRID, 8)
+    assert (
+        main(["stats", str(out / "quantizer.safetensors"), str(out / "heldout_latents.npy"), "--json"]) == 0
+    )
+    stats = json.loads(capsys.readouterr().out)
+    assert stats.keys() == report.keys()
+    for key, value in report.items():  # counts exactly; the error sums in float32, batched differently
+        counted = not key.endswith(("mse", "relative_error", "/error", "energy_share"))
+        assert math.isclose(stats[key], value, rel_tol=1e-12 if counted else 1e-4), key
 
 
 def test_demo_learns_in_a_short_run(tmp_path):

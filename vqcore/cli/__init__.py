@@ -1,4 +1,4 @@
-"""Command line: ``vqcore list``, ``vqcore plugins``, ``vqcore demo``, ``vqcore export``
+"""Command line: ``vqcore list``, ``vqcore plugins``, ``vqcore demo``, ``vqcore export``, ``vqcore stats``
 (also ``python -m vqcore``).
 """
 
@@ -138,6 +138,165 @@ def _cmd_export(args) -> int:
     return 0
 
 
+class _BadInput(Exception):
+    """A command's input that cannot be used: its message is printed as one line, exit code 2."""
+
+
+def report_json(report: dict[str, float]) -> dict[str, float | None]:
+    """A :meth:`vqcore.metrics.CodebookMonitor.report` for JSON: keys sorted, ``null`` where the monitor
+    reports NaN or infinity (strict JSON has neither)."""
+    import math
+
+    return {key: (value if math.isfinite(value) else None) for key, value in sorted(report.items())}
+
+
+def _load_checkpoint(path: str, device: str):
+    import os
+
+    from safetensors import SafetensorError
+
+    from vqcore.serialization import load
+
+    if not os.path.isfile(path):
+        raise _BadInput(
+            f"checkpoint {path} does not exist" if not os.path.exists(path) else f"{path} is not a file"
+        )
+    try:
+        return load(path, device=device)
+    except SafetensorError as err:
+        raise _BadInput(
+            f"{path} is not a vqcore checkpoint (a safetensors file written by vqcore.save): {err}"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+        raise _BadInput(
+            message if path in message else f"cannot load the checkpoint {path}: {message}"
+        ) from None
+
+
+def _load_features(path: str):
+    """DATA.npy as a read-only memory map (batches are read as they are encoded)."""
+    import os
+
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise _BadInput(
+            f"data file {path} does not exist" if not os.path.exists(path) else f"{path} is not a file"
+        )
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        kind = "a .npz archive" if magic.startswith(b"PK") else "not a .npy file (no NUMPY header)"
+        raise _BadInput(f"{path} is {kind}: save one float array with numpy.save")
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise _BadInput(f"{path} is not a readable .npy array: {err}") from None
+    if data.dtype.kind != "f":
+        raise _BadInput(
+            f"{path} holds {data.dtype} values: the quantizer takes floating-point features (e.g. float32)"
+        )
+    if data.ndim < 2 or data.shape[0] == 0:
+        raise _BadInput(
+            f"{path} has shape {data.shape}: it needs a batch axis first (at least one entry) and the "
+            f"quantizer's features"
+        )
+    return data
+
+
+def _check_feature_axis(quantizer, data, path: str) -> None:
+    """The data's feature axis (the last one; axis 1 for a channel-first input layout) must hold the
+    quantizer's ``dim`` features. Quantizers whose layout cannot be told are left to their encode."""
+    from vqcore import export
+    from vqcore.export.graphs import EXAMPLE_SHAPES
+
+    try:
+        example = export.default_example_shape(quantizer)  # checks that dim is a positive int
+    except (TypeError, ValueError):
+        return
+    dim: int = quantizer.dim
+    last = example == EXAMPLE_SHAPES["sequence"](dim)
+    axis = -1 if last else 1
+    if data.shape[axis] != dim:
+        where = "last axis" if last else "axis 1 (the quantizer takes channel-first features)"
+        raise _BadInput(
+            f"{path} has shape {data.shape}: its {where} holds {data.shape[axis]} features, the quantizer "
+            f"takes dim={dim} (an input like {example}, batch first)"
+        )
+
+
+def _cmd_stats(args) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from vqcore.metrics import CodebookMonitor
+
+    try:
+        quantizer = _load_checkpoint(args.checkpoint, args.device)
+        data = _load_features(args.data)
+        _check_feature_axis(quantizer, data, args.data)
+    except _BadInput as err:
+        print(f"vqcore stats: {err}", file=sys.stderr)
+        return 2
+    monitor = CodebookMonitor(quantizer, hooks=False)
+    dtype = next((p.dtype for p in quantizer.parameters() if p.is_floating_point()), torch.float32)
+    track_error = None  # whether decode(indices) has the input's shape: then the error is counted too
+    with torch.no_grad():
+        for start in range(0, data.shape[0], args.batch_size):
+            batch = np.array(data[start : start + args.batch_size])  # a writable copy of the memory map
+            x = torch.from_numpy(batch).to(device=args.device, dtype=dtype)
+            try:
+                indices = quantizer.encode(x)
+            except (ValueError, TypeError, RuntimeError) as err:
+                if start:
+                    raise
+                message = " ".join(str(err).split())
+                print(
+                    f"vqcore stats: the quantizer cannot encode {args.data} (shape {data.shape}): {message}",
+                    file=sys.stderr,
+                )
+                return 2
+            quantized = quantizer.decode(indices) if track_error is not False else None
+            track_error = quantized is not None and quantized.shape == x.shape
+            monitor.update(
+                indices, x=x if track_error else None, quantized=quantized if track_error else None
+            )
+    report = monitor.report()
+    vectors = data.size // quantizer.dim
+    notes = sys.stderr if args.json else sys.stdout
+    if args.json:
+        print(json.dumps(report_json(report), indent=2))
+    else:
+        print(
+            f"{args.checkpoint}: {monitor.name} ({type(quantizer).__name__}), {data.shape[0]} samples of "
+            f"{args.data} {tuple(data.shape)}, {vectors} vectors of dim {quantizer.dim} counted"
+        )
+        if not track_error:
+            print("(its decode does not return the input's layout: no quantization error)")
+        print(monitor.table())
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "codebook_stats.json").write_text(json.dumps(report_json(report), indent=2) + "\n")
+        monitor.plot(out / "codebook_usage.png")
+        print(f"wrote {out / 'codebook_usage.png'} and {out / 'codebook_stats.json'}", file=notes)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _table(headers, rows) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -214,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the export-time parity check")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "stats",
+        help="codebook usage, perplexity, dead codes and quantization error of a vqcore.save checkpoint",
+    )
+    p.add_argument("checkpoint", help="file written by vqcore.save")
+    p.add_argument(
+        "data",
+        help=".npy float array in the quantizer's input layout, batch first (e.g. (N, tokens, dim))",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per encode (default: 256)")
+    p.add_argument("--out", help="folder for codebook_usage.png and codebook_stats.json")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    p.add_argument("--device", default="cpu", help="torch device to encode on (default: cpu)")
+    p.set_defaults(func=_cmd_stats)
     return parser
 
 

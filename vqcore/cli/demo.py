@@ -8,17 +8,28 @@ turns each into a code, and a conv decoder maps the codes back to the image. Tra
 reconstruction MSE plus the quantizer's own loss (commitment, entropy, ...); codebook-based methods
 also update their codebooks by EMA in the training-mode forwards.
 
-At the end the demo prints a summary (held-out MSE and PSNR, codebook usage and perplexity per
-quantizer layer, bits per image) and writes to the output folder:
+After training, a :class:`vqcore.metrics.CodebookMonitor` attached to the quantizer counts the codes of
+the evaluation forward on the held-out images (usage, perplexity, dead and rare codes per book, the
+quantization error and, for residual stacks, each layer's share of it). At the end the demo prints a
+summary (held-out MSE and PSNR, bits per image, the monitor's table) and writes to the output folder:
 
 - ``reconstructions.png``: held-out originals above their reconstructions;
-- ``code_usage.png``: how often each code is used, one panel per quantizer layer;
+- ``code_usage.png``: the monitor's plot: each book's codes sorted by usage, its perplexity against its
+  codebook size;
 - ``tokenizer.onnx`` / ``tokenizer.pt`` (images ``(B, 1, 8, 8)`` float32 -> token ids ``(B, 16[, layers])``
   int64) and ``detokenizer.onnx`` / ``detokenizer.pt`` (ids -> images), built with
   :class:`vqcore.export.Tokenizer` / :class:`vqcore.export.Detokenizer`; each is verified at export
   time (onnxruntime, reloaded TorchScript), then again on every held-out image: the ONNX files in
   onnxruntime and the TorchScript files in a fresh Python process, against the eager modules;
-- ``summary.json``: the numbers above.
+- ``quantizer.safetensors`` (:func:`vqcore.save`) and ``heldout_latents.npy`` (the encoder's outputs on
+  the held-out images, float32 ``(N, 16, dim)``: the quantizer's input), so that
+  ``vqcore stats OUT/quantizer.safetensors OUT/heldout_latents.npy`` reads the same codebook report
+  again, or on other latents;
+- ``summary.json``: the numbers above, per-book ``layers`` (usage, perplexity) and the monitor's flat
+  report under ``codebook``.
+
+Training progress goes to stderr: a live bar in a terminal, else (CI logs) one line at 0%, 25%, 50%, 75%
+and 100% of the steps.
 """
 
 from __future__ import annotations
@@ -32,8 +43,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+
+from vqcore.cli import report_json
+from vqcore.metrics import CodebookMonitor
+from vqcore.serialization import save as save_quantizer
 
 GRID = 4  # latent grid side: 8x8 images -> 4x4 tokens
 PIXEL_LEVELS = 17  # the digits' pixels take the values 0..16
@@ -57,10 +73,14 @@ DEFAULT_QUANTIZER = "vq"
 
 @dataclass
 class LayerStats:
+    """One book of the quantizer (a layer, a group's layer, a head) as the held-out report gives it;
+    ``book`` is its key segment in the monitor's report (``""`` for a single book)."""
+
     layer: int
     codebook_size: int
     usage: float
     perplexity: float
+    book: str = ""
 
 
 @dataclass
@@ -79,6 +99,7 @@ class DemoResult:
     out: str
     artifacts: dict[str, str] = field(default_factory=dict)
     verification: dict = field(default_factory=dict)
+    codebook: dict[str, float | None] = field(default_factory=dict)  # CodebookMonitor.report(), held out
 
     @property
     def usage(self) -> float:
@@ -110,14 +131,6 @@ def load_digits_images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return train.reshape(-1, 1, 8, 8), test.reshape(-1, 1, 8, 8)
 
 
-def code_statistics(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
-    """(fraction of codes used, perplexity exp(H) of the code distribution) of int indices."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
-    p = counts / counts.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float((counts > 0).float().mean()), float(entropy.exp())
-
-
 def psnr(mse: float) -> float:
     """PSNR in dB of pixels in [0, 1]."""
     return 10 * math.log10(1.0 / mse)
@@ -126,22 +139,6 @@ def psnr(mse: float) -> float:
 def ids_batch_axis(quantizer: nn.Module, indices: torch.Tensor) -> int:
     """The batch axis of token ids: 1 for groups-first ids ``(groups, B, tokens, layers)``, else 0."""
     return 1 if getattr(quantizer, "groups", 1) > 1 and indices.ndim == 4 else 0
-
-
-def layer_indices(indices: torch.Tensor, tokens: int, batch_axis: int = 0) -> list[torch.Tensor]:
-    """Token ids ``(B, tokens[, layers...])`` (or groups-first, ``batch_axis=1``) -> one flat id
-    tensor per quantizer layer (each group's layers count as layers)."""
-    if batch_axis:
-        indices = indices.movedim(batch_axis, 0).movedim(1, -2)  # (B, tokens, groups, layers)
-    flat = indices.reshape(indices.shape[0], tokens, -1)
-    return [flat[..., q].reshape(-1) for q in range(flat.shape[-1])]
-
-
-def layer_codebook_size(quantizer: nn.Module) -> int:
-    size = getattr(quantizer, "codebook_size", None)
-    if size is None:
-        raise ValueError(f"{type(quantizer).__name__} has no codebook_size: cannot report usage")
-    return int(size)
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -210,14 +207,44 @@ def build_quantizer(name: str, dim: int, overrides: dict | None = None) -> tuple
 # -- reporting ---------------------------------------------------------------------------------------
 
 
-def _progress(steps: int, quiet: bool, desc: str):
-    if quiet:
-        return range(steps)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - the demo extra installs it
-        return range(steps)
-    return tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+class TrainingProgress:
+    """Training progress on stderr: in a terminal a live tqdm bar (mse and aux every 25 steps); elsewhere
+    (CI logs, pipes) one line at 0%, 25%, 50%, 75% and 100% of the steps; nothing when ``quiet``.
+    Reads the loss tensors only when it shows them."""
+
+    def __init__(self, steps: int, desc: str, quiet: bool = False):
+        self.steps, self.desc, self.start = steps, desc, time.perf_counter()
+        self.bar = None
+        self.marks: set[int] = set()
+        if quiet or steps < 1:
+            return
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
+                return
+            except ImportError:  # pragma: no cover - the demo extra installs it
+                pass
+        self.marks = {max(1, round(steps * quarter / 4)) for quarter in range(5)}
+
+    def update(self, done: int, mse: torch.Tensor, aux: torch.Tensor) -> None:
+        """``done`` steps are finished, the last one with these losses."""
+        if self.bar is not None:
+            self.bar.update(1)
+            if done % 25 == 1:
+                self.bar.set_postfix(mse=f"{mse.item():.4f}", aux=f"{aux.item():.4f}")
+        elif done in self.marks:
+            print(
+                f"{self.desc}: step {done}/{self.steps} ({100 * done / self.steps:.0f}%)  "
+                f"mse {mse.item():.4f}  aux {aux.item():.4f}  {time.perf_counter() - self.start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _pyplot():
@@ -255,28 +282,6 @@ def save_reconstructions(
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout(pad=0.2, h_pad=0.1, w_pad=0.1)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def save_code_usage(path, per_layer: list[torch.Tensor], sizes: list[int], title: str = ""):
-    """One panel per quantizer layer: codes sorted by frequency (share of held-out tokens); ``title``
-    prefixes each panel's title."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(per_layer), figsize=(4.2 * len(per_layer), 2.6), dpi=80, squeeze=False)
-    for q, (ids, size) in enumerate(zip(per_layer, sizes)):
-        counts = torch.bincount(ids, minlength=size).float()
-        share = (counts / counts.sum()).sort(descending=True).values
-        ax = axes[0, q]
-        ax.bar(range(size), share.numpy(), width=1.0, color="#3b6ea5")
-        usage, ppl = code_statistics(ids, size)
-        ax.set_title(
-            f"{title}layer {q}: {100 * usage:.0f}% of {size} codes used, perplexity {ppl:.0f}", fontsize=8
-        )
-        ax.set_xlabel("code rank", fontsize=7)
-        ax.set_ylabel("share of tokens", fontsize=7)
-        ax.tick_params(labelsize=6)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
@@ -397,9 +402,9 @@ def run_demo(
     generator = torch.Generator().manual_seed(seed)
 
     model.train()
-    bar = _progress(steps, quiet, f"training {kwargs['name']} tokenizer")
+    progress = TrainingProgress(steps, f"training {kwargs['name']} tokenizer", quiet)
     t0 = time.perf_counter()
-    for step in bar:
+    for step in range(steps):
         batch = train[torch.randint(train.shape[0], (batch_size,), generator=generator)]
         recon, _, aux = model(batch)
         mse = (recon - batch).pow(2).mean()
@@ -408,34 +413,42 @@ def run_demo(
         loss.backward()
         optimizer.step()
         schedule.step()
-        if hasattr(bar, "set_postfix") and step % 25 == 0:
-            bar.set_postfix(mse=f"{mse.item():.4f}", aux=f"{aux.item():.4f}")
+        progress.update(step + 1, mse, aux)
+    progress.close()
     train_seconds = time.perf_counter() - t0
 
     model.eval()
-    with torch.no_grad():
-        recon, indices, _ = model(test)
+    with CodebookMonitor(q, layer_errors=True) as monitor, torch.no_grad():
+        recon, _, _ = model(test)  # the monitor counts this forward's codes and errors
+        latents = model.encoder(test)
+        codebook, table = monitor.report(), monitor.table()
+        monitor.plot(out / "code_usage.png")
     mse = float((recon - test).pow(2).mean())
     tokens = GRID * GRID
-    size = layer_codebook_size(q)
-    per_layer = layer_indices(indices, tokens, ids_batch_axis(q, indices))
-    layers = [LayerStats(i, size, *code_statistics(ids, size)) for i, ids in enumerate(per_layer)]
-    bits = tokens * len(per_layer) * math.log2(size)
+    layers = [
+        LayerStats(
+            i,
+            b.size,
+            codebook[_book_key(monitor.name, b.name, "usage")],
+            codebook[_book_key(monitor.name, b.name, "perplexity")],
+            b.name,
+        )
+        for i, b in enumerate(monitor.books)
+    ]
+    bits = tokens * codebook[f"{monitor.name}/nominal_bits"]
 
-    title = (
-        f"{kwargs['name']}: {tokens} tokens x {len(per_layer)} layer(s) x {math.log2(size):.3g} bits "
-        f"= {bits:.0f} bits per image"
-    )
+    title = f"{kwargs['name']}: {tokens} tokens x {len(layers)} book(s) = {bits:.0f} bits per image"
     save_reconstructions(
         out / "reconstructions.png",
         test,
         recon,
         title=f"held-out digits, {title}; MSE {mse:.4f}, PSNR {psnr(mse):.1f} dB",
     )
-    save_code_usage(out / "code_usage.png", per_layer, [size] * len(per_layer), title=f"{kwargs['name']} ")
+    save_quantizer(q, out / "quantizer.safetensors")
+    np.save(out / "heldout_latents.npy", latents.numpy().astype(np.float32))
     artifacts = {
-        "reconstructions.png": str(out / "reconstructions.png"),
-        "code_usage.png": str(out / "code_usage.png"),
+        name: str(out / name)
+        for name in ("reconstructions.png", "code_usage.png", "quantizer.safetensors", "heldout_latents.npy")
     }
     verification: dict = {}
     if export:
@@ -457,16 +470,23 @@ def run_demo(
         out=str(out),
         artifacts=artifacts,
         verification=verification,
+        codebook=report_json(codebook),
     )
     (out / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     artifacts["summary.json"] = str(out / "summary.json")
-    print_summary(result, n_train=train.shape[0], n_test=test.shape[0])
+    print_summary(result, n_train=train.shape[0], n_test=test.shape[0], table=table)
     if export and not verification_ok(verification):
         raise RuntimeError(f"exported artifacts disagree with the eager model: {verification}")
     return result
 
 
-def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
+def _book_key(name: str, book: str, what: str) -> str:
+    """A book's key in a CodebookMonitor report (``name/what`` for a quantizer of one book)."""
+    return f"{name}/{book}/{what}" if book else f"{name}/{what}"
+
+
+def print_summary(r: DemoResult, n_train: int, n_test: int, table: str) -> None:
+    """The summary of a demo run; ``table`` is the held-out CodebookMonitor table."""
     raw_bits = 64 * math.log2(PIXEL_LEVELS)
     print(
         f"\nconv VQ-VAE tokenizer with {r.quantizer} on scikit-learn digits "
@@ -478,15 +498,11 @@ def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
     print("|---|---|")
     print(f"| reconstruction MSE | {r.mse:.5f} (mean-image baseline {r.mse_mean_baseline:.5f}) |")
     print(f"| PSNR | {r.psnr:.2f} dB |")
-    print(f"| tokens per image | {r.tokens_per_image} ({GRID}x{GRID} grid) x {len(r.layers)} layer(s) |")
+    print(f"| tokens per image | {r.tokens_per_image} ({GRID}x{GRID} grid) x {len(r.layers)} book(s) |")
     print(f"| bits per image | {r.bits_per_image:.1f} (raw pixels: {raw_bits:.0f}) |")
     print()
-    print("| layer | codebook size | usage | perplexity |")
-    print("|---|---|---|---|")
-    for layer in r.layers:
-        print(
-            f"| {layer.layer} | {layer.codebook_size} | {100 * layer.usage:.1f}% | {layer.perplexity:.1f} |"
-        )
+    print(f"codebooks on the {n_test} held-out images (vqcore.metrics.CodebookMonitor):")
+    print(table)
     print()
     if r.verification:
         onnx, ts = r.verification["onnxruntime"], r.verification["torchscript_subprocess"]
@@ -506,3 +522,8 @@ def print_summary(r: DemoResult, n_train: int, n_test: int) -> None:
     for name in sorted(r.artifacts):
         print(f"  {name}")
     print(f"total {r.total_seconds:.0f} s")
+    out = Path(r.out)
+    print(
+        f"codebook report again, or on other latents: "
+        f"vqcore stats {out / 'quantizer.safetensors'} {out / 'heldout_latents.npy'} [--out DIR]"
+    )
