@@ -134,6 +134,7 @@ def plot_usage(
     right.bar(positions, perplexity, color="#3b6ea5", label="perplexity")
     right.set_xticks(list(positions), labels, rotation=45 if len(books) > 4 else 0, fontsize=7, ha="right")
     right.set_yscale("log")
+    right.set_ylim(bottom=1)  # a perplexity of 1 (one code used) is the floor
     right.set_title("perplexity per book", fontsize=9)
     right.legend(fontsize=7)
     fig.tight_layout()
