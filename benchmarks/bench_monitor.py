@@ -10,13 +10,16 @@ Run from the repository root::
 Cases (each interleaved in one process; the two vqcore modules start from the same state):
 
 - ``vq_train``: a training step (forward, backward of ``quantized.sum() + loss``) of
-  VectorQuantize(dim=256, codebook_size=1024) on (8, 1024, 256): 8192 tokens; ``vqcore+monitor`` counts
-  every code and sums the quantization error in the forward hook (the defaults). Target: at most 3%
-  slower than without the monitor (paired ratio <= 1.03);
-- ``vq_eval``: the eval forward under no_grad, same target;
-- ``vq_encode``: ``encode`` (counted through the wrapped encode; no error sums there), same target;
-- ``rvq_train``: ResidualVQ with 8 layers of 1024 codes, same input, same target;
-- ``lfq_train``: LFQ(dim=18, codebook_size=2^18): a 2^18-code table per book (exact counting), same target.
+  VectorQuantize(dim=256, codebook_size=1024) on (8, 1024, 256): 8192 tokens. ``vqcore+monitor`` counts
+  every code and sums the quantization error in the forward hook (the defaults); ``vqcore+counts`` only
+  counts (``track_error=False``). Target: the monitor at most 3% slower than no monitor (paired ratio
+  <= 1.03);
+- ``vq_eval``: the eval forward under no_grad (no target: the error sums read the input and the output
+  once more, which an eval forward feels more than a training step);
+- ``vq_encode``: ``encode`` (counted through the wrapped encode; no error sums there);
+- ``rvq_train``: ResidualVQ with 8 layers of 1024 codes, same input, same target as vq_train;
+- ``lfq_train``: LFQ(dim=18, codebook_size=2^18): a 2^18-code table per book (exact counting), same
+  target (no reference row: its LFQ builds a tokens x 2^18 matrix, more memory than this machine has).
 
 ratio = impl time / vqcore time (> 1: slower than vqcore without a monitor). Timing, noise handling, the
 table and the command line come from harness.py.
@@ -36,19 +39,21 @@ TOKENS = (8, 1024, 256)
 MAX_OVERHEAD = 1.03
 
 
-def trio(cls: str, **kwargs) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module | None]:
-    """(vqcore, vqcore with a monitor, the reference or None) with the same initial state."""
+def variants(cls: str, with_reference: bool, **kwargs) -> dict[str, torch.nn.Module]:
+    """vqcore without a monitor, with one (the defaults), with one counting codes only
+    (``track_error=False``), and the reference where asked; all with the same initial state."""
     torch.manual_seed(0)
     plain = build("vqcore", cls, **kwargs)
-    monitored = build("vqcore", cls, **kwargs)
-    monitored.load_state_dict(plain.state_dict())
-    CodebookMonitor(monitored)
-    try:
-        ref = build("reference", cls, **kwargs)
-        ref.load_state_dict(plain.state_dict(), strict=False)
-    except (TypeError, RuntimeError):
-        ref = None
-    return plain, monitored, ref
+    modules = {"vqcore": plain}
+    for name, track_error in (("vqcore+monitor", True), ("vqcore+counts", False)):
+        module = build("vqcore", cls, **kwargs)
+        module.load_state_dict(plain.state_dict())
+        CodebookMonitor(module, track_error=track_error)
+        modules[name] = module
+    if with_reference:
+        modules["reference"] = build("reference", cls, **kwargs)
+        modules["reference"].load_state_dict(plain.state_dict(), strict=False)
+    return modules
 
 
 def target_overhead(rows: list[Row]) -> list[Row]:
@@ -60,11 +65,13 @@ def target_overhead(rows: list[Row]) -> list[Row]:
 
 
 def compare(case: str, cls: str, make_call, cfg: Config, x: torch.Tensor, **kwargs) -> list[Row]:
-    plain, monitored, ref = trio(cls, **kwargs)
-    impls = [Impl("vqcore", make_call(plain, x)), Impl("vqcore+monitor", make_call(monitored, x))]
-    if ref is not None and make_call is not encode_call:
-        impls.append(Impl("reference", make_call(ref, x)))
-    return target_overhead(run_case(case, impls, cfg, reps=15, warmup=3))
+    """The variants' same call, interleaved; the reference where it has the call (not encode) and affords
+    it (its LFQ holds a tokens x 2^18 matrix: several GiB here). Training steps carry the target."""
+    with_reference = make_call is not encode_call and cls != "LFQ"
+    modules = variants(cls, with_reference, **kwargs)
+    impls = [Impl(name, make_call(module, x)) for name, module in modules.items()]
+    rows = run_case(case, impls, cfg, reps=41, warmup=3)
+    return target_overhead(rows) if make_call is train_call else rows
 
 
 def encode_call(module, x):

@@ -110,8 +110,9 @@ def layer_stats(source, indices: torch.Tensor) -> tuple[float, float]:
     monitor = CodebookMonitor(source, hooks=False, name="q")
     monitor.update(indices)
     report = monitor.report()
-    books = [f"q/{b.name}/" if b.name else "q/" for b in monitor.books]
-    return min(report[b + "usage"] for b in books), sum(report[b + "perplexity"] for b in books) / len(books)
+    usage = [report[monitor.key(b.name, "usage")] for b in monitor.books]
+    perplexity = [report[monitor.key(b.name, "perplexity")] for b in monitor.books]
+    return min(usage), sum(perplexity) / len(perplexity)
 
 
 def main(argv=None) -> int:

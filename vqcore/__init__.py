@@ -38,6 +38,7 @@ _LAZY = {
     "SimVQ": "vqcore.plugins.sim_vq:SimVQ",
     "ResidualSimVQ": "vqcore.plugins.residual_sim_vq:ResidualSimVQ",
     "HierarchicalVQ": "vqcore.plugins.hierarchical_vq:HierarchicalVQ",
+    "CodebookMonitor": "vqcore.metrics:CodebookMonitor",
     "UnknownNameError": "vqcore.errors:UnknownNameError",
     "DuplicateNameError": "vqcore.errors:DuplicateNameError",
     "VQCoreWarning": "vqcore.errors:VQCoreWarning",

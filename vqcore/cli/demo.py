@@ -429,8 +429,8 @@ def run_demo(
         LayerStats(
             i,
             b.size,
-            codebook[_book_key(monitor.name, b.name, "usage")],
-            codebook[_book_key(monitor.name, b.name, "perplexity")],
+            codebook[monitor.key(b.name, "usage")],
+            codebook[monitor.key(b.name, "perplexity")],
             b.name,
         )
         for i, b in enumerate(monitor.books)
@@ -478,11 +478,6 @@ def run_demo(
     if export and not verification_ok(verification):
         raise RuntimeError(f"exported artifacts disagree with the eager model: {verification}")
     return result
-
-
-def _book_key(name: str, book: str, what: str) -> str:
-    """A book's key in a CodebookMonitor report (``name/what`` for a quantizer of one book)."""
-    return f"{name}/{book}/{what}" if book else f"{name}/{what}"
 
 
 def print_summary(r: DemoResult, n_train: int, n_test: int, table: str) -> None:

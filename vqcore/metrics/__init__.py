@@ -5,6 +5,7 @@ host synchronisation per step, sums over torch.distributed ranks when read) and 
 dict for a logger, a text table or a PNG. See :mod:`vqcore.metrics.monitor`.
 """
 
+from vqcore.metrics.display import report_key
 from vqcore.metrics.monitor import BookInfo, CodebookMonitor, split_output
 
-__all__ = ["BookInfo", "CodebookMonitor", "split_output"]
+__all__ = ["BookInfo", "CodebookMonitor", "report_key", "split_output"]

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from vqcore.metrics.monitor import BookInfo
 
 
-def _key(name: str, book: str, what: str) -> str:
-    return f"{name}/{book}/{what}" if book else f"{name}/{what}"
+def report_key(name: str, book: str, metric: str) -> str:
+    """A book's key in a monitor's report: ``name/book/metric``, or ``name/metric`` for a single book
+    (``book == ""``) and for the aggregates over books."""
+    return f"{name}/{book}/{metric}" if book else f"{name}/{metric}"
 
 
 def format_table(name: str, books: Sequence[BookInfo], report: Mapping[str, float]) -> str:
@@ -23,23 +25,23 @@ def format_table(name: str, books: Sequence[BookInfo], report: Mapping[str, floa
     codes), a total row for several books, then the per-layer errors of a residual stack."""
     headers = ["book", "codes", "tokens", "used", "usage", "perplexity", "bits / nominal", "dead", "rare"]
     rows = []
+
+    def get(what: str, book: str = "") -> float:
+        return report[report_key(name, book, what)]
+
     for b in books:
-
-        def get(what: str, book: str = b.name) -> float:
-            return report[_key(name, book, what)]
-
         approx = "" if b.exact else "~"
-        rare = get("rare_codes")
+        rare = get("rare_codes", b.name)
         rows.append(
             [
                 b.name or name,
                 f"{b.size}",
-                f"{get('tokens'):.0f}",
-                f"{approx}{get('used_codes'):.0f}",
-                f"{approx}{100 * get('usage'):.1f}%",
-                f"{approx}{get('perplexity'):.1f}",
-                f"{approx}{get('bits'):.2f} / {get('nominal_bits'):.2f}",
-                f"{approx}{get('dead_codes'):.0f}",
+                f"{get('tokens', b.name):.0f}",
+                f"{approx}{get('used_codes', b.name):.0f}",
+                f"{approx}{100 * get('usage', b.name):.1f}%",
+                f"{approx}{get('perplexity', b.name):.1f}",
+                f"{approx}{get('bits', b.name):.2f} / {get('nominal_bits', b.name):.2f}",
+                f"{approx}{get('dead_codes', b.name):.0f}",
                 "-" if rare != rare else f"{rare:.0f}",
             ]
         )
@@ -50,18 +52,18 @@ def format_table(name: str, books: Sequence[BookInfo], report: Mapping[str, floa
                 "",
                 "",
                 "",
-                f"{100 * report[f'{name}/usage']:.1f}%",
-                f"{report[f'{name}/perplexity']:.1f} (mean)",
-                f"{report[f'{name}/bits']:.2f} / {report[f'{name}/nominal_bits']:.2f}",
-                f"{report[f'{name}/dead_codes']:.0f}",
+                f"{100 * get('usage'):.1f}%",
+                f"{get('perplexity'):.1f} (mean)",
+                f"{get('bits'):.2f} / {get('nominal_bits'):.2f}",
+                f"{get('dead_codes'):.0f}",
                 "",
             ]
         )
     lines = _aligned(headers, rows)
-    if f"{name}/mse" in report:
+    if report_key(name, "", "mse") in report:
         lines.append(
-            f"quantization error: mse {report[f'{name}/mse']:.4g}, "
-            f"relative {report[f'{name}/relative_error']:.4g} (||x - q||^2 / ||x||^2)"
+            f"quantization error: mse {get('mse'):.4g}, "
+            f"relative {get('relative_error'):.4g} (||x - q||^2 / ||x||^2)"
         )
     layers = sorted(
         {key.split("/")[-2] for key in report if key.endswith("/energy_share")},
@@ -74,8 +76,8 @@ def format_table(name: str, books: Sequence[BookInfo], report: Mapping[str, floa
             [
                 [
                     layer,
-                    f"{100 * report[f'{name}/{layer}/energy_share']:.1f}%",
-                    f"{report[f'{name}/{layer}/error']:.4g}",
+                    f"{100 * get('energy_share', layer):.1f}%",
+                    f"{get('error', layer):.4g}",
                 ]
                 for layer in layers
             ],
@@ -128,7 +130,7 @@ def plot_usage(
     left.set_title(f"{name}: code usage per book", fontsize=9)
     if len(books) <= 12:
         left.legend(fontsize=7)
-    perplexity = [report[_key(name, b.name, "perplexity")] for b in books]
+    perplexity = [report[report_key(name, b.name, "perplexity")] for b in books]
     positions = range(len(books))
     right.bar(positions, [b.size for b in books], color="#d9d9d9", label="codebook size")
     right.bar(positions, perplexity, color="#3b6ea5", label="perplexity")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from vqcore.blocks.distributed import all_reduce_sum_, should_sync
 from vqcore.book_layout import BookLayout, book_layout_of
-from vqcore.metrics.display import format_table, plot_usage
+from vqcore.metrics.display import format_table, plot_usage, report_key
 from vqcore.module import get_config
 
 EXACT_LIMIT = 2**24
@@ -316,24 +316,22 @@ class CodebookMonitor:
 
     def _add_error(self, x: Tensor, quantized: Tensor) -> None:
         with torch.no_grad():
-            x = x.detach().float()
-            norms = torch.stack(
-                [torch.linalg.vector_norm(x - quantized.detach().float()), torch.linalg.vector_norm(x)]
+            flat = x.detach().float().reshape(-1)
+            sums = torch.stack(
+                [_squared_distance(x, quantized), torch.dot(flat, flat), flat.new_tensor(float(flat.numel()))]
             ).double()
-            sums = torch.cat([norms.square(), norms.new_full((1,), float(x.numel()))])
             self._error += torch.where(torch.isfinite(sums).all(), sums, 0.0)
 
     def _add_layer_errors(self, x: Tensor, indices: Tensor) -> None:
         layers = self._layer_error.numel() - 1
         with torch.no_grad():
-            x = x.detach().float()
             errors = []
             for keep in range(layers + 1):
                 decoded = self.quantizer.decode(self.layout.truncate(indices, keep))
                 if decoded.shape != x.shape:
                     return
-                errors.append(torch.linalg.vector_norm(x - decoded.float()))
-            sums = torch.stack(errors).double().square()
+                errors.append(_squared_distance(x, decoded))
+            sums = torch.stack(errors).double()
             self._layer_error += torch.where(torch.isfinite(sums).all(), sums, 0.0)
 
     def _to(self, device: torch.device) -> None:
@@ -360,6 +358,11 @@ class CodebookMonitor:
                 f"groups) declares them with book_layout() returning a vqcore.book_layout.BookLayout"
             )
         return counts, floats[:3], floats[3:]
+
+    def key(self, book: str, metric: str) -> str:
+        """The report's key of ``metric`` for ``book`` (a :class:`BookInfo` name; ``""``: the aggregate, or
+        the only book)."""
+        return report_key(self.name, book, metric)
 
     def counts(self) -> dict[str, Tensor]:
         """Per book (its key segment, ``""`` for a single book): int64 counts of each code (of each hashed
@@ -406,8 +409,7 @@ class CodebookMonitor:
         out: dict[str, float] = {}
         stats = [self._book_stats(counts[i], b) for i, b in enumerate(self.books)]
         for b, s in zip(self.books, stats):
-            prefix = f"{self.name}/{b.name}/" if b.name else f"{self.name}/"
-            out.update({prefix + key: value for key, value in s.items()})
+            out.update({self.key(b.name, metric): value for metric, value in s.items()})
         if len(self.books) > 1:
             n = len(stats)
             out[f"{self.name}/usage"] = sum(s["usage"] for s in stats) / n
@@ -462,6 +464,12 @@ class CodebookMonitor:
             nominal_bits=math.log2(book.size),
         )
         return stats
+
+
+def _squared_distance(a: Tensor, b: Tensor) -> Tensor:
+    """``||a - b||^2`` in float32, 0-dim: one BLAS dot (faster than ``vector_norm`` on the CPU)."""
+    difference = (a.detach().float() - b.detach().float()).reshape(-1)
+    return torch.dot(difference, difference)
 
 
 def _device_of(module: nn.Module) -> torch.device:
