@@ -131,14 +131,14 @@ def plot_usage(
     if len(books) <= 12:
         left.legend(fontsize=7)
     perplexity = [report[report_key(name, b.name, "perplexity")] for b in books]
-    positions = range(len(books))
-    right.bar(positions, [b.size for b in books], color="#d9d9d9", label="codebook size")
+    positions = list(range(len(books)))
     right.bar(positions, perplexity, color="#3b6ea5", label="perplexity")
-    right.set_xticks(list(positions), labels, rotation=45 if len(books) > 4 else 0, fontsize=7, ha="right")
+    right.scatter(positions, [b.size for b in books], marker="_", s=400, color="black", label="codebook size")
+    right.set_xticks(positions, labels, rotation=45 if len(books) > 4 else 0, fontsize=7, ha="right")
     right.set_yscale("log")
-    right.set_ylim(bottom=1)  # a perplexity of 1 (one code used) is the floor
+    right.set_ylim(1, 2 * max(b.size for b in books))  # a perplexity of 1 (one code used) is the floor
     right.set_title("perplexity per book", fontsize=9)
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
