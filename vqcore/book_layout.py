@@ -2,7 +2,7 @@
 
 A quantizer's indices hold one code per token and *book*: a head, a residual layer, a group, a codebook
 of ``num_codebooks``. Where the books sit differs per method (``(b, n)`` for one codebook, ``(b, n,
-heads)``, ``(b, n, layers)``, ``(groups, b, n, layers)``, ...). An :class:`BookLayout` names those axes,
+heads)``, ``(b, n, layers)``, ``(groups, b, n, layers)``, ...). A :class:`BookLayout` names those axes,
 so that code reading indices without knowing the method (the codebook monitor, :mod:`vqcore.metrics`) can
 take them apart: :meth:`BookLayout.books_first` turns any indices of the quantizer into ``(books,
 tokens)``.

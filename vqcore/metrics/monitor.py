@@ -137,7 +137,7 @@ class CodebookMonitor:
     - ``hooks``: attach to the quantizer's forward (a forward hook) and ``encode`` (the instance's
       ``encode`` is wrapped); False: only explicit :meth:`update` calls count. :meth:`detach` undoes it.
     - ``track_error``: in hooked forwards, also sum ``||x - quantized||^2`` and ``||x||^2`` (forwards
-      given a ``mask`` are not included, nor calls whose sums are not finite).
+      given a ``mask`` or ``lens`` are not included, nor calls whose sums are not finite).
     - ``layer_errors``: residual stacks (a book layout with a ``residual`` axis): in hooked forwards,
       also decode the indices truncated after each layer to measure each layer's error (``layers + 1``
       decodes per call: for evaluation, not the training loop). :meth:`update` given ``x`` always does.
@@ -264,8 +264,8 @@ class CodebookMonitor:
             return  # a forward without indices (BinaryMapper's one-hot codes): its encode calls still count
         self._count(indices)
         x = _forward_input(args, kwargs)
-        if x is None or kwargs.get("mask") is not None:
-            return
+        if x is None or kwargs.get("mask") is not None or kwargs.get("lens") is not None:
+            return  # padded positions would count in ||x - q||^2
         if self.track_error and quantized is not None and quantized.shape == x.shape:
             self._add_error(x, quantized)
         if self.layer_errors and self.layout.residual:
