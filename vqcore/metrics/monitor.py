@@ -400,7 +400,8 @@ class CodebookMonitor:
         With the quantizer's input seen: ``{name}/mse`` and ``{name}/relative_error`` (``||x - q||^2 /
         ||x||^2``); residual stacks also ``{name}/layer{k}/error`` (relative error of the first ``k + 1``
         layers' reconstruction) and ``{name}/layer{k}/energy_share`` (the share of the input's energy
-        that layer ``k`` explains).
+        that layer ``k`` explains). Errors are in the quantizer's input space (through its output
+        projection): negative shares mean a layer moved the reconstruction away from the input.
         """
         counts, error, layer_error = self._read()
         return self._report(counts, error, layer_error)
