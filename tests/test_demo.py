@@ -121,8 +121,16 @@ def test_demo_end_to_end_writes_every_artifact(tmp_path, capsys, quantizer):
         "summary.json",
         "quantizer.safetensors",
         "heldout_latents.npy",
+        "heldout_images.npy",
+        "heldout_tokens.npy",
+        "heldout_decoded.npy",
     }
     assert names <= {p.name for p in out.iterdir()}
+    # the consumers' check files: the held-out images, their eager tokens and decoded images
+    images, ids = np.load(out / "heldout_images.npy"), np.load(out / "heldout_tokens.npy")
+    assert images.shape == (359, 1, 8, 8) and images.dtype == np.float32
+    assert ids.dtype == np.int64 and 359 in ids.shape and ids.size % (359 * GRID * GRID) == 0
+    assert np.load(out / "heldout_decoded.npy").shape == images.shape
     assert _is_png(out / "reconstructions.png") and _is_png(out / "code_usage.png")
     for name in ("tokenizer.onnx", "detokenizer.onnx"):
         onnx.checker.check_model(onnx.load(str(out / name)))

@@ -21,6 +21,10 @@ summary (held-out MSE and PSNR, bits per image, the monitor's table) and writes 
   :class:`vqcore.export.Tokenizer` / :class:`vqcore.export.Detokenizer`; each is verified at export
   time (onnxruntime, reloaded TorchScript), then again on every held-out image: the ONNX files in
   onnxruntime and the TorchScript files in a fresh Python process, against the eager modules;
+- ``heldout_images.npy`` (float32 ``(N, 1, 8, 8)``), ``heldout_tokens.npy`` (their token ids from the
+  eager tokenizer) and ``heldout_decoded.npy`` (the eager detokenizer's images of those ids): what the
+  consumers outside Python (``examples/cpp``, ``examples/node``, ``examples/web``) check their runs of
+  the artifacts against;
 - ``quantizer.safetensors`` (:func:`vqcore.save`) and ``heldout_latents.npy`` (the encoder's outputs on
   the held-out images, float32 ``(N, 16, dim)``: the quantizer's input), so that
   ``vqcore stats OUT/quantizer.safetensors OUT/heldout_latents.npy`` reads the same codebook report
@@ -323,7 +327,14 @@ def export_and_verify(model: VQVAE, images: torch.Tensor, out: Path) -> tuple[di
         "tokenizer.pt": out / "tokenizer.pt",
         "detokenizer.onnx": out / "detokenizer.onnx",
         "detokenizer.pt": out / "detokenizer.pt",
+        "heldout_images.npy": out / "heldout_images.npy",
+        "heldout_tokens.npy": out / "heldout_tokens.npy",
+        "heldout_decoded.npy": out / "heldout_decoded.npy",
     }
+    # what a consumer outside Python checks its runs against (examples/cpp, examples/node, examples/web)
+    np.save(paths["heldout_images.npy"], images.numpy().astype(np.float32))
+    np.save(paths["heldout_tokens.npy"], ids.numpy())
+    np.save(paths["heldout_decoded.npy"], decoded.numpy().astype(np.float32))
     batch = ids_batch_axis(model.quantizer, ids)
     example_images, example_ids = images[:4], ids.narrow(batch, 0, 4).contiguous()
     to_onnx(tokenizer, paths["tokenizer.onnx"], example=example_images, dynamic_dims=(0,))
