@@ -328,7 +328,9 @@ def _staged(path: str) -> Iterator[str]:
     """A temporary path next to ``path``, moved onto it when the block succeeds and removed otherwise,
     so that an artifact that fails its checks is never left at ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
-    staging = os.path.join(directory, f".partial-{name}")  # the same extension (AOTInductor checks it)
+    stem, ext = os.path.splitext(name)
+    # the same extension (AOTInductor checks it) and a non-empty stem (TorchScript's archive name)
+    staging = os.path.join(directory, f"{stem}.partial{ext}")
     try:
         yield staging
         os.replace(staging, path)
