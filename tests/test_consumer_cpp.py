@@ -1,0 +1,199 @@
+"""The C++ (libtorch) consumers in examples/cpp, built with CMake against the libtorch of the installed torch
+wheel: ``tokenize_digits`` on the demo's output (TorchScript and AOTInductor) and ``run_bundle`` on a
+consumer bundle. All slow (a cold build compiles against the libtorch headers; AOTInductor packages
+compile C++ too): ``make test-slow`` runs them.
+
+Without cmake or a C++ compiler the tests are skipped, unless ``VQCORE_REQUIRE_CONSUMERS=1`` makes that
+a failure. The build folder lives in the temporary directory, keyed by this checkout's path, so that a
+rerun only rebuilds what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "examples" / "cpp"
+# tokenize_digits prints, for each artifact format, these two lines
+SUMMARY = re.compile(r"^(\w+): (\d+) images: (\d+) token mismatches, max decode error (\S+)$", re.M)
+FIRST_TOKENS = re.compile(r"^(\w+) first image tokens:((?: -?\d+)*)$", re.M)
+DEMO_FILES = (
+    "tokenizer.pt",
+    "detokenizer.pt",
+    "heldout_images.npy",
+    "heldout_tokens.npy",
+    "heldout_decoded.npy",
+)
+
+
+def _missing_tool() -> str | None:
+    if shutil.which("cmake") is None:
+        return "cmake is not installed"
+    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    if not any(shutil.which(c) for c in compilers):
+        return f"no C++ compiler found (looked for {', '.join(compilers)})"
+    return None
+
+
+def _run(command: list, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cpp_bin() -> Path:
+    """The folder of the examples/cpp binaries, configured and built (incrementally when it exists)."""
+    missing = _missing_tool()
+    if missing:
+        if os.environ.get("VQCORE_REQUIRE_CONSUMERS") == "1":
+            pytest.fail(f"VQCORE_REQUIRE_CONSUMERS=1 but {missing}: cannot build examples/cpp")
+        pytest.skip(f"{missing}: cannot build examples/cpp")
+    key = hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
+    build = Path(tempfile.gettempdir()) / f"vqcore-cpp-build-{key}"
+    configure = ["cmake", "-S", SOURCE, "-B", build, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if shutil.which("ninja") and not (build / "CMakeCache.txt").exists():
+        configure += ["-G", "Ninja"]  # a configured folder keeps its generator
+    for step in (configure, ["cmake", "--build", build, "--parallel", "2"]):
+        proc = _run(step, timeout=1200)
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(map(str, step))} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return build
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    from vqcore.cli.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    run_demo("vq", steps=30, out=out, dim=8, width=16, batch_size=64, quiet=True)
+    return out
+
+
+def _copy_demo(demo: Path, to: Path) -> Path:
+    to.mkdir()
+    for name in DEMO_FILES:
+        shutil.copy(demo / name, to / name)
+    return to
+
+
+def _results(stdout: str) -> dict[str, tuple[int, int, float, list[int]]]:
+    """format -> (images, token mismatches, max decode error, first image's tokens) from tokenize_digits."""
+    first = {fmt: [int(t) for t in tokens.split()] for fmt, tokens in FIRST_TOKENS.findall(stdout)}
+    return {fmt: (int(n), int(m), float(e), first[fmt]) for fmt, n, m, e in SUMMARY.findall(stdout)}
+
+
+# -- tokenize_digits ---------------------------------------------------------------------------------
+
+
+def test_tokenize_digits_reproduces_the_demo_tokens_and_images(cpp_bin, demo_out):
+    proc = _run([cpp_bin / "tokenize_digits", demo_out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tokens = np.load(demo_out / "heldout_tokens.npy")
+    assert _results(proc.stdout).keys() == {"torchscript"}  # no .pt2 in the demo's folder: no aoti run
+    n, mismatches, error, first = _results(proc.stdout)["torchscript"]
+    assert (n, mismatches) == (len(np.load(demo_out / "heldout_images.npy")), 0)
+    assert error <= 1e-5
+    assert first == tokens[0].reshape(-1).tolist()
+
+
+def test_tokenize_digits_counts_a_changed_token(cpp_bin, demo_out, tmp_path):
+    out = _copy_demo(demo_out, tmp_path / "tampered")
+    tokens = np.load(out / "heldout_tokens.npy")
+    tokens[3, 5] = (tokens[3, 5] + 1) % 256  # still a code of the 256-code book: decodable
+    np.save(out / "heldout_tokens.npy", tokens)
+    proc = _run([cpp_bin / "tokenize_digits", out])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _results(proc.stdout)["torchscript"][:2] == (len(tokens), 1)
+
+
+def _as_float64(path: Path) -> None:
+    np.save(path, np.load(path).astype(np.float64))
+
+
+def _as_float32(path: Path) -> None:
+    np.save(path, np.load(path).astype(np.float32))
+
+
+def _fortran_order(path: Path) -> None:
+    np.save(path, np.asfortranarray(np.load(path)))
+
+
+def _big_endian(path: Path) -> None:
+    np.save(path, np.load(path).astype(">f4"))
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-4])
+
+
+def _version_3(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[6] = 3
+    path.write_bytes(bytes(data))
+
+
+def _not_npy(path: Path) -> None:
+    path.write_text("1 2 3\n")
+
+
+@pytest.mark.parametrize(
+    "name, damage, message",
+    [
+        ("heldout_tokens.npy", Path.unlink, "heldout_tokens.npy: missing"),
+        ("tokenizer.pt", Path.unlink, "tokenizer.pt: missing"),
+        (
+            "heldout_tokens.npy",
+            _as_float32,
+            "heldout_tokens.npy: expected integer token ids (int32 or int64), got float32",
+        ),
+        (
+            "heldout_images.npy",
+            _as_float64,
+            "heldout_images.npy: expected a dtype among <f4 <f2 <i4 <i8 |b1, got '<f8'",
+        ),
+        (
+            "heldout_images.npy",
+            _big_endian,
+            "heldout_images.npy: expected a dtype among <f4 <f2 <i4 <i8 |b1, got '>f4'",
+        ),
+        (
+            "heldout_images.npy",
+            _fortran_order,
+            "heldout_images.npy: expected C order (fortran_order False), got Fortran order",
+        ),
+        (
+            "heldout_images.npy",
+            _truncated,
+            "heldout_images.npy: expected 91904 data bytes for shape [359, 1, 8, 8] <f4, the file has 91900",
+        ),
+        (
+            "heldout_images.npy",
+            _version_3,
+            "heldout_images.npy: expected .npy format version 1.0 or 2.0, got 3.0",
+        ),
+        ("heldout_decoded.npy", _not_npy, "heldout_decoded.npy: not a .npy file"),
+    ],
+)
+def test_tokenize_digits_names_bad_input(cpp_bin, demo_out, tmp_path, name, damage, message):
+    out = _copy_demo(demo_out, tmp_path / "bad")
+    damage(out / name)
+    proc = _run([cpp_bin / "tokenize_digits", out])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert proc.stdout == ""  # nothing was run
+
+
+def test_tokenize_digits_usage(cpp_bin):
+    proc = _run([cpp_bin / "tokenize_digits"])
+    assert proc.returncode == 2 and "usage:" in proc.stderr and "DEMO_OUT" in proc.stderr
