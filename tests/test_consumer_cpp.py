@@ -197,3 +197,44 @@ def test_tokenize_digits_names_bad_input(cpp_bin, demo_out, tmp_path, name, dama
 def test_tokenize_digits_usage(cpp_bin):
     proc = _run([cpp_bin / "tokenize_digits"])
     assert proc.returncode == 2 and "usage:" in proc.stderr and "DEMO_OUT" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def aoti_demo_out(tmp_path_factory) -> Path:
+    """A folder shaped like the demo's output, with the AOTInductor packages tokenizer.pt2 and
+    detokenizer.pt2 too: the demo's tokenizer (its encoder, VQ preset and decoder, untrained; the codebook
+    initialised by k-means on the encoder's outputs) exported by vqcore.export."""
+    from vqcore.cli.demo import Decoder, Encoder, build_quantizer, load_digits_images
+    from vqcore.export import Detokenizer, Tokenizer, to_pt2, to_torchscript
+
+    out = tmp_path_factory.mktemp("aoti_demo")
+    torch.manual_seed(0)
+    quantizer, _ = build_quantizer("vq", dim=8)
+    encoder, decoder = Encoder(8, width=16), Decoder(8, width=16)
+    _, images = load_digits_images()
+    with torch.no_grad():
+        quantizer.train()(encoder(images))  # k-means initialisation of the codebook
+        tokenizer, detokenizer = Tokenizer(encoder, quantizer).eval(), Detokenizer(quantizer, decoder).eval()
+        tokens = tokenizer(images)
+        decoded = detokenizer(tokens)
+    np.save(out / "heldout_images.npy", images.numpy())
+    np.save(out / "heldout_tokens.npy", tokens.numpy())
+    np.save(out / "heldout_decoded.npy", decoded.numpy())
+    for module, name, example in (
+        (tokenizer, "tokenizer", images[:4]),
+        (detokenizer, "detokenizer", tokens[:4]),
+    ):
+        to_torchscript(module, out / f"{name}.pt", example=example, dynamic_dims=(0,))
+        to_pt2(module, out / f"{name}.pt2", example=example, dynamic_dims=(0,), aoti=True)
+    return out
+
+
+def test_tokenize_digits_runs_the_aoti_packages_too(cpp_bin, aoti_demo_out):
+    proc = _run([cpp_bin / "tokenize_digits", aoti_demo_out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tokens = np.load(aoti_demo_out / "heldout_tokens.npy")
+    results = _results(proc.stdout)
+    assert results.keys() == {"torchscript", "aoti"}
+    for n, mismatches, error, first in results.values():
+        assert (n, mismatches) == (len(tokens), 0) and error <= 1e-5
+        assert first == tokens[0].tolist()
