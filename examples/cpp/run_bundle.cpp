@@ -70,12 +70,14 @@ std::vector<at::Tensor> tensors_of(const c10::IValue& out) {
   throw std::runtime_error("expected a Tensor or a tuple of Tensors, got " + out.tagKind());
 }
 
-// a reason on the case's one line
-std::string one_line(std::string text) {
-  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
-  for (char& ch : text)
-    if (ch == '\n') ch = ' ';
-  return text;
+// The reason on a case's one line: the last line of a message (a TorchScript error ends with the
+// exception under its traceback).
+std::string reason(const std::string& message) {
+  const size_t end = message.find_last_not_of(" \n");
+  if (end == std::string::npos) return "(no message)";
+  const size_t newline = message.find_last_of('\n', end);
+  const size_t start = newline == std::string::npos ? 0 : newline + 1;
+  return message.substr(start, end + 1 - start);
 }
 
 std::vector<at::Tensor> run_case(const fs::path& bundle, const Case& c) {
@@ -121,10 +123,10 @@ int main(int argc, char** argv) {
       std::cout << c.name << " ok" << std::endl;
     } catch (const c10::Error& e) {
       ++failed;
-      std::cout << c.name << " FAILED: " << one_line(e.what_without_backtrace()) << std::endl;
+      std::cout << c.name << " FAILED: " << reason(e.what_without_backtrace()) << std::endl;
     } catch (const std::exception& e) {
       ++failed;
-      std::cout << c.name << " FAILED: " << one_line(e.what()) << std::endl;
+      std::cout << c.name << " FAILED: " << reason(e.what()) << std::endl;
     }
   }
   if (ran == 0) std::cerr << argv[0] << ": the manifest lists no torchscript or aoti case\n";
