@@ -117,6 +117,18 @@ def test_tokenize_digits_counts_a_changed_token(cpp_bin, demo_out, tmp_path):
     assert _results(proc.stdout)["torchscript"][:2] == (len(tokens), 1)
 
 
+def test_tokenize_digits_reads_npy_format_2(cpp_bin, demo_out, tmp_path):
+    out = _copy_demo(demo_out, tmp_path / "format_2")
+    for name in ("heldout_images.npy", "heldout_tokens.npy"):
+        array = np.load(out / name)
+        with open(out / name, "wb") as f:
+            np.lib.format.write_array(f, array, version=(2, 0))
+        assert (out / name).read_bytes()[6:8] == b"\x02\x00"
+    proc = _run([cpp_bin / "tokenize_digits", out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _results(proc.stdout)["torchscript"][:2] == (len(np.load(out / "heldout_images.npy")), 0)
+
+
 def _as_float64(path: Path) -> None:
     np.save(path, np.load(path).astype(np.float64))
 
