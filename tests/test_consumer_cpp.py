@@ -155,6 +155,10 @@ def _version_3(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _unknown_key(path: Path) -> None:
+    path.write_bytes(path.read_bytes().replace(b"'shape'", b"'shapf'", 1))
+
+
 def _not_npy(path: Path) -> None:
     path.write_text("1 2 3\n")
 
@@ -193,6 +197,12 @@ def _not_npy(path: Path) -> None:
             "heldout_images.npy",
             _version_3,
             "heldout_images.npy: expected .npy format version 1.0 or 2.0, got 3.0",
+        ),
+        (
+            "heldout_decoded.npy",
+            _unknown_key,
+            "heldout_decoded.npy: bad .npy header: expected a key 'descr', 'fortran_order' or 'shape', "
+            "got 'shapf' in {'descr': '<f4', 'fortran_order': False, 'shapf': (359, 1, 8, 8), }\n",
         ),
         ("heldout_decoded.npy", _not_npy, "heldout_decoded.npy: not a .npy file"),
     ],

@@ -56,7 +56,9 @@ inline std::string supported() {
 // This parser accepts exactly the three keys numpy writes, in any order.
 class HeaderParser {
  public:
-  HeaderParser(std::string text, std::string path) : s_(std::move(text)), path_(std::move(path)) {}
+  HeaderParser(std::string text, std::string path) : s_(std::move(text)), path_(std::move(path)) {
+    s_.erase(s_.find_last_not_of(" \n") + 1);  // numpy's padding
+  }
 
   void parse(std::string& descr, bool& fortran_order, std::vector<int64_t>& shape) {
     bool seen_descr = false, seen_order = false, seen_shape = false;
@@ -78,8 +80,7 @@ class HeaderParser {
       } else {
         error("a key 'descr', 'fortran_order' or 'shape'", "'" + key + "'");
       }
-      skip_space();
-      if (peek() == ',') ++pos_;
+      if (!next_item('}')) break;
     }
     if (!seen_descr || !seen_order || !seen_shape)
       error("the keys 'descr', 'fortran_order' and 'shape'", "a header without one of them");
@@ -98,6 +99,13 @@ class HeaderParser {
   char peek() {
     if (pos_ >= s_.size()) error("more text", "the end of the header");
     return s_[pos_];
+  }
+  // After an item of a dict or tuple: true at a ',' (consumed), false at the closing character.
+  bool next_item(char close) {
+    skip_space();
+    if (peek() == ',') return ++pos_, true;
+    if (peek() != close) error(std::string("',' or '") + close + "'", std::string("'") + s_[pos_] + "'");
+    return false;
   }
   void expect(char c) {
     skip_space();
@@ -131,8 +139,7 @@ class HeaderParser {
       if (pos_ == start || pos_ - start > 18)  // 18 digits fit an int64_t
         error("a dimension (a non-negative integer)", "'" + s_.substr(start, 8) + "'");
       dims.push_back(std::stoll(s_.substr(start, pos_ - start)));
-      skip_space();
-      if (peek() == ',') ++pos_;
+      if (!next_item(')')) break;
     }
     ++pos_;
     return dims;
