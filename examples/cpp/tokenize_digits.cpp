@@ -57,7 +57,9 @@ Heldout load_heldout(const fs::path& dir) {
   Heldout data{npy::load(existing(dir / "heldout_images.npy").string()),
                npy::load(existing(dir / "heldout_tokens.npy").string()),
                npy::load(existing(dir / "heldout_decoded.npy").string())};
-  if (data.images.scalar_type() != at::kFloat || data.images.dim() != 4 || data.images.size(1) != 1)
+  const auto image = data.images.sizes();
+  if (data.images.scalar_type() != at::kFloat || image.size() != 4 || image[1] != 1 || image[2] != 8 ||
+      image[3] != 8)
     throw std::runtime_error("heldout_images.npy: expected float32 images (N, 1, 8, 8), got " +
                              npy::dtype_name(data.images.scalar_type()) + " " +
                              c10::str(data.images.sizes()));
