@@ -1,7 +1,7 @@
 // tokenize_digits: run the vqcore demo's tokenizer and detokenizer from C++ (libtorch) and check them
 // against what Python computed.
 //
-//   tokenize_digits DEMO_OUT
+//   tokenize_digits DEMO_OUT [RESULTS]
 //
 // DEMO_OUT is the folder `vqcore demo` writes: tokenizer.pt / detokenizer.pt (TorchScript; also
 // tokenizer.pt2 / detokenizer.pt2, AOTInductor packages, when they are there), heldout_images.npy (float32
@@ -9,8 +9,14 @@
 // images decoded from those ids). For each artifact format it tokenizes the images, counts the tokens that
 // differ from Python's, decodes Python's tokens and measures the largest difference from Python's images.
 //
-// Exit status: 0 when every format gives Python's tokens exactly and its images within 1e-5; 1 when one
-// does not; 2 on bad input (a missing or malformed file).
+// With RESULTS, each format's tokens are also written there (RESULTS/<format>_tokens.npy), so that Python
+// can look at any that differ.
+//
+// Exit status: 0 when every format decodes within 1e-5 and tokenizes like Python: TorchScript exactly
+// (it runs the same ATen kernels as eager PyTorch), an AOTInductor package with at most 1 token in 1000
+// different (Inductor compiles its own float32 kernels for the encoder and the distances, so a code
+// nearly tied with another can flip: vqcore's tests check that each such flip is a float64 tie); 1 when
+// one does not; 2 on bad input (a missing or malformed file).
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
@@ -25,6 +31,7 @@
 namespace fs = std::filesystem;
 
 constexpr double kMaxDecodeError = 1e-5;
+constexpr double kMaxCompiledFlips = 1e-3;  // AOTInductor: near-tie flips allowed per token
 
 // One artifact: a tensor in, its first output out (the tokenizer's ids, the detokenizer's images).
 using Artifact = std::function<at::Tensor(const at::Tensor&)>;
@@ -77,7 +84,7 @@ Heldout load_heldout(const fs::path& dir) {
 // Runs one format's tokenizer and detokenizer on the held-out data, prints what it found and whether
 // it meets the targets.
 bool check(const std::string& format, const Artifact& tokenize, const Artifact& detokenize,
-           const Heldout& data) {
+           const Heldout& data, const fs::path& results) {
   const int64_t n = data.images.size(0);
   at::Tensor tokens = tokenize(data.images);
   if (tokens.sizes() != data.tokens.sizes()) {
@@ -86,6 +93,7 @@ bool check(const std::string& format, const Artifact& tokenize, const Artifact& 
     return false;
   }
   const int64_t mismatches = tokens.ne(data.tokens).sum().item<int64_t>();
+  if (!results.empty()) npy::save((results / (format + "_tokens.npy")).string(), tokens);
   at::Tensor decoded = detokenize(data.tokens);
   if (decoded.sizes() != data.decoded.sizes()) {
     std::cout << format << ": FAILED: decoded images of shape " << decoded.sizes()
@@ -102,25 +110,30 @@ bool check(const std::string& format, const Artifact& tokenize, const Artifact& 
   std::cout << "\n"
             << format << ": " << n << " images: " << mismatches << " token mismatches, max decode error "
             << error << "\n";
-  return mismatches == 0 && error <= kMaxDecodeError;
+  const double allowed = format == "aoti" ? kMaxCompiledFlips * static_cast<double>(tokens.numel()) : 0.0;
+  return static_cast<double>(mismatches) <= allowed && error <= kMaxDecodeError;
 }
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: " << argv[0] << " DEMO_OUT   (the folder `vqcore demo --out DEMO_OUT` wrote)\n";
+  if (argc != 2 && argc != 3) {
+    std::cerr << "usage: " << argv[0]
+              << " DEMO_OUT [RESULTS]   (the folder `vqcore demo --out DEMO_OUT` wrote; RESULTS: where to "
+                 "write each format's tokens)\n";
     return 2;
   }
   const fs::path dir = argv[1];
+  const fs::path results = argc == 3 ? fs::path(argv[2]) : fs::path();
+  if (!results.empty()) fs::create_directories(results);
   // Inference only: no tensor made here needs autograd's bookkeeping (the artifacts' outputs never
   // require grad either); InferenceMode says so and skips that work.
   c10::InferenceMode inference;
   try {
     const Heldout data = load_heldout(dir);
     bool ok = check("torchscript", load_torchscript(existing(dir / "tokenizer.pt")),
-                    load_torchscript(existing(dir / "detokenizer.pt")), data);
+                    load_torchscript(existing(dir / "detokenizer.pt")), data, results);
     if (fs::exists(dir / "tokenizer.pt2") || fs::exists(dir / "detokenizer.pt2"))
       ok = check("aoti", load_aoti(existing(dir / "tokenizer.pt2")),
-                 load_aoti(existing(dir / "detokenizer.pt2")), data) && ok;
+                 load_aoti(existing(dir / "detokenizer.pt2")), data, results) && ok;
     return ok ? 0 : 1;
   } catch (const c10::Error& e) {
     std::cerr << argv[0] << ": " << e.what_without_backtrace() << "\n";

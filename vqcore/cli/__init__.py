@@ -83,6 +83,7 @@ def _cmd_demo(args) -> int:
             overrides=_parse_overrides(args.set),
             export=not args.no_export,
             quiet=args.quiet,
+            aoti=args.aoti,
         )
     except MissingArgumentsError as err:
         needed = " ".join(f"--set {name}=VALUE" for name in err.missing)
@@ -397,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX / TorchScript export")
+    p.add_argument(
+        "--aoti",
+        action="store_true",
+        help="also export AOTInductor packages tokenizer.pt2 / detokenizer.pt2 (needs a C++ compiler)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 

@@ -21,6 +21,8 @@ summary (held-out MSE and PSNR, bits per image, the monitor's table) and writes 
   :class:`vqcore.export.Tokenizer` / :class:`vqcore.export.Detokenizer`; each is verified at export
   time (onnxruntime, reloaded TorchScript), then again on every held-out image: the ONNX files in
   onnxruntime and the TorchScript files in a fresh Python process, against the eager modules;
+- with ``aoti=True`` (``vqcore demo --aoti``) also ``tokenizer.pt2`` / ``detokenizer.pt2``, AOTInductor
+  packages compiled for this machine (a C++ compiler is needed; each is parity-checked like the others);
 - ``heldout_images.npy`` (float32 ``(N, 1, 8, 8)``), ``heldout_tokens.npy`` (their token ids from the
   eager tokenizer) and ``heldout_decoded.npy`` (the eager detokenizer's images of those ids): what the
   consumers outside Python (``examples/cpp``, ``examples/node``, ``examples/web``) check their runs of
@@ -311,10 +313,11 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def export_and_verify(model: VQVAE, images: torch.Tensor, out: Path) -> tuple[dict, dict]:
-    """Export the tokenizer / detokenizer (ONNX, TorchScript), each parity-checked by vqcore.export,
-    then run every artifact on ``images`` (ONNX in onnxruntime, TorchScript in a fresh process)."""
-    from vqcore.export import Detokenizer, Tokenizer, to_onnx, to_torchscript
+def export_and_verify(model: VQVAE, images: torch.Tensor, out: Path, aoti: bool = False) -> tuple[dict, dict]:
+    """Export the tokenizer / detokenizer (ONNX, TorchScript; with ``aoti`` also AOTInductor packages),
+    each parity-checked by vqcore.export, then run every artifact on ``images`` (ONNX in onnxruntime,
+    TorchScript in a fresh process)."""
+    from vqcore.export import Detokenizer, Tokenizer, to_onnx, to_pt2, to_torchscript
     from vqcore.export.writers import onnxruntime_runner
 
     tokenizer = Tokenizer(model.encoder, model.quantizer).eval()
@@ -341,6 +344,10 @@ def export_and_verify(model: VQVAE, images: torch.Tensor, out: Path) -> tuple[di
     to_torchscript(tokenizer, paths["tokenizer.pt"], example=example_images, dynamic_dims=(0,))
     to_onnx(detokenizer, paths["detokenizer.onnx"], example=example_ids, dynamic_dims=(batch,))
     to_torchscript(detokenizer, paths["detokenizer.pt"], example=example_ids, dynamic_dims=(batch,))
+    if aoti:  # compiled for this machine (needs a C++ compiler): what examples/cpp loads besides TorchScript
+        paths["tokenizer.pt2"], paths["detokenizer.pt2"] = out / "tokenizer.pt2", out / "detokenizer.pt2"
+        to_pt2(tokenizer, paths["tokenizer.pt2"], example=example_images, dynamic_dims=(0,), aoti=True)
+        to_pt2(detokenizer, paths["detokenizer.pt2"], example=example_ids, dynamic_dims=(batch,), aoti=True)
 
     verification: dict = {"images": int(images.shape[0])}
     onnx_ids = _first(onnxruntime_runner(str(paths["tokenizer.onnx"]), ["CPUExecutionProvider"])(images))
@@ -397,6 +404,7 @@ def run_demo(
     overrides: dict | None = None,
     export: bool = True,
     quiet: bool = False,
+    aoti: bool = False,
 ) -> DemoResult:
     """Train, evaluate, plot and export; see the module docstring. Returns the numbers it printed."""
     start = time.perf_counter()
@@ -463,7 +471,7 @@ def run_demo(
     }
     verification: dict = {}
     if export:
-        exported, verification = export_and_verify(model, test, out)
+        exported, verification = export_and_verify(model, test, out, aoti=aoti)
         artifacts.update(exported)
 
     result = DemoResult(
