@@ -55,10 +55,13 @@ def register_converters(register):
 
 @hookspec(firstresult=True)
 def export_module(quantizer, graph):
-    """Return an ``nn.Module`` to export for ``graph`` ("encode" or "decode") of ``quantizer``, or None.
+    """Return an ``nn.Module`` to export for ``graph`` ("encode", "decode" or "quantize") of
+    ``quantizer``, or None.
 
-    The module takes one tensor (features for "encode", indices for "decode") and returns a tensor
-    (or a plain tuple of tensors): no namedtuples, no Python branches on tensor values. The first
-    non-None answer wins; with none, :mod:`vqcore.export` wraps ``quantizer.encode`` / ``decode``.
+    The module takes one tensor (features for "encode" and "quantize", int64 indices for "decode") and
+    returns a tensor (or a plain tuple of tensors; "quantize": vectors, then indices): no namedtuples,
+    no Python branches on tensor values. The first non-None answer wins; with none,
+    :mod:`vqcore.export` wraps ``quantizer.encode`` / ``decode``. Index and float dtypes other than
+    int64 / float32 (``index_dtype``, ``float_dtype``) are put around the module by the export layer.
     The export layer still verifies the module's artifact against the quantizer's own eager path.
     """
