@@ -228,7 +228,7 @@ async function main() {
   $("summary").innerHTML =
     `${n} digits tokenized in the browser: <span class="${mismatches ? "disagree" : "agree"}">` +
     `${ours.length - mismatches}/${ours.length} tokens equal Python's</span>; Python's tokens decoded here ` +
-    `within ${decodeError.toExponential(1)} of Python's images ` +
+    `within <span class="nowrap">${decodeError.toExponential(1)}</span> of Python's images ` +
     `<span class="${good ? "agree" : "disagree"}">` +
     `(${good ? "ok" : "differs"})</span>.`;
 
