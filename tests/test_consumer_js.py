@@ -420,3 +420,87 @@ def test_browser_runs_the_bundle(browser, bundle, tmp_path):
     assert case_lines(proc.stdout, bundle) == [f"{name} ok" for name in names]
     assert proc.stdout.splitlines()[-1] == f"done: {len(names)} ok, 0 failed"
     assert judge_bundle(bundle, results, "onnxruntime-web") == []
+
+
+@pytest.fixture(scope="module")
+def dtype_bundle(tmp_path_factory) -> Path:
+    """Two hand-made ONNX cases for the runners' dtype handling: float16 in and out (a 5-D input), and
+    int32 in with two outputs, int64 and int32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path_factory.mktemp("dtype_bundle")
+
+    def write(name, nodes, inputs, outputs, initializers, feed, expected):
+        graph = helper.make_graph(nodes, name, inputs, outputs, initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, folder / f"{name}.onnx")
+        np.save(folder / f"{name}.in0.npy", feed)
+        for k, out in enumerate(expected):
+            np.save(folder / f"{name}.expected{k}.npy", out)
+        return {
+            "name": name,
+            "format": "onnx",
+            "artifact": f"{name}.onnx",
+            "inputs": [f"{name}.in0.npy"],
+            "outputs": len(expected),
+            "expected": [f"{name}.expected{k}.npy" for k in range(len(expected))],
+        }
+
+    half = np.linspace(-3, 3, 12, dtype=np.float16).reshape(1, 2, 1, 3, 2)
+    ids = np.array([[0, -1, 2**31 - 1], [7, 8, 9]], dtype=np.int32)
+    cases = [
+        write(
+            "half",
+            [helper.make_node("Mul", ["x", "two"], ["y"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 2, 1, 3, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 2, 1, 3, 2])],
+            [helper.make_tensor("two", TensorProto.FLOAT16, [], [2.0])],
+            half,
+            [half * np.float16(2)],
+        ),
+        write(
+            "ids",
+            [
+                helper.make_node("Cast", ["x"], ["wide"], to=TensorProto.INT64),
+                helper.make_node("Neg", ["x"], ["neg"]),
+            ],
+            [helper.make_tensor_value_info("x", TensorProto.INT32, [2, 3])],
+            [
+                helper.make_tensor_value_info("wide", TensorProto.INT64, [2, 3]),
+                helper.make_tensor_value_info("neg", TensorProto.INT32, [2, 3]),
+            ],
+            [],
+            ids,
+            [ids.astype(np.int64), -ids],
+        ),
+    ]
+    (folder / "manifest.json").write_text(json.dumps({"schema": "vqcore.consumer-bundle/1", "cases": cases}))
+    return folder
+
+
+def assert_outputs_as_expected(bundle: Path, results: Path) -> None:
+    """Each output with the expected dtype, shape and values, bit for bit."""
+    for case in json.loads((bundle / "manifest.json").read_text())["cases"]:
+        for k, expected_file in enumerate(case["expected"]):
+            got = np.load(results / f"{case['name']}.out{k}.npy")
+            want = np.load(bundle / expected_file)
+            assert (got.dtype, got.shape) == (want.dtype, want.shape), case["name"]
+            np.testing.assert_array_equal(got, want)
+
+
+def test_node_bundle_runner_keeps_dtypes(node, dtype_bundle, tmp_path):
+    proc = run_node(node, "run_bundle.mjs", dtype_bundle, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["half ok", "ids ok"]
+    assert_outputs_as_expected(dtype_bundle, tmp_path)
+
+
+def test_browser_bundle_runner_keeps_dtypes(browser, dtype_bundle, tmp_path):
+    with LocalServer({"/examples/": EXAMPLES, "/bundle/": dtype_bundle}, results=tmp_path) as server:
+        page = f"{server.url}/examples/web/run_bundle.html?bundle=/bundle/&results=/results/"
+        proc = run_node(browser, "headless.mjs", "bundle", page, cwd=WEB_EXAMPLE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["half ok", "ids ok", "done: 2 ok, 0 failed"]
+    assert_outputs_as_expected(dtype_bundle, tmp_path)
