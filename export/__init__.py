@@ -6,7 +6,14 @@ Installed as ``vqcore.export`` (pyproject maps this folder); import it by that n
     to_onnx(quantizer, "vq_encode.onnx", graph="encode", example=torch.randn(2, 16, 64))
 
 - ``graph="encode"``: features -> int64 indices; ``graph="decode"``: indices -> vectors (after
-  project_out; -1 indices decode to zero where the method allows dropped layers).
+  project_out; -1 indices decode to zero where the method allows dropped layers); ``graph="quantize"``:
+  features -> ``(vectors, indices)`` in one graph.
+- ``index_dtype=torch.int32`` (indices as int32, for engines without int64) and
+  ``float_dtype=torch.float16`` (a half-precision variant, its distance from float32 reported) on every
+  writer: see :mod:`vqcore.export.writers`.
+- Formats: ONNX (:func:`to_onnx`), frozen TorchScript (:func:`to_torchscript`), torch.export programs and
+  AOTInductor packages (:func:`to_pt2`), ExecuTorch programs (:func:`to_executorch`, with the
+  ``executorch`` extra).
 - Any module following :class:`vqcore.protocols.Quantizer` exports through its ``encode``/``decode``;
   a plugin may supply its own module through the ``export_module(quantizer, graph)`` hook.
   :class:`Tokenizer` / :class:`Detokenizer` chain a user's encoder / decoder with the quantizer.
@@ -22,16 +29,19 @@ from vqcore.export.graphs import (
     DecodeGraph,
     Detokenizer,
     EncodeGraph,
+    InterfaceDtypes,
+    QuantizeGraph,
     Tokenizer,
     default_example_shape,
     export_module,
 )
-from vqcore.export.parity import ParityError, ParityReport
+from vqcore.export.parity import ParityError, ParityReport, PrecisionMeter
 from vqcore.export.writers import (
     DEFAULT_OPSET,
     ExportError,
     ExportResult,
     read_metadata,
+    to_executorch,
     to_onnx,
     to_pt2,
     to_torchscript,
@@ -44,12 +54,16 @@ __all__ = [
     "EncodeGraph",
     "ExportError",
     "ExportResult",
+    "InterfaceDtypes",
     "ParityError",
     "ParityReport",
+    "PrecisionMeter",
+    "QuantizeGraph",
     "Tokenizer",
     "default_example_shape",
     "export_module",
     "read_metadata",
+    "to_executorch",
     "to_onnx",
     "to_pt2",
     "to_torchscript",

@@ -1,9 +1,11 @@
 """What gets exported: eval-only wrappers around ``encode`` / ``decode``, and the dynamic axes.
 
 A quantizer that follows :class:`vqcore.protocols.Quantizer` is exported through
-:class:`EncodeGraph` / :class:`DecodeGraph` with no export code of its own; a plugin may instead
-supply a module through the ``export_module(quantizer, graph)`` hook. :class:`Tokenizer` and
-:class:`Detokenizer` chain a user's encoder / decoder with the quantizer (the production artifact).
+:class:`EncodeGraph` / :class:`DecodeGraph` / :class:`QuantizeGraph` with no export code of its own; a
+plugin may instead supply a module through the ``export_module(quantizer, graph)`` hook.
+:class:`Tokenizer` and :class:`Detokenizer` chain a user's encoder / decoder with the quantizer (the
+production artifact). :class:`InterfaceDtypes` puts the artifact's index and float dtypes (int32
+indices, float16 vectors) around any of them.
 
 Dynamic axes are found by probing, not by assuming a layout: each axis of the example is grown by
 one; an axis is dynamic when the module accepts the grown input and exactly one output axis grows with
@@ -20,7 +22,9 @@ from torch import Tensor, nn
 
 from vqcore.protocols import SupportsExportMetadata
 
-GRAPHS = ("encode", "decode")
+GRAPHS = ("encode", "decode", "quantize")
+INDEX_DTYPES = (torch.int64, torch.int32)
+FLOAT_DTYPES = (torch.float32, torch.float16)
 # features shapes of export examples, by input layout (see default_example_shape)
 EXAMPLE_SHAPES: dict[str, Callable[[int], tuple[int, ...]]] = {
     "sequence": lambda dim: (2, 16, dim),
@@ -69,6 +73,23 @@ class DecodeGraph(nn.Module):
         return _plain(self.quantizer.decode(indices))
 
 
+class QuantizeGraph(nn.Module):
+    """features -> (vectors, indices): ``quantizer.encode`` then ``quantizer.decode`` of those indices, one
+    graph (a codec's bottleneck). The vectors equal the eval forward's quantized output (the Quantizer
+    protocol's ``decode(encode(x))`` contract); an encode that returns several index tensors gives
+    ``(vectors, *indices)``."""
+
+    graph = "quantize"
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer: Any = quantizer
+
+    def forward(self, x: Tensor) -> ModuleOutput:
+        indices = self.quantizer.encode(x)
+        return (_first(_plain(self.quantizer.decode(indices))), *_as_tuple(_plain(indices)))
+
+
 class Tokenizer(nn.Module):
     """``quantizer.encode(encoder(x))``: a user's encoder and the quantizer as one encode artifact."""
 
@@ -97,8 +118,48 @@ class Detokenizer(nn.Module):
         return _plain(self.decoder(self.quantizer.decode(indices)))
 
 
-def is_wrapper(module: object) -> TypeGuard[EncodeGraph | DecodeGraph | Tokenizer | Detokenizer]:
-    return isinstance(module, (EncodeGraph, DecodeGraph, Tokenizer, Detokenizer))
+class InterfaceDtypes(nn.Module):
+    """The dtypes an artifact's caller sees around an export module of ``graph``: integer outputs (indices)
+    as ``index_dtype``, integer inputs (a decode graph's indices) taken as ``index_dtype`` and widened to
+    int64 before the module, floating outputs (vectors) as ``float_dtype``. The module inside computes as
+    before (a vqcore quantizer searches in float32 whatever its dtype)."""
+
+    def __init__(self, module: nn.Module, graph: str, index_dtype: torch.dtype, float_dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.graph = graph
+        self.index_dtype = index_dtype
+        self.float_dtype = float_dtype
+
+    def forward(self, x: Tensor) -> ModuleOutput:
+        if not x.is_floating_point():
+            x = x.long()
+        out = _as_tuple(_plain(self.module(x)))
+        cast = tuple(o.to(self.float_dtype if o.is_floating_point() else self.index_dtype) for o in out)
+        return cast[0] if len(cast) == 1 else cast
+
+
+def with_interface_dtypes(
+    module: nn.Module,
+    graph: str,
+    index_dtype: torch.dtype = torch.int64,
+    float_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """``module`` itself for the default dtypes (int64 indices, float32 vectors), else
+    :class:`InterfaceDtypes` around it."""
+    if index_dtype not in INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype!r}")
+    if float_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+    if index_dtype == torch.int64 and float_dtype == torch.float32:
+        return module
+    return InterfaceDtypes(module, graph, index_dtype, float_dtype)
+
+
+def is_wrapper(
+    module: object,
+) -> TypeGuard[EncodeGraph | DecodeGraph | QuantizeGraph | Tokenizer | Detokenizer]:
+    return isinstance(module, (EncodeGraph, DecodeGraph, QuantizeGraph, Tokenizer, Detokenizer))
 
 
 def export_module(quantizer: nn.Module, graph: str) -> nn.Module:
@@ -121,12 +182,16 @@ def export_module(quantizer: nn.Module, graph: str) -> nn.Module:
 
 
 def export_module_default(quantizer: nn.Module, graph: str) -> nn.Module:
-    """The protocol wrapper around ``quantizer.encode`` / ``quantizer.decode``."""
-    if not callable(getattr(quantizer, graph, None)):
+    """The protocol wrapper around ``quantizer.encode`` / ``quantizer.decode`` (both for "quantize")."""
+    needs = ("encode", "decode") if graph == "quantize" else (graph,)
+    missing = [name for name in needs if not callable(getattr(quantizer, name, None))]
+    if missing:
         raise TypeError(
-            f"{type(quantizer).__name__} has no {graph}() (vqcore.protocols.Quantizer): cannot export {graph}"
+            f"{type(quantizer).__name__} has no {' or '.join(f'{m}()' for m in missing)} "
+            f"(vqcore.protocols.Quantizer): cannot export the {graph} graph"
         )
-    return EncodeGraph(quantizer) if graph == "encode" else DecodeGraph(quantizer)
+    wrapper = {"encode": EncodeGraph, "decode": DecodeGraph, "quantize": QuantizeGraph}[graph]
+    return wrapper(quantizer)
 
 
 def quantizer_of(module: nn.Module) -> nn.Module:
@@ -195,6 +260,10 @@ def _first(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
+def _as_tuple(out: ModuleOutput) -> tuple[Tensor, ...]:
+    return (out,) if isinstance(out, Tensor) else tuple(out)
+
+
 @torch.no_grad()
 def map_dynamic_axes(
     fn: Callable[[Tensor], Any], example: Tensor, dims: Iterable[int] | None = None
@@ -254,9 +323,12 @@ def export_example(example: Tensor, dims: Iterable[int]) -> Tensor:
     return example
 
 
-def dynamic_shapes(names: dict[int, str]) -> tuple[dict[int, Any]]:
+def dynamic_shapes(names: dict[int, str], max_sizes: dict[str, int] | None = None) -> tuple[dict[int, Any]]:
     """``dynamic_shapes`` for torch.export (positional, so any forward signature works): one named
-    ``Dim`` per dynamic axis of the single input."""
+    ``Dim`` per dynamic axis of the single input, bounded above by ``max_sizes[name]`` where given."""
     from torch.export import Dim
 
-    return ({axis: Dim(name) for axis, name in names.items()},)
+    bounds = max_sizes or {}
+    return (
+        {axis: Dim(name, max=bounds[name]) if name in bounds else Dim(name) for axis, name in names.items()},
+    )

@@ -35,7 +35,11 @@ RESERVED_KEYS = (
     "input",
     "output",
     "index_dtype",
+    "float_dtype",
+    "outputs",
     "index_layout",
+    "max_sizes",
+    "delegate",
     "dropped_index",
     "dynamic_axes",
     "opset",
@@ -133,20 +137,40 @@ def build(
     graph: str,
     fmt: str,
     input_name: str,
-    output_name: str,
+    output_names: list[str],
     example_in: Tensor,
-    example_out: Tensor,
+    example_outs: tuple[Tensor, ...],
     in_names: dict[int, str],
     out_names: dict[int, str],
+    index_names: dict[int, str],
+    index_dtype: torch.dtype = torch.int64,
     opset: int | None = None,
     parity: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The metadata of one artifact: what vqcore writes about it and :func:`quantizer_fields`."""
+    """The metadata of one artifact: what vqcore writes about it and :func:`quantizer_fields`.
+
+    ``out_names`` names the dynamic axes of the first output, ``index_names`` those of the indices (the
+    output of encode and quantize graphs, the input of decode graphs). ``outputs`` lists every output;
+    ``output`` is the first one."""
     from vqcore._version import __version__
 
     def layout_of(t: Tensor, names: dict[int, str]) -> str:
         return ",".join(names.get(i, str(t.shape[i])) for i in range(t.ndim))
 
+    def dtype_name(dtype: torch.dtype) -> str:
+        return str(dtype).replace("torch.", "")
+
+    outputs = [
+        {
+            "name": name,
+            "dtype": dtype_name(t.dtype),
+            "layout": layout_of(t, out_names if k == 0 else index_names),
+        }
+        for k, (name, t) in enumerate(zip(output_names, example_outs))
+    ]
+    index_example = example_in if graph == "decode" else example_outs[0 if graph == "encode" else 1]
+    floats = [t for t in (example_in, *example_outs) if t.is_floating_point()]
     meta = {
         "schema": SCHEMA,
         "vqcore_version": __version__,
@@ -158,24 +182,21 @@ def build(
         **quantizer_fields(quantizer),
         "input": {
             "name": input_name,
-            "dtype": str(example_in.dtype).replace("torch.", ""),
+            "dtype": dtype_name(example_in.dtype),
             "layout": layout_of(example_in, in_names),
         },
-        "output": {
-            "name": output_name,
-            "dtype": str(example_out.dtype).replace("torch.", ""),
-            "layout": layout_of(example_out, out_names),
-        },
-        "index_dtype": "int64",
-        "index_layout": layout_of(
-            example_out if graph == "encode" else example_in, out_names if graph == "encode" else in_names
-        ),
+        "output": outputs[0],
+        "outputs": outputs,
+        "index_dtype": dtype_name(index_dtype),
+        "float_dtype": dtype_name(floats[0].dtype) if floats else None,
+        "index_layout": layout_of(index_example, in_names if graph == "decode" else index_names),
         "dropped_index": -1,
         "dynamic_axes": sorted(set(in_names.values())),
         "opset": opset,
         "torch_version": torch.__version__,
         "weights_sha256": weights_sha256(module),
         "parity": parity,
+        **(extra or {}),
     }
     return meta
 

@@ -5,7 +5,13 @@
   the distance-based built-ins have one) is asked, on a float64 copy of itself, which differing entries
   are equally good codes (float32 cannot order them). More mismatches than ``MAX_TIE_FRACTION`` of the
   entries is a broken graph, not ties. A quantizer without the method must match exactly.
-- Float outputs (decode graphs) must match within ``atol + rtol * |ref|`` (1e-5, 1e-5).
+- Float outputs (decode graphs) must match within ``atol + rtol * |ref|`` (1e-5, 1e-5); float16
+  outputs within ``atol + 2^-10 |ref|`` (one float16 ulp: runtimes round float16 products apart).
+- A quantize graph's vectors are compared with the eager decode of the artifact's own indices (a tie
+  judged genuine in the indices is not a second failure in the vectors).
+- A reduced-precision artifact (float16) must reproduce its own eager float16 module by the rules above;
+  how far that is from the float32 module is measured, not required: :class:`PrecisionMeter` gives the
+  index agreement and the SQNR of the vectors (``ParityReport.precision``).
 
 A failure raises :class:`ParityError` carrying the :class:`ParityReport`.
 """
@@ -27,6 +33,9 @@ TieCheck = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 TIE_TOLERANCE = 1e-6
 ATOL = RTOL = 1e-5
+# float16 outputs: within about one unit in the last place (two runtimes round a float16 product or sum
+# apart by one ulp: 2^-10 relative)
+FLOAT16_RTOL = 2.0**-10
 MAX_TIE_FRACTION = 0.01  # more mismatches than this is a broken graph, not ties
 
 
@@ -49,6 +58,7 @@ class ParityReport:
     max_abs_diff: float = 0.0
     tie_tolerance: float | None = None
     failures: list[str] = field(default_factory=list)
+    precision: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,6 +74,7 @@ class ParityReport:
             "max_abs_diff": self.max_abs_diff,
             "tie_tolerance": self.tie_tolerance,
             "ok": self.ok,
+            **({"precision": self.precision} if self.precision is not None else {}),
         }
 
     def __str__(self) -> str:
@@ -75,6 +86,12 @@ class ParityReport:
             f"(float64-verified ties: {self.ties})",
             f"  max |float diff|: {self.max_abs_diff:.3g} (atol {ATOL}, rtol {RTOL})",
         ]
+        if self.precision is not None:
+            p = self.precision
+            lines.append(
+                f"  {p['dtype']} against the float32 module: {p['index_flips']} of {p['index_entries']} "
+                f"indices differ, vectors at {p['sqnr_db']:.1f} dB SQNR"
+            )
         lines += [f"  - {f}" for f in self.failures]
         return "\n".join(lines)
 
@@ -111,11 +128,12 @@ def compare(
             continue
         diff = (w.double() - g.double()).abs()
         report.max_abs_diff = max(report.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
-        bad = diff > ATOL + RTOL * w.double().abs()
+        rtol = FLOAT16_RTOL if w.dtype == torch.float16 else RTOL
+        bad = diff > ATOL + rtol * w.double().abs()
         if bool(bad.any()):
             report.failures.append(
                 f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than atol+rtol*|ref| "
-                f"(max {float(diff.max()):.3g})"
+                f"(max {float(diff.max()):.3g}; atol {ATOL}, rtol {rtol:.3g})"
             )
 
 
@@ -143,6 +161,46 @@ def _compare_indices(
             f"{out}: {count - ties} of {count} differing indices are not float64-verified ties "
             f"(tolerance {report.tie_tolerance})"
         )
+
+
+class PrecisionMeter:
+    """How far a reduced-precision artifact is from the float32 module on the same inputs: the indices
+    that differ (``index_flips`` of ``index_entries``, ``index_agreement``) and the signal-to-quantization
+    noise ratio of the float outputs, ``10 log10(sum ref^2 / sum (ref - got)^2)`` in dB (infinite when
+    they are equal)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.entries = self.flips = 0
+        self.signal = self.noise = 0.0
+
+    def add(self, reference: Sequence[Tensor], got: Sequence[Any]) -> None:
+        for ref, out in zip(reference, got):
+            out = torch.as_tensor(out)
+            if ref.shape != out.shape:
+                continue  # a shape mismatch is the parity check's failure to report
+            if ref.is_floating_point():
+                wide = ref.double()
+                self.signal += float(wide.square().sum())
+                self.noise += float((wide - out.double()).square().sum())
+            else:
+                self.entries += ref.numel()
+                self.flips += int((ref != out.to(ref.dtype)).sum())
+
+    def summary(self) -> dict[str, Any]:
+        import math
+
+        if self.noise == 0.0:
+            sqnr = math.inf
+        else:
+            sqnr = 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "index_entries": self.entries,
+            "index_flips": self.flips,
+            "index_agreement": 1.0 - self.flips / self.entries if self.entries else 1.0,
+            "sqnr_db": sqnr,
+        }
 
 
 # -- ties --------------------------------------------------------------------------------------------
