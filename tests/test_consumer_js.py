@@ -140,7 +140,8 @@ def test_npy_module_round_trips_every_dtype(node, tmp_path):
     }
     for name, array in arrays.items():
         np.save(tmp_path / f"{name}.npy", array)
-    np.lib.format.write_array(open(tmp_path / "v2.npy", "wb"), arrays["i8"], version=(2, 0))
+    with open(tmp_path / "v2.npy", "wb") as file:
+        np.lib.format.write_array(file, arrays["i8"], version=(2, 0))
     script = """
     import { readFile, writeFile } from "node:fs/promises";
     import { formatNpy, parseNpy, toNumbers } from "./npy.mjs";
@@ -294,88 +295,34 @@ def test_web_page_tokenizes_and_decodes_like_python(browser, demo, tmp_path):
 
 # -- the consumer bundle -----------------------------------------------------------------------------
 
-# a few methods of the nearest-code, residual and scalar families (small): registry name -> kwargs
-BUNDLE_METHODS = {
-    "vq": dict(dim=8, codebook_size=16, codebook_dim=4),
-    "rvq": dict(dim=8, codebook_size=16, num_quantizers=3),
-    "fsq": dict(levels=[3, 5, 4], dim=8),
-    "lfq": dict(dim=8, codebook_size=16, num_codebooks=2),
+# bundles of format onnx, each method with its encode, decode and quantize graphs: name -> (methods,
+# index dtype, float dtype); a nearest-code method, a grouped residual stack, two scalar families at the
+# default dtypes, and int32 indices with float16 features and vectors
+BUNDLES = {
+    "int64-float32": (["vq", "grouped_rvq", "fsq", "lfq"], torch.int64, torch.float32),
+    "int32-float16": (["grouped_rvq", "lfq"], torch.int32, torch.float16),
 }
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A consumer bundle of format onnx: encode and decode graphs, each run on an input 3 longer in batch
-    than the export example, with the eager outputs."""
-    import vqcore
-    from vqcore.export import graphs, parity, to_onnx
+@pytest.fixture(scope="module", params=list(BUNDLES))
+def bundle(request, tmp_path_factory) -> Path:
+    """A consumer bundle written by tests/consumer_bundle.py."""
+    from consumer_bundle import write_bundle
 
-    folder = tmp_path_factory.mktemp("bundle")
-    cases = []
-    for method, kwargs in BUNDLE_METHODS.items():
-        torch.manual_seed(0)
-        quantizer = vqcore.create(method, **kwargs)
-        generator = torch.Generator().manual_seed(0)
-        features = torch.randn(graphs.default_example_shape(quantizer), generator=generator)
-        with torch.no_grad():
-            quantizer.train()
-            for _ in range(2):  # data-fitted codebooks
-                quantizer(features)
-            quantizer.eval()
-            vqcore.save(quantizer, folder / f"{method}.safetensors")
-            probe_features = graphs.grow(features, 0, features.shape[0] + 3, generator)
-            examples = {"encode": features, "decode": parity.as_tuple(quantizer.encode(features))[0]}
-            probes = {
-                "encode": probe_features,
-                "decode": parity.as_tuple(quantizer.encode(probe_features))[0],
-            }
-            for graph, example in examples.items():
-                name = f"{method}.{graph}.onnx"
-                to_onnx(quantizer, folder / name, graph=graph, example=example)
-                expected = parity.as_tuple(graphs.export_module(quantizer, graph)(probes[graph]))
-                np.save(folder / f"{name}.in0.npy", probes[graph].numpy())
-                for k, out in enumerate(expected):
-                    np.save(folder / f"{name}.expected{k}.npy", out.numpy())
-                cases.append(
-                    {
-                        "name": name,
-                        "method": method,
-                        "graph": graph,
-                        "format": "onnx",
-                        "artifact": name,
-                        "inputs": [f"{name}.in0.npy"],
-                        "outputs": len(expected),
-                        "expected": [f"{name}.expected{k}.npy" for k in range(len(expected))],
-                        "quantizer": f"{method}.safetensors",
-                    }
-                )
-    (folder / "manifest.json").write_text(json.dumps({"schema": "vqcore.consumer-bundle/1", "cases": cases}))
+    folder = tmp_path_factory.mktemp(f"bundle-{request.param}")
+    methods, index_dtype, float_dtype = BUNDLES[request.param]
+    write_bundle(folder, methods=methods, formats=("onnx",), index_dtype=index_dtype, float_dtype=float_dtype)
     return folder
 
 
 def judge_bundle(bundle: Path, results: Path, runtime: str) -> list[str]:
-    """Every case's outputs against the eager ones by the export layer's parity rules (equal indices
-    apart from float64-verified ties, floats within 1e-5); the failures, one line each."""
-    import vqcore
-    from vqcore.export import parity
+    """tests/consumer_bundle.py's verdicts (the export layer's parity rules: equal indices apart from
+    float64-verified ties, float outputs within tolerance): the failures, one line each."""
+    from consumer_bundle import compare
 
-    failures = []
-    for case in json.loads((bundle / "manifest.json").read_text())["cases"]:
-        quantizer = vqcore.load(bundle / case["quantizer"])
-        paths = [results / f"{case['name']}.out{k}.npy" for k in range(case["outputs"])]
-        if not all(p.exists() for p in paths):
-            failures.append(f"{case['name']}: missing outputs in {runtime}")
-            continue
-        report = parity.ParityReport(case["graph"], runtime, tie_tolerance=parity.TIE_TOLERANCE)
-        parity.compare(
-            report,
-            torch.from_numpy(np.load(bundle / case["inputs"][0])),
-            [torch.from_numpy(np.load(bundle / e)) for e in case["expected"]],
-            [torch.from_numpy(np.load(p)) for p in paths],
-            parity.tie_checker(quantizer) if case["graph"] == "encode" else None,
-        )
-        failures += [f"{case['name']}: {f}" for f in report.failures]
-    return failures
+    verdicts = compare(bundle, results, runtime, formats=("onnx",))
+    assert len(verdicts) == len(json.loads((bundle / "manifest.json").read_text())["cases"])
+    return [f"{v.name}: {failure}" for v in verdicts for failure in v.failures]
 
 
 def case_lines(stdout: str, bundle: Path) -> list[str]:
@@ -392,21 +339,19 @@ def test_node_runs_the_bundle(node, bundle, tmp_path):
     assert judge_bundle(bundle, results, "onnxruntime-node") == []
 
 
-def test_node_bundle_runner_reports_a_failed_case_and_runs_the_rest(node, bundle, tmp_path):
+def test_node_bundle_runner_reports_a_failed_case_and_runs_the_rest(node, dtype_bundle, tmp_path):
     broken = tmp_path / "bundle"
-    shutil.copytree(bundle, broken)
+    shutil.copytree(dtype_bundle, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    manifest["cases"][0]["artifact"] = "nowhere.onnx"
-    manifest["cases"].append({**manifest["cases"][1], "name": "torchscript.case", "format": "torchscript"})
+    half, ids = manifest["cases"]
+    half["artifact"] = "nowhere.onnx"
+    manifest["cases"].append({**ids, "name": "ids.torchscript", "format": "torchscript"})
     (broken / "manifest.json").write_text(json.dumps(manifest))
     proc = run_node(node, "run_bundle.mjs", broken, tmp_path / "results")
     assert proc.returncode == 1
-    first, *rest = proc.stdout.splitlines()
-    assert first.startswith(f"{manifest['cases'][0]['name']} FAILED: ") and "nowhere.onnx" in first
-    assert rest == [f"{c['name']} ok" for c in manifest["cases"][1:-1]]  # not the torchscript case
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(
-        f"{c['name']}.out0.npy" for c in manifest["cases"][1:-1]
-    )
+    assert re.fullmatch(r"half FAILED: .*nowhere\.onnx.*\nids ok\n", proc.stdout), proc.stdout
+    assert proc.stderr == "1 onnx case(s) ran, 1 failed\n"
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["ids.out0.npy", "ids.out1.npy"]
 
 
 def test_browser_runs_the_bundle(browser, bundle, tmp_path):
