@@ -29,8 +29,13 @@ NODE_EXAMPLE = EXAMPLES / "node"
 WEB_EXAMPLE = EXAMPLES / "web"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 MAX_DECODE_ERROR = 1e-5
-DEMO_FILES = ("tokenizer.onnx", "detokenizer.onnx", "heldout_images.npy", "heldout_tokens.npy")
-DEMO_FILES += ("heldout_decoded.npy",)
+DEMO_FILES = [
+    "tokenizer.onnx",
+    "detokenizer.onnx",
+    "heldout_images.npy",
+    "heldout_tokens.npy",
+    "heldout_decoded.npy",
+]
 
 
 def unavailable(reason: str) -> None:
@@ -275,7 +280,8 @@ def test_web_page_tokenizes_and_decodes_like_python(browser, demo, tmp_path):
     tokens = np.load(demo / "heldout_tokens.npy")
     decoded = np.load(demo / "heldout_decoded.npy")
     summary = seen["summary"]
-    assert summary["tokens"]["shape"] == list(tokens.shape) and summary["tokens"]["dtype"] == "int64"
+    assert summary["tokens"]["shape"] == list(tokens.shape)
+    assert np.dtype(summary["tokens"]["dtype"]) == tokens.dtype
     assert int((np.array(summary["tokens"]["values"]) != tokens.reshape(-1)).sum()) == 0
     assert summary["mismatches"] == 0
     assert summary["decoded"]["shape"] == list(decoded.shape)
@@ -291,6 +297,18 @@ def test_web_page_tokenizes_and_decodes_like_python(browser, demo, tmp_path):
         python_tokens = tokenizer(torch.from_numpy(pixels).reshape(1, 1, 8, 8))
     assert drawn["tokens"]["ids"] == python_tokens.reshape(-1).tolist()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_web_page_says_which_file_it_cannot_load(browser, demo, tmp_path):
+    folder = copy_demo(demo, tmp_path / "demo")
+    (folder / "heldout_tokens.npy").unlink()
+    with LocalServer({"/examples/": EXAMPLES, "/demo/": folder}) as server:
+        page = f"{server.url}/examples/web/index.html?demo=/demo/"
+        proc = run_node(browser, "headless.mjs", "demo", page, tmp_path / "out", cwd=WEB_EXAMPLE)
+        missing = f"{server.url}/demo/heldout_tokens.npy"
+    assert proc.returncode == 1
+    assert f"the page failed: cannot load {missing} (HTTP 404): run `make demo`" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # -- the consumer bundle -----------------------------------------------------------------------------

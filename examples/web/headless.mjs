@@ -46,7 +46,7 @@ try {
       timeout: TIMEOUT_MS,
     });
     const error = await page.evaluate(() => window.vqcoreDemo.error);
-    if (error) throw new Error(`the page failed: ${error}; ${pageErrors.join("; ")}`);
+    if (error) throw new Error(`the page failed: ${error}`);
     const summary = await page.evaluate(() => window.vqcoreDemo.summary);
     // a "7": a stroke across the top and down to the bottom left, through the pad's own pointer events
     const box = await page.locator("#pad").boundingBox();
@@ -81,6 +81,9 @@ try {
     console.log(title);
     process.exitCode = /^done: \d+ ok, 0 failed$/.test(title) ? 0 : 1;
   }
+} catch (err) {
+  console.error(err.message);
+  process.exitCode = 1;
 } finally {
   await browser.close();
 }
