@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch that lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS := export,test,bench,demo
+EXTRAS := export,test,bench,demo,executorch
 STAMP := $(VENV)/.vqcore-installed
 # The out-of-tree example plugin (docs/plugins.md), installed editable so that the tests see it through
 # real entry-point discovery (tests/test_plugin_example.py); it is not part of the vqcore wheel.

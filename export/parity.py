@@ -6,7 +6,9 @@
   are equally good codes (float32 cannot order them). More mismatches than ``MAX_TIE_FRACTION`` of the
   entries is a broken graph, not ties. A quantizer without the method must match exactly.
 - Float outputs (decode graphs) must match within ``atol + rtol * |ref|`` (1e-5, 1e-5); float16
-  outputs within ``atol + 2^-10 |ref|`` (one float16 ulp: runtimes round float16 products apart).
+  outputs within ``2^-8`` of the output's largest magnitude (runtimes accumulate float16 products
+  differently, a few float16 ulps apart), and float16 graphs' indices may differ where the float64
+  distances are within that rounding (tie tolerance 2^-8 instead of 1e-6).
 - A quantize graph's vectors are compared with the eager decode of the artifact's own indices (a tie
   judged genuine in the indices is not a second failure in the vectors).
 - A reduced-precision artifact (float16) must reproduce its own eager float16 module by the rules above;
@@ -33,9 +35,10 @@ TieCheck = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 TIE_TOLERANCE = 1e-6
 ATOL = RTOL = 1e-5
-# float16 outputs: within about one unit in the last place (two runtimes round a float16 product or sum
-# apart by one ulp: 2^-10 relative)
-FLOAT16_RTOL = 2.0**-10
+# float16 graphs: runtimes accumulate float16 products differently (float16 or float32 sums, another
+# order), a few float16 ulps (2^-10 relative) apart: vectors within 2^-8 of the output's largest magnitude,
+# and indices that differ only where float64 distances are within that rounding (ties at 2^-8)
+FLOAT16_TOLERANCE = 2.0**-8
 MAX_TIE_FRACTION = 0.01  # more mismatches than this is a broken graph, not ties
 
 
@@ -84,7 +87,7 @@ class ParityReport:
             f"  input shapes checked: {', '.join(str(tuple(s)) for s in self.shapes)}",
             f"  index entries: {self.index_entries}, mismatches: {self.index_mismatches} "
             f"(float64-verified ties: {self.ties})",
-            f"  max |float diff|: {self.max_abs_diff:.3g} (atol {ATOL}, rtol {RTOL})",
+            f"  max |float diff|: {self.max_abs_diff:.3g}",
         ]
         if self.precision is not None:
             p = self.precision
@@ -128,12 +131,15 @@ def compare(
             continue
         diff = (w.double() - g.double()).abs()
         report.max_abs_diff = max(report.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
-        rtol = FLOAT16_RTOL if w.dtype == torch.float16 else RTOL
-        bad = diff > ATOL + rtol * w.double().abs()
+        if w.dtype == torch.float16:
+            limit = ATOL + FLOAT16_TOLERANCE * (float(w.double().abs().max()) if w.numel() else 0.0)
+            bad, rule = diff > limit, f"{FLOAT16_TOLERANCE:.3g} * max|ref| = {limit:.3g}"
+        else:
+            bad, rule = diff > ATOL + RTOL * w.double().abs(), f"atol+rtol*|ref| ({ATOL}, {RTOL})"
         if bool(bad.any()):
             report.failures.append(
-                f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than atol+rtol*|ref| "
-                f"(max {float(diff.max()):.3g}; atol {ATOL}, rtol {rtol:.3g})"
+                f"{out}: {int(bad.sum())} of {w.numel()} values differ by more than {rule} "
+                f"(max {float(diff.max()):.3g})"
             )
 
 

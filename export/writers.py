@@ -65,7 +65,15 @@ def _quiet() -> Iterator[None]:
     onnx progress logs)."""
     loggers = [
         logging.getLogger(n)
-        for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")
+        for n in (
+            "torch.onnx",
+            "torch.export",
+            "torch._dynamo",
+            "onnxscript",
+            "torch.fx",
+            "torchao",
+            "executorch",
+        )
     ]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
@@ -141,8 +149,13 @@ class _Plan:
                 index_axes = graphs.map_dynamic_axes(lambda x: self.module(x)[1], self.example, axes)
             self.index_names = {o: self.in_names[i] for i, o in index_axes.items() if o is not None}
         enc = getattr(inner, "encoder", None) if isinstance(inner, graphs.Tokenizer) else None
+        self.tie_tolerance = (
+            parity.TIE_TOLERANCE if float_dtype == torch.float32 else parity.FLOAT16_TOLERANCE
+        )
         self.tie_check = (
-            parity.tie_checker(self.quantizer, encoder=enc) if graph in ("encode", "quantize") else None
+            parity.tie_checker(self.quantizer, encoder=enc, tolerance=self.tie_tolerance)
+            if graph in ("encode", "quantize")
+            else None
         )
         # the eager reference: the wrapper itself, or the quantizer's own encode/decode when a plugin's
         # hook supplied the module (so a hook module that disagrees with the quantizer is caught)
@@ -218,7 +231,7 @@ class _Plan:
 
     def verify(self, run: Runner, runtime: str) -> parity.ParityReport:
         report = parity.ParityReport(
-            self.graph, runtime, tie_tolerance=parity.TIE_TOLERANCE if self.tie_check else None
+            self.graph, runtime, tie_tolerance=self.tie_tolerance if self.tie_check else None
         )
         precision = parity.PrecisionMeter(self.float_dtype) if self.float_dtype != torch.float32 else None
         for probe in self.probes():
@@ -315,7 +328,9 @@ def _staged(path: str) -> Iterator[str]:
     """A temporary path next to ``path``, moved onto it when the block succeeds and removed otherwise,
     so that an artifact that fails its checks is never left at ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
-    staging = os.path.join(directory, f".partial-{name}")  # the same extension (AOTInductor checks it)
+    stem, ext = os.path.splitext(name)
+    # the same extension (AOTInductor checks it) and a non-empty stem (TorchScript's archive name)
+    staging = os.path.join(directory, f"{stem}.partial{ext}")
     try:
         yield staging
         os.replace(staging, path)
@@ -540,7 +555,8 @@ def to_executorch(
     (a JSON string) and :func:`read_metadata` reads it. Needs the ``executorch`` package
     (``pip install 'vqcore[executorch]'``)."""
     try:
-        from executorch.exir import to_edge_transform_and_lower
+        with _quiet():  # torchao, imported by executorch, logs its missing GPU kernels
+            from executorch.exir import to_edge_transform_and_lower
     except ImportError as err:
         raise ImportError(
             "to_executorch needs the executorch package (built for this torch): "
@@ -551,7 +567,8 @@ def to_executorch(
     ep = plan.export_program(bounds)
     partitioners: list[Any] = []
     if xnnpack:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        with _quiet():
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioners.append(XnnpackPartitioner())
     path = os.fspath(path)
@@ -575,12 +592,10 @@ def to_executorch(
         with open(staging, "wb") as handle:
             handle.write(lower(meta))
         if verify:
-            run = executorch_runner(staging)
-            report = plan.verify(run, "executorch")
+            report = plan.verify(executorch_runner(staging), "executorch")
             _finish(report, verify)
-            meta = plan.metadata("pte", report=report, extra=extra)
-            with open(staging, "wb") as handle:
-                handle.write(lower(meta))
+            # recorded in the returned metadata; the program keeps the pre-check copy (lowering is slow)
+            meta["parity"] = report.summary()
     return ExportResult(path, meta, report)
 
 

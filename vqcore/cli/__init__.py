@@ -100,6 +100,17 @@ def _cmd_export(args) -> int:
     from vqcore import export
     from vqcore.serialization import load
 
+    if args.aoti and args.format != "pt2":
+        print("vqcore export: --aoti needs --format pt2", file=sys.stderr)
+        return 2
+    if args.max_size and args.format != "executorch":
+        print("vqcore export: --max-size needs --format executorch", file=sys.stderr)
+        return 2
+    try:
+        max_sizes = _parse_sizes(args.max_size)
+    except ValueError as err:
+        print(f"vqcore export: {err}", file=sys.stderr)
+        return 2
     quantizer = load(args.checkpoint)  # in eval mode
     try:
         shape = (
@@ -113,12 +124,25 @@ def _cmd_export(args) -> int:
     torch.manual_seed(args.seed)
     features = torch.randn(shape)
     with torch.no_grad():
-        example = features if args.graph == "encode" else quantizer.encode(features)
-    writer = {"onnx": export.to_onnx, "torchscript": export.to_torchscript, "pt2": export.to_pt2}[args.format]
-    kwargs = {"opset": args.opset} if args.format == "onnx" else {"aoti": True} if args.aoti else {}
-    if args.aoti and args.format != "pt2":
-        print("--aoti needs --format pt2", file=sys.stderr)
-        return 2
+        example = quantizer.encode(features) if args.graph == "decode" else features
+    if isinstance(example, tuple):
+        example = example[0]
+    writer = {
+        "onnx": export.to_onnx,
+        "torchscript": export.to_torchscript,
+        "pt2": export.to_pt2,
+        "executorch": export.to_executorch,
+    }[args.format]
+    kwargs: dict = {
+        "index_dtype": getattr(torch, args.index_dtype),
+        "float_dtype": getattr(torch, args.float_dtype),
+    }
+    if args.format == "onnx":
+        kwargs["opset"] = args.opset
+    elif args.format == "pt2" and args.aoti:
+        kwargs["aoti"] = True
+    elif args.format == "executorch" and max_sizes:
+        kwargs["max_sizes"] = max_sizes
     try:
         result = writer(
             quantizer, args.output, graph=args.graph, example=example, verify=not args.no_verify, **kwargs
@@ -126,16 +150,38 @@ def _cmd_export(args) -> int:
     except (export.ParityError, export.ExportError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1
+    except (ValueError, ImportError) as err:  # an option this artifact cannot honour: nothing written
+        print(f"vqcore export: {err}", file=sys.stderr)
+        return 2
     meta = result.metadata
     parity = meta.get("parity") or {}
-    print(
+    outputs = ", ".join(f"{o['name']} {o['layout']} {o['dtype']}" for o in meta["outputs"])
+    line = (
         f"wrote {result.path}: {meta['method']} {args.graph} ({args.format}), "
-        f"input {meta['input']['layout']} {meta['input']['dtype']} -> "
-        f"output {meta['output']['layout']} {meta['output']['dtype']}; "
+        f"input {meta['input']['layout']} {meta['input']['dtype']} -> {outputs}; "
         f"parity {'ok' if parity.get('ok') else 'not checked'}"
-        + (f" ({parity['index_mismatches']} index ties)" if parity.get("index_mismatches") else "")
     )
+    if parity.get("index_mismatches"):
+        line += f" ({parity['index_mismatches']} index ties)"
+    precision = parity.get("precision")
+    if precision:
+        line += (
+            f"; {precision['dtype']} vs float32: {precision['index_flips']} of {precision['index_entries']} "
+            f"indices differ, SQNR {precision['sqnr_db']:.1f} dB"
+        )
+    print(line)
     return 0
+
+
+def _parse_sizes(items) -> dict[str, int]:
+    """``NAME=N`` pairs (``--max-size batch=64``) -> ``{name: n}``."""
+    sizes = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--max-size expects AXIS=N with a positive N (e.g. batch=64), got {item!r}")
+        sizes[name] = int(value)
+    return sizes
 
 
 class _BadInput(Exception):
@@ -355,20 +401,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
-        "export", help="export a vqcore.save checkpoint's encode or decode graph (ONNX, TorchScript, pt2)"
+        "export",
+        help="export a vqcore.save checkpoint's encode, decode or quantize graph "
+        "(ONNX, TorchScript, pt2, ExecuTorch)",
     )
     p.add_argument("checkpoint", help="file written by vqcore.save")
-    p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
-    p.add_argument("--graph", choices=("encode", "decode"), default="encode")
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2", "executorch"), default="onnx")
+    p.add_argument(
+        "--graph",
+        choices=("encode", "decode", "quantize"),
+        default="encode",
+        help="encode: features -> indices; decode: indices -> vectors; "
+        "quantize: features -> vectors and indices",
+    )
     p.add_argument("-o", "--output", required=True, help="artifact path")
     p.add_argument(
         "--example-shape",
         help="features shape of the example, e.g. 2,16,64 (default from the quantizer: (2, 16, dim) for "
         "sequences, (2, dim, 8, 6) for images, ...); decode graphs use the indices of these features",
     )
+    p.add_argument(
+        "--index-dtype",
+        choices=("int64", "int32"),
+        default="int64",
+        help="dtype of the indices the artifact returns or takes (default: int64)",
+    )
+    p.add_argument(
+        "--float-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="float16: a half-precision variant; its index agreement and SQNR against float32 are printed",
+    )
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default: 20)")
     p.add_argument(
         "--aoti", action="store_true", help="pt2: AOTInductor package (compiled; needs a C++ compiler)"
+    )
+    p.add_argument(
+        "--max-size",
+        action="append",
+        metavar="AXIS=N",
+        help="executorch: upper bound of a dynamic axis (batch, seq, height, ...), repeatable; "
+        "default 4 times the example's size, at least 16",
     )
     p.add_argument("--no-verify", action="store_true", help="skip the export-time parity check")
     p.add_argument("--seed", type=int, default=0)
