@@ -125,13 +125,38 @@ def test_node_names_a_tampered_token(node, demo, tmp_path):
     assert f"image 5, id 3: {python_id}, Python's {(python_id + 1) % 256}" in proc.stdout
 
 
-def test_node_reports_a_missing_file(node, demo, tmp_path):
-    folder = copy_demo(demo, tmp_path / "demo")
+def _images_as_float64(folder: Path) -> None:
+    np.save(folder / "heldout_images.npy", np.load(folder / "heldout_images.npy").astype(np.float64))
+
+
+def _images_flat(folder: Path) -> None:
+    images = np.load(folder / "heldout_images.npy")
+    np.save(folder / "heldout_images.npy", images.reshape(images.shape[0], 64))
+
+
+def _no_detokenizer(folder: Path) -> None:
     (folder / "detokenizer.onnx").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_no_detokenizer, "missing {folder}/detokenizer.onnx: run `vqcore demo --out {folder}` first"),
+        (
+            _images_as_float64,
+            "{folder}/heldout_images.npy: .npy dtype '<f8' is not supported (supported: <f4 <f2 <i4 <i8)",
+        ),
+        (_images_flat, "heldout_images.npy: expected float32 images (N, 1, 8, 8), got float32 ({n},64)"),
+    ],
+)
+def test_node_names_bad_input(node, demo, tmp_path, damage, message):
+    folder = copy_demo(demo, tmp_path / "demo")
+    damage(folder)
     proc = run_node(node, "tokenize_digits.mjs", folder)
     assert proc.returncode == 1
-    assert f"missing {folder / 'detokenizer.onnx'}: run `vqcore demo --out {folder}` first" in proc.stderr
-    assert "Error" not in proc.stderr  # a message, not a stack trace
+    n = np.load(demo / "heldout_images.npy").shape[0]
+    assert proc.stderr == message.format(folder=folder, n=n) + "\n"  # a message, not a stack trace
+    assert proc.stdout == ""
 
 
 def test_npy_module_round_trips_every_dtype(node, tmp_path):

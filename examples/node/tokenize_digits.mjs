@@ -8,7 +8,7 @@ import { readFile } from "node:fs/promises";
 import path from "node:path";
 import * as ort from "onnxruntime-node";
 
-import { parseNpy, toNumbers } from "./npy.mjs";
+import { fromTensor, parseNpy, toNumbers } from "./npy.mjs";
 
 const MAX_DECODE_ERROR = 1e-5;
 
@@ -18,14 +18,27 @@ if (!demoOut) {
   process.exit(2);
 }
 
+function fail(message) {
+  console.error(message);
+  process.exit(1);
+}
+
 async function readDemoFile(name) {
   const file = path.join(demoOut, name);
   try {
     return await readFile(file);
   } catch (err) {
     if (err.code !== "ENOENT") throw err;
-    console.error(`missing ${file}: run \`vqcore demo --out ${demoOut}\` first`);
-    process.exit(1);
+    fail(`missing ${file}: run \`vqcore demo --out ${demoOut}\` first`);
+  }
+}
+
+async function readDemoArray(name) {
+  const bytes = await readDemoFile(name);
+  try {
+    return parseNpy(bytes);
+  } catch (err) {
+    fail(`${path.join(demoOut, name)}: ${err.message}`);
   }
 }
 
@@ -39,24 +52,29 @@ async function run(session, tensor) {
 
 const tokenizer = await ort.InferenceSession.create(await readDemoFile("tokenizer.onnx"));
 const detokenizer = await ort.InferenceSession.create(await readDemoFile("detokenizer.onnx"));
-const images = parseNpy(await readDemoFile("heldout_images.npy")); // float32 (N, 1, 8, 8)
-const pythonTokens = parseNpy(await readDemoFile("heldout_tokens.npy")); // Python's tokens of the images
-const pythonDecoded = parseNpy(await readDemoFile("heldout_decoded.npy")); // Python's images of its tokens
+const images = await readDemoArray("heldout_images.npy"); // float32 (N, 1, 8, 8)
+const pythonTokens = await readDemoArray("heldout_tokens.npy"); // Python's tokens of the images
+const pythonDecoded = await readDemoArray("heldout_decoded.npy"); // Python's images of its tokens
+if (images.dtype !== "float32" || images.shape.length !== 4 || images.shape.slice(1).join() !== "1,8,8") {
+  fail(`heldout_images.npy: expected float32 images (N, 1, 8, 8), got ${images.dtype} (${images.shape})`);
+}
 
 // tokenize every held-out image in one batch
 const tokens = await run(tokenizer, toTensor(images));
 if (tokens.dims.join() !== pythonTokens.shape.join()) {
-  console.error(`tokens of shape (${tokens.dims}), Python's are (${pythonTokens.shape})`);
-  process.exit(1);
+  fail(`tokens of shape (${tokens.dims}), Python's are (${pythonTokens.shape})`);
 }
-const ours = toNumbers({ dtype: tokens.type, data: tokens.data });
+const ours = toNumbers(fromTensor(tokens));
 const theirs = toNumbers(pythonTokens);
 const mismatched = [...ours.keys()].filter((i) => ours[i] !== theirs[i]);
 
 // decode Python's tokens
 const decoded = await run(detokenizer, toTensor(pythonTokens));
+if (decoded.dims.join() !== pythonDecoded.shape.join()) {
+  fail(`decoded images of shape (${decoded.dims}), Python's are (${pythonDecoded.shape})`);
+}
 const expected = toNumbers(pythonDecoded);
-const decodedValues = toNumbers({ dtype: decoded.type, data: decoded.data });
+const decodedValues = toNumbers(fromTensor(decoded));
 const decodeError = decodedValues.reduce((e, v, i) => Math.max(e, Math.abs(v - expected[i])), 0);
 
 const n = images.shape[0];
