@@ -58,6 +58,9 @@ def node() -> str:
 @pytest.fixture(scope="module")
 def browser(node: str) -> str:
     """node again, once headless Chromium and examples/web's packages are there."""
+    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        unavailable(f"examples/web/headless.mjs (playwright-core) needs node 20 or later, this is {version}")
     if not CHROMIUM.is_file():
         unavailable(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")
     for package in ("onnxruntime-web", "playwright-core"):
