@@ -346,7 +346,7 @@ def test_web_page_says_which_file_it_cannot_load(browser, demo, tmp_path):
 # default dtypes, and int32 indices with float16 features and vectors
 BUNDLES = {
     "int64-float32": (["vq", "grouped_rvq", "fsq", "lfq"], torch.int64, torch.float32),
-    "int32-float16": (["grouped_rvq", "lfq"], torch.int32, torch.float16),
+    "int32-float16": (["vq", "grouped_rvq", "lfq"], torch.int32, torch.float16),
 }
 
 
