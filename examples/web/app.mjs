@@ -4,7 +4,7 @@
 // The page also tokenizes every held-out digit and decodes Python's tokens, and reports how they agree
 // with Python's. What it computed is on `window.vqcoreDemo` (see the end of this file).
 
-import { parseNpy, toNumbers } from "../node/npy.mjs";
+import { fromTensor, parseNpy, toNumbers } from "../node/npy.mjs";
 import { ort } from "./ort.mjs";
 
 const GRID = 4; // 8x8 images -> a 4x4 grid of tokens
@@ -30,7 +30,6 @@ async function fetchDemoFile(name) {
 }
 
 const toTensor = (array) => new ort.Tensor(array.dtype, array.data, array.shape);
-const fromTensor = (tensor) => ({ dtype: tensor.type, shape: Array.from(tensor.dims), data: tensor.data });
 
 async function runGraph(session, array) {
   const results = await session.run({ [session.inputNames[0]]: toTensor(array) });
@@ -70,7 +69,7 @@ function showCells(element, cells, reference) {
   element.replaceChildren(
     ...cells.map((ids, t) => {
       const cell = document.createElement("div");
-      cell.textContent = ids.join("·");
+      cell.textContent = ids.join("\n"); // one id per book (layer, group)
       if (reference && ids.join() !== reference[t].join()) cell.className = "differs";
       return cell;
     }),
@@ -227,7 +226,7 @@ async function main() {
   const good = mismatches === 0 && decodeError <= MAX_DECODE_ERROR;
   $("summary").innerHTML =
     `${n} digits tokenized in the browser: <span class="${mismatches ? "disagree" : "agree"}">` +
-    `${ours.length - mismatches}/${ours.length} tokens equal Python's</span>; Python's tokens decoded here ` +
+    `${ours.length - mismatches}/${ours.length} token ids equal Python's</span>; Python's tokens decoded here ` +
     `within <span class="nowrap">${decodeError.toExponential(1)}</span> of Python's images ` +
     `<span class="${good ? "agree" : "disagree"}">` +
     `(${good ? "ok" : "differs"})</span>.`;
