@@ -10,7 +10,7 @@ STAMP := $(VENV)/.vqcore-installed
 # real entry-point discovery (tests/test_plugin_example.py); it is not part of the vqcore wheel.
 EXAMPLE_PLUGIN := examples/vqcore-plugin-example
 
-.PHONY: test test-slow demo bench lint clean
+.PHONY: test test-slow consumers demo bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,21 @@ $(STAMP): pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml | $(PY)
 test: $(STAMP)
 	$(VENV)/bin/pytest -q tests $(EXAMPLE_PLUGIN)/tests
 
-test-slow: $(STAMP)
-	$(VENV)/bin/pytest -q -m slow
+# the heavy cases, the consumers outside Python among them (C++, Node.js, headless Chromium): they must
+# run here, not skip
+test-slow: $(STAMP) consumers
+	VQCORE_REQUIRE_CONSUMERS=1 $(VENV)/bin/pytest -q -m slow
+
+# what the consumer tests need besides .venv: the npm packages of examples/node and examples/web
+# (--ignore-scripts: onnxruntime-node's post-install step downloads GPU binaries from outside; its CPU
+# binding is in the package) and Debian's chromium for the headless browser tests (as root)
+NODE_MODULES := examples/node/node_modules/.package-lock.json examples/web/node_modules/.package-lock.json
+
+consumers: $(NODE_MODULES)
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+examples/%/node_modules/.package-lock.json: examples/%/package-lock.json
+	cd examples/$* && npm ci --ignore-scripts --no-audit --no-fund
 
 demo: $(STAMP)
 	$(VENV)/bin/vqcore demo
@@ -55,4 +68,4 @@ lint: $(STAMP)
 	$(PY) tools/typecheck.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info examples/node/node_modules examples/web/node_modules

@@ -123,6 +123,10 @@ def test_executorch_consumer(tmp_path):
     assert_all_ok(verdicts, len(manifest["cases"]))
 
 
+# ExecuTorch lowering takes seconds per graph: its int32 / float16 variants run on a few methods
+VARIANT_METHODS = {"pte": ["vq", "rvq", "lfq", "hierarchical_vq"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pte"])
 @pytest.mark.parametrize(
@@ -132,13 +136,17 @@ def test_executorch_consumer(tmp_path):
 def test_every_builtin_in_every_python_consumer(fmt, index_dtype, float_dtype, tmp_path):
     if fmt == "pte":
         pytest.importorskip("executorch")
+    default = index_dtype == torch.int64 and float_dtype == torch.float32
     manifest = consumer_bundle.write_bundle(
-        tmp_path / "bundle", formats=[fmt], index_dtype=index_dtype, float_dtype=float_dtype
+        tmp_path / "bundle",
+        methods=None if default else VARIANT_METHODS.get(fmt),
+        formats=[fmt],
+        index_dtype=index_dtype,
+        float_dtype=float_dtype,
     )
     verdicts = run_python_consumer(tmp_path / "bundle", tmp_path / "results", fmt)
     if float_dtype == torch.float32:
         assert_all_ok(verdicts, len(manifest["cases"]))
-    else:
-        assert len(verdicts) == len(manifest["cases"]) and all(v.ok for v in verdicts), [
-            (v.name, v.failures) for v in verdicts if not v.ok
-        ]
+    else:  # float16: judged within float16 rounding (consumer_bundle.compare)
+        assert len(verdicts) == len(manifest["cases"])
+        assert all(v.ok for v in verdicts), [(v.name, v.failures) for v in verdicts if not v.ok]
