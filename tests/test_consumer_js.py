@@ -88,6 +88,17 @@ def run_node(node: str, script: str, *args, cwd: Path = NODE_EXAMPLE) -> subproc
     )
 
 
+def run_module_script(node: str, script: str, *args) -> subprocess.CompletedProcess:
+    """``script`` as an ES module in examples/node (so it imports ./npy.mjs), with ``args`` as argv[1:]."""
+    return subprocess.run(
+        [node, "--input-type=module", "-e", script, *map(str, args)],
+        cwd=NODE_EXAMPLE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def copy_demo(demo: Path, to: Path) -> Path:
     to.mkdir()
     for name in DEMO_FILES:
@@ -188,13 +199,7 @@ def test_npy_module_round_trips_every_dtype(node, tmp_path):
     out.half = Array.from(toNumbers(parseNpy(await readFile(`${dir}/f2.npy`))), String);
     console.log(JSON.stringify(out));
     """
-    proc = subprocess.run(
-        [node, "--input-type=module", "-e", script, str(tmp_path)],
-        cwd=NODE_EXAMPLE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_module_script(node, script, tmp_path)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     assert seen["f4"] == {"dtype": "float32", "shape": [2, 3, 4], "first": "0"}
@@ -224,13 +229,7 @@ def test_npy_module_rejects_what_it_cannot_read(node, tmp_path):
       catch (err) { console.log(`${name}: ${err.message}`); }
     }
     """
-    proc = subprocess.run(
-        [node, "--input-type=module", "-e", script, str(tmp_path)],
-        cwd=NODE_EXAMPLE,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_module_script(node, script, tmp_path)
     assert proc.stdout.splitlines() == [
         "f8: .npy dtype '<f8' is not supported (supported: <f4 <f2 <i4 <i8)",
         "fortran: .npy file in Fortran order: only C order is supported",
