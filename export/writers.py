@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from vqcore.book_layout import book_layout_of
+from vqcore.errors import VQCoreWarning
 from vqcore.export import graphs, metadata, parity
 
 PathLike = str | os.PathLike[str]
@@ -546,7 +547,9 @@ def to_executorch(
     xnnpack: bool = True,
 ) -> ExportResult:
     """Write an ExecuTorch program (``.pte``, for the ExecuTorch runtime on mobile and embedded targets),
-    lowered to the XNNPACK delegate where its kernels apply (``xnnpack=False``: portable kernels only).
+    lowered to the XNNPACK delegate where its kernels apply (``xnnpack=False``: portable kernels only;
+    where XNNPACK's passes refuse the graph, a :class:`vqcore.errors.VQCoreWarning` says so and the
+    program uses the portable kernels; the metadata's ``delegate`` tells which).
 
     ExecuTorch plans memory for the largest input, so every dynamic axis has an upper bound:
     ``max_sizes={"batch": 64, "seq": 4096}`` by axis name (see the metadata's ``dynamic_axes``); an axis
@@ -565,32 +568,43 @@ def to_executorch(
     plan = _Plan(obj, _graph_of(obj, graph), example, dynamic_dims, index_dtype, float_dtype)
     bounds = executorch_bounds(plan.example, plan.in_names, max_sizes)
     ep = plan.export_program(bounds)
-    partitioners: list[Any] = []
-    if xnnpack:
-        with _quiet():
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        partitioners.append(XnnpackPartitioner())
     path = os.fspath(path)
-    extra = {"max_sizes": bounds, "delegate": "xnnpack" if xnnpack else None}
 
-    def lower(meta: dict[str, Any]) -> bytes:
+    def lower(delegate: str | None) -> tuple[bytes, dict[str, Any]]:
+        meta = plan.metadata("pte", extra={"max_sizes": bounds, "delegate": delegate})
+        partitioners: list[Any] = []
         with _quiet():
+            if delegate == "xnnpack":
+                from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+                partitioners.append(XnnpackPartitioner())
             try:
                 edge = to_edge_transform_and_lower(
                     ep, partitioner=partitioners, constant_methods={"vqcore_metadata": metadata.dumps(meta)}
                 )
-                return edge.to_executorch().buffer
+                return edge.to_executorch().buffer, meta
             except Exception as err:
                 raise ExportError(
-                    f"ExecuTorch lowering of the {plan.graph} graph failed: {type(err).__name__}: {err}"
+                    f"ExecuTorch lowering of the {plan.graph} graph "
+                    f"({'XNNPACK delegate' if delegate else 'portable kernels'}) failed: "
+                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 ) from err
 
-    meta = plan.metadata("pte", extra=extra)
+    try:
+        program, meta = lower("xnnpack" if xnnpack else None)
+    except ExportError as err:
+        if not xnnpack:
+            raise
+        # XNNPACK's own graph passes refuse some graphs (a 1-D convolution with dynamic length, for one):
+        # the portable kernels run every operator, slower
+        warnings.warn(
+            f"{err}; the program uses ExecuTorch's portable kernels instead", VQCoreWarning, stacklevel=2
+        )
+        program, meta = lower(None)
     report = None
     with _staged(path) as staging:
         with open(staging, "wb") as handle:
-            handle.write(lower(meta))
+            handle.write(program)
         if verify:
             report = plan.verify(executorch_runner(staging), "executorch")
             _finish(report, verify)

@@ -124,6 +124,20 @@ def test_executorch_consumer(tmp_path):
     assert_all_ok(verdicts, len(manifest["cases"]))
 
 
+@pytest.mark.slow
+def test_executorch_refuses_what_it_cannot_lower_before_writing(tmp_path):
+    pytest.importorskip("executorch")
+    from vqcore.errors import VQCoreWarning
+    from vqcore.export import ExportError, to_executorch
+
+    quantizer, features = consumer_bundle.build("hierarchical_vq")
+    path = tmp_path / "h.pte"
+    with pytest.warns(VQCoreWarning, match="XNNPACK delegate.*failed.*portable kernels instead"):
+        with pytest.raises(ExportError, match=r"\(portable kernels\) failed: .*copy_strided"):
+            to_executorch(quantizer, path, graph="decode", example=quantizer.encode(features))
+    assert list(tmp_path.iterdir()) == []
+
+
 # ExecuTorch lowering takes seconds per graph: its int32 / float16 variants run on a few methods
 VARIANT_METHODS = {"pte": ["vq", "rvq", "lfq", "hierarchical_vq"]}
 
@@ -144,6 +158,7 @@ def test_every_builtin_in_every_python_consumer(fmt, index_dtype, float_dtype, t
         formats=[fmt],
         index_dtype=index_dtype,
         float_dtype=float_dtype,
+        skip=consumer_bundle.PTE_UNSUPPORTED if fmt == "pte" else (),
     )
     verdicts = run_python_consumer(tmp_path / "bundle", tmp_path / "results", fmt)
     if float_dtype == torch.float32:
