@@ -74,6 +74,7 @@ def _quiet() -> Iterator[None]:
             "torch.fx",
             "torchao",
             "executorch",
+            "torch.utils._pytree",  # torchao registers enum constants at import (a deprecation notice)
         )
     ]
     levels = [lg.level for lg in loggers]
