@@ -588,7 +588,7 @@ def to_executorch(
                 raise ExportError(
                     f"ExecuTorch lowering of the {plan.graph} graph "
                     f"({'XNNPACK delegate' if delegate else 'portable kernels'}) failed: "
-                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
                 ) from err
 
     try:
