@@ -119,15 +119,14 @@ class Detokenizer(nn.Module):
 
 
 class InterfaceDtypes(nn.Module):
-    """The dtypes an artifact's caller sees around an export module of ``graph``: integer outputs (indices)
+    """The dtypes an artifact's caller sees around an export module: integer outputs (indices)
     as ``index_dtype``, integer inputs (a decode graph's indices) taken as ``index_dtype`` and widened to
     int64 before the module, floating outputs (vectors) as ``float_dtype``. The module inside computes as
     before (a vqcore quantizer searches in float32 whatever its dtype)."""
 
-    def __init__(self, module: nn.Module, graph: str, index_dtype: torch.dtype, float_dtype: torch.dtype):
+    def __init__(self, module: nn.Module, index_dtype: torch.dtype, float_dtype: torch.dtype):
         super().__init__()
         self.module = module
-        self.graph = graph
         self.index_dtype = index_dtype
         self.float_dtype = float_dtype
 
@@ -139,21 +138,23 @@ class InterfaceDtypes(nn.Module):
         return cast[0] if len(cast) == 1 else cast
 
 
-def with_interface_dtypes(
-    module: nn.Module,
-    graph: str,
-    index_dtype: torch.dtype = torch.int64,
-    float_dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """``module`` itself for the default dtypes (int64 indices, float32 vectors), else
-    :class:`InterfaceDtypes` around it."""
+def check_interface_dtypes(index_dtype: torch.dtype, float_dtype: torch.dtype) -> None:
+    """Refuse dtypes an artifact cannot take or return."""
     if index_dtype not in INDEX_DTYPES:
         raise ValueError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype!r}")
     if float_dtype not in FLOAT_DTYPES:
         raise ValueError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+
+
+def with_interface_dtypes(
+    module: nn.Module, index_dtype: torch.dtype = torch.int64, float_dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """``module`` itself for the default dtypes (int64 indices, float32 vectors), else
+    :class:`InterfaceDtypes` around it."""
+    check_interface_dtypes(index_dtype, float_dtype)
     if index_dtype == torch.int64 and float_dtype == torch.float32:
         return module
-    return InterfaceDtypes(module, graph, index_dtype, float_dtype)
+    return InterfaceDtypes(module, index_dtype, float_dtype)
 
 
 def is_wrapper(

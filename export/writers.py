@@ -106,7 +106,7 @@ class _Plan:
     ):
         if not isinstance(example, Tensor):
             raise TypeError("example must be a tensor (features for encode / quantize, indices for decode)")
-        graphs.with_interface_dtypes(nn.Identity(), graph, index_dtype, float_dtype)  # checks both dtypes
+        graphs.check_interface_dtypes(index_dtype, float_dtype)
         inner = graphs.export_module(obj, graph).eval()
         quantizer = graphs.quantizer_of(inner) if graphs.is_wrapper(inner) else obj
         check_index_dtype(quantizer, index_dtype)
@@ -116,12 +116,12 @@ class _Plan:
         else:
             example = example.to(index_dtype)
         # the float32 module, as the user built it: what a float16 artifact is measured against
-        self.float32_module = graphs.with_interface_dtypes(inner, graph, index_dtype, torch.float32)
+        self.float32_module = graphs.with_interface_dtypes(inner, index_dtype, torch.float32)
         if float_dtype != torch.float32:
             inner = graphs.export_module(copy.deepcopy(obj).to(float_dtype), graph).eval()
             quantizer = graphs.quantizer_of(inner) if graphs.is_wrapper(inner) else quantizer
         self.inner = inner  # the export module before the interface dtypes (its type and weights: metadata)
-        self.module = graphs.with_interface_dtypes(inner, graph, index_dtype, float_dtype).eval()
+        self.module = graphs.with_interface_dtypes(inner, index_dtype, float_dtype).eval()
         self.quantizer = quantizer
         self.graph = graph
         self.index_dtype, self.float_dtype = index_dtype, float_dtype
@@ -165,14 +165,14 @@ class _Plan:
             self.module
             if graphs.is_wrapper(inner)
             else graphs.with_interface_dtypes(
-                graphs.export_module_default(self.quantizer, graph), graph, index_dtype, float_dtype
+                graphs.export_module_default(self.quantizer, graph), index_dtype, float_dtype
             )
         )
         # a quantize artifact's vectors are judged against the eager decode of its own indices, so that
         # a float64-verified tie in the indices does not count twice
         self.decode_reference = (
             graphs.with_interface_dtypes(
-                graphs.export_module_default(self.quantizer, "decode"), "decode", index_dtype, float_dtype
+                graphs.export_module_default(self.quantizer, "decode"), index_dtype, float_dtype
             )
             if graph == "quantize"
             else None
