@@ -21,6 +21,7 @@ from vqcore.blocks.distance import (
     l2norm,
     nearest,
     prepare_codes,
+    score_tile,
     similarity,
 )
 
@@ -36,6 +37,9 @@ def clear_nearest(x: torch.Tensor, codes: torch.Tensor, cosine: bool, gap: float
     top2 = scores.topk(2, dim=-1, largest=False)
     clear = top2.values[..., 1] - top2.values[..., 0] > gap * scores.abs().amax(-1).clamp(min=1)
     return top2.indices[..., 0], clear
+
+
+EXACT_CDIST = "donot_use_mm_for_euclid_dist"  # cdist by explicit differences: equal codes, equal distances
 
 
 def one_block_search(monkeypatch, *args, **kwargs):
@@ -164,14 +168,62 @@ def test_fused_cpu_search_equals_the_baddbmm_search(cosine, monkeypatch):
 def test_prepared_codes_give_the_search_its_own_packing_gives(cosine):
     torch.manual_seed(0)
     codes, x = torch.randn(2, 100, 8), torch.randn(2, 300, 8)
-    prepared = prepare_codes(codes, cosine=cosine, chunk_bytes=4096)
-    assert prepared.rows == 4096 // (4 * 100) and len(prepared.packed) == 2
+    prepared = prepare_codes(codes, cosine=cosine, chunk_bytes=2**20)
+    # one block of all 100 codes per book; 1 MiB of scores per block: 2**20 // (4 * 100) tokens
+    assert (prepared.rows, prepared.cols) == (2**20 // 400, 100)
+    assert len(prepared.packed) == 2 and all(len(blocks) == 1 for blocks in prepared.packed)
     if cosine:
         assert prepared.sq is None
     else:
         assert torch.equal(prepared.sq, codes.pow(2).sum(-1))
-    want = nearest(x, codes, cosine=cosine, chunk_bytes=4096)
-    assert torch.equal(nearest(x, codes, cosine=cosine, chunk_bytes=4096, prepared=prepared), want)
+    want = nearest(x, codes, cosine=cosine, chunk_bytes=2**20)
+    assert torch.equal(nearest(x, codes, cosine=cosine, chunk_bytes=2**20, prepared=prepared), want)
+    # a codebook (6400 bytes) over the budget is not copied: the search packs it block by block (64 codes)
+    small = prepare_codes(codes, cosine=cosine, chunk_bytes=4096)
+    assert small.packed is None and (small.rows, small.cols) == (16, 64)
+    assert torch.equal(nearest(x, codes, cosine=cosine, chunk_bytes=4096, prepared=small), want)
+
+
+def test_score_tile_splits_the_codes_only_when_few_tokens_would_fit():
+    # all codes in a block while 256 tokens fit: 16 MiB / (4 bytes x 2 books x 1024 codes) = 2048 tokens
+    assert score_tile(2, 1024, 16 * 2**20) == (2048, 1024)
+    assert score_tile(1, 16384, 16 * 2**20) == (256, 16384)
+    # 2^18 codes: 256 tokens x 4096 codes in a 4 MiB block; 16 MiB: 16384 codes
+    assert score_tile(1, 2**18, 4 * 2**20) == (256, 4096)
+    assert score_tile(1, 2**18, 16 * 2**20) == (256, 16384)
+    # blocks of codes are multiples of the argmin groups (64), at least one group, at most the codebook
+    assert score_tile(3, 5000, 10**6) == (260, 320)  # 10**6 // 3072 = 325 -> 320 codes; 10**6 // 3840 tokens
+    assert score_tile(1, 100, 64) == (1, 64)
+    assert score_tile(1, 37, 64) == (1, 37)
+
+
+@pytest.mark.parametrize("path", ["fused", "baddbmm"])
+@pytest.mark.parametrize("cosine", [False, True], ids=["euclidean", "cosine"])
+def test_search_in_blocks_of_codes_is_the_argmin_over_all_codes(path, cosine, monkeypatch):
+    """A budget that splits 1000 codes into blocks of 64 (the last one 40 codes) gives the one-block search's
+    indices: across blocks, exact ties go to the lowest index and NaN rows to argmin's answer."""
+    if path == "fused" and not FUSED:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    if path == "baddbmm":
+        monkeypatch.setattr(distance, "_FUSED_LINEAR", None)
+    torch.manual_seed(0)
+    codes = torch.randn(2, 1000, 16) * 2
+    codes[:, 900:] = codes[:, 100:200]  # codes 900.. repeat codes 100..: the tie goes to the first copy
+    x = codes[:, torch.randint(1000, (700,))] + 0.01 * torch.randn(2, 700, 16)
+    if cosine:
+        codes, x = l2norm(codes), l2norm(x)
+    x[0, 5] = float("nan")
+    budget = 4 * 2 * 256 * 64  # 2 books x 256 tokens x 64 codes: the smallest block of codes
+    assert score_tile(2, 1000, budget)[1] == 64 and score_tile(1, 1000, budget)[1] == 128
+    got = nearest(x, codes, cosine=cosine, chunk_bytes=budget)
+    want = nearest(x, codes, cosine=cosine, chunk_bytes=10**9)
+    assert torch.equal(got, want)
+    assert got[0, 5] == torch.argmin(torch.full((1000,), float("nan"))) == 0
+    x64, c64 = x.double(), codes.double()
+    scores = -(x64 @ c64.transpose(1, 2)) if cosine else torch.cdist(x64, c64, compute_mode=EXACT_CDIST)
+    chosen, best = scores.gather(-1, got.unsqueeze(-1)).squeeze(-1), scores.amin(-1)
+    assert ((chosen - best)[~x.isnan().any(-1)] <= 1e-5).all()  # the nearest, up to float32 rounding
+    assert not (got >= 900).any()  # every token near a repeated code took the first copy
 
 
 @pytest.mark.parametrize("path", ["fused", "baddbmm"])
@@ -227,6 +279,23 @@ def test_gumbel_sample_follows_the_softmax_of_the_similarity():
     indices = gumbel_sample(y, unit, cosine=True, temperature=1.0, generator=generator(1))
     freq = torch.bincount(indices[0], minlength=2).double() / 20000
     torch.testing.assert_close(freq[0].item(), math.e / (math.e + 1), rtol=0, atol=0.015)
+
+
+def test_gumbel_sample_in_blocks_of_codes_follows_the_same_softmax():
+    """200 codes in blocks of 64 (a running maximum of the Gumbel keys across blocks): the frequencies are
+    still softmax(-||x - c|| / temperature); the likeliest codes sit in different blocks."""
+    distances = torch.full((200,), 6.0)
+    distances[[3, 70, 150, 199]] = torch.tensor([0.0, 0.5, 1.0, 0.2])
+    codes = distances.view(1, 200, 1)
+    x = torch.zeros(1, 20000, 1)
+    budget = 4 * 256 * 64
+    assert score_tile(1, 200, budget) == (256, 64)
+    indices = gumbel_sample(
+        x, codes, cosine=False, temperature=1.0, generator=generator(2), chunk_bytes=budget
+    )
+    want = torch.softmax(-distances.double(), 0)
+    freq = torch.bincount(indices[0], minlength=200).double() / x.shape[1]
+    torch.testing.assert_close(freq, want, rtol=0, atol=0.015)
 
 
 # -- the full-size checks (run by `make test-slow`) ------------------------------------------------

@@ -39,6 +39,8 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20
 # wrote it (4 MiB: 1024 tokens x 1024 codes)
 _FUSED_BLOCK_BYTES = 4 * 2**20
 _NORM_SLICE_BYTES = 2**20
+# tokens per score block below which a codebook is split into blocks of codes (see score_tile)
+TILE_MIN_ROWS = 256
 
 
 def l2norm(x: Tensor, dim: int = -1) -> Tensor:
@@ -116,9 +118,12 @@ def argmin_rows(scores: Tensor, out: Tensor) -> Tensor:
 class PreparedCodes(NamedTuple):
     """Codes made ready for the fused CPU search (see :func:`prepare_codes`)."""
 
-    packed: tuple[Tensor, ...]  # per book: -2 codes (-codes for cosine), in oneDNN's blocked layout
+    # per book, per block of ``cols`` codes: -2 codes (-codes for cosine) in oneDNN's blocked layout; None
+    # when the codebook is larger than the search's byte budget: the search then packs block by block
+    packed: tuple[tuple[Tensor, ...], ...] | None
     sq: Tensor | None  # (B, K) squared norms; None for cosine codebooks
     rows: int  # tokens per score block
+    cols: int  # codes per score block (the codebook's size unless it is tiled)
 
 
 def fused_search_applies(x: Tensor, codes: Tensor) -> bool:
@@ -132,39 +137,98 @@ def fused_search_applies(x: Tensor, codes: Tensor) -> bool:
     )
 
 
+def score_tile(books: int, size: int, chunk_bytes: int) -> tuple[int, int]:
+    """``(rows, cols)``: tokens and codes per score block, ``books x rows x cols`` float32 scores within
+    ``chunk_bytes``. A codebook is split into blocks of codes only when fewer than ``TILE_MIN_ROWS`` tokens
+    would fit a block with all of its codes: a GEMM of a few tokens against a large codebook reads the whole
+    codebook for every few tokens, and is bound by memory instead of arithmetic. Blocks of codes are
+    multiples of the grouped argmin's groups."""
+    if books * size * 4 * TILE_MIN_ROWS <= chunk_bytes:
+        cols = size
+    else:
+        cols = max(_ARGMIN_GROUP, chunk_bytes // (4 * books * TILE_MIN_ROWS) // _ARGMIN_GROUP * _ARGMIN_GROUP)
+        cols = min(cols, size)
+    return max(1, chunk_bytes // (4 * books * cols)), cols
+
+
+def _pack(codes: Tensor, scale: float, rows: int) -> Tensor:
+    _, pack = _FUSED_LINEAR
+    return pack((codes * scale).contiguous(), rows)
+
+
 def prepare_codes(codes: Tensor, *, cosine: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> PreparedCodes:
     """Pack codes (B, K, d) for :func:`nearest`'s fused CPU path; a caller whose codes do not change between
     searches (an eval codebook) can keep the result and pass it as ``prepared``, saving the packing and the
     norms on every call.
 
     The scale goes into the packed copy: (-2c) is exact, so the scores are those of ``||c||^2 - 2 x.c``.
-    Books are packed one at a time: the transient scaled copy is one book's size.
+    Books are packed one block at a time: the transient scaled copy is one block's size. A codebook larger
+    than ``chunk_bytes`` is not packed here (a copy of it would double the memory the codes take): the search
+    packs each block of codes as it reaches it.
     """
-    _, pack = _FUSED_LINEAR
-    rows = max(1, min(chunk_bytes, _FUSED_BLOCK_BYTES) // (4 * codes.shape[1]))
+    books, size, _ = codes.shape
+    rows, cols = score_tile(1, size, min(chunk_bytes, _FUSED_BLOCK_BYTES))
     scale = -1.0 if cosine else -2.0
     with torch.no_grad():
-        packed = tuple(pack((book * scale).contiguous(), rows) for book in codes)
+        packed = None
+        if codes.numel() * codes.element_size() <= chunk_bytes:
+            packed = tuple(
+                tuple(_pack(book[start : start + cols], scale, rows) for start in range(0, size, cols))
+                for book in codes
+            )
         sq = None if cosine else _sq_norms(codes)
-    return PreparedCodes(packed, sq, rows)
+    return PreparedCodes(packed, sq, rows, cols)
 
 
-def _nearest_fused(x: Tensor, prepared: PreparedCodes) -> Tensor:
-    """:func:`nearest` on the CPU: per book and block of tokens, one fused oneDNN GEMM + grouped argmin."""
+def _merge_min(scores: Tensor, best: Tensor, best_index: Tensor, offset: int) -> None:
+    """Fold a score block (..., m, k) of codes ``offset .. offset + k`` into the running minimum ``best``
+    (..., m) and its index ``best_index`` (..., m), in place. Blocks come in increasing code order and only
+    a strictly lower score (or a first NaN, which argmin treats as the minimum) replaces the running one, so
+    the result is ``argmin`` over all codes, ties to the lowest index."""
+    *lead, size = scores.shape
+    group = _ARGMIN_GROUP
+    if size % group or size <= group:
+        value, index = scores.min(-1)
+    else:
+        groups = scores.view(*lead, size // group, group)
+        value, first = groups.amin(-1).min(-1)
+        where = first.view(*lead, 1, 1).expand(*lead, 1, group)
+        index = groups.gather(-2, where).squeeze(-2).argmin(-1).add_(first, alpha=group)
+    better = (value < best) | (value.isnan() & ~best.isnan())
+    best.copy_(torch.where(better, value, best))
+    best_index.copy_(torch.where(better, index + offset, best_index))
+
+
+def _nearest_fused(x: Tensor, codes: Tensor, cosine: bool, prepared: PreparedCodes) -> Tensor:
+    """:func:`nearest` on the CPU: per book and block of tokens (and of codes, for large codebooks), one
+    fused oneDNN GEMM and a grouped argmin. With blocks of codes the loop runs over codes outside and tokens
+    inside, so that each block of codes is packed (when it is not prepared) and read from memory once."""
     linear, _ = _FUSED_LINEAR
     books, n = x.shape[:2]
-    rows = prepared.rows
-    indices = torch.empty(books, n, dtype=torch.int64, device=x.device)
+    size = codes.shape[1]
+    rows, cols = prepared.rows, prepared.cols
+    scale = -1.0 if cosine else -2.0
+    tiled = cols < size
+    indices = (torch.zeros if tiled else torch.empty)(books, n, dtype=torch.int64, device=x.device)
+    best = x.new_empty(n) if tiled else None
     for b in range(books):
-        bias = None if prepared.sq is None else prepared.sq[b]
-        for start in range(0, n, rows):
-            scores = linear(x[b, start : start + rows].contiguous(), prepared.packed[b], bias, "none", [], "")
-            argmin_rows(scores, indices[b, start : start + rows])
+        book = x[b].contiguous()
+        if best is not None:
+            best.fill_(float("inf"))
+        for block, start in enumerate(range(0, size, cols)):
+            weight = (
+                _pack(codes[b, start : start + cols], scale, rows)
+                if prepared.packed is None
+                else prepared.packed[b][block]
+            )
+            bias = None if prepared.sq is None else prepared.sq[b, start : start + cols]
+            for first in range(0, n, rows):
+                scores = linear(book[first : first + rows], weight, bias, "none", [], "")
+                if best is None:
+                    argmin_rows(scores, indices[b, first : first + rows])
+                else:
+                    _merge_min(scores, best[first : first + rows], indices[b, first : first + rows], start)
     return indices
-
-
-def _chunk_size(books: int, size: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // (4 * books * size))
 
 
 def nearest(
@@ -183,20 +247,31 @@ def nearest(
     if is_tracing():
         sq = None if cosine else codes.pow(2).sum(-1)
         return _scores(x, codes_t, sq).argmin(-1)
-    n = x.shape[1]
-    chunk = _chunk_size(codes.shape[0], codes.shape[1], chunk_bytes)
+    books, n = x.shape[:2]
+    size = codes.shape[1]
     with torch.no_grad():
         if fused_search_applies(x, codes):
-            return _nearest_fused(x, prepared or prepare_codes(codes, cosine=cosine, chunk_bytes=chunk_bytes))
+            prepared = prepared or prepare_codes(codes, cosine=cosine, chunk_bytes=chunk_bytes)
+            return _nearest_fused(x, codes, cosine, prepared)
         sq = None if cosine else _sq_norms(codes)
-        if n <= chunk:
+        rows, cols = score_tile(books, size, chunk_bytes)
+        if n <= rows:
             return _scores(x, codes_t, sq).argmin(-1)
-        indices = torch.empty(x.shape[:2], dtype=torch.int64, device=x.device)
-        block = x.new_empty(x.shape[0], chunk, codes.shape[1])
-        for start in range(0, n, chunk):
-            part = x[:, start : start + chunk]
-            out = block[:, : part.shape[1]]
-            torch.argmin(_scores(part, codes_t, sq, out=out), -1, out=indices[:, start : start + chunk])
+        tiled = cols < size
+        indices = (torch.zeros if tiled else torch.empty)(books, n, dtype=torch.int64, device=x.device)
+        block = x.new_empty(books, rows, cols)
+        best = x.new_full((books, n), float("inf")) if tiled else None
+        for start in range(0, size, cols):
+            part_t = codes_t[:, :, start : start + cols]
+            part_sq = None if sq is None else sq[:, start : start + cols]
+            for first in range(0, n, rows):
+                tokens = x[:, first : first + rows]
+                out = block[:, : tokens.shape[1], : part_t.shape[2]]
+                scores = _scores(tokens, part_t, part_sq, out=out)
+                if best is None:
+                    torch.argmin(scores, -1, out=indices[:, first : first + rows])
+                else:
+                    _merge_min(scores, best[:, first : first + rows], indices[:, first : first + rows], start)
     return indices
 
 
@@ -230,7 +305,7 @@ def nearest_k(
     with torch.no_grad():
         sq = None if cosine else _sq_norms(codes)
         n = x.shape[1]
-        chunk = _chunk_size(codes.shape[0], size, chunk_bytes)
+        chunk = max(1, chunk_bytes // (4 * codes.shape[0] * size))  # whole rows: top-k needs every code
         if is_tracing() or n <= chunk:
             return best(x)
         indices = torch.empty(*x.shape[:2], k, dtype=torch.int64, device=x.device)
@@ -260,16 +335,32 @@ def gumbel_sample(
         codes_t = codes.transpose(1, 2)
         sq = None if cosine else _sq_norms(codes)
         x_sq = None if cosine else x.pow(2).sum(-1, keepdim=True)
-        chunk = _chunk_size(codes.shape[0], codes.shape[1], chunk_bytes)
-        indices = torch.empty(x.shape[:2], dtype=torch.int64, device=x.device)
-        for start in range(0, x.shape[1], chunk):
-            part = x[:, start : start + chunk]
-            scores = _scores(part, codes_t, sq)  # lower is nearer
-            if x_sq is not None:
-                scores = (scores + x_sq[:, start : start + chunk]).clamp_(min=0).sqrt_()
-            uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
-            gumbel = -torch.log((-torch.log(uniform.clamp_(min=1e-20))).clamp_(min=1e-20))
-            indices[:, start : start + chunk] = (gumbel - scores / temperature).argmax(-1)
+        books, n = x.shape[:2]
+        size = codes.shape[1]
+        rows, cols = score_tile(books, size, chunk_bytes)
+        indices = torch.zeros(books, n, dtype=torch.int64, device=x.device)
+        best = x.new_full((books, n), float("-inf")) if cols < size else None
+        for start in range(0, size, cols):
+            part_t = codes_t[:, :, start : start + cols]
+            part_sq = None if sq is None else sq[:, start : start + cols]
+            for first in range(0, n, rows):
+                scores = _scores(x[:, first : first + rows], part_t, part_sq)  # lower is nearer
+                if x_sq is not None:
+                    scores = (scores + x_sq[:, first : first + rows]).clamp_(min=0).sqrt_()
+                uniform = torch.rand(
+                    scores.shape, generator=generator, device=scores.device, dtype=scores.dtype
+                )
+                gumbel = -torch.log((-torch.log(uniform.clamp_(min=1e-20))).clamp_(min=1e-20))
+                keys = gumbel - scores / temperature
+                if best is None:
+                    indices[:, first : first + rows] = keys.argmax(-1)
+                    continue
+                value, index = keys.max(-1)  # blocks in code order: a strictly higher key wins
+                running = best[:, first : first + rows]
+                better = value > running
+                running.copy_(torch.where(better, value, running))
+                chosen = indices[:, first : first + rows]
+                chosen.copy_(torch.where(better, index + start, chosen))
     return indices
 
 

@@ -25,6 +25,9 @@ It raises :class:`ConformanceError` naming the first broken rule, and returns a
    the indices, each index below its book's codebook size (what the codebook monitor relies on);
 6. ``torch.export.export(strict=False)`` of encode and decode with dynamic batch and sequence axes;
    the exported programs run (no guard fails) and match eager on a larger shape and at size 1.
+
+:func:`record_host_syncs` (from :mod:`vqcore.testing.host_syncs`) finds, on the CPU, the operations that make
+the host wait for a GPU: a plugin's tests can pin its training step as free of them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from torch import Tensor, nn
 
 from vqcore.book_layout import book_layout_of
 from vqcore.protocols import DROPPED_INDEX, INDEX_DTYPE, check_quantizer_instance
+from vqcore.testing.host_syncs import record_host_syncs
+
+__all__ = ["ConformanceError", "ConformanceReport", "check_quantizer", "record_host_syncs"]
 
 # The helpers hold the quantizer under test as ``Any``, as vqcore.create returns it: its members are those of
 # vqcore.protocols.Quantizer, which the ``nn.Module`` type does not describe.
