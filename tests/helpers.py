@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # -- module state --------------------------------------------------------------------------------------
 
@@ -161,3 +163,31 @@ def assert_exports_with_parity(
         for graph, example in (("encode", x), ("decode", quantizer.encode(x))):
             result = write[name](quantizer, folder / f"{graph}.{name}", graph=graph, example=example)
             assert result.parity.ok, (name, graph, result.parity)
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor an operation inside the block allocated (bytes), ignoring outputs that are
+    views of, or written into, an input (in-place and ``out=`` ops allocate nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.op = None
+        self.sizes: list[int] = []  # every allocation, in bytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {_storage(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and _storage(t) not in inputs:
+                size = t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
+                self.sizes.append(size)
+                if size > self.largest:
+                    self.largest, self.op = size, func
+        return out
+
+
+def _storage(t: Tensor) -> int:
+    """An id of the memory a tensor lives in (opaque oneDNN tensors: the tensor itself)."""
+    return id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()

@@ -477,14 +477,16 @@ class EMACodebook(Float32State):
         """
         valid = _finite_tokens(x, valid)
         counts = bincount_per_book(indices, self.size, valid.to(torch.float32))
-        sums = None
         if codes:
             x = torch.where(valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
-            sums = sum_per_code(x.float(), indices, self.size)
         if accumulate:
-            self._add_pending(counts, sums)
+            self._add_pending(counts, sum_per_code(x.float(), indices, self.size) if codes else None)
             return None
-        return self._ema_step(counts, sums, sync, step_weight)
+        # the (B, K, d) sums are passed without a name here, so that the step can free them before it
+        # recomputes the codes (2^18 codes of 256 features: 256 MiB)
+        return self._ema_step(
+            counts, sum_per_code(x.float(), indices, self.size) if codes else None, sync, step_weight
+        )
 
     @torch.no_grad()
     def update_ema(self, *, sync: bool | None = None, step_weight: StepWeight | None = None) -> None:
@@ -512,20 +514,21 @@ class EMACodebook(Float32State):
         counts = all_reduce_sum_(counts, sync)
         sums = None if sums is None else all_reduce_sum_(sums, sync)
         # a book that saw no valid token (all masked / non-finite, on every rank) keeps its state: an empty
-        # batch carries no information, and decaying it would drive n to 0 (embed = 0/0 with decay 0)
+        # batch carries no information, and decaying it would drive n to 0 (embed = 0/0 with decay 0). Its
+        # step is 0, and lerp with weight 0 returns the state as it was: no mask, no host read.
         seen = counts.sum(-1, keepdim=True) > 0
-        step: Tensor | float = 1.0 - self.decay
+        step = (1.0 - self.decay) * seen.to(torch.float32)  # (B, 1)
+        frozen = None
         if step_weight is not None:
             weight = step_weight(sums, counts) if callable(step_weight) else step_weight
-            step = (step * weight.to(device=counts.device, dtype=torch.float32)).expand_as(counts)
-        frozen = step == 0 if isinstance(step, Tensor) else None
-        self.cluster_size.copy_(torch.where(seen, self.cluster_size.lerp(counts, step), self.cluster_size))
+            weight = weight.to(device=counts.device, dtype=torch.float32)
+            frozen = ((1.0 - self.decay) * weight == 0).expand_as(counts)
+            step = step * weight
+        self.cluster_size.lerp_(counts, step)
         if sums is None:  # codes=False: only the usage counts take the step
             return frozen
-        code_step = step.unsqueeze(-1) if isinstance(step, Tensor) else step
-        self.embed_avg.copy_(
-            torch.where(seen.unsqueeze(-1), self.embed_avg.lerp(sums, code_step), self.embed_avg)
-        )
+        self.embed_avg.lerp_(sums, step.unsqueeze(-1))  # in place: no codebook-sized temporary
+        del sums
         self._recompute_embed(seen, frozen)
         return frozen
 
@@ -584,18 +587,28 @@ class EMACodebook(Float32State):
 
     def _recompute_embed(self, books: Tensor | None = None, frozen: Tensor | None = None) -> None:
         """embed = embed_avg / smoothed cluster sizes, for every book or where ``books`` (B, 1) is True,
-        except for ``frozen`` (B, K) codes, which keep their vectors."""
+        except for ``frozen`` (B, K) codes, which keep their vectors.
+
+        In place, without a codebook-sized temporary (2^18 codes of 256 features are 256 MiB): a kept code
+        is divided by infinity (``embed * 1 + embed_avg / inf`` is exactly ``embed``) and an updated one
+        multiplied by 0 first (``embed * 0 + embed_avg / smoothed``), in one ``addcdiv_``."""
         n = self.cluster_size.sum(-1, keepdim=True)
         smoothed = (self.cluster_size + self.eps) / (n + self.size * self.eps) * n
-        embed = self.embed_avg / smoothed.unsqueeze(-1)
-        if self.cosine:
-            embed = l2norm(embed)
         keep = None if books is None else ~books.expand_as(self.cluster_size)
         if frozen is not None:
             keep = frozen if keep is None else keep | frozen
-        if keep is not None:
-            embed = torch.where(keep.unsqueeze(-1), self.embed.detach(), embed)
-        self.embed.copy_(embed)  # in place under no_grad: bumps the version (the search cache sees it)
+        embed = (
+            self.embed.detach()
+        )  # written in place under no_grad: bumps the version (the search cache sees it)
+        if keep is None:
+            torch.div(self.embed_avg, smoothed.unsqueeze(-1), out=embed)
+        else:
+            embed.mul_(keep.unsqueeze(-1).to(embed.dtype))
+            divisor = torch.where(keep, float("inf"), smoothed)
+            embed.addcdiv_(self.embed_avg, divisor.unsqueeze(-1))
+        if self.cosine:  # l2norm in place; a kept code is divided by 1
+            norm = embed.norm(dim=-1).clamp_min(1e-12)
+            embed.div_((norm if keep is None else torch.where(keep, 1.0, norm)).unsqueeze(-1))
 
     @torch.no_grad()
     @float32_method

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqcore.blocks.distance import l2norm, nearest
+from vqcore.blocks.distance import l2norm, nearest, nearest_k
 from vqcore.blocks.distributed import all_reduce_sum_, broadcast_, gather_tokens, rank
 from vqcore.blocks.stats import bincount_per_book, sum_per_code
 
@@ -88,7 +88,6 @@ def _kmeans_plus_plus(
     books, n, dim = x.shape
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xs = torch.where(valid.unsqueeze(-1), x, zero)  # masked tokens may hold garbage
-    x_sq = xs.pow(2).sum(-1)
     rows = torch.arange(books, device=x.device).unsqueeze(1)
     per_round = -(-k // KMEANS_PP_ROUNDS)
     rounds = -(-k // per_round)
@@ -108,12 +107,10 @@ def _kmeans_plus_plus(
         available[rows, pick] = False  # a chosen token is never drawn again
         centres = xs[rows, pick]  # (B, m, d)
         means[:, start : start + m] = centres
-        dist = (
-            x_sq.unsqueeze(-1)
-            + centres.pow(2).sum(-1).unsqueeze(1)
-            - 2 * torch.bmm(xs, centres.transpose(1, 2))
-        )
-        round_sq, round_arg = dist.clamp(min=0).min(-1)
+        # each token's nearest seed of this round, in chunks of tokens (no (N x m) matrix: 2^20 tokens and
+        # 2^15 seeds per round would be 128 GiB)
+        round_arg, round_sq = nearest_k(xs, centres, 1, cosine=False)
+        round_arg, round_sq = round_arg.squeeze(-1), round_sq.squeeze(-1)
         closer = round_sq < nearest_sq
         nearest_sq = torch.where(closer, round_sq, nearest_sq)
         assignment = torch.where(closer, round_arg + start, assignment)
@@ -164,8 +161,8 @@ def kmeans(
         assigned = first if step == 0 and first is not None else nearest(x, means, cosine=cosine)
         counts = all_reduce_sum_(bincount_per_book(assigned, k, weight), sync)
         sums = all_reduce_sum_(sum_per_code(x, assigned, k, weight), sync)
-        updated = sums / counts.clamp(min=1).unsqueeze(-1)
+        updated = sums.div_(counts.clamp(min=1).unsqueeze(-1))  # in place: the means take 2 codebooks' memory
         if cosine:
             updated = l2norm(updated)
-        means = torch.where(counts.unsqueeze(-1) > 0, updated, means)
+        means = torch.where(counts.unsqueeze(-1) > 0, updated, means, out=updated)
     return means, counts
