@@ -21,10 +21,10 @@ evaluated in float32 and inflated to stay upper bounds despite that (a relative 
 absolute ``(d + 8) 2^-124`` for underflow).
 
 **Per token, not per code.** ``E_x`` uses the largest ``||c||``, ``||c - c~||`` and ``||c||^2`` of the
-codebook, so it is one scalar per token, computed from x's norms in O(d): the window test below is then one
-comparison per token. A per-code bound would need a second (tokens x codes) pass in the hot loop; its only
-gain is a narrower window when code norms differ widely, and a window too wide costs a fallback, never a
-wrong index.
+codebook, so it is one scalar per token, affine in ``||x - x~||`` and ``||x||`` (two norms, two fused
+multiply-adds), and the window test below is one comparison per token. A per-code bound would need a
+second (tokens x codes) pass in the hot loop; its only gain is a narrower window when code norms differ
+widely, and a window too wide costs a fallback, never a wrong index.
 
 **The re-rank.** A code ``c`` can be the float32 search's answer only if its low-precision score is within
 ``2 (E_low + E_32)`` of the lowest low-precision score. Every token takes its ``candidates`` lowest
@@ -80,10 +80,60 @@ def _gamma(terms: int, unit: float) -> float:
     return terms * unit / (1.0 - terms * unit)
 
 
+def _relative_inflation(dim: int) -> float:
+    """Relative error of a bound's own float32 evaluation (norms of length ``dim``, products, sums and the
+    window comparison stay below ``(dim + 32) 2^-24``), doubled."""
+    return 2.0 * (dim + 32) * FLOAT32_UNIT
+
+
+def _absolute_inflation(dim: int) -> float:
+    """More than underflow (subnormal or flushed results of the GEMM's ``dim`` products and sums, a
+    low-precision output) can take from a score or its bound."""
+    return (dim + 8) * 2.0**-124
+
+
 def _inflate(bound, dim: int):
-    """``bound`` made safe against its own float32 evaluation (norms of length ``dim``, products, sums and
-    the window comparison: relative error below ``(dim + 32) 2^-24``) and against underflow (absolute)."""
-    return bound * (1.0 + 2.0 * (dim + 32) * FLOAT32_UNIT) + (dim + 8) * 2.0**-124
+    """``bound`` made safe against its own float32 evaluation and against underflow."""
+    return bound * (1.0 + _relative_inflation(dim)) + _absolute_inflation(dim)
+
+
+class _AffineBound(NamedTuple):
+    """A bound ``per_error * x_error + per_norm * x_norm + constant`` (before :func:`_inflate`)."""
+
+    per_error: object
+    per_norm: object
+    constant: object
+
+
+def _low_bound_terms(code_error, code_norm, *, dim, cosine, low_dtype, output_rounding) -> _AffineBound:
+    """:func:`score_error_bound`'s formula, grouped by ``x_error`` and ``x_norm``: every term is one of them
+    times a codebook quantity, or a codebook constant, so the search evaluates it with two fused
+    multiply-adds per token. With ``X~ = x_norm + x_error``, ``P = code_error + sqrt(d) tiny + (ga + uo (1 +
+    ga)) C~`` the dot's error is ``x_error code_norm + X~ P + sqrt(d) tiny C~``."""
+    output_unit, tiny = _LOW_DTYPES[low_dtype]
+    output_unit = output_unit if output_rounding else 0.0
+    ga, g = _gamma(dim, ACCUMULATION_UNIT), _gamma(dim, FLOAT32_UNIT)
+    code_low, flushed = code_norm + code_error, math.sqrt(dim) * tiny
+    per_low = code_error + flushed + (ga + output_unit * (1.0 + ga)) * code_low
+    if cosine:
+        return _AffineBound(code_norm + per_low, per_low, flushed * code_low)
+    # the float32 rounding of ||c||^2 - 2 G: 2^-24 ((1 + g) ||c||^2 + 2 (1 + uo) (1 + ga) X~ C~)
+    combine = 2.0 * FLOAT32_UNIT * (1.0 + output_unit) * (1.0 + ga) * code_low
+    code_sq = code_norm * code_norm
+    return _AffineBound(
+        2.0 * (code_norm + per_low) + combine,
+        2.0 * per_low + combine,
+        2.0 * flushed * code_low + (g + FLOAT32_UNIT * (1.0 + g)) * code_sq,
+    )
+
+
+def _float32_bound_terms(code_norm, *, dim, cosine) -> _AffineBound:
+    """:func:`float32_score_error_bound`'s formula, grouped as :func:`_low_bound_terms`."""
+    g = _gamma(dim, FLOAT32_UNIT)
+    if cosine:
+        return _AffineBound(0.0, g * code_norm, 0.0)
+    g_next = _gamma(dim + 1, FLOAT32_UNIT)
+    return _AffineBound(0.0, 2.0 * g_next * code_norm, (g + g_next * (1.0 + g)) * code_norm * code_norm)
 
 
 def score_error_bound(
@@ -101,52 +151,36 @@ def score_error_bound(
     score (``||c||^2 - 2 x.c``, or ``-x.c`` if ``cosine``), ``s_low`` the one :func:`nearest_certified`
     computes from a GEMM of ``low_dtype`` inputs with float32 accumulation.
 
-    ``x_error = ||x - x~||`` and ``x_norm = ||x||`` (floats or tensors of any shape: one value per token);
-    ``code_error = max ||c - c~||`` and ``code_norm = max ||c||`` over the codebook; ``x~``, ``c~`` the values
-    rounded to ``low_dtype``; ``output_rounding``: the GEMM's output is rounded to ``low_dtype``. With
-    ``X~ = x_norm + x_error >= ||x~||``, ``C~ = code_norm + code_error >= ||c~||``,
+    ``x_error >= ||x - x~||`` and ``x_norm >= ||x||`` (floats or tensors of any shape: one value per token);
+    ``code_error >= max ||c - c~||`` and ``code_norm >= max ||c||`` over the codebook; ``x~``, ``c~`` the
+    values rounded to ``low_dtype``; ``output_rounding``: the GEMM's output is rounded to ``low_dtype``.
+    With ``X~ = x_norm + x_error >= ||x~||``, ``C~ = code_norm + code_error >= ||c~||``,
     ``ga = gamma_d(2^-23)``, ``g = gamma_d(2^-24)``, ``uo`` the output's unit roundoff (0 without output
-    rounding), ``G = (1 + ga) X~ C~`` (bounds the GEMM's output):
+    rounding), ``tiny`` the smallest normal number of ``low_dtype``, ``G = (1 + ga) X~ C~`` (bounds the
+    GEMM's output):
 
     - dot: ``e = x_error code_norm + X~ code_error + sqrt(d) tiny (X~ + C~) + ga X~ C~ + uo G``;
     - cosine: ``E = e``; Euclidean: ``E = 2 e + g code_norm^2 + 2^-24 ((1 + g) code_norm^2 + 2 (1 + uo) G)``;
 
     then inflated by ``(1 + 2 (d + 32) 2^-24)`` plus ``(d + 8) 2^-124`` (its own float32 evaluation).
     """
-    output_unit, tiny = _LOW_DTYPES[low_dtype]
-    output_unit = output_unit if output_rounding else 0.0
-    ga, g = _gamma(dim, ACCUMULATION_UNIT), _gamma(dim, FLOAT32_UNIT)
-    x_low, code_low = x_norm + x_error, code_norm + code_error
-    dot_bound = (1.0 + ga) * x_low * code_low
-    dot_error = (
-        x_error * code_norm
-        + x_low * code_error
-        + math.sqrt(dim) * tiny * (x_low + code_low)
-        + ga * x_low * code_low
-        + output_unit * dot_bound
+    terms = _low_bound_terms(
+        code_error, code_norm, dim=dim, cosine=cosine, low_dtype=low_dtype, output_rounding=output_rounding
     )
-    if cosine:
-        return _inflate(dot_error, dim)
-    code_sq = code_norm * code_norm
-    combine = FLOAT32_UNIT * ((1.0 + g) * code_sq + 2.0 * (1.0 + output_unit) * dot_bound)
-    return _inflate(2.0 * dot_error + g * code_sq + combine, dim)
+    return _inflate(terms.per_error * x_error + terms.per_norm * x_norm + terms.constant, dim)
 
 
 def float32_score_error_bound(x_norm, code_norm, *, dim: int, cosine: bool):
     """Upper bound ``E_32`` on ``|s_32(x, c) - s(x, c)|``: the error of a float32 evaluation of the score in
-    any summation order (the float32 search's GEMM, or this module's rescoring), for ``x_norm = ||x||`` and
-    ``code_norm = max ||c||``; ``g_n = gamma_n(2^-24)``.
+    any summation order (the float32 search's GEMM, or this module's rescoring), for ``x_norm >= ||x||`` and
+    ``code_norm >= max ||c||``; ``g_n = gamma_n(2^-24)``.
 
     Cosine: ``g_d x_norm code_norm``; Euclidean: ``g_d code_norm^2`` (the squared norm) ``+ g_(d+1) ((1 + g_d)
     code_norm^2 + 2 x_norm code_norm)`` (d products and the norm summed); inflated as
     :func:`score_error_bound`.
     """
-    g = _gamma(dim, FLOAT32_UNIT)
-    if cosine:
-        return _inflate(g * x_norm * code_norm, dim)
-    code_sq = code_norm * code_norm
-    total = g * code_sq + _gamma(dim + 1, FLOAT32_UNIT) * ((1.0 + g) * code_sq + 2.0 * x_norm * code_norm)
-    return _inflate(total, dim)
+    terms = _float32_bound_terms(code_norm, dim=dim, cosine=cosine)
+    return _inflate(terms.per_norm * x_norm + terms.constant, dim)
 
 
 class CertifiedStats(NamedTuple):
@@ -157,20 +191,18 @@ class CertifiedStats(NamedTuple):
     fallback_tokens: int
 
 
-def _upper_norm(v: Tensor, sum_sq: Tensor | None = None) -> Tensor:
-    """``||v||`` over the last dim, rounded up past float32's underflow: the sum of squares gains
-    ``dim * tiny`` (float32's smallest normal number per entry), more than squares rounded or flushed to 0
-    can lose."""
-    if sum_sq is None:
-        sum_sq = v.pow(2).sum(-1)
-    return (sum_sq + v.shape[-1] * _FLOAT32_TINY).sqrt()
+def _norm_floor(dim: int) -> float:
+    """What float32 underflow can take from a computed norm of ``dim`` entries: squares rounded or flushed
+    to 0 lose less than ``dim * tiny`` (float32's smallest normal number) from the sum of squares, so
+    ``||v|| <= computed + sqrt(dim * tiny)`` (up to the relative rounding the inflation covers)."""
+    return math.sqrt(dim * _FLOAT32_TINY)
 
 
 class _LowCodes(NamedTuple):
     gemm: Tensor  # (B, K, d): the codes rounded to the low dtype (as float32 values when emulating)
     sq: Tensor  # (B, K) float32 ||c||^2, the float32 search's formula
-    norm: Tensor  # (B, 1) max ||c|| per book
-    error: Tensor  # (B, 1) max ||c - c~|| per book
+    norm: Tensor  # (B, 1) max ||c|| per book, raised past underflow
+    error: Tensor  # (B, 1) max ||c - c~|| per book, raised past underflow
 
 
 def _low_codes(codes: Tensor, low_dtype: torch.dtype, emulate: bool) -> _LowCodes:
@@ -178,29 +210,44 @@ def _low_codes(codes: Tensor, low_dtype: torch.dtype, emulate: bool) -> _LowCode
     temporary is as large as the codebook."""
     books, size, dim = codes.shape
     gemm = codes.new_empty(codes.shape, dtype=torch.float32 if emulate else low_dtype)
-    sq, norm, error = (codes.new_empty(books, size) for _ in range(3))
+    sq, error = codes.new_empty(books, size), codes.new_empty(books, size)
     step = max(256, _CODE_SLICE_BYTES // (4 * books * dim))
     for start in range(0, size, step):
         part, rows = codes[:, start : start + step], slice(start, start + step)
         low = part.to(low_dtype).float()
         gemm[:, rows] = low
         sq[:, rows] = part.pow(2).sum(-1)
-        norm[:, rows] = _upper_norm(part, sq[:, rows])
-        error[:, rows] = _upper_norm(part - low)
-    return _LowCodes(gemm, sq, norm.amax(-1, keepdim=True), error.amax(-1, keepdim=True))
+        error[:, rows] = torch.linalg.vector_norm(part - low, dim=-1)
+    floor = _norm_floor(dim)
+    norm = sq.amax(-1, keepdim=True).sqrt() + floor
+    return _LowCodes(gemm, sq, norm, error.amax(-1, keepdim=True) + floor)
+
+
+def _margin_terms(low: _LowCodes, *, dim, cosine, low_dtype, output_rounding) -> _AffineBound:
+    """Per book (B, 1): the window ``2 (E_low + E_32)`` as an affine function of a token's computed
+    ``||x - x~||`` and ``||x||`` (their underflow floor folded into the constant)."""
+    low_terms = _low_bound_terms(
+        low.error, low.norm, dim=dim, cosine=cosine, low_dtype=low_dtype, output_rounding=output_rounding
+    )
+    f32_terms = _float32_bound_terms(low.norm, dim=dim, cosine=cosine)
+    scale = 2.0 * (1.0 + _relative_inflation(dim))
+    per_error = scale * low_terms.per_error
+    per_norm = scale * (low_terms.per_norm + f32_terms.per_norm)
+    constant = scale * (low_terms.constant + f32_terms.constant) + 4.0 * _absolute_inflation(dim)
+    return _AffineBound(per_error, per_norm, constant + (per_error + per_norm) * _norm_floor(dim))
 
 
 def _low_gemm(
     x_low: Tensor, codes_t: Tensor, low_dtype: torch.dtype, *, emulate: bool, output_rounding: bool
 ):
     """(B, m, K) float32 ``x~ . c~`` for x~ (B, m, d) and codes_t (B, d, K) (as float32 values when
-    emulating)."""
+    emulating). A low-precision output is modelled by rounding the float32 one (on CUDA too: torch's
+    bfloat16-output GEMMs may also reduce in bfloat16, ``allow_bf16_reduced_precision_reduction``)."""
     if emulate:  # products of low-precision values are exact in float32: only the accumulation rounds
         dots = torch.bmm(x_low.float(), codes_t)
-        return dots.to(low_dtype).float() if output_rounding else dots
-    if output_rounding:
-        return torch.bmm(x_low, codes_t).float()
-    return torch.bmm(x_low, codes_t, out_dtype=torch.float32)
+    else:
+        dots = torch.bmm(x_low, codes_t, out_dtype=torch.float32)
+    return dots.to(low_dtype).float() if output_rounding else dots
 
 
 def _check(x, codes, low_dtype, candidates, chunk_bytes, emulate) -> bool:
@@ -270,24 +317,18 @@ def nearest_certified_with_stats(
         flat_codes, flat_sq = codes.reshape(books * size, dim), low.sq.reshape(-1)
         offsets = torch.arange(0, books * size, size, device=x.device).view(books, 1, 1)
         certified = torch.empty(books, n, dtype=torch.bool, device=x.device)
+        window = _margin_terms(
+            low, dim=dim, cosine=cosine, low_dtype=low_dtype, output_rounding=output_rounding
+        )
         # per token: a (K) score row and (k, d) gathered candidates, float32
         chunk = max(1, chunk_bytes // (4 * books * (size + k * dim)))
         for start in range(0, n, chunk):
             part, rows = x[:, start : start + chunk], slice(start, start + chunk)
             m = part.shape[1]
             part_low = part.to(low_dtype)
-            x_norm = _upper_norm(part)
-            margin = score_error_bound(
-                _upper_norm(part - part_low.float()),
-                x_norm,
-                low.error,
-                low.norm,
-                dim=dim,
-                cosine=cosine,
-                low_dtype=low_dtype,
-                output_rounding=output_rounding,
-            )
-            margin = 2.0 * (margin + float32_score_error_bound(x_norm, low.norm, dim=dim, cosine=cosine))
+            x_error = torch.linalg.vector_norm(part - part_low.float(), dim=-1)
+            margin = torch.addcmul(window.constant, window.per_error, x_error)
+            margin = margin.addcmul_(window.per_norm, torch.linalg.vector_norm(part, dim=-1))
             scores = _low_gemm(part_low, codes_t, low_dtype, emulate=emulate, output_rounding=output_rounding)
             if cosine:
                 scores = scores.neg_()
@@ -339,8 +380,8 @@ def nearest_certified(
     ``candidates``: codes rescored per token (the window must hold fewer, or the token falls back to the
     float32 search); ``chunk_bytes``: budget of a chunk's score block and gathered candidates;
     ``emulate``: emulate the low-precision GEMM with float32 arithmetic (None: everywhere but on CUDA, the
-    only device where torch offers ``bmm(..., out_dtype=torch.float32)``); ``output_rounding``: the GEMM
-    rounds its output to ``low_dtype`` (on CUDA: the plain low-precision ``bmm``), which the bound covers.
+    only device where torch offers ``bmm(..., out_dtype=torch.float32)``); ``output_rounding``: model a GEMM
+    that rounds its output to ``low_dtype`` (the float32 output is rounded), which the bound covers.
     """
     return nearest_certified_with_stats(
         x,
