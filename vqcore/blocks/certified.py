@@ -74,6 +74,9 @@ _LOW_DTYPES = {
 }
 _CODE_SLICE_BYTES = 2**22
 
+# a bound's inputs and value: one number, or a tensor of them (one per token, or per book)
+NumberOrTensor = float | Tensor
+
 
 def _gamma(terms: int, unit: float) -> float:
     """``n u / (1 - n u)``: the relative error bound of a sum of ``n`` rounded terms (any order)."""
@@ -92,7 +95,7 @@ def _absolute_inflation(dim: int) -> float:
     return (dim + 8) * 2.0**-124
 
 
-def _inflate(bound, dim: int):
+def _inflate(bound: NumberOrTensor, dim: int) -> NumberOrTensor:
     """``bound`` made safe against its own float32 evaluation and against underflow."""
     return bound * (1.0 + _relative_inflation(dim)) + _absolute_inflation(dim)
 
@@ -100,12 +103,20 @@ def _inflate(bound, dim: int):
 class _AffineBound(NamedTuple):
     """A bound ``per_error * x_error + per_norm * x_norm + constant`` (before :func:`_inflate`)."""
 
-    per_error: object
-    per_norm: object
-    constant: object
+    per_error: NumberOrTensor
+    per_norm: NumberOrTensor
+    constant: NumberOrTensor
 
 
-def _low_bound_terms(code_error, code_norm, *, dim, cosine, low_dtype, output_rounding) -> _AffineBound:
+def _low_bound_terms(
+    code_error: NumberOrTensor,
+    code_norm: NumberOrTensor,
+    *,
+    dim: int,
+    cosine: bool,
+    low_dtype: torch.dtype,
+    output_rounding: bool,
+) -> _AffineBound:
     """:func:`score_error_bound`'s formula, grouped by ``x_error`` and ``x_norm``: every term is one of them
     times a codebook quantity, or a codebook constant, so the search evaluates it with two fused
     multiply-adds per token. With ``X~ = x_norm + x_error``, ``P = code_error + sqrt(d) tiny + (ga + uo (1 +
@@ -127,7 +138,7 @@ def _low_bound_terms(code_error, code_norm, *, dim, cosine, low_dtype, output_ro
     )
 
 
-def _float32_bound_terms(code_norm, *, dim, cosine) -> _AffineBound:
+def _float32_bound_terms(code_norm: NumberOrTensor, *, dim: int, cosine: bool) -> _AffineBound:
     """:func:`float32_score_error_bound`'s formula, grouped as :func:`_low_bound_terms`."""
     g = _gamma(dim, FLOAT32_UNIT)
     if cosine:
@@ -137,16 +148,16 @@ def _float32_bound_terms(code_norm, *, dim, cosine) -> _AffineBound:
 
 
 def score_error_bound(
-    x_error,
-    x_norm,
-    code_error,
-    code_norm,
+    x_error: NumberOrTensor,
+    x_norm: NumberOrTensor,
+    code_error: NumberOrTensor,
+    code_norm: NumberOrTensor,
     *,
     dim: int,
     cosine: bool,
     low_dtype: torch.dtype = torch.bfloat16,
     output_rounding: bool = False,
-):
+) -> NumberOrTensor:
     """Upper bound ``E_low`` on ``|s_low(x, c) - s(x, c)|`` for every code c of a codebook: ``s`` the exact
     score (``||c||^2 - 2 x.c``, or ``-x.c`` if ``cosine``), ``s_low`` the one :func:`nearest_certified`
     computes from a GEMM of ``low_dtype`` inputs with float32 accumulation.
@@ -170,7 +181,9 @@ def score_error_bound(
     return _inflate(terms.per_error * x_error + terms.per_norm * x_norm + terms.constant, dim)
 
 
-def float32_score_error_bound(x_norm, code_norm, *, dim: int, cosine: bool):
+def float32_score_error_bound(
+    x_norm: NumberOrTensor, code_norm: NumberOrTensor, *, dim: int, cosine: bool
+) -> NumberOrTensor:
     """Upper bound ``E_32`` on ``|s_32(x, c) - s(x, c)|``: the error of a float32 evaluation of the score in
     any summation order (the float32 search's GEMM, or this module's rescoring), for ``x_norm >= ||x||`` and
     ``code_norm >= max ||c||``; ``g_n = gamma_n(2^-24)``.
@@ -223,7 +236,18 @@ def _low_codes(codes: Tensor, low_dtype: torch.dtype, emulate: bool) -> _LowCode
     return _LowCodes(gemm, sq, norm, error.amax(-1, keepdim=True) + floor)
 
 
-def _margin_terms(low: _LowCodes, *, dim, cosine, low_dtype, output_rounding) -> _AffineBound:
+class _Window(NamedTuple):
+    """Per book (B, 1) float32: the window of a token is ``per_error * ||x - x~|| + per_norm * ||x|| +
+    constant``."""
+
+    per_error: Tensor
+    per_norm: Tensor
+    constant: Tensor
+
+
+def _margin_terms(
+    low: _LowCodes, *, dim: int, cosine: bool, low_dtype: torch.dtype, output_rounding: bool
+) -> _Window:
     """Per book (B, 1): the window ``2 (E_low + E_32)`` as an affine function of a token's computed
     ``||x - x~||`` and ``||x||`` (their underflow floor folded into the constant)."""
     low_terms = _low_bound_terms(
@@ -234,7 +258,13 @@ def _margin_terms(low: _LowCodes, *, dim, cosine, low_dtype, output_rounding) ->
     per_error = scale * low_terms.per_error
     per_norm = scale * (low_terms.per_norm + f32_terms.per_norm)
     constant = scale * (low_terms.constant + f32_terms.constant) + 4.0 * _absolute_inflation(dim)
-    return _AffineBound(per_error, per_norm, constant + (per_error + per_norm) * _norm_floor(dim))
+    constant = constant + (per_error + per_norm) * _norm_floor(dim)
+    return _Window(
+        *(
+            torch.as_tensor(term, dtype=torch.float32, device=low.norm.device)
+            for term in (per_error, per_norm, constant)
+        )
+    )
 
 
 def _low_gemm(
@@ -326,7 +356,7 @@ def nearest_certified_with_stats(
             part, rows = x[:, start : start + chunk], slice(start, start + chunk)
             m = part.shape[1]
             part_low = part.to(low_dtype)
-            x_error = torch.linalg.vector_norm(part - part_low.float(), dim=-1)
+            x_error = torch.linalg.vector_norm(part - part_low, dim=-1)  # promoted to float32, exactly
             margin = torch.addcmul(window.constant, window.per_error, x_error)
             margin = margin.addcmul_(window.per_norm, torch.linalg.vector_norm(part, dim=-1))
             scores = _low_gemm(part_low, codes_t, low_dtype, emulate=emulate, output_rounding=output_rounding)
