@@ -28,23 +28,24 @@ widely, and a window too wide costs a fallback, never a wrong index.
 
 **The re-rank.** A code ``c`` can be the float32 search's answer only if its low-precision score is within
 ``2 (E_low + E_32)`` of the lowest low-precision score. Every token takes its ``candidates`` lowest
-low-precision scores (``topk``), rescored in float32 by the float32 search's formula (a gather and a batched
-dot; ties to the lowest index); the token is certified when its ``candidates``-th lowest score lies beyond
-that window, so no code outside the candidates can win. The rest (more codes inside the window, NaN or
-infinite tokens or codes, overflow) are searched again by :func:`~vqcore.blocks.distance.nearest` itself, so
-non-finite tokens get exactly ``nearest``'s index. Tokens go in chunks whose score block and gathered
-candidates stay under ``chunk_bytes``.
+low-precision scores (``topk``) and rescores them in float32 by the float32 search's formula (a gather and
+a batched dot). It is certified when (1) its ``candidates``-th lowest low-precision score lies beyond that
+window, so no code outside the candidates can win, and (2) its best rescored code leads the next by more
+than ``4 E_32``, so every float32 evaluation of the scores, ``nearest``'s whatever its summation order,
+ranks that code first. The others are searched again by :func:`~vqcore.blocks.distance.nearest` itself:
+more codes inside the window than candidates, float32 near-ties and exact ties (which ``nearest`` gives the
+lowest index), NaN or infinite tokens or codes, overflow. Tokens go in chunks whose score block and
+gathered candidates stay under ``chunk_bytes``.
+
+**Identity with nearest.** Certified tokens get ``nearest``'s index by the argument above; the others get
+``nearest``'s own answer, computed on those tokens alone (identical unless ``nearest``'s kernel rounds a
+token's scores differently in a smaller batch, which could only change a float32 near-tie). ``nearest``
+must be a float32 search: TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``) make it another one.
 
 **Sync.** One host synchronisation per call: the ``nonzero`` of the uncertified tokens, after all chunks
 are queued. When it is empty (the common case) that is all; otherwise it costs a few more (one per book)
 and a float32 search of just those tokens. A sync-free variant would need a fixed capacity for the
 fallback (``nonzero_static``) and a sync anyway to detect its overflow.
-
-**Identity with nearest.** Certified indices equal ``nearest``'s whenever the two best codes' float32 scores
-differ by more than float32's rounding of them; closer than that, the float32 search's own choice depends on
-its kernel's summation order, and both are nearest up to float32 (``is_tie``). Exact ties (equal codes) go
-to the lowest index in both. ``nearest`` must itself be a float32 search: TF32 matmuls
-(``torch.backends.cuda.matmul.allow_tf32``) make it another search.
 
 **When to use it.** On a CUDA device with bfloat16 tensor cores, for codebooks large enough that the GEMM
 dominates. On the CPU the low-precision GEMM is emulated exactly (``emulate``: inputs rounded to bfloat16,
@@ -236,35 +237,42 @@ def _low_codes(codes: Tensor, low_dtype: torch.dtype, emulate: bool) -> _LowCode
     return _LowCodes(gemm, sq, norm, error.amax(-1, keepdim=True) + floor)
 
 
-class _Window(NamedTuple):
-    """Per book (B, 1) float32: the window of a token is ``per_error * ||x - x~|| + per_norm * ||x|| +
-    constant``."""
+class _Windows(NamedTuple):
+    """Per book (B, 1) float32, the two windows of a token as affine functions of its computed
+    ``||x - x~||`` and ``||x||`` (their underflow floor folded into the constants): the low-precision
+    window ``2 (E_low + E_32) = per_error ||x - x~|| + per_norm ||x|| + constant`` and the float32 one
+    ``4 E_32 = tie_per_norm ||x|| + tie_constant``."""
 
     per_error: Tensor
     per_norm: Tensor
     constant: Tensor
+    tie_per_norm: Tensor
+    tie_constant: Tensor
 
 
-def _margin_terms(
+def _windows(
     low: _LowCodes, *, dim: int, cosine: bool, low_dtype: torch.dtype, output_rounding: bool
-) -> _Window:
-    """Per book (B, 1): the window ``2 (E_low + E_32)`` as an affine function of a token's computed
-    ``||x - x~||`` and ``||x||`` (their underflow floor folded into the constant)."""
+) -> _Windows:
+    """:class:`_Windows` for this codebook: :func:`score_error_bound` and :func:`float32_score_error_bound`
+    with the codebook's quantities in, inflated as they are."""
     low_terms = _low_bound_terms(
         low.error, low.norm, dim=dim, cosine=cosine, low_dtype=low_dtype, output_rounding=output_rounding
     )
     f32_terms = _float32_bound_terms(low.norm, dim=dim, cosine=cosine)
-    scale = 2.0 * (1.0 + _relative_inflation(dim))
-    per_error = scale * low_terms.per_error
-    per_norm = scale * (low_terms.per_norm + f32_terms.per_norm)
-    constant = scale * (low_terms.constant + f32_terms.constant) + 4.0 * _absolute_inflation(dim)
-    constant = constant + (per_error + per_norm) * _norm_floor(dim)
-    return _Window(
-        *(
-            torch.as_tensor(term, dtype=torch.float32, device=low.norm.device)
-            for term in (per_error, per_norm, constant)
-        )
+    floor, relative, absolute = _norm_floor(dim), 1.0 + _relative_inflation(dim), _absolute_inflation(dim)
+    per_error = 2.0 * relative * low_terms.per_error
+    per_norm = 2.0 * relative * (low_terms.per_norm + f32_terms.per_norm)
+    constant = 2.0 * relative * (low_terms.constant + f32_terms.constant) + 4.0 * absolute
+    tie_per_norm = 4.0 * relative * f32_terms.per_norm
+    tie_constant = 4.0 * relative * f32_terms.constant + 4.0 * absolute
+    terms = (
+        per_error,
+        per_norm,
+        constant + (per_error + per_norm) * floor,
+        tie_per_norm,
+        tie_constant + tie_per_norm * floor,
     )
+    return _Windows(*(torch.as_tensor(t, dtype=torch.float32, device=low.norm.device) for t in terms))
 
 
 def _low_gemm(
@@ -347,9 +355,7 @@ def nearest_certified_with_stats(
         flat_codes, flat_sq = codes.reshape(books * size, dim), low.sq.reshape(-1)
         offsets = torch.arange(0, books * size, size, device=x.device).view(books, 1, 1)
         certified = torch.empty(books, n, dtype=torch.bool, device=x.device)
-        window = _margin_terms(
-            low, dim=dim, cosine=cosine, low_dtype=low_dtype, output_rounding=output_rounding
-        )
+        window = _windows(low, dim=dim, cosine=cosine, low_dtype=low_dtype, output_rounding=output_rounding)
         # per token: a (K) score row and (k, d) gathered candidates, float32
         chunk = max(1, chunk_bytes // (4 * books * (size + k * dim)))
         for start in range(0, n, chunk):
@@ -357,8 +363,10 @@ def nearest_certified_with_stats(
             m = part.shape[1]
             part_low = part.to(low_dtype)
             x_error = torch.linalg.vector_norm(part - part_low, dim=-1)  # promoted to float32, exactly
-            margin = torch.addcmul(window.constant, window.per_error, x_error)
-            margin = margin.addcmul_(window.per_norm, torch.linalg.vector_norm(part, dim=-1))
+            x_norm = torch.linalg.vector_norm(part, dim=-1)
+            margin = torch.addcmul(window.constant, window.per_error, x_error).addcmul_(
+                window.per_norm, x_norm
+            )
             scores = _low_gemm(part_low, codes_t, low_dtype, emulate=emulate, output_rounding=output_rounding)
             if cosine:
                 scores = scores.neg_()
@@ -372,11 +380,17 @@ def nearest_certified_with_stats(
             )
             dots = dots.view(books, m, k)
             rescored = dots.neg_() if cosine else torch.add(flat_sq[flat].view(books, m, k), dots, alpha=-2)
-            best = rescored.amin(-1, keepdim=True)
-            indices[:, rows] = torch.where(rescored == best, where, size).amin(-1)
-            ok = torch.isfinite(margin) & torch.isfinite(best.squeeze(-1))
+            indices[:, rows] = where.gather(-1, rescored.argmin(-1, keepdim=True)).squeeze(-1)
+            ok = torch.isfinite(margin)
             if k < size:  # the k-th lowest low-precision score beyond the window: no other code can win
                 ok &= top.amax(-1) - top.amin(-1) > margin
+            if k > 1:  # the best rescored code ahead of the next by more than float32's rounding of both
+                lowest = rescored.topk(2, -1, largest=False).values
+                ok &= lowest[..., 1] - lowest[..., 0] > torch.addcmul(
+                    window.tie_constant, window.tie_per_norm, x_norm
+                )
+            else:
+                ok &= torch.isfinite(rescored.squeeze(-1))
             certified[:, rows] = ok
         failed = (~certified).nonzero()  # the call's one host sync
         for book in range(books) if failed.shape[0] else ():
