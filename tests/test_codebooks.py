@@ -22,6 +22,7 @@ from helpers import (
 from torch import nn
 
 from vqcore.blocks.codebooks import EMACodebook, build_codebook
+from vqcore.blocks.distance import nearest
 from vqcore.protocols import Codebook
 
 # -- EMA step ------------------------------------------------------------------------------------
@@ -485,3 +486,13 @@ def test_build_codebook_rejects_wrong_objects_with_what_is_wrong():
         build_codebook(EMACodebook(5, 3), size=5, dim=4)
     with pytest.raises(TypeError, match="does not follow vqcore.protocols.Codebook: missing .*nearest"):
         build_codebook(nn.Linear(2, 2), size=5, dim=3)
+
+
+def test_search_dtype_is_checked_and_the_cpu_keeps_the_float32_search():
+    with pytest.raises(
+        ValueError, match=r"search_dtype must be one of .*bfloat16.* or None, got torch.float64"
+    ):
+        EMACodebook(8, 4, search_dtype=torch.float64)
+    book = EMACodebook(64, 4, search_dtype=torch.bfloat16)
+    x = torch.randn(1, 100, 4)
+    assert torch.equal(book.nearest(x), nearest(x, book.codes.detach(), cosine=False))

@@ -110,3 +110,36 @@ def test_cuda_quantizer_exports_with_parity(tmp_path):
     assert to_pt2(vq, tmp_path / "vq.pt2", graph="encode", example=x).parity is not None
     fsq = FSQ(levels=[8, 5, 5, 5], dim=32).cuda().eval()
     assert to_torchscript(fsq, tmp_path / "fsq.pt", graph="decode", example=fsq.encode(x)).parity is not None
+
+
+def test_cuda_training_forward_has_no_host_sync_after_initialisation():
+    """torch.cuda.set_sync_debug_mode("error") over a training step of VectorQuantize and ResidualVQ with
+    k-means initialisation done on the first batch (the CPU recorder of tests/test_host_syncs.py stands in
+    for this where there is no GPU)."""
+    from vqcore import ResidualVQ
+
+    for module in (
+        VectorQuantize(dim=64, codebook_size=1024, kmeans_init=True),
+        ResidualVQ(dim=64, codebook_size=1024, num_quantizers=4, kmeans_init=True),
+    ):
+        module = module.cuda().train()
+        x = torch.randn(4, 256, 64, device="cuda", requires_grad=True)
+        module(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            quantized, _, loss = module(x)
+            (quantized.sum() + loss.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_certified_bf16_search_gives_the_float32_indices():
+    """A codebook with ``search_dtype=torch.bfloat16`` searches with the certified bfloat16 GEMM: the same
+    indices as the float32 search on 2^20 tokens."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=256, codebook_size=8192).cuda().eval()
+    x = torch.randn(16, 65536, 256, device="cuda")
+    want = vq.encode(x)
+    vq.codebook_module.search_dtype = torch.bfloat16
+    assert torch.equal(vq.encode(x), want)

@@ -74,6 +74,8 @@ _LOW_DTYPES = {
     torch.float16: (2.0**-11, torch.finfo(torch.float16).tiny),
 }
 _CODE_SLICE_BYTES = 2**22
+# what a codebook's ``search_dtype`` may be: a low-precision dtype of this search, or None (float32 search)
+CERTIFIED_DTYPES = frozenset({None, *_LOW_DTYPES})
 
 # a bound's inputs and value: one number, or a tensor of them (one per token, or per book)
 NumberOrTensor = float | Tensor

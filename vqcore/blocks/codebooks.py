@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vqcore.blocks.certified import CERTIFIED_DTYPES, nearest_certified
 from vqcore.blocks.distance import (
     DEFAULT_CHUNK_BYTES,
     PreparedCodes,
@@ -66,7 +67,7 @@ from vqcore.blocks.distributed import rank as dist_rank
 from vqcore.blocks.kmeans import kmeans
 from vqcore.blocks.precision import Float32State, float32_method, float32_region
 from vqcore.blocks.stats import bincount_per_book, sum_per_code
-from vqcore.blocks.validation import check_positive_int
+from vqcore.blocks.validation import check_positive_int, is_tracing
 from vqcore.errors import ConfigurationError
 from vqcore.protocols import Codebook
 
@@ -123,6 +124,7 @@ class EMACodebook(Float32State):
         affine_batch_decay: float = 0.99,
         affine_codebook_decay: float = 0.9,
         sync_affine: bool = False,
+        search_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         check_positive_int(size, "codebook_size")
@@ -143,6 +145,14 @@ class EMACodebook(Float32State):
         self.ema = bool(ema)
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
         self.chunk_bytes = chunk_bytes
+        if search_dtype not in CERTIFIED_DTYPES:
+            raise ValueError(
+                f"search_dtype must be one of {sorted(map(str, CERTIFIED_DTYPES - {None}))} or None, "
+                f"got {search_dtype!r}"
+            )
+        # on CUDA, the certified low-precision search (vqcore.blocks.certified): a bfloat16 GEMM, the
+        # float32 search's indices; one host sync per search. None: the float32 search everywhere
+        self.search_dtype = search_dtype
 
         embed = torch.empty(books, size, dim)
         nn.init.kaiming_uniform_(embed.view(books * size, dim), a=math.sqrt(5))
@@ -287,6 +297,14 @@ class EMACodebook(Float32State):
     @float32_method
     def nearest(self, x: Tensor) -> Tensor:
         """x (B, N, d) float32 -> indices (B, N) int64."""
+        if self.search_dtype is not None and x.device.type == "cuda" and not is_tracing():
+            return nearest_certified(
+                x,
+                self.codes.detach(),
+                cosine=self.cosine,
+                low_dtype=self.search_dtype,
+                chunk_bytes=self.chunk_bytes,
+            )
         if self.derived_codes:  # no packed-codes cache: these codes change with the bridge and statistics
             return nearest(x, self.codes.detach(), cosine=self.cosine, chunk_bytes=self.chunk_bytes)
         codes = self.embed.detach()
