@@ -20,6 +20,7 @@ from vqcore.blocks.distance import (
     is_tie,
     l2norm,
     nearest,
+    nearest_scored,
     prepare_codes,
     score_tile,
     similarity,
@@ -381,3 +382,33 @@ def test_nearest_k_is_the_sorted_brute_force_top_k(cosine, chunk_bytes):
 def test_nearest_k_refuses_k_outside_the_codebook():
     with pytest.raises(ValueError, match="k must be between 1 and the codebook size 4, got 5"):
         distance.nearest_k(torch.zeros(1, 2, 3), torch.zeros(1, 4, 3), 5, cosine=False)
+
+
+@pytest.mark.parametrize("path", ["fused", "baddbmm"])
+@pytest.mark.parametrize("cosine", [False, True], ids=["euclidean", "cosine"])
+@pytest.mark.parametrize("chunk_bytes", [DEFAULT_CHUNK_BYTES, 4 * 2 * 256 * 64], ids=["one_block", "tiled"])
+def test_nearest_scored_gives_the_indices_and_the_scores_of_the_chosen_codes(
+    path, cosine, chunk_bytes, monkeypatch
+):
+    if path == "fused" and not FUSED:
+        pytest.skip("this torch build has no oneDNN linear ops")
+    if path == "baddbmm":
+        monkeypatch.setattr(distance, "_FUSED_LINEAR", None)
+    torch.manual_seed(0)
+    x, codes = torch.randn(2, 600, 16), torch.randn(2, 300, 16)
+    if cosine:
+        x, codes = l2norm(x), l2norm(codes)
+    indices, scores = nearest_scored(x, codes, cosine=cosine, chunk_bytes=chunk_bytes)
+    assert torch.equal(indices, nearest(x, codes, cosine=cosine, chunk_bytes=chunk_bytes))
+    chosen = codes.gather(1, indices.unsqueeze(-1).expand(-1, -1, 16))
+    dots = (x.double() * chosen.double()).sum(-1)
+    want = -dots if cosine else chosen.double().pow(2).sum(-1) - 2 * dots
+    torch.testing.assert_close(scores.double(), want, rtol=0, atol=1e-4)
+    # plus ||x||^2, the Euclidean score is the squared distance to the chosen code
+    if not cosine:
+        torch.testing.assert_close(
+            (scores + x.pow(2).sum(-1)).double(),
+            (x.double() - chosen.double()).pow(2).sum(-1),
+            rtol=0,
+            atol=1e-4,
+        )

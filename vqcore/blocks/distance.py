@@ -199,22 +199,23 @@ def _merge_min(scores: Tensor, best: Tensor, best_index: Tensor, offset: int) ->
     best_index.copy_(torch.where(better, index + offset, best_index))
 
 
-def _nearest_fused(x: Tensor, codes: Tensor, cosine: bool, prepared: PreparedCodes) -> Tensor:
-    """:func:`nearest` on the CPU: per book and block of tokens (and of codes, for large codebooks), one
-    fused oneDNN GEMM and a grouped argmin. With blocks of codes the loop runs over codes outside and tokens
-    inside, so that each block of codes is packed (when it is not prepared) and read from memory once."""
+def _nearest_fused(
+    x: Tensor, codes: Tensor, cosine: bool, prepared: PreparedCodes, scored: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`nearest_scored` on the CPU: per book and block of tokens (and of codes, for large codebooks),
+    one fused oneDNN GEMM and a grouped argmin. With blocks of codes the loop runs over codes outside and
+    tokens inside, so that each block of codes is packed (when it is not prepared) and read from memory
+    once. The scores are kept only when ``scored`` or the codebook is split."""
     linear, _ = _FUSED_LINEAR
     books, n = x.shape[:2]
     size = codes.shape[1]
     rows, cols = prepared.rows, prepared.cols
     scale = -1.0 if cosine else -2.0
-    tiled = cols < size
-    indices = (torch.zeros if tiled else torch.empty)(books, n, dtype=torch.int64, device=x.device)
-    best = x.new_empty(n) if tiled else None
+    running = scored or cols < size
+    indices = (torch.zeros if running else torch.empty)(books, n, dtype=torch.int64, device=x.device)
+    best = x.new_full((books, n), float("inf")) if running else None
     for b in range(books):
         book = x[b].contiguous()
-        if best is not None:
-            best.fill_(float("inf"))
         for block, start in enumerate(range(0, size, cols)):
             weight = (
                 _pack(codes[b, start : start + cols], scale, rows)
@@ -227,8 +228,8 @@ def _nearest_fused(x: Tensor, codes: Tensor, cosine: bool, prepared: PreparedCod
                 if best is None:
                     argmin_rows(scores, indices[b, first : first + rows])
                 else:
-                    _merge_min(scores, best[first : first + rows], indices[b, first : first + rows], start)
-    return indices
+                    _merge_min(scores, best[b, first : first + rows], indices[b, first : first + rows], start)
+    return indices, best
 
 
 def nearest(
@@ -243,24 +244,42 @@ def nearest(
 
     ``prepared``: :func:`prepare_codes` of these very codes (used only where the fused path applies).
     """
+    return _search(x, codes, cosine, chunk_bytes, prepared, scored=False)[0]
+
+
+def nearest_scored(
+    x: Tensor, codes: Tensor, *, cosine: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[Tensor, Tensor]:
+    """:func:`nearest`'s indices (B, N) and their scores (B, N) as the search computed them:
+    ``||c||^2 - 2 x.c`` for Euclidean codebooks (plus ``||x||^2``, the squared distance), ``-x.c`` for
+    cosine ones."""
+    indices, scores = _search(x, codes, cosine, chunk_bytes, None, scored=True)
+    assert scores is not None
+    return indices, scores
+
+
+def _search(
+    x: Tensor, codes: Tensor, cosine: bool, chunk_bytes: int, prepared: PreparedCodes | None, scored: bool
+) -> tuple[Tensor, Tensor | None]:
     codes_t = codes.transpose(1, 2)
     if is_tracing():
         sq = None if cosine else codes.pow(2).sum(-1)
-        return _scores(x, codes_t, sq).argmin(-1)
+        scores, indices = _scores(x, codes_t, sq).min(-1)
+        return indices, scores
     books, n = x.shape[:2]
     size = codes.shape[1]
     with torch.no_grad():
         if fused_search_applies(x, codes):
             prepared = prepared or prepare_codes(codes, cosine=cosine, chunk_bytes=chunk_bytes)
-            return _nearest_fused(x, codes, cosine, prepared)
+            return _nearest_fused(x, codes, cosine, prepared, scored)
         sq = None if cosine else _sq_norms(codes)
         rows, cols = score_tile(books, size, chunk_bytes)
-        if n <= rows:
-            return _scores(x, codes_t, sq).argmin(-1)
-        tiled = cols < size
-        indices = (torch.zeros if tiled else torch.empty)(books, n, dtype=torch.int64, device=x.device)
-        block = x.new_empty(books, rows, cols)
-        best = x.new_full((books, n), float("inf")) if tiled else None
+        running = scored or cols < size
+        if n <= rows and not running:
+            return _scores(x, codes_t, sq).argmin(-1), None
+        indices = (torch.zeros if running else torch.empty)(books, n, dtype=torch.int64, device=x.device)
+        block = x.new_empty(books, min(rows, n), cols)
+        best = x.new_full((books, n), float("inf")) if running else None
         for start in range(0, size, cols):
             part_t = codes_t[:, :, start : start + cols]
             part_sq = None if sq is None else sq[:, start : start + cols]
@@ -272,7 +291,7 @@ def nearest(
                     torch.argmin(scores, -1, out=indices[:, first : first + rows])
                 else:
                     _merge_min(scores, best[:, first : first + rows], indices[:, first : first + rows], start)
-    return indices
+    return indices, best
 
 
 def nearest_k(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vqcore.blocks.distance import l2norm, nearest, nearest_k
+from vqcore.blocks.distance import l2norm, nearest, nearest_scored
 from vqcore.blocks.distributed import all_reduce_sum_, broadcast_, gather_tokens, rank
 from vqcore.blocks.stats import bincount_per_book, sum_per_code
 
@@ -88,6 +88,7 @@ def _kmeans_plus_plus(
     books, n, dim = x.shape
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     xs = torch.where(valid.unsqueeze(-1), x, zero)  # masked tokens may hold garbage
+    x_sq = xs.pow(2).sum(-1)
     rows = torch.arange(books, device=x.device).unsqueeze(1)
     per_round = -(-k // KMEANS_PP_ROUNDS)
     rounds = -(-k // per_round)
@@ -107,10 +108,10 @@ def _kmeans_plus_plus(
         available[rows, pick] = False  # a chosen token is never drawn again
         centres = xs[rows, pick]  # (B, m, d)
         means[:, start : start + m] = centres
-        # each token's nearest seed of this round, in chunks of tokens (no (N x m) matrix: 2^20 tokens and
-        # 2^15 seeds per round would be 128 GiB)
-        round_arg, round_sq = nearest_k(xs, centres, 1, cosine=False)
-        round_arg, round_sq = round_arg.squeeze(-1), round_sq.squeeze(-1)
+        # each token's nearest seed of this round and its squared distance, by the chunked search (no
+        # (N x m) matrix: 2^20 tokens and the 2^15 seeds of one round would be 128 GiB)
+        round_arg, scores = nearest_scored(xs, centres, cosine=False)
+        round_sq = scores.add_(x_sq).clamp_(min=0)
         closer = round_sq < nearest_sq
         nearest_sq = torch.where(closer, round_sq, nearest_sq)
         assignment = torch.where(closer, round_arg + start, assignment)
