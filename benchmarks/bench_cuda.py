@@ -123,6 +123,30 @@ def main() -> int:
         x,
         "train",
     )
+    # the GPU target: training under bfloat16 autocast at 8192 and 65536 codes; vqcore's search stays
+    # float32 (or, with search_dtype, a certified bfloat16 GEMM)
+    for size in (8192, 65536):
+
+        def autocast_step(module):
+            step = train_step(module, x)
+
+            def run():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    step()
+
+            return run
+
+        ours = vqcore.VectorQuantize(dim=256, codebook_size=size).to(device)
+        certified = vqcore.VectorQuantize(dim=256, codebook_size=size).to(device)
+        certified.codebook_module.search_dtype = torch.bfloat16
+        impls = {"vqcore": autocast_step(ours), "vqcore (search_dtype=bfloat16)": autocast_step(certified)}
+        if ref is not None:
+            impls["reference"] = autocast_step(ref.VectorQuantize(dim=256, codebook_size=size).to(device))
+        medians = interleaved(impls, reps=10)
+        for impl, ms in medians.items():
+            name = f"VectorQuantize(256, {size}) x(8,1024,256), bf16 autocast"
+            rows.append((name, "train", impl, ms, ms / medians["vqcore"]))
+
     x4 = torch.randn(4, 1024, 256, device=device)
     for kind in ("train", "eval"):
         case(

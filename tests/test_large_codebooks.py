@@ -1,4 +1,4 @@
-"""Large codebooks (2^15 codes and more): bounded memory in the search, the training step and k-means, found
+"""Large codebooks: bounded memory in the search, the training step and k-means, found
 by recording every tensor the operations allocate (no tokens x codes matrix over the search's budget, no
 copy of the codebook but the one the EMA statistics need), and the results those bounded paths give."""
 
@@ -15,33 +15,34 @@ MiB = 2**20
 
 
 def test_eval_search_of_a_codebook_larger_than_the_budget_copies_nothing_of_its_size():
-    """2^16 codes of 128 features (32 MiB, twice the 16 MiB budget): the search packs 4096 codes at a time and
-    never allocates more than one score block; the indices are the brute force's."""
+    """2^16 codes of 128 features (32 MiB, twice the 16 MiB budget): the search packs a block of codes at a
+    time and never allocates more than the budget; the indices are the brute force's."""
     vq = VectorQuantize(dim=128, codebook_size=2**16).eval()
     x = torch.randn(1, 300, 128, generator=generator(0))
     with torch.no_grad(), LargestAllocation() as seen:
         _, indices, _ = vq(x)
     codebook_bytes = 2**16 * 128 * 4
-    assert seen.largest <= 4 * MiB < codebook_bytes
+    assert seen.largest <= DEFAULT_CHUNK_BYTES < codebook_bytes
     codes = vq.codebook.unsqueeze(0)
     assert torch.equal(indices, brute_nearest(x, codes))
 
 
 def test_training_step_makes_one_codebook_sized_tensor_the_batch_sums():
     """The EMA step lerps the statistics and recomputes the codes in place: of a training step's allocations
-    only the per-code sums of the batch are as large as the codebook."""
+    only the per-code sums of the batch are as large as the codebook (2^16 codes of 128 features, 32 MiB;
+    the search's score blocks stay within its 16 MiB budget)."""
     torch.manual_seed(0)
-    vq = VectorQuantize(dim=64, codebook_size=2**15, decay=0.5).train()
-    x = torch.randn(1, 256, 64, requires_grad=True)
+    vq = VectorQuantize(dim=128, codebook_size=2**16, decay=0.5).train()
+    x = torch.randn(1, 256, 128, requires_grad=True)
     vq(x)
     before = vq.codebook.clone()
     with LargestAllocation() as seen:
         quantized, indices, loss = vq(x)
         (quantized.sum() + loss.sum()).backward()
-    codebook_bytes = 2**15 * 64 * 4
-    assert [size for size in seen.sizes if size >= codebook_bytes] == [codebook_bytes]
+    codebook_bytes = 2**16 * 128 * 4
+    assert [size for size in seen.sizes if size > DEFAULT_CHUNK_BYTES] == [codebook_bytes]
     # the codes the batch chose moved, the others only by the Laplace smoothing of their shrunk counts
-    chosen = torch.zeros(2**15, dtype=torch.bool)
+    chosen = torch.zeros(2**16, dtype=torch.bool)
     chosen[indices.flatten()] = True
     moved = (vq.codebook - before).norm(dim=-1)
     assert moved[chosen].min() > moved[~chosen].max()

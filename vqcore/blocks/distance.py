@@ -137,16 +137,16 @@ def fused_search_applies(x: Tensor, codes: Tensor) -> bool:
     )
 
 
-def score_tile(books: int, size: int, chunk_bytes: int) -> tuple[int, int]:
+def score_tile(books: int, size: int, chunk_bytes: int, min_rows: int = TILE_MIN_ROWS) -> tuple[int, int]:
     """``(rows, cols)``: tokens and codes per score block, ``books x rows x cols`` float32 scores within
-    ``chunk_bytes``. A codebook is split into blocks of codes only when fewer than ``TILE_MIN_ROWS`` tokens
+    ``chunk_bytes``. A codebook is split into blocks of codes only when fewer than ``min_rows`` tokens
     would fit a block with all of its codes: a GEMM of a few tokens against a large codebook reads the whole
     codebook for every few tokens, and is bound by memory instead of arithmetic. Blocks of codes are
     multiples of the grouped argmin's groups."""
-    if books * size * 4 * TILE_MIN_ROWS <= chunk_bytes:
+    if books * size * 4 * min_rows <= chunk_bytes:
         cols = size
     else:
-        cols = max(_ARGMIN_GROUP, chunk_bytes // (4 * books * TILE_MIN_ROWS) // _ARGMIN_GROUP * _ARGMIN_GROUP)
+        cols = max(_ARGMIN_GROUP, chunk_bytes // (4 * books * min_rows) // _ARGMIN_GROUP * _ARGMIN_GROUP)
         cols = min(cols, size)
     return max(1, chunk_bytes // (4 * books * cols)), cols
 
@@ -168,6 +168,8 @@ def prepare_codes(codes: Tensor, *, cosine: bool, chunk_bytes: int = DEFAULT_CHU
     """
     books, size, _ = codes.shape
     rows, cols = score_tile(1, size, min(chunk_bytes, _FUSED_BLOCK_BYTES))
+    if cols < size:  # a codebook searched in blocks of codes: larger tiles, fewer running-minimum merges
+        rows, cols = score_tile(1, size, chunk_bytes, min_rows=2 * TILE_MIN_ROWS)
     scale = -1.0 if cosine else -2.0
     with torch.no_grad():
         packed = None
