@@ -60,6 +60,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_vq_loss_options.py
 	$(PY) benchmarks/bench_monitor.py
 	$(PY) benchmarks/bench_export.py
+	$(PY) benchmarks/bench_faiss.py
+	$(PY) benchmarks/bench_fast_path.py
 	$(PY) benchmarks/bench_quality.py
 
 # ruff, then mypy over vqcore, vqcore.plugins and vqcore.export (tools/typecheck.py lays them out as installed)

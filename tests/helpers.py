@@ -174,6 +174,7 @@ class LargestAllocation(TorchDispatchMode):
         self.largest = 0
         self.op = None
         self.sizes: list[int] = []  # every allocation, in bytes
+        self.ops: list = []  # the operation of each
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -183,6 +184,7 @@ class LargestAllocation(TorchDispatchMode):
             if isinstance(t, Tensor) and _storage(t) not in inputs:
                 size = t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
                 self.sizes.append(size)
+                self.ops.append(func)
                 if size > self.largest:
                     self.largest, self.op = size, func
         return out

@@ -48,6 +48,25 @@ def test_training_step_makes_one_codebook_sized_tensor_the_batch_sums():
     assert moved[chosen].min() > moved[~chosen].max()
 
 
+def test_dead_code_expiry_writes_the_replaced_codes_in_place():
+    """A step in which most codes expire (2^16 codes, 256 tokens): the batch sums and the drawn replacement
+    vectors are the two codebook-sized tensors; every code that expired holds a batch vector."""
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=128, codebook_size=2**16, threshold_ema_dead_code=2).train()
+    x = torch.randn(1, 256, 128)
+    vq(x)
+    with LargestAllocation() as seen:
+        vq(x)
+    codebook_bytes = 2**16 * 128 * 4
+    assert [size for size in seen.sizes if size > DEFAULT_CHUNK_BYTES] == [codebook_bytes, codebook_bytes]
+    codes = vq.codebook.reshape(-1, 128)
+    replaced = vq.codebook_module.cluster_size.reshape(-1) == 2
+    assert replaced.sum() > 2**15
+    # each replaced code is one of the batch's tokens
+    distance = torch.cdist(codes[replaced], x[0], compute_mode="donot_use_mm_for_euclid_dist").amin(-1)
+    assert distance.max() == 0
+
+
 def test_kmeans_builds_no_tokens_x_seeds_matrix():
     """2^14 tokens into 2^12 codes: each of the 8 seeding rounds draws 512 seeds, and a (tokens x seeds)
     matrix would be 32 MiB; the search's 16 MiB budget bounds every allocation instead."""

@@ -667,10 +667,18 @@ class EMACodebook(Float32State):
             return torch.randint(total, (count,), generator=generator, device="cpu")
 
         vectors, expired = global_pool_draw(x, valid, expired, draw, sync)
-        replacements = l2norm(vectors) if self.cosine else vectors
-        mask = expired.unsqueeze(-1)
-        self.embed.copy_(torch.where(mask, replacements, self.embed.detach()))
-        self.embed_avg.copy_(torch.where(mask, replacements * self.threshold_ema_dead_code, self.embed_avg))
+        # only the replaced rows are written, a budget's worth at a time: no codebook-sized temporary besides
+        # the drawn vectors (the host has read the mask above already)
+        books, codes = expired.nonzero(as_tuple=True)
+        rows = max(1, self.chunk_bytes // (4 * self.dim))
+        embed = self.embed.detach()  # written in place: bumps the version (the search cache sees it)
+        for start in range(0, books.numel(), rows):
+            where = books[start : start + rows], codes[start : start + rows]
+            chosen = vectors[where]
+            if self.cosine:
+                chosen = l2norm(chosen)
+            embed[where] = chosen
+            self.embed_avg[where] = chosen * self.threshold_ema_dead_code
         self.cluster_size.masked_fill_(expired, self.threshold_ema_dead_code)
         return expired
 

@@ -112,6 +112,9 @@ def gather_tokens(x: Tensor, valid: Tensor, cap: int, sync: bool) -> tuple[Tenso
     return xs.transpose(0, 1).reshape(books, -1, dim), vs.transpose(0, 1).reshape(books, -1)
 
 
+DRAW_CHUNK_BYTES = 16 * 2**20  # the most global_pool_draw copies at once, besides the vectors it returns
+
+
 def global_pool_draw(
     x: Tensor, valid: Tensor, wanted: Tensor, draw: Callable[[int, int], Tensor], sync: bool
 ) -> tuple[Tensor, Tensor]:
@@ -142,11 +145,14 @@ def global_pool_draw(
     local = positions - offsets[me].unsqueeze(1)
     mine = (positions >= 0) & (local >= 0) & (local < local_counts.unsqueeze(1))
     vectors = x.new_zeros(books, size, dim, dtype=torch.float32)
+    rows = max(1, DRAW_CHUNK_BYTES // (4 * dim))  # rows copied at a time: no second (K, d) temporary
     for b in range(books):
         take = mine[b].nonzero().squeeze(1)
         if take.numel():
             pool = x[b][valid[b]].float()
-            vectors[b, take] = pool[local[b, take]]
+            for start in range(0, take.numel(), rows):
+                part = take[start : start + rows]
+                vectors[b, part] = pool[local[b, part]]
     all_reduce_sum_(vectors, sync)  # each slot is filled by exactly one rank: the sum is exact
     return vectors, positions >= 0
 

@@ -68,7 +68,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.records = records
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in SYNCING_OPS or _is_mask_index(func, args):
             self.records.append(f"{func}  ({_where()})")
         return func(*args, **(kwargs or {}))
