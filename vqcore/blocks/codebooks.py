@@ -615,9 +615,8 @@ class EMACodebook(Float32State):
         keep = None if books is None else ~books.expand_as(self.cluster_size)
         if frozen is not None:
             keep = frozen if keep is None else keep | frozen
-        embed = (
-            self.embed.detach()
-        )  # written in place under no_grad: bumps the version (the search cache sees it)
+        # written in place under no_grad: bumps the version (the search cache sees it)
+        embed = self.embed.detach()
         if keep is None:
             torch.div(self.embed_avg, smoothed.unsqueeze(-1), out=embed)
         else:
