@@ -3,10 +3,12 @@
 For Euclidean codebooks the score is ``||c||^2 - 2 x.c`` (``||x||^2`` is constant per token and
 dropped); for cosine codebooks (unit vectors) it is ``-x.c``. Lower is better in both, so the search
 is an ``argmin`` (ties go to the lowest index). Tokens are processed in chunks so that the score
-block stays under ``chunk_bytes`` (default 16 MiB): a 65536-code codebook costs bounded memory, and the
-block is reused between chunks (the last, shorter chunk included), which on CPU is also faster than one
-fresh large allocation. A block under glibc's largest dynamic mmap threshold (32 MiB) is recycled by
-malloc from call to call without page faults; larger ones are fresh mmaps every time.
+block stays under ``chunk_bytes`` (default 16 MiB), and a codebook too large for 256 tokens per block is
+split into blocks of codes whose minima are folded into a running one (:func:`score_tile`): a 2^18-code
+codebook costs bounded memory and is searched at the GEMM's speed. The block is reused between chunks
+(the last, shorter chunk included), which on CPU is also faster than one fresh large allocation. A block
+under glibc's largest dynamic mmap threshold (32 MiB) is recycled by malloc from call to call without page
+faults; larger ones are fresh mmaps every time.
 
 The squared code norms are computed over slices of codes, so no temporary is as large as the
 codebook either. The search runs under ``no_grad``: the indices carry no gradient, and ``out=`` refuses
