@@ -190,6 +190,9 @@ class VectorNorm(nn.Module):
         self.eps = eps
 
     def forward(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if z.shape[0] == 0:  # no token: no statistics to regularise (NaN ones would poison the step)
+            zero = z.sum(0)  # (D,) zeros, connected to z
+            return zero.sum(), dict.fromkeys(("mean", "variance", "skewness", "kurtosis"), zero)
         stats = batch_stats(z, self.eps)
         terms = [
             ((stat - target) ** 2).mean() * weight

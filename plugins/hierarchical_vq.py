@@ -395,7 +395,13 @@ class HierarchicalVQ(QuantizerModule):
                 f"{name} must have {self.dim} features on its {'second' if self.channel_first else 'last'} "
                 f"axis {self.describe()}, got shape {tuple(x.shape)}"
             )
-        return x if self.channel_first else x.movedim(-1, 1)
+        fmap = x if self.channel_first else x.movedim(-1, 1)
+        if 0 in fmap.shape[2:]:  # every level's token map is pooled from these axes
+            raise ValueError(
+                f"{name} must have at least one position on each spatial axis {self.describe()}: every "
+                f"level's token map is pooled from them, got shape {tuple(x.shape)}"
+            )
+        return fmap
 
     def from_fmap(self, fmap: Tensor) -> Tensor:
         return fmap if self.channel_first else fmap.movedim(1, -1)

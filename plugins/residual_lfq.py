@@ -249,7 +249,8 @@ class ResidualLFQ(QuantizerModule):
         b, n = tokens.shape[0], tokens.shape[1]
         books = tokens.reshape(-1, self.num_quantizers).transpose(0, 1)  # (Q, b * n): layers are the books
         with float32_region(tokens.device.type):
-            codes = self.layer_codebooks.lookup(books.clamp(min=0)).reshape(self.num_quantizers, b, n, -1)
+            codes = self.layer_codebooks.lookup(books.clamp(min=0))
+            codes = codes.reshape(self.num_quantizers, b, n, codes.shape[-1])
             if self.rotated:
                 codes = torch.stack(
                     [unrotate(c, layer.orthogonal_rot) for c, layer in zip(codes, self.layers)]

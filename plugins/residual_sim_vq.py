@@ -27,6 +27,7 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
@@ -181,7 +182,7 @@ class ResidualSimVQ(QuantizerModule):
         with float32_region(x.device.type):
             indices, _ = self.encode_tokens(tokens.float().reshape(-1, self.dim), self.tables())
         return self.layout.indices_from_tokens(
-            indices.reshape(tokens.shape[0], -1, self.num_quantizers), spatial
+            indices.reshape(tokens.shape[0], tokens.shape[1], self.num_quantizers), spatial
         )
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
@@ -222,8 +223,9 @@ class ResidualSimVQ(QuantizerModule):
                 codes = torch.stack(self.layer_codes(indices, tables)) if return_all_codes else None
             else:
                 total, indices, losses, codes = self._run_layers(z, kept, return_all_codes)
-        quantized = self.layout.from_tokens(total.to(x.dtype).reshape(b, -1, self.dim), spatial)
-        indices = self.layout.indices_from_tokens(indices.reshape(b, -1, self.num_quantizers), spatial)
+        n = math.prod(spatial)
+        quantized = self.layout.from_tokens(total.to(x.dtype).reshape(b, n, self.dim), spatial)
+        indices = self.layout.indices_from_tokens(indices.reshape(b, n, self.num_quantizers), spatial)
         if codes is None:
             return ResidualSimVQOutput(quantized, indices, losses)
         codes = self.layout.codes_out(codes.reshape(self.num_quantizers, b, -1, self.dim), spatial)

@@ -382,9 +382,9 @@ class ResidualVQ(QuantizerModule):
         b, n = z.shape[0], z.shape[1]
         beam = self.eval_beam_size if beam_size is None else beam_size
         if beam is not None and beam > 1:
-            found = self.beam_path(z.reshape(b * n, -1), beam, self.num_quantizers)
-            stacked = found.indices.reshape(b, n, -1)
-            return (stacked, found.total.reshape(b, n, -1)) if with_total else stacked
+            found = self.beam_path(z.reshape(b * n, z.shape[-1]), beam, self.num_quantizers)
+            stacked = found.indices.reshape(b, n, found.indices.shape[-1])
+            return (stacked, found.total.reshape(b, n, found.total.shape[-1])) if with_total else stacked
         residual, indices = z, []
         codes: list[Tensor] = []
         condition = z  # implicit neural codebook: the sum of the codes so far (set after layer 0)
@@ -399,7 +399,8 @@ class ResidualVQ(QuantizerModule):
                 continue
             idx = book.nearest(layer.to_books(residual))
             indices.append(idx.reshape(b, n))
-            code = book.lookup(idx).reshape(b, n, -1)
+            code = book.lookup(idx)
+            code = code.reshape(b, n, code.shape[-1])
             residual = residual - code
             codes.append(code)
         stacked = torch.stack(indices, -1)
@@ -410,13 +411,16 @@ class ResidualVQ(QuantizerModule):
         b, n = indices.shape[0], indices.shape[1]
         if self.mlps is not None:  # implicit neural codebook: layer by layer, the running sum as condition
             flat = decode_implicit(
-                [layer.codebook for layer in self.layers], self.mlps, indices.reshape(b * n, -1)
+                [layer.codebook for layer in self.layers],
+                self.mlps,
+                indices.reshape(b * n, indices.shape[-1]),
             )
-            return [code.reshape(b, n, -1) for code in flat]
+            return [code.reshape(b, n, code.shape[-1]) for code in flat]
         codes = []
         for q, layer in enumerate(self.layers):
             idx = indices[..., q]
-            code = layer.codebook_module.lookup(idx.clamp(min=0).reshape(1, -1)).reshape(b, n, -1)
+            code = layer.codebook_module.lookup(idx.clamp(min=0).reshape(1, -1))
+            code = code.reshape(b, n, code.shape[-1])
             codes.append(zero_dropped(code, idx))
         return codes
 
@@ -661,9 +665,9 @@ class ResidualVQ(QuantizerModule):
                     zq, step.indices, book_valid, freeze_codebook=freeze, accum_ema_update=accumulate
                 )
             idx = step.indices if book_valid is None else step.indices.masked_fill(~book_valid, DROPPED_INDEX)
-            out = out.reshape(b, n, -1)
+            out = out.reshape(b, n, out.shape[-1])
             total = out if total is None else total + out
-            passed = residual - code.reshape(b, n, -1)
+            passed = residual - code.reshape(b, n, code.shape[-1])
             if frac > 0:  # the value stays r - code; the gradient: a fraction of the output's
                 moving = residual - residual.detach() if fused else out - out.detach()
                 passed = passed - frac * moving
@@ -770,8 +774,9 @@ class ResidualVQ(QuantizerModule):
             idx = book.nearest(zq.detach())
             code = book.lookup(idx).detach()
             out = layer.estimate(zq, code, idx) if self.training else code
-            total = out.reshape(b, n, -1) if total is None else total + out.reshape(b, n, -1)
-            residual = residual - code.reshape(b, n, -1)
+            out = out.reshape(b, n, out.shape[-1])
+            total = out if total is None else total + out
+            residual = residual - code.reshape(b, n, code.shape[-1])
         assert total is not None  # at least one layer
         out = project_from(self.project_out, total)
         if valid is not None:
@@ -803,7 +808,7 @@ class ResidualVQ(QuantizerModule):
         assert self.mlps is not None  # implicit_neural_codebook=True
         layer, mlp = self.layers[q], self.mlps[q - 1]
         cond = condition.reshape(-1, condition.shape[-1])
-        x = zq.reshape(cond.shape[0], -1)
+        x = zq.reshape(cond.shape[0], zq.shape[-1])
         search = nearest_transformed(
             mlp, x, cond, layer.codebook, cosine=layer.use_cosine_sim, temperature=temperature
         )

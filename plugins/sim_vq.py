@@ -41,6 +41,7 @@ Differences from vector-quantize-pytorch 1.32.0, on purpose:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -116,7 +117,7 @@ class FeatureLayout:
         if self.channel_first:
             x = x.movedim(1, -1)
         spatial = tuple(x.shape[1:-1])
-        return x.reshape(x.shape[0], -1, self.dim), spatial
+        return x.reshape(x.shape[0], math.prod(spatial), self.dim), spatial
 
     def from_tokens(self, tokens: Tensor, spatial: tuple) -> Tensor:
         """Tokens (b, n, d') -> the input's layout."""
@@ -139,7 +140,7 @@ class FeatureLayout:
             )
         spatial = tuple(indices.shape[1 : indices.ndim - extra_dims])
         tail = tuple(indices.shape[indices.ndim - extra_dims :])
-        return indices.reshape(indices.shape[0], -1, *tail), spatial
+        return indices.reshape(indices.shape[0], math.prod(spatial), *tail), spatial
 
     def codes_out(self, codes: Tensor, spatial: tuple) -> Tensor:
         """Per-layer codes (Q, b, n, d) -> (Q, b, *positions, d), or (Q, b, d, *positions) channel-first."""
@@ -294,7 +295,7 @@ class SimVQ(QuantizerModule, Float32State):
         tokens, spatial = self.layout.to_tokens(x)
         z = tokens.float().reshape(-1, self.dim)
         indices = self.nearest_tokens(z, self.implicit_codebook())
-        return self.layout.indices_from_tokens(indices.reshape(tokens.shape[0], -1), spatial)
+        return self.layout.indices_from_tokens(indices.reshape(tokens.shape[0], tokens.shape[1]), spatial)
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """indices (b, *positions) in [0, codebook_size) or -1 -> codes in the input layout (float32;
@@ -320,8 +321,9 @@ class SimVQ(QuantizerModule, Float32State):
         else:
             loss = torch.zeros((), device=x.device)
             terms = SimVQLossBreakdown(loss, loss)
-        quantized = self.layout.from_tokens(step.out.to(x.dtype).reshape(b, -1, self.dim), spatial)
-        indices = self.layout.indices_from_tokens(step.indices.reshape(b, -1), spatial)
+        n = math.prod(spatial)
+        quantized = self.layout.from_tokens(step.out.to(x.dtype).reshape(b, n, self.dim), spatial)
+        indices = self.layout.indices_from_tokens(step.indices.reshape(b, n), spatial)
         if return_loss_breakdown:
             return SimVQOutputWithBreakdown(quantized, indices, loss, terms)
         return SimVQOutput(quantized, indices, loss)

@@ -83,7 +83,9 @@ def beam_search(
         paths = residual.shape[1]
         k = min(beam_size, size)
         idx, cost = search(q, residual.reshape(n * paths, d), total.reshape(n * paths, d), k)
-        candidates = (score.unsqueeze(-1) - float(weights[q]) * cost.reshape(n, paths, k)).reshape(n, -1)
+        candidates = (score.unsqueeze(-1) - float(weights[q]) * cost.reshape(n, paths, k)).reshape(
+            n, paths * k
+        )
         keep = 1 if q == last else min(beam_size, paths * k)
         score, chosen = candidates.topk(keep, -1)  # (N, keep), best first
         parent = torch.div(chosen, k, rounding_mode="floor")
@@ -92,7 +94,7 @@ def beam_search(
         residual = residual.gather(1, rows.expand(-1, -1, d))
         total = total.gather(1, rows.expand(-1, -1, d))
         path = path.gather(1, rows.expand(-1, -1, q))
-        codes = codes_of(q, code_idx.reshape(-1), total.reshape(-1, d)).reshape(n, keep, d)
+        codes = codes_of(q, code_idx.reshape(-1), total.reshape(n * keep, d)).reshape(n, keep, d)
         residual = residual - codes
         total = total + codes
         path = torch.cat((path, code_idx.unsqueeze(-1)), -1)

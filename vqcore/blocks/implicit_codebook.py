@@ -244,7 +244,7 @@ def nearest_transformed(
         plan = _SearchPlan(mlp, tokens, d)
         exact = cosine or mlp.l2norm_output  # the block itself is needed, not only its distance to x
         target = x if exact else x - plan.offset
-        rows = min(n, search_chunk_rows(mlp, size, chunk_bytes))
+        rows = max(1, min(n, search_chunk_rows(mlp, size, chunk_bytes)))  # >= 1: range() steps by it
         block = x.new_empty(rows * size, mlp.dim)
         hidden = x.new_empty(rows * size, mlp.dim_hidden) if mlp.depth else block
         indices = torch.empty(n, dtype=torch.int64, device=x.device)

@@ -15,6 +15,8 @@ batch and spatial axes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -119,7 +121,7 @@ class TokenLayout:
             )
         spatial = tuple(indices.shape[1 : indices.ndim - extra_dims])
         tail = tuple(indices.shape[indices.ndim - extra_dims :])
-        return indices.reshape(indices.shape[0], -1, *tail), spatial
+        return indices.reshape(indices.shape[0], math.prod(spatial), *tail), spatial
 
     def mask_to_tokens(self, mask: Tensor, batch: int, spatial: tuple) -> Tensor:
         """A bool mask shaped like the indices without extra axes ``(b, *spatial)`` -> ``(b, n)``."""
@@ -129,7 +131,7 @@ class TokenLayout:
             raise ValueError(f"mask must have shape {expected} (batch, *positions), got {tuple(mask.shape)}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-        return mask.reshape(batch, -1)
+        return mask.reshape(batch, math.prod(spatial))
 
 
 def auto_layout(ndim: int, dim: int, channel_first: bool | None = None, name: str = "x") -> TokenLayout:

@@ -33,6 +33,10 @@ def masked_mse(x: Tensor, q: Tensor, valid: Tensor | None) -> Tensor:
     in a masked token out of the sum and out of the gradient (masking after the square would
     back-propagate 0 * 2 * NaN = NaN into it).
     """
+    if (
+        valid is None and x.shape[1] == 0
+    ):  # no token (a zero-length or empty batch): 0, as with every token masked
+        return (x - q).sum((1, 2))
     if valid is None:
         if x.shape[0] == 1:
             return F.mse_loss(x, q).reshape(1)
