@@ -292,7 +292,7 @@ def test_option_errors_name_both_options():
         ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_size=0)
     with pytest.raises(ConfigurationError, match="beam_size=2 .*stochastic_sample_codes=True"):
         ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_size=2, stochastic_sample_codes=True)
-    with pytest.raises(ConfigurationError, match="must be finite"):
+    with pytest.raises(ConfigurationError, match="beam_score_quantizer_weights must be a finite number"):
         ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_score_quantizer_weights=[1, float("nan")])
     rvq = ResidualVQ(dim=4, num_quantizers=2, codebook_size=4, beam_size=1, eval_beam_size=4)
     assert (rvq.beam_size, rvq.eval_beam_size) == (1, 4)

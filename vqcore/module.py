@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from vqcore.errors import MissingArgumentsError
+from vqcore.errors import ConfigurationError, MissingArgumentsError
 
 CONFIG_ATTR = "_vqcore_config"
 DEFAULT_CONFIG_VERSION = 1
@@ -94,6 +95,17 @@ def bind_keyword_call(
     return bind_arguments(signature, (), kwargs) or {}  # never None: no positional values here
 
 
+def check_finite_floats(owner: str, arguments: Mapping[str, Any]) -> None:
+    """Every float among a constructor's arguments (alone, or in a list or tuple) is finite: a NaN weight or
+    decay would be accepted silently and turn the first training step's state into NaN. Raises
+    :class:`~vqcore.errors.ConfigurationError` naming the argument."""
+    for name, value in arguments.items():
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigurationError(f"{owner}: {name} must be a finite number, got {value!r}")
+
+
 def factory_signature(factory: Callable[..., Any]) -> inspect.Signature | None:
     """``inspect.signature(factory)``, or None where it cannot be inspected (some builtins, C extensions)."""
     try:
@@ -141,6 +153,7 @@ class QuantizerModule(nn.Module):
                     return original(self, *args, **kw)  # raises Python's own message for bad arguments
                 if arguments is not None:
                     arguments.pop(self_name)
+                    check_finite_floats(type(self).__name__, arguments)
                 set_config(self, None, arguments, type(self).config_version)
             original(self, *args, **kw)
 
