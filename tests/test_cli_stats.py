@@ -137,7 +137,7 @@ def _save_array(path, array) -> str:
         ("missing checkpoint", "vqcore stats: checkpoint {tmp}/none.safetensors does not exist"),
         (
             "text as checkpoint",
-            "vqcore stats: {tmp}/notes.txt is not a vqcore checkpoint (a safetensors file",
+            "vqcore stats: {tmp}/notes.txt is not a vqcore checkpoint (not a complete safetensors file",
         ),
         ("plain safetensors", "vqcore stats: {tmp}/plain.safetensors is not a vqcore checkpoint (metadata"),
         ("missing data", "vqcore stats: data file {tmp}/none.npy does not exist"),

@@ -244,3 +244,103 @@ def test_loading_a_foreign_file_fails_clearly(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is not a vqcore checkpoint .*expected one of vqcore.checkpoint/2"):
         vqcore.load(tmp_path / "other.safetensors")
+
+
+# -- untrusted files: nothing allocated before the file is checked, one error type naming the file ----------
+
+
+def tampered(tmp_path, edit_config=None, edit_tensors=None, name="tampered.safetensors"):
+    """A checkpoint of VectorQuantize(8, 16) rewritten with its config and / or tensors edited."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "source.safetensors"
+    vqcore.save(vqcore.VectorQuantize(dim=8, codebook_size=16), source)
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = load_file(str(source))
+    if edit_config is not None:
+        config = json.loads(metadata["config"])
+        edit_config(config)
+        metadata["config"] = json.dumps(config)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_a_config_asking_for_2_to_the_40_codes_fails_fast_without_allocating(tmp_path):
+    import resource
+    import time
+
+    def huge(config):
+        config["kwargs"]["codebook_size"] = 2**40
+
+    path = tampered(tmp_path, edit_config=huge)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(vqcore.errors.CheckpointError) as caught:
+        vqcore.load(path)
+    elapsed = time.perf_counter() - start
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    message = str(caught.value)
+    assert message.startswith(f"{path}: its tensors are not those its config builds ('vq'): ")
+    assert (
+        "_codebook.embed: the config builds [1, 1099511627776, 8] F32, the file holds [1, 16, 8] F32"
+        in message
+    )
+    assert elapsed < 1.0 and grown_mib < 100
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t.pop("_codebook.embed_avg"), "missing _codebook.embed_avg"),
+        (lambda t: t.update(extra=torch.zeros(2)), "unexpected extra"),
+        (
+            lambda t: t.update({"_codebook.embed": t["_codebook.embed"].double()}),
+            "[1, 16, 8] F32, the file holds [1, 16, 8] F64",
+        ),
+    ],
+    ids=["missing", "unexpected", "dtype"],
+)
+def test_tensors_that_the_config_does_not_build_are_named(tmp_path, edit, expected):
+    path = tampered(tmp_path, edit_tensors=edit)
+    with pytest.raises(
+        vqcore.errors.CheckpointError, match="its tensors are not those its config builds"
+    ) as caught:
+        vqcore.load(path)
+    assert expected in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_truncated_garbage_and_configless_files_raise_one_error_type_naming_the_file(tmp_path):
+    good = tmp_path / "good.safetensors"
+    vqcore.save(vqcore.VectorQuantize(dim=8, codebook_size=16), good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 100])  # the header intact, the last tensor cut short
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a checkpoint at all" * 10)
+    header_only = tmp_path / "header.safetensors"
+    header_only.write_bytes(data[:20])
+    for path, message in [
+        (cut, "not a complete safetensors file|its tensors cannot be read"),
+        (garbage, "is not a vqcore checkpoint \\(not a complete safetensors file"),
+        (header_only, "is not a vqcore checkpoint \\(not a complete safetensors file"),
+        (tampered(tmp_path, edit_config=lambda c: c.pop("kwargs")), "holds no readable vqcore config"),
+    ]:
+        with pytest.raises(vqcore.errors.CheckpointError, match=message) as caught:
+            vqcore.load(path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert issubclass(ConfigVersionError, vqcore.errors.CheckpointError)
+    assert issubclass(vqcore.errors.CheckpointError, ValueError)
+
+
+def test_vqcore_export_of_a_tampered_checkpoint_exits_2_and_writes_nothing(tmp_path, capsys):
+    from vqcore.cli import main
+
+    path = tampered(tmp_path, edit_config=lambda c: c["kwargs"].update(codebook_size=2**40))
+    out = tmp_path / "out"
+    assert main(["export", str(path), "--out", str(out)]) == 2
+    assert "its tensors are not those its config builds" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

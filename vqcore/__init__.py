@@ -42,6 +42,7 @@ _LAZY = {
     "UnknownNameError": "vqcore.errors:UnknownNameError",
     "DuplicateNameError": "vqcore.errors:DuplicateNameError",
     "VQCoreWarning": "vqcore.errors:VQCoreWarning",
+    "CheckpointError": "vqcore.errors:CheckpointError",
     "ConfigVersionError": "vqcore.errors:ConfigVersionError",
     "ConfigurationError": "vqcore.errors:ConfigurationError",
     "ConfigurationRuntimeError": "vqcore.errors:ConfigurationRuntimeError",

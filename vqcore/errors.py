@@ -58,7 +58,13 @@ class MissingArgumentsError(TypeError):
         super().__init__(f"quantizer {quantizer!r} is missing required arguments: {', '.join(self.missing)}")
 
 
-class ConfigVersionError(ValueError):
+class CheckpointError(ValueError):
+    """A file :func:`vqcore.load` cannot load: not a safetensors file, truncated, not a vqcore checkpoint,
+    an unreadable config, or tensors that are not the ones the config builds (missing, unexpected, another
+    shape or dtype). The message names the file and what is wrong."""
+
+
+class ConfigVersionError(CheckpointError):
     """A checkpoint's config version is one the installed plugin cannot read.
 
     ``method`` is the registry name; ``saved`` the version in the checkpoint; ``installed`` the version

@@ -144,6 +144,7 @@ class BinaryCodebook(Float32State):
         if not scales:
             raise ConfigurationError("a binary codebook needs at least one book (one scale)")
         self.bits = bits
+        self.scale_values = tuple(float(s) for s in scales)  # the scales as numbers (no device read)
         self.register_buffer(
             "bit_weights", 2 ** torch.arange(bits - 1, -1, -1, dtype=INDEX_DTYPE), persistent=False
         )

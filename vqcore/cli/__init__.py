@@ -99,7 +99,6 @@ def _cmd_export(args) -> int:
     import torch
 
     from vqcore import export
-    from vqcore.serialization import load
 
     if args.aoti and args.format != "pt2":
         print("vqcore export: --aoti needs --format pt2", file=sys.stderr)
@@ -112,7 +111,11 @@ def _cmd_export(args) -> int:
     except ValueError as err:
         print(f"vqcore export: {err}", file=sys.stderr)
         return 2
-    quantizer = load(args.checkpoint)  # in eval mode
+    try:
+        quantizer = _load_checkpoint(args.checkpoint, "cpu")  # in eval mode
+    except _BadInput as err:
+        print(f"vqcore export: {err}", file=sys.stderr)
+        return 2
     try:
         shape = (
             tuple(int(s) for s in args.example_shape.replace("x", ",").split(","))
@@ -200,8 +203,6 @@ def report_json(report: dict[str, float]) -> dict[str, float | None]:
 def _load_checkpoint(path: str, device: str):
     import os
 
-    from safetensors import SafetensorError
-
     from vqcore.serialization import load
 
     if not os.path.isfile(path):
@@ -210,10 +211,6 @@ def _load_checkpoint(path: str, device: str):
         )
     try:
         return load(path, device=device)
-    except SafetensorError as err:
-        raise _BadInput(
-            f"{path} is not a vqcore checkpoint (a safetensors file written by vqcore.save): {err}"
-        ) from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
         raise _BadInput(
