@@ -190,9 +190,10 @@ class VectorNorm(nn.Module):
         self.eps = eps
 
     def forward(self, z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if z.shape[0] == 0:  # no token: no statistics to regularise (NaN ones would poison the step)
-            zero = z.sum(0)  # (D,) zeros, connected to z
-            return zero.sum(), dict.fromkeys(("mean", "variance", "skewness", "kurtosis"), zero)
+        if z.shape[0] < 2:  # the unbiased variance (and all it standardises) needs two tokens: no loss,
+            zero = z.sum(0) * 0  # rather than the NaN that would poison the step; (D,) zeros, connected to z
+            mean = z.mean(0) if z.shape[0] else zero
+            return zero.sum(), {"mean": mean, "variance": zero, "skewness": zero, "kurtosis": zero}
         stats = batch_stats(z, self.eps)
         terms = [
             ((stat - target) ** 2).mean() * weight

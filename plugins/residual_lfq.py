@@ -140,7 +140,7 @@ class ResidualLFQ(QuantizerModule):
         )
         # every layer's codes as books of one codebook (spherical layers: their normalised code scale)
         self.layer_codebooks = BinaryCodebook(
-            self.codebook_dim, [float(layer.codebook_module.scales[0]) for layer in self.layers]
+            self.codebook_dim, [layer.codebook_module.scale_values[0] for layer in self.layers]
         )
         self.rotated = any(layer.orthogonal_rot is not None for layer in self.layers)
 

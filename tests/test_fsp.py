@@ -165,8 +165,10 @@ def test_norm_loss_matches_hand_computation():
         )
     assert norm_loss.item() == pytest.approx(want, rel=1e-4)
     assert FSP([5, 5, 5], vector_norm="none")(x).norm_loss.item() == 0.0
-    with pytest.warns(UserWarning, match="degrees of freedom"):  # one token: no variance, no NaN loss
-        assert FSP([5, 5, 5], vector_norm="none")(x[:, :1]).norm_loss.item() == 0.0
+    # one token (or none): no unbiased variance, so no statistics loss, whatever the preset (not NaN)
+    for preset_name in ("none", "kurt"):
+        for tokens in (x[:, :1], x[:, :0]):
+            assert FSP([5, 5, 5], vector_norm=preset_name)(tokens).norm_loss.item() == 0.0
     mean, variance, skewness, kurtosis = batch_stats(torch.tensor([[1.0], [2.0], [3.0], [6.0]]))
     assert (mean.item(), variance.item()) == (3.0, pytest.approx(14 / 3))
 
