@@ -1,6 +1,6 @@
 """A property-based sweep over every built-in method (hypothesis, 200 draws per method): random
-valid options and inputs, zero sizes, batch 1, odd lengths, channel-first inputs, masks with every or no
-position valid, float16 / bfloat16 / float64 inputs. For each draw:
+valid options and inputs, zero sizes, batch 1, odd lengths, channel-first maps (HierarchicalVQ), masks
+with every or no position valid, float16 / bfloat16 / float64 inputs. For each draw:
 
 - the eval forward's output has the input's shape and dtype, its indices are integers within
   ``[-1, codebook_size)`` (-1 only at masked positions);
