@@ -193,3 +193,14 @@ class LargestAllocation(TorchDispatchMode):
 def _storage(t: Tensor) -> int:
     """An id of the memory a tensor lives in (opaque oneDNN tensors: the tensor itself)."""
     return id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+
+
+def builtin_methods() -> set:
+    """The classes of every quantizer registered by vqcore's own plugins (not third-party ones)."""
+    import vqcore
+
+    return {
+        vqcore.get_entry(name).factory
+        for name in vqcore.list_quantizers()
+        if vqcore.get_entry(name).plugin.startswith("vqcore.plugins.")
+    }

@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 import torch
-from helpers import assert_same_state, snapshot
+from helpers import assert_same_state, builtin_methods, snapshot
 
 import vqcore
 from vqcore import (
@@ -210,11 +210,7 @@ OWN_PRECISION_TESTS = {FSP, BinaryMapper, vqcore.HierarchicalVQ}  # Hierarchical
 
 
 def test_the_matrix_covers_every_builtin_method():
-    builtin = {
-        vqcore.get_entry(name).factory
-        for name in vqcore.list_quantizers()
-        if vqcore.get_entry(name).plugin.startswith("vqcore.plugins.")
-    }
+    builtin = builtin_methods()
     assert builtin == BUILTIN_CLASSES | OWN_PRECISION_TESTS
     assert {type(case.build()) for case in CASES} == BUILTIN_CLASSES
 

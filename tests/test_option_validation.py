@@ -7,6 +7,7 @@ import inspect
 import math
 
 import pytest
+from helpers import builtin_methods
 
 import vqcore
 from vqcore.errors import ConfigurationError
@@ -40,11 +41,7 @@ def float_options(cls):
 
 
 def test_every_builtin_method_is_covered():
-    builtin = {
-        vqcore.get_entry(name).factory
-        for name in vqcore.list_quantizers()
-        if vqcore.get_entry(name).plugin.startswith("vqcore.plugins.")
-    }
+    builtin = builtin_methods()
     assert builtin == set(REQUIRED)
 
 

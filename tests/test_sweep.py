@@ -17,7 +17,7 @@ import inspect
 
 import pytest
 import torch
-from helpers import snapshot
+from helpers import builtin_methods, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -253,11 +253,7 @@ def test_sweep_hierarchical(batch, length, dtype, scales, size):
 
 
 def test_the_sweep_covers_every_builtin_method():
-    builtin = {
-        vqcore.get_entry(name).factory
-        for name in vqcore.list_quantizers()
-        if vqcore.get_entry(name).plugin.startswith("vqcore.plugins.")
-    }
+    builtin = builtin_methods()
     # RandomProjectionQuantizer returns indices only, BinaryMapper takes logits, HierarchicalVQ gives
     # multi-scale maps: their sweeps are the three tests above
     others = {vqcore.RandomProjectionQuantizer, vqcore.BinaryMapper, vqcore.HierarchicalVQ}
