@@ -328,6 +328,10 @@ def test_truncated_garbage_and_configless_files_raise_one_error_type_naming_the_
         (garbage, "is not a vqcore checkpoint \\(not a complete safetensors file"),
         (header_only, "is not a vqcore checkpoint \\(not a complete safetensors file"),
         (tampered(tmp_path, edit_config=lambda c: c.pop("kwargs")), "holds no readable vqcore config"),
+        (
+            tampered(tmp_path, edit_config=lambda c: c["kwargs"].update(decay=2.0), name="decay.safetensors"),
+            r"its config does not build 'vq': ValueError: decay must be in \[0, 1\], got 2.0",
+        ),
     ]:
         with pytest.raises(vqcore.errors.CheckpointError, match=message) as caught:
             vqcore.load(path)

@@ -115,7 +115,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     installed_version = config_version_of(entry.factory)
     if saved_version != installed_version:
         kwargs = _upgraded(entry.factory, entry.name, kwargs, saved_version, installed_version)
-    _check_tensors(path, name, _expected_tensors(name, kwargs), header)
+    _check_tensors(path, name, _expected_tensors(path, name, kwargs), header)
     quantizer = create(name, **kwargs)
     try:
         load_model(quantizer, path, strict=True, device=str(device))
@@ -137,12 +137,13 @@ def _read_config(path: str, metadata: dict[str, str], fmt: str) -> tuple[str, di
 
 
 def _expected_tensors(
-    name: str, kwargs: dict[str, Any]
+    path: str, name: str, kwargs: dict[str, Any]
 ) -> list[tuple[list[str], tuple[int, ...], str]] | None:
     """The tensors the config builds, ``[(keys, shape, safetensors dtype)]``, from a module built on the
     meta device (no memory, whatever sizes the config asks for). ``keys`` are the state_dict names of one
     tensor (a tied tensor has several; the file holds it under one of them). None for a constructor that
-    cannot run there (one that reads tensor values): the file is then checked only as it is loaded."""
+    cannot run there (one that reads tensor values): the file is then checked only as it is loaded. A config
+    the method refuses (arguments it does not take, values out of range) is a CheckpointError too."""
     from vqcore.api import create
 
     try:
@@ -152,6 +153,8 @@ def _expected_tensors(
         if "meta" not in str(err):
             raise
         return None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config does not build {name!r}: {_one_line(err)}") from None
     groups: dict[int, tuple[list[str], Tensor]] = {}
     for key, tensor in module.state_dict(keep_vars=True).items():
         groups.setdefault(id(tensor), ([], tensor))[0].append(key)
