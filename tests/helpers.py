@@ -171,10 +171,11 @@ class LargestAllocation(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.largest = 0
-        self.op = None
         self.sizes: list[int] = []  # every allocation, in bytes
-        self.ops: list = []  # the operation of each
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes, default=0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -182,11 +183,9 @@ class LargestAllocation(TorchDispatchMode):
         inputs = {_storage(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
         for t in pytree.tree_leaves(out):
             if isinstance(t, Tensor) and _storage(t) not in inputs:
-                size = t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
-                self.sizes.append(size)
-                self.ops.append(func)
-                if size > self.largest:
-                    self.largest, self.op = size, func
+                self.sizes.append(
+                    t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
+                )
         return out
 
 

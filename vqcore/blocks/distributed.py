@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from vqcore.blocks.distance import DEFAULT_CHUNK_BYTES
+
 
 def is_distributed() -> bool:
     """Evaluated at every call (the reference caches it for the life of the process)."""
@@ -112,9 +114,6 @@ def gather_tokens(x: Tensor, valid: Tensor, cap: int, sync: bool) -> tuple[Tenso
     return xs.transpose(0, 1).reshape(books, -1, dim), vs.transpose(0, 1).reshape(books, -1)
 
 
-DRAW_CHUNK_BYTES = 16 * 2**20  # the most global_pool_draw copies at once, besides the vectors it returns
-
-
 def global_pool_draw(
     x: Tensor, valid: Tensor, wanted: Tensor, draw: Callable[[int, int], Tensor], sync: bool
 ) -> tuple[Tensor, Tensor]:
@@ -145,7 +144,7 @@ def global_pool_draw(
     local = positions - offsets[me].unsqueeze(1)
     mine = (positions >= 0) & (local >= 0) & (local < local_counts.unsqueeze(1))
     vectors = x.new_zeros(books, size, dim, dtype=torch.float32)
-    rows = max(1, DRAW_CHUNK_BYTES // (4 * dim))  # rows copied at a time: no second (K, d) temporary
+    rows = max(1, DEFAULT_CHUNK_BYTES // (4 * dim))  # rows copied at a time: no second (K, d) temporary
     for b in range(books):
         take = mine[b].nonzero().squeeze(1)
         if take.numel():
